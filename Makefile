@@ -1,0 +1,40 @@
+# EdgeFleet: every target sets itself up from a fresh clone (venv in .venv, torch 2.13.0 first).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench lint mosquitto clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[trainer,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
+		{ echo "installing mosquitto with apt-get"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q mosquitto; }
+
+test: $(STAMP) mosquitto
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+demo: $(STAMP) mosquitto
+	$(BIN)/python -m trainer.demo_photos
+
+bench: $(STAMP) mosquitto
+	$(BIN)/python -m bench.run
+
+lint: $(STAMP)
+	$(BIN)/ruff check edge_agent trainer tests bench
+	$(BIN)/mypy edge_agent
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,187 @@
+"""Agent configuration: pydantic-validated YAML, with ``${ENV}`` substitution.
+
+A bad file fails with one line naming the file, the field and the problem, e.g.
+``agent.yaml: mqtt.url: must start with mqtt:// or mqtts:// (got 'tcp://x')``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge_agent.backends.base import BackendOptions
+from edge_agent.errors import ConfigError
+from edge_agent.protocol import Identifier
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttSettings(_Strict):
+    """Broker connection. mqtts:// enables TLS; cert+key enable mutual TLS."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    client_id: str | None = None
+    """Defaults to ``{fleet}-{device}``."""
+    username: str | None = None
+    password: str | None = None
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    keepalive: int = Field(default=30, ge=5, le=3600)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    max_inflight: int = Field(default=20, ge=1, le=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"must look like mqtt://host:port or mqtts://host:port (got {v!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _cert_pairs(self) -> MqttSettings:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key must be given together")
+        if (self.cert or self.ca) and not self.tls:
+            raise ValueError("ca/cert/key need an mqtts:// url")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+
+class SourceSettings(_Strict):
+    uri: str
+    """camera:N, rtsp://..., http(s)://..., file:PATH, dir:PATH or synthetic:..."""
+    loop: bool = False
+    """Restart a file: video at its end."""
+    realtime: bool | None = None
+    """Pace a file: video at its own frame rate and drop frames like a live camera (default: no)."""
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    width: int | None = Field(default=None, ge=16)
+    height: int | None = Field(default=None, ge=16)
+    fps: float | None = Field(default=None, gt=0)
+
+
+class ModelSettings(_Strict):
+    package: Path
+    artifact: str = "auto"
+    """``auto`` times every runnable artifact on first start and keeps the fastest."""
+    backend: BackendOptions = Field(default_factory=BackendOptions)
+
+
+class TelemetrySettings(_Strict):
+    window_seconds: float | None = Field(default=60.0, gt=0)
+    window_frames: int | None = Field(default=None, ge=1)
+    stats_every: int = Field(default=1, ge=1)
+    """Compute input statistics on every k-th frame (always on the model-input-sized frame)."""
+    publish_predictions: bool = False
+    top_k: int = Field(default=3, ge=1, le=20)
+
+    @model_validator(mode="after")
+    def _some_window(self) -> TelemetrySettings:
+        if self.window_seconds is None and self.window_frames is None:
+            raise ValueError("set window_seconds or window_frames")
+        return self
+
+
+class SpoolSettings(_Strict):
+    max_messages: int = Field(default=10_000, ge=1)
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    flush_timeout_s: float = Field(default=10.0, ge=0)
+    """On shutdown, how long to wait for the broker to acknowledge spooled messages."""
+
+
+class AgentConfig(_Strict):
+    """The whole agent configuration (see firmware_configs/ for device profiles)."""
+
+    device_id: Identifier
+    fleet: Identifier = "default"
+    state_dir: Path = Path("/var/lib/edgefleet")
+    """Spool, session counter, backend choice and (later) update slots live here."""
+    source: SourceSettings
+    model: ModelSettings
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+def _substitute_env(text: str, origin: str) -> str:
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{origin}: environment variable ${{{name}}} is not set and has no default")
+
+    return _ENV.sub(repl, text)
+
+
+def _relative_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
+    """Resolve relative paths in a config file against the file's directory."""
+
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else (base / p)
+
+    cfg.state_dir = fix(cfg.state_dir)  # type: ignore[assignment]
+    cfg.model.package = fix(cfg.model.package)  # type: ignore[assignment]
+    cfg.mqtt.ca, cfg.mqtt.cert, cfg.mqtt.key = fix(cfg.mqtt.ca), fix(cfg.mqtt.cert), fix(cfg.mqtt.key)
+    return cfg
+
+
+def validate_config(data: Any, origin: str) -> AgentConfig:
+    """Validate a parsed mapping; errors name ``origin``, the field path and the problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg}")
+        raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read, substitute ``${ENV}`` / ``${ENV:-default}``, parse and validate an agent YAML file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read ({exc.strerror})") from None
+    text = _substitute_env(text, str(p))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    return _relative_paths(validate_config(data, str(p)), p.parent)

@@ -1,0 +1,214 @@
+"""MQTT topics and message schemas: the wire contract between devices, trainer and monitors.
+
+Every message is a pydantic model with a schema version ``v`` and a ``kind`` literal, serialised as
+compact JSON. docs/protocol.md documents the topics; this module is the source of truth.
+Receivers call :func:`parse_message`, which rejects oversized, non-JSON and invalid payloads with an
+error that names the problem instead of raising deep inside a callback.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+TOPIC_ROOT = "ef/v1"
+MAX_MESSAGE_BYTES = 256 * 1024
+"""Inbound payloads larger than this are rejected before JSON parsing."""
+
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+Identifier = Annotated[str, Field(pattern=_ID_PATTERN)]
+"""Device ids, fleet names and channels: no MQTT wildcards or separators, at most 64 characters."""
+
+
+def _topic(fleet: str, *parts: str) -> str:
+    return "/".join((TOPIC_ROOT, fleet, *parts))
+
+
+def status_topic(fleet: str, device: str) -> str:
+    """Retained birth/last-will topic of one device."""
+    return _topic(fleet, "dev", device, "status")
+
+
+def tele_topic(fleet: str, device: str) -> str:
+    """QoS 1 telemetry windows of one device."""
+    return _topic(fleet, "dev", device, "tele")
+
+
+def pred_topic(fleet: str, device: str) -> str:
+    """QoS 0 per-frame predictions for local consumers (opt-in)."""
+    return _topic(fleet, "dev", device, "pred")
+
+
+def sample_topic(fleet: str, device: str) -> str:
+    """QoS 1 opt-in privacy-filtered sample frames."""
+    return _topic(fleet, "dev", device, "sample")
+
+
+def update_topic(fleet: str, device: str) -> str:
+    """QoS 1 update state changes of one device."""
+    return _topic(fleet, "dev", device, "update")
+
+
+def cmd_topic(fleet: str, device: str, name: str = "+") -> str:
+    """QoS 1 commands to one device (``+`` subscribes to all of them)."""
+    return _topic(fleet, "dev", device, "cmd", name)
+
+
+def release_topic(fleet: str, channel: str) -> str:
+    """Retained release hint of a channel (canary, stable)."""
+    return _topic(fleet, "release", channel)
+
+
+def alert_topic(fleet: str) -> str:
+    """Drift and health alerts for monitoring services."""
+    return _topic(fleet, "alert")
+
+
+def device_topics(fleet: str, device: str = "+") -> str:
+    """Wildcard over every per-device topic of a fleet (or of one device)."""
+    return _topic(fleet, "dev", device, "#")
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+    v: Literal[1] = SCHEMA_VERSION
+
+    def to_bytes(self) -> bytes:
+        """Compact JSON encoding used on the wire."""
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class ModelRef(BaseModel):
+    """Which model a device runs: enough to find its package and reference statistics."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    version: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    artifact: str | None = None
+
+
+class Histogram(BaseModel):
+    """Fixed-edge histogram; ``counts[i]`` counts values in ``[edges[i], edges[i+1])``.
+
+    The first and last bins are open-ended (values outside the edges are clipped into them), so no
+    sample is ever lost and two histograms with equal edges merge exactly by adding counts.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    edges: list[float] = Field(min_length=2)
+    counts: list[int]
+
+
+class LatencySummary(BaseModel):
+    """Latency of one pipeline stage over a window, in milliseconds."""
+
+    model_config = ConfigDict(extra="forbid")
+    count: int = 0
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    max: float | None = None
+    hist: Histogram | None = None
+
+
+class FrameCounts(BaseModel):
+    """What happened to frames during a window."""
+
+    model_config = ConfigDict(extra="forbid")
+    captured: int = 0
+    inferred: int = 0
+    dropped: int = 0
+    failed: int = 0
+
+
+class TelemetryWindow(_Message):
+    """One telemetry window (topic ``tele``). Deduplicated on (device, session, seq)."""
+
+    kind: Literal["tele"] = "tele"
+    fleet: str
+    device: str
+    session: int = Field(ge=0)
+    seq: int = Field(ge=0)
+    start: float
+    end: float
+    model: ModelRef
+    agent_version: str
+    frames: FrameCounts
+    class_counts: dict[int, int] = Field(default_factory=dict)
+    histograms: dict[str, Histogram] = Field(default_factory=dict)
+    latency_ms: dict[str, LatencySummary] = Field(default_factory=dict)
+    stats_every: int = Field(default=1, ge=1)
+    """Input statistics were computed on every k-th inferred frame (on the model-input-sized frame)."""
+    events: dict[str, int] = Field(default_factory=dict)
+    """Counted incidents since the previous window: source_reconnects, spool_evicted, bad_inbound, ..."""
+
+
+class BackendChoice(BaseModel):
+    """Which artifact the agent runs and why (reported in the status birth)."""
+
+    model_config = ConfigDict(extra="forbid")
+    artifact: str
+    runtime: str
+    forced: bool = False
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class Status(_Message):
+    """Retained device status: the birth message on connect and the last will ``offline``."""
+
+    kind: Literal["status"] = "status"
+    fleet: str
+    device: str
+    state: Literal["online", "offline"]
+    session: int = Field(ge=0)
+    ts: float
+    agent_version: str | None = None
+    model: ModelRef | None = None
+    backend: BackendChoice | None = None
+
+
+class Prediction(_Message):
+    """One frame's result (topic ``pred``, QoS 0, opt-in)."""
+
+    kind: Literal["pred"] = "pred"
+    device: str
+    session: int
+    frame: int
+    ts: float
+    top: list[tuple[int, float]]
+    """Top-k (class index, probability), best first."""
+    labels: list[str] = Field(default_factory=list)
+    model_version: str
+
+
+class Command(_Message):
+    """A command to one device (topic ``cmd/{name}``); the name is also in the topic."""
+
+    kind: Literal["cmd"] = "cmd"
+    name: str
+    args: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    id: str | None = None
+
+
+class MessageError(ValueError):
+    """An inbound MQTT payload is oversized, not JSON, or not a valid message of the expected kind."""
+
+
+def parse_message(topic: str, payload: bytes, model: type[_Message]) -> _Message:
+    """Validate an inbound payload as ``model``; raise :class:`MessageError` naming topic and problem."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"{topic}: payload of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MessageError(f"{topic}: not JSON ({exc})") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise MessageError(f"{topic}: invalid {model.__name__} at {loc}: {first['msg']}") from None
