@@ -47,6 +47,7 @@ def _register_agent(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--seconds", type=float, default=5.0, help="measuring time per artifact and mode")
     b.add_argument("--artifacts", help="comma-separated subset")
+    b.add_argument("--broker", help="broker for the agent-process measurements (default: none reachable)")
     b.set_defaults(func=_agent_bench)
 
     s = asub.add_parser("selftest", help="run a package's golden inputs through every runnable artifact")

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edge_agent.errors import PackageError
 from edge_agent.protocol import ModelRef
+from edge_agent.reference import ReferenceStats
 
 FORMAT = "edgefleet.model/1"
 MANIFEST = "model.json"
@@ -109,7 +110,7 @@ class ModelManifest(BaseModel):
     golden: list[GoldenInput] = Field(default_factory=list)
     files: dict[str, FileEntry]
     telemetry_edges: dict[str, list[float]]
-    reference: dict[str, Any] | None = None
+    reference: ReferenceStats | None = None
     """Drift baseline computed by the trainer (reference histograms, class prior, ATC threshold)."""
     evaluation: dict[str, Any] | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)

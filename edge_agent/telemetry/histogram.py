@@ -64,6 +64,8 @@ class FixedHistogram:
 
     def bin_of(self, value: float) -> int:
         """Index of the bin that counts ``value`` (end bins are open; NaN goes to the first bin)."""
+        if value != value:  # NaN
+            return 0
         i = bisect_right(self._edges, value) - 1
         return 0 if i < 0 else (self._last if i > self._last else i)
 

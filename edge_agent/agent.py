@@ -1,0 +1,319 @@
+"""The edge agent: wires config, model, source, pipeline, telemetry and the MQTT link together.
+
+Workflow of :meth:`Agent.run`::
+
+    load + verify package -> choose artifact (forced, cached, or timed in a child process)
+    -> start source, pipeline, MQTT link (birth on connect, last will offline)
+    -> loop: results -> features -> aggregator; window due -> spool -> broker (QoS 1)
+    -> on SIGTERM or end of a finite source: close the last window, flush the spool, status offline
+
+Nothing that happens at the edges (a dead broker, a lost camera, a corrupt frame, a malformed
+command) stops the loop; it is counted and reported in the next telemetry window.
+
+Example::
+
+    edgefleet agent run --package out/lite0 --source dir:photos --broker mqtt://127.0.0.1:1883 \\
+        --device-id cam-01 --fleet demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from edge_agent import __version__
+from edge_agent.backends.select import choose_artifact
+from edge_agent.config import AgentConfig, load_config, validate_config
+from edge_agent.errors import ConfigError
+from edge_agent.events import EventCounter
+from edge_agent.mqtt_link import MqttLink
+from edge_agent.package import load_package
+from edge_agent.pipeline import Inferred, LoadedModel, Pipeline
+from edge_agent.postprocess import top_k
+from edge_agent.protocol import (
+    BackendChoice,
+    Command,
+    MessageError,
+    Prediction,
+    Status,
+    TelemetryWindow,
+    cmd_topic,
+    parse_message,
+    pred_topic,
+    status_topic,
+    tele_topic,
+)
+from edge_agent.sources import EndOfStream, open_source
+from edge_agent.sources.base import FrameSource, SourceStats
+from edge_agent.spool import Spool
+from edge_agent.state import AgentState
+from edge_agent.telemetry.aggregator import FrameResult, TelemetryAggregator
+from edge_agent.telemetry.features import output_features
+
+log = logging.getLogger("edge_agent")
+
+
+def process_start_time() -> float:
+    """Wall-clock time this process started (Linux /proc; falls back to now)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+class Agent:
+    """One agent process serving one frame source."""
+
+    def __init__(self, config: AgentConfig, *, print_messages: bool = False) -> None:
+        self.config = config
+        self.print_messages = print_messages
+        self.events = EventCounter()
+        self.state = AgentState(config.state_dir)
+        self._stop = threading.Event()
+        self._flush_requested = threading.Event()
+        self._started = process_start_time()
+        self.first_inference_s: float | None = None
+        self.windows_published = 0
+        self.session = 0
+        self.choice: BackendChoice | None = None
+        self.pipeline: Pipeline | None = None
+        self.link: MqttLink | None = None
+        self.source: FrameSource | None = None
+        self.aggregator: TelemetryAggregator | None = None
+        self._last_source = SourceStats()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the run loop to finish (signal handlers call this)."""
+        self._stop.set()
+
+    def run(self) -> int:
+        cfg = self.config
+        package = load_package(cfg.model.package)  # fails fast, naming the path and the check
+        self.session = self.state.next_session()
+        self.choice = choose_artifact(package, cfg.model.artifact, cfg.model.backend, self.state)
+        model = LoadedModel.load(package, self.choice.artifact, cfg.model.backend)
+        log.info(
+            "device %s/%s session %d: %s %s via %s (%s)",
+            cfg.fleet, cfg.device_id, self.session, package.manifest.name, package.manifest.version,
+            self.choice.artifact, "forced" if self.choice.forced else "fastest measured",
+        )  # fmt: skip
+        s = cfg.source
+        self.source = open_source(
+            s.uri, loop=s.loop, realtime=s.realtime, width=s.width, height=s.height, fps=s.fps,
+            reconnect_min_s=s.reconnect_min_s, reconnect_max_s=s.reconnect_max_s,
+        ).start()  # fmt: skip
+        spool = Spool(self.state.spool_path, cfg.spool.max_messages, cfg.spool.max_bytes, events=self.events)
+        self.link = MqttLink(
+            cfg.mqtt,
+            client_id=cfg.mqtt.client_id or f"{cfg.fleet}-{cfg.device_id}",
+            status_topic=status_topic(cfg.fleet, cfg.device_id),
+            birth=self._birth,
+            will=self._status("offline").to_bytes(),
+            spool=spool,
+            events=self.events,
+            subscriptions=[(cmd_topic(cfg.fleet, cfg.device_id), 1)],
+            on_message=self._on_message,
+        )
+        self.link.start()
+        t = cfg.telemetry
+        now = time.time()
+        self.aggregator = TelemetryAggregator(
+            fleet=cfg.fleet, device=cfg.device_id, session=self.session, model=model.ref,
+            agent_version=__version__, edges=package.manifest.telemetry_edges, now=now,
+            window_seconds=t.window_seconds, window_frames=t.window_frames, stats_every=t.stats_every,
+        )  # fmt: skip
+        self.pipeline = Pipeline(
+            self.source, model, batch=cfg.model.backend.batch, stats_every=t.stats_every,
+            on_first_inference=self._first_inference,
+        ).start()  # fmt: skip
+        exit_code = 0
+        try:
+            self._loop()
+        finally:
+            self._shutdown(spool)
+        return exit_code
+
+    def _first_inference(self) -> None:
+        self.first_inference_s = time.time() - self._started
+        log.info("first inference %.3f s after process start", self.first_inference_s)
+
+    def _loop(self) -> None:
+        assert self.pipeline and self.aggregator and self.link
+        agg = self.aggregator
+        pred = self.config.telemetry.publish_predictions
+        while not self._stop.is_set():
+            try:
+                results = self.pipeline.results(timeout=0.2)
+            except EndOfStream:
+                log.info("source %s ended", self.config.source.uri)
+                break
+            for r in results:
+                if r.model.ref != agg.model:
+                    self._publish_window(agg.switch_model(r.model.ref, r.model.package.manifest.telemetry_edges, time.time()))
+                self._add(r)
+                if pred:
+                    self._publish_prediction(r)
+            now = time.time()
+            if agg.is_due(now) or self._flush_requested.is_set():
+                self._flush_requested.clear()
+                self._close_window(now)
+
+    def _add(self, r: Inferred) -> None:
+        assert self.aggregator
+        (features,) = output_features(r.probs)
+        self.aggregator.add(FrameResult(output=features, inputs=r.inputs, latency_ms=r.latency_ms))
+
+    def _shutdown(self, spool: Spool) -> None:
+        """Close the last window, stop threads, deliver the spool (bounded wait), mark offline."""
+        if self.pipeline:
+            self.pipeline.stop()
+        if self.aggregator and (self.aggregator.frames_in_window or self.windows_published == 0 or self._pending_counts()):
+            self._close_window(time.time())
+        if self.source:
+            self.source.close()
+        if self.link:
+            drained = self.link.stop(self.config.spool.flush_timeout_s)
+            if not drained:
+                log.warning("%d message(s) stay in the spool for the next start", len(spool))
+        spool.close()
+
+    def _pending_counts(self) -> bool:
+        if not self.source:
+            return False
+        d = self.source.stats().minus(self._last_source)
+        return bool(d.captured or d.dropped or d.corrupt)
+
+    # -- telemetry -----------------------------------------------------------------------------
+    def _close_window(self, now: float) -> None:
+        assert self.aggregator and self.source and self.pipeline
+        stats = self.source.stats()
+        d = stats.minus(self._last_source)
+        self._last_source = stats
+        failed, reasons = self.pipeline.take_failures()
+        self.aggregator.add_counts(captured=d.captured, dropped=d.dropped, failed=d.corrupt + failed)
+        self.aggregator.add_events(
+            {"source_reconnects": d.reconnects, "source_open_failures": d.open_failures, "corrupt_frames": d.corrupt}
+            | reasons
+            | self.events.take()
+        )
+        self._publish_window(self.aggregator.close(now))
+
+    def _publish_window(self, window: TelemetryWindow) -> None:
+        assert self.link
+        self.link.publish_spooled(tele_topic(window.fleet, window.device), window.to_bytes())
+        self.windows_published += 1
+        if self.print_messages:
+            conf = window.histograms["confidence"]
+            top = sorted(window.class_counts.items(), key=lambda kv: -kv[1])[:3]
+            labels = self.pipeline.active.package.manifest.labels if self.pipeline else []
+            named = ", ".join(f"{labels[c] if c < len(labels) else c} x{n}" for c, n in top)
+            print(
+                f"tele seq={window.seq} frames={window.frames.model_dump()} top=[{named}] "
+                f"conf_hist={conf.counts} latency_ms={ {k: v.p50 for k, v in window.latency_ms.items()} } "
+                f"events={window.events}",
+                flush=True,
+            )
+
+    def _publish_prediction(self, r: Inferred) -> None:
+        assert self.link
+        cfg = self.config
+        top = top_k(r.probs, cfg.telemetry.top_k)
+        labels = r.model.package.manifest.labels
+        msg = Prediction(
+            device=cfg.device_id, session=self.session, frame=r.index, ts=r.ts, top=top,
+            labels=[labels[c] for c, _ in top], model_version=r.model.package.manifest.version,
+        )  # fmt: skip
+        self.link.publish_now(pred_topic(cfg.fleet, cfg.device_id), msg.to_bytes())
+        if self.print_messages:
+            print(f"pred frame={r.index} " + ", ".join(f"{lab} {p:.2f}" for lab, (_, p) in zip(msg.labels, top)), flush=True)
+
+    # -- status and commands ---------------------------------------------------------------------
+    def _status(self, state: str) -> Status:
+        cfg = self.config
+        model = self.pipeline.active.ref if self.pipeline else None
+        return Status(
+            fleet=cfg.fleet, device=cfg.device_id, state=state, session=self.session, ts=time.time(),  # type: ignore[arg-type]
+            agent_version=__version__, model=model, backend=self.choice,
+        )  # fmt: skip
+
+    def _birth(self) -> bytes:
+        return self._status("online").to_bytes()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        """Commands: ``flush`` closes the telemetry window now. Anything malformed raises (counted)."""
+        try:
+            cmd = parse_message(topic, payload, Command)
+        except MessageError:
+            raise
+        assert isinstance(cmd, Command)
+        if cmd.name != topic.rsplit("/", 1)[-1]:
+            raise MessageError(f"{topic}: command name {cmd.name!r} does not match the topic")
+        if cmd.name == "flush":
+            self._flush_requested.set()
+        else:
+            raise MessageError(f"{topic}: unknown command {cmd.name!r}")
+
+
+def _default_state_dir(fleet: str, device: str) -> Path:
+    base = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+    return base / "edgefleet" / fleet / device
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """A config from a file (``--config``), with flags overriding it; or from flags alone."""
+    if args.config:
+        cfg = load_config(args.config)
+        data = cfg.model_dump()
+        origin = f"{args.config} (with command-line overrides)"
+    else:
+        missing = [f for f in ("package", "source", "device_id") if not getattr(args, f)]
+        if missing:
+            flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+            raise ConfigError(f"without --config the agent needs {flags}")
+        data = {"device_id": args.device_id, "source": {"uri": args.source}, "model": {"package": args.package}}
+        origin = "command line"
+    if args.device_id:
+        data["device_id"] = args.device_id
+    if args.fleet:
+        data["fleet"] = args.fleet
+    if args.package:
+        data.setdefault("model", {})["package"] = args.package
+    if args.source:
+        data.setdefault("source", {})["uri"] = args.source
+    if args.broker:
+        data.setdefault("mqtt", {})["url"] = args.broker
+    if args.artifact:
+        data["model"]["artifact"] = args.artifact
+    tel = data.setdefault("telemetry", {})
+    if args.window_seconds:
+        tel["window_seconds"] = args.window_seconds
+    if args.window_frames:
+        tel["window_frames"] = args.window_frames
+        if not args.window_seconds and not args.config:
+            tel["window_seconds"] = None
+    if args.publish_predictions:
+        tel["publish_predictions"] = True
+    if args.state_dir:
+        data["state_dir"] = args.state_dir
+    elif not args.config:
+        data["state_dir"] = str(_default_state_dir(data.get("fleet", "default"), data["device_id"]))
+    return validate_config(data, origin)
+
+
+def run_agent_from_args(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    logging.getLogger().setLevel(cfg.log_level if not args.verbose else "DEBUG")
+    agent = Agent(cfg, print_messages=args.print_messages)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop())
+    return agent.run()

@@ -1,0 +1,95 @@
+"""Self-test of one artifact: golden inputs give their expected top-1 through the real runtime.
+
+Used by ``edgefleet agent selftest`` and by the updater before a new model may serve (issue 4): the
+outputs must be finite probabilities, every golden input must reproduce its expected top-1, and the
+median latency must be within the budget when one is given.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from edge_agent.backends.base import Backend, BackendOptions, load_backend
+from edge_agent.package import ModelPackage
+from edge_agent.postprocess import to_probabilities
+from edge_agent.preprocess import Preprocessor
+
+
+@dataclass
+class SelfTestResult:
+    artifact: str
+    passed: bool = True
+    failures: list[str] = field(default_factory=list)
+    latency_ms: float | None = None
+    golden: int = 0
+
+    def fail(self, why: str) -> None:
+        self.passed = False
+        self.failures.append(why)
+
+    def summary(self) -> str:
+        lat = f"{self.latency_ms:.1f} ms" if self.latency_ms is not None else "n/a"
+        head = f"{self.golden} golden inputs, median latency {lat}"
+        return head if self.passed else head + "; " + "; ".join(self.failures)
+
+
+def self_test(
+    package: ModelPackage,
+    artifact: str,
+    *,
+    backend: Backend | None = None,
+    options: BackendOptions | None = None,
+    latency_budget_ms: float | None = None,
+    repeats: int = 3,
+) -> SelfTestResult:
+    """Run every golden input of ``package`` through ``artifact`` and check the results."""
+    result = SelfTestResult(artifact=artifact)
+    m = package.manifest
+    if not m.golden:
+        result.fail("package has no golden inputs")
+        return result
+    try:
+        b = backend or load_backend(package, artifact, options)
+    except Exception as exc:  # noqa: BLE001 - any load failure fails the test
+        result.fail(f"cannot load: {exc}")
+        return result
+    pre = Preprocessor(m.preprocess, m.artifacts[artifact].input)
+    times: list[float] = []
+    try:
+        for g in m.golden:
+            image = cv2.imread(str(package.path(g.file)), cv2.IMREAD_COLOR)
+            if image is None:
+                result.fail(f"{g.file}: cannot decode golden input")
+                continue
+            x, _ = pre(image)
+            probs = None
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                raw = b.run(x)
+                times.append((time.perf_counter() - t0) * 1000)
+                probs = to_probabilities(raw, m.output_kind, m.temperature)[0]
+            result.golden += 1
+            assert probs is not None
+            if not np.isfinite(probs).all():
+                result.fail(f"{g.file}: output is not finite")
+                continue
+            if abs(float(probs.sum()) - 1.0) > 1e-3 or probs.min() < 0:
+                result.fail(f"{g.file}: output is not a probability distribution (sum {probs.sum():.4f})")
+                continue
+            top1 = int(probs.argmax())
+            if top1 != g.expected_top1:
+                result.fail(f"{g.file}: top-1 {top1} ({m.labels[top1]}), expected {g.expected_top1} ({m.labels[g.expected_top1]})")
+    except Exception as exc:  # noqa: BLE001 - a runtime error is a failed self-test, not a crash
+        result.fail(f"runtime error: {type(exc).__name__}: {exc}")
+    finally:
+        if backend is None and "b" in locals():
+            b.close()
+    if times:
+        result.latency_ms = float(np.median(times))
+        if latency_budget_ms is not None and result.latency_ms > latency_budget_ms:
+            result.fail(f"median latency {result.latency_ms:.1f} ms exceeds budget {latency_budget_ms:.1f} ms")
+    return result

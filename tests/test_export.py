@@ -1,0 +1,104 @@
+"""export_package on a tiny model: all four artifacts, the before_commit hook, and atomic failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_agent.package import PreprocessSpec, load_package
+from edge_agent.selftest import self_test
+from trainer.export import ExportError, ExportSpec, export_package
+
+
+class ColourNet(torch.nn.Module):
+    """Predicts the dominant colour channel: tiny, deterministic and quantization friendly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 3)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+            for c in range(3):
+                self.conv.weight[c, c, 1, 1] = 1.0
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+            for c in range(3):
+                self.head.weight[c, c] = 8.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.nn.functional.relu6(self.conv(x) + 1).mean(dim=(2, 3)))
+
+
+def _frames(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = rng.integers(0, 60, (96, 128, 3), dtype=np.uint8)
+        img[..., i % 3] += 150  # BGR frame; dominant channel cycles
+        out.append(img)
+    return out
+
+
+SPEC = PreprocessSpec(size=(32, 32), color="RGB", mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0))
+
+
+def _spec(**kw) -> ExportSpec:
+    kw.setdefault("version", "0.1.0")
+    return ExportSpec(name="colour", labels=["red", "green", "blue"], preprocess=SPEC, **kw)
+
+
+def test_export_writes_a_verified_package_with_hook_fields(tmp_path: Path) -> None:
+    seen = {}
+
+    def hook(draft):  # receives a loadable draft package
+        seen["artifacts"] = sorted(draft.manifest.artifacts)
+        return {"temperature": 1.5, "evaluation": {"accuracy": 1.0}}
+
+    out = tmp_path / "colour"
+    report = export_package(ColourNet(), _spec(), _frames(16, 0), out, before_commit=hook, progress=False)
+    pkg = load_package(out)
+    assert seen["artifacts"] == ["onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"]
+    assert pkg.manifest.temperature == 1.5 and pkg.manifest.evaluation == {"accuracy": 1.0}
+    assert all(v == 1.0 for v in report.agreement.values()), report.agreement
+    for key in pkg.manifest.artifacts:
+        assert self_test(pkg, key).passed
+    # labels of golden inputs: BGR frame with dominant channel 2 is red in RGB
+    assert {g.expected_label for g in pkg.manifest.golden} <= {"red", "green", "blue"}
+    assert not list(tmp_path.glob(".colour.*")), "temporary directories left behind"
+
+
+def test_failed_export_leaves_nothing_and_keeps_the_old_package(tmp_path: Path) -> None:
+    out = tmp_path / "colour"
+
+    def boom(draft):
+        raise RuntimeError("gate failed")
+
+    with pytest.raises(RuntimeError, match="gate failed"):
+        export_package(ColourNet(), _spec(formats=("onnx-fp32",)), _frames(8, 0), out, before_commit=boom, progress=False)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+    export_package(ColourNet(), _spec(formats=("onnx-fp32",)), _frames(8, 0), out, progress=False)
+    before = load_package(out).sha256
+    with pytest.raises(RuntimeError):
+        export_package(
+            ColourNet(), _spec(formats=("onnx-fp32",), version="0.2.0"), _frames(8, 0), out,
+            before_commit=boom, overwrite=True, progress=False,
+        )  # fmt: skip
+    assert load_package(out).sha256 == before  # the old package is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["colour"]
+
+
+def test_export_argument_errors(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="unknown or no formats"):
+        export_package(ColourNet(), _spec(formats=("onnx-fp16",)), _frames(8, 0), tmp_path / "x", progress=False)
+    with pytest.raises(ExportError, match="at least 8 calibration frames"):
+        export_package(ColourNet(), _spec(), _frames(3, 0), tmp_path / "x", progress=False)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(ExportError, match="already exists"):
+        export_package(ColourNet(), _spec(), _frames(8, 0), tmp_path / "exists", progress=False)
