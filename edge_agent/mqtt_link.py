@@ -88,6 +88,7 @@ class MqttLink:
         self._cursor = 0
         self._refused: str | None = None
         self._up = False
+        self._subscribed = False
         self._delays: deque[float] = deque(maxlen=10)
 
     # ----- public API -------------------------------------------------------------------------------
@@ -144,6 +145,7 @@ class MqttLink:
             "inflight": len(self._inflight),
             "spooled": len(self._spool),
             "spool_bytes": self._spool.size_bytes(),
+            "subscribed": self._subscribed,
             "queued_now": len(self._now),
             "recent_reconnect_delays_s": list(self._delays),
             "events": self._events.totals(),
@@ -192,6 +194,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_inbound
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _session(self, client: mqtt.Client, backoff: Backoff) -> None:
@@ -233,7 +236,7 @@ class MqttLink:
         """Forget per-connection state; unacknowledged rows are still in the spool and will be re-sent."""
         if self._up and not self._stop.is_set():
             self._events.add("mqtt_disconnects")
-        self._up = False
+        self._up = self._subscribed = False
         self._connected.clear()
         self._apply_acks()
         self._inflight.clear()
@@ -250,7 +253,11 @@ class MqttLink:
         """Flush the spool until the deadline, publish the retained offline status, disconnect cleanly."""
         while True:
             self._apply_acks()
-            if len(self._spool) == 0 or time.monotonic() >= self._flush_deadline or not self._connected.is_set():
+            if (
+                len(self._spool) == 0
+                or time.monotonic() >= self._flush_deadline
+                or not self._connected.is_set()
+            ):
                 break
             self._pump(client)
             client.loop(LOOP_TIMEOUT_S)
@@ -261,7 +268,11 @@ class MqttLink:
             log.warning("MQTT: %d messages stay spooled for the next start (flush timeout)", left)
         info = client.publish(self.status_topic, self._will, qos=1, retain=True)
         deadline = time.monotonic() + OFFLINE_ACK_TIMEOUT_S
-        while info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and not info.is_published() and time.monotonic() < deadline:
+        while (
+            info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+            and not info.is_published()
+            and time.monotonic() < deadline
+        ):
             if client.loop(LOOP_TIMEOUT_S) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
         client.disconnect()
@@ -279,7 +290,10 @@ class MqttLink:
             self._now.clear()
         for topic, payload, qos, retain in now:
             try:
-                ok = client.publish(topic, payload, qos=qos, retain=retain).rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+                ok = (
+                    client.publish(topic, payload, qos=qos, retain=retain).rc
+                    == MQTTErrorCode.MQTT_ERR_SUCCESS
+                )
             except ValueError as exc:  # invalid topic or QoS from the caller
                 log.warning("MQTT: dropped a message for %r: %s", topic, exc)
                 ok = False
@@ -301,7 +315,9 @@ class MqttLink:
                 self._spool.ack(item.id)
                 continue
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                log.debug("MQTT: publish of spooled message %d failed (%s)", item.id, mqtt.error_string(info.rc))
+                log.debug(
+                    "MQTT: publish of spooled message %d failed (%s)", item.id, mqtt.error_string(info.rc)
+                )
                 break
             if item.qos == 0:
                 self._acked.append(item.id)  # QoS 0 has no PUBACK: handed to the socket is all we get
@@ -317,7 +333,9 @@ class MqttLink:
 
     # ----- paho callbacks (run on the link thread, inside client.loop) -------------------------------
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
         """Publish the retained birth and (re)subscribe: the session is clean on every connect."""
         if reason_code.is_failure:
             self._refused = f"broker refused the connection: {reason_code}"
@@ -337,10 +355,23 @@ class MqttLink:
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 log.warning("MQTT: subscribing to %s failed: %s", self._subscriptions, mqtt.error_string(rc))
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
+    ) -> None:
+        """SUBACK: name every filter the broker refused (usually an ACL problem)."""
+        refused = [t for (t, _), rc in zip(self._subscriptions, reason_codes, strict=False) if rc.is_failure]
+        if refused:
+            log.error("MQTT: %s refused the subscription to %s", self._url, ", ".join(refused))
+        self._subscribed = not refused
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
         self._connected.clear()
 
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
+    ) -> None:
         """PUBACK: the broker owns the message now, so its spool row can go."""
         item_id = self._inflight.pop(mid, None)
         if item_id is not None:

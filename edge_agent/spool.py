@@ -14,7 +14,8 @@ empty spool (``spool_corrupt``)::
         ...  # publish it; when the broker acknowledges it:
         spool.ack(item.id)
 
-Commits are synchronous (``PRAGMA synchronous=FULL`` in WAL mode): a put survives a power cut once it
+Ids of overflow entries change when they move to disk; an entry acked after its move is simply
+delivered again (at least once; receivers dedupe). Commits are synchronous (``PRAGMA synchronous=FULL`` in WAL mode): a put survives a power cut once it
 returns. ``size_bytes`` counts payload bytes only.
 """
 
@@ -83,7 +84,9 @@ class Spool:
     ) -> None:
         """``overflow_*`` bound the in-memory fallback; ``max_pages`` caps the SQLite file (tests fill it)."""
         if max_messages < 1 or max_bytes < 1:
-            raise ValueError(f"spool bounds must be positive (max_messages={max_messages}, max_bytes={max_bytes})")
+            raise ValueError(
+                f"spool bounds must be positive (max_messages={max_messages}, max_bytes={max_bytes})"
+            )
         self.path = Path(path)
         self.max_messages = max_messages
         self.max_bytes = max_bytes
@@ -206,7 +209,9 @@ class Spool:
                 self._flush_overflow()
             if self._overflow:
                 lost = len(self._overflow)
-                log.error("spool %s: %d messages held in memory could not be written and are lost", self.path, lost)
+                log.error(
+                    "spool %s: %d messages held in memory could not be written and are lost", self.path, lost
+                )
                 self._count_evicted(lost, "closing with the disk still failing")
                 self._overflow.clear()
                 self._overflow_bytes = 0
@@ -276,7 +281,12 @@ class Spool:
                 os.replace(side, Path(f"{target}{suffix}"))
         self._count = self._bytes = 0
         self.events.add("spool_corrupt")
-        log.error("spool %s is corrupt (%s); moved it aside to %s and started an empty spool", self.path, exc, target)
+        log.error(
+            "spool %s is corrupt (%s); moved it aside to %s and started an empty spool",
+            self.path,
+            exc,
+            target,
+        )
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -322,11 +332,15 @@ class Spool:
             )
         self._count, self._bytes = count, size
         if evicted + skip:
-            self._count_evicted(evicted + skip, f"over its bounds ({self.max_messages} messages, {self.max_bytes} bytes)")
+            self._count_evicted(
+                evicted + skip, f"over its bounds ({self.max_messages} messages, {self.max_bytes} bytes)"
+            )
 
     def _to_overflow(self, item: SpoolItem) -> None:
         """Keep a message in memory (negative id) while the disk refuses it; drop the oldest beyond bounds."""
-        item = SpoolItem(self._next_overflow_id, item.topic, item.payload, item.qos, item.retain, item.created)
+        item = SpoolItem(
+            self._next_overflow_id, item.topic, item.payload, item.qos, item.retain, item.created
+        )
         self._next_overflow_id -= 1
         self._overflow[item.id] = item
         self._overflow_bytes += len(item.payload)

@@ -77,6 +77,10 @@ class MosquittoBroker:
 
     def config_text(self) -> str:
         lines = [f"listener {self.port} 127.0.0.1", "max_queued_messages 100000", "max_inflight_messages 100"]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            # Started as root, mosquitto switches to the "mosquitto" user and then cannot write its
+            # persistence file or log in our root-owned workdir; "root" keeps the current user.
+            lines.append("user root")
         if self.tls:
             lines += [f"cafile {self.tls.ca}", f"certfile {self.tls.cert}", f"keyfile {self.tls.key}"]
             if self.tls.require_certificate:
