@@ -90,6 +90,8 @@ class Agent:
         self.source: FrameSource | None = None
         self.aggregator: TelemetryAggregator | None = None
         self._last_source = SourceStats()
+        self._serving: LoadedModel | None = None
+        self.spool: Spool | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -102,6 +104,7 @@ class Agent:
         self.session = self.state.next_session()
         self.choice = choose_artifact(package, cfg.model.artifact, cfg.model.backend, self.state)
         model = LoadedModel.load(package, self.choice.artifact, cfg.model.backend)
+        self._serving = model
         log.info(
             "device %s/%s session %d: %s %s via %s (%s)",
             cfg.fleet, cfg.device_id, self.session, package.manifest.name, package.manifest.version,
@@ -113,6 +116,7 @@ class Agent:
             reconnect_min_s=s.reconnect_min_s, reconnect_max_s=s.reconnect_max_s,
         ).start()  # fmt: skip
         spool = Spool(self.state.spool_path, cfg.spool.max_messages, cfg.spool.max_bytes, events=self.events)
+        self.spool = spool
         self.link = MqttLink(
             cfg.mqtt,
             client_id=cfg.mqtt.client_id or f"{cfg.fleet}-{cfg.device_id}",
@@ -136,12 +140,11 @@ class Agent:
             self.source, model, batch=cfg.model.backend.batch, stats_every=t.stats_every,
             on_first_inference=self._first_inference,
         ).start()  # fmt: skip
-        exit_code = 0
         try:
             self._loop()
         finally:
             self._shutdown(spool)
-        return exit_code
+        return 0
 
     def _first_inference(self) -> None:
         self.first_inference_s = time.time() - self._started
@@ -158,7 +161,8 @@ class Agent:
                 log.info("source %s ended", self.config.source.uri)
                 break
             for r in results:
-                if r.model.ref != agg.model:
+                if r.model is not self._serving:  # a swapped-in model: its frames get their own window
+                    self._serving = r.model
                     self._publish_window(agg.switch_model(r.model.ref, r.model.package.manifest.telemetry_edges, time.time()))
                 self._add(r)
                 if pred:
@@ -177,7 +181,13 @@ class Agent:
         """Close the last window, stop threads, deliver the spool (bounded wait), mark offline."""
         if self.pipeline:
             self.pipeline.stop()
-        if self.aggregator and (self.aggregator.frames_in_window or self.windows_published == 0 or self._pending_counts()):
+            try:  # frames already inferred still count
+                for r in self.pipeline.results(timeout=0):
+                    if r.model is self._serving:
+                        self._add(r)
+            except EndOfStream:
+                pass
+        if self.aggregator:  # the last window: frames, counters and incidents since the previous one
             self._close_window(time.time())
         if self.source:
             self.source.close()
@@ -187,12 +197,6 @@ class Agent:
                 log.warning("%d message(s) stay in the spool for the next start", len(spool))
         spool.close()
 
-    def _pending_counts(self) -> bool:
-        if not self.source:
-            return False
-        d = self.source.stats().minus(self._last_source)
-        return bool(d.captured or d.dropped or d.corrupt)
-
     # -- telemetry -----------------------------------------------------------------------------
     def _close_window(self, now: float) -> None:
         assert self.aggregator and self.source and self.pipeline
@@ -201,8 +205,14 @@ class Agent:
         self._last_source = stats
         failed, reasons = self.pipeline.take_failures()
         self.aggregator.add_counts(captured=d.captured, dropped=d.dropped, failed=d.corrupt + failed)
+        evicted = self.spool.take_evictions() if self.spool is not None else 0
         self.aggregator.add_events(
-            {"source_reconnects": d.reconnects, "source_open_failures": d.open_failures, "corrupt_frames": d.corrupt}
+            {
+                "source_reconnects": d.reconnects,
+                "source_open_failures": d.open_failures,
+                "corrupt_frames": d.corrupt,
+                "spool_evicted": evicted,
+            }
             | reasons
             | self.events.take()
         )
@@ -215,7 +225,7 @@ class Agent:
         if self.print_messages:
             conf = window.histograms["confidence"]
             top = sorted(window.class_counts.items(), key=lambda kv: -kv[1])[:3]
-            labels = self.pipeline.active.package.manifest.labels if self.pipeline else []
+            labels = self._serving.package.manifest.labels if self._serving else []
             named = ", ".join(f"{labels[c] if c < len(labels) else c} x{n}" for c, n in top)
             print(
                 f"tele seq={window.seq} frames={window.frames.model_dump()} top=[{named}] "
@@ -240,7 +250,7 @@ class Agent:
     # -- status and commands ---------------------------------------------------------------------
     def _status(self, state: str) -> Status:
         cfg = self.config
-        model = self.pipeline.active.ref if self.pipeline else None
+        model = self._serving.ref if self._serving else None
         return Status(
             fleet=cfg.fleet, device=cfg.device_id, state=state, session=self.session, ts=time.time(),  # type: ignore[arg-type]
             agent_version=__version__, model=model, backend=self.choice,

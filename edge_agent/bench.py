@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_agent.backends.base import BackendOptions, load_backend
+from edge_agent.backends.base import BackendOptions
 from edge_agent.backends.select import choose_artifact, runnable_artifacts
 from edge_agent.package import ModelPackage, load_package
 from edge_agent.pipeline import LoadedModel, Pipeline
@@ -41,8 +41,10 @@ from edge_agent.telemetry.features import output_features
 def bench_frames(package: ModelPackage, count: int = 32) -> list[np.ndarray]:
     """640x480 camera-like frames cut from the package's golden inputs (real photographs)."""
     rng = np.random.default_rng(0)
-    images = [cv2.imread(str(package.path(g.file)), cv2.IMREAD_COLOR) for g in package.manifest.golden]
-    images = [i for i in images if i is not None] or [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)]
+    decoded = [cv2.imread(str(package.path(g.file)), cv2.IMREAD_COLOR) for g in package.manifest.golden]
+    images: list[np.ndarray] = [i for i in decoded if i is not None]
+    if not images:
+        images = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)]
     frames = []
     for i in range(count):
         img = images[i % len(images)]
@@ -101,7 +103,7 @@ def _pipeline(package: ModelPackage, key: str, frames: list[np.ndarray], options
                     t_end = start + seconds
                 continue
             n += 1
-            lat.append((time.time() - r.ts))
+            lat.append(time.time() - r.ts)
         if agg.is_due(time.time()):
             agg.close(time.time())
         if start and now >= t_end:

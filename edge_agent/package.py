@@ -96,7 +96,7 @@ class ModelManifest(BaseModel):
     """Schema of model.json."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal["edgefleet.model/1"] = FORMAT
+    format: Literal["edgefleet.model/1"] = "edgefleet.model/1"
     name: str = Field(min_length=1, max_length=64)
     version: str = Field(min_length=1, max_length=32)
     created: str

@@ -74,7 +74,7 @@ def device_topics(fleet: str, device: str = "+") -> str:
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
-    v: Literal[1] = SCHEMA_VERSION
+    v: Literal[1] = 1
 
     def to_bytes(self) -> bytes:
         """Compact JSON encoding used on the wire."""

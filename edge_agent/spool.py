@@ -3,7 +3,7 @@ agent restarts and full disks.
 
 The agent thread ``put``s; the MQTT link thread ``peek``s and ``ack``s a message once the broker has
 acknowledged it. When the spool exceeds its bounds the oldest messages are evicted first and counted
-(``spool_evicted``). When SQLite cannot write (full disk, I/O error) messages wait in a bounded in-memory
+(``take_evictions``). When SQLite cannot write (full disk, I/O error) messages wait in a bounded in-memory
 overflow, are still returned by ``peek`` (with negative ids), and move to disk as soon as writes succeed
 again (``spool_disk_errors``). A file that is not a SQLite database is renamed aside and replaced by an
 empty spool (``spool_corrupt``)::
@@ -45,6 +45,11 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS spool (
     retain INTEGER NOT NULL,
     created REAL NOT NULL
 )"""
+_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+_ADD_UNREPORTED = (
+    "INSERT INTO meta (key, value) VALUES ('unreported_evicted', ?) "
+    "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value"
+)
 _CORRUPT_CODES = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
 _RETRY_INTERVAL_S = 1.0
 """``peek`` retries moving the in-memory overflow to disk at most this often (``put`` always retries)."""
@@ -93,6 +98,7 @@ class Spool:
         self.events = events or EventCounter()
         self.evicted = 0
         """Messages evicted since this object was created (bounds or overflow)."""
+        self._unreported_memory = 0
         self._overflow_max = max(1, min(overflow_messages, max_messages))
         self._overflow_max_bytes = max(1, min(overflow_bytes, max_bytes))
         self._max_pages = max_pages
@@ -212,13 +218,31 @@ class Spool:
                 log.error(
                     "spool %s: %d messages held in memory could not be written and are lost", self.path, lost
                 )
-                self._count_evicted(lost, "closing with the disk still failing")
+                self._count_evicted(lost, "closing with the disk still failing", on_disk=False)
                 self._overflow.clear()
                 self._overflow_bytes = 0
             if self._conn is not None:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.close()
                 self._conn = None
+
+    def take_evictions(self) -> int:
+        """Evictions not yet reported (kept on disk across restarts); resets the count.
+
+        The agent reports them as ``events.spool_evicted`` in its next telemetry window.
+        """
+        with self._lock:
+            n, self._unreported_memory = self._unreported_memory, 0
+            if self._conn is None:
+                return n
+            try:
+                with self._transaction() as conn:
+                    row = conn.execute("SELECT value FROM meta WHERE key = 'unreported_evicted'").fetchone()
+                    conn.execute("DELETE FROM meta WHERE key = 'unreported_evicted'")
+                return n + (int(row[0]) if row else 0)
+            except sqlite3.Error as exc:
+                self._log_failure("take_evictions", exc)
+                return n
 
     def __enter__(self) -> Spool:
         return self
@@ -238,6 +262,7 @@ class Spool:
             if self._max_pages:
                 conn.execute(f"PRAGMA max_page_count={int(self._max_pages)}").fetchone()
             conn.execute(_SCHEMA)
+            conn.execute(_META)
             self._count, self._bytes = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(length(payload)), 0) FROM spool"
             ).fetchone()
@@ -330,6 +355,8 @@ class Spool:
                 "INSERT INTO spool (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)",
                 [(i.topic, i.payload, i.qos, int(i.retain), i.created) for i in items[skip:]],
             )
+            if evicted + skip:  # remembered on disk until reported, so a restart cannot lose the report
+                conn.execute(_ADD_UNREPORTED, (evicted + skip,))
         self._count, self._bytes = count, size
         if evicted + skip:
             self._count_evicted(
@@ -350,7 +377,7 @@ class Spool:
             self._overflow_bytes -= len(old.payload)
             dropped += 1
         if dropped:
-            self._count_evicted(dropped, "its in-memory overflow is full while the disk refuses writes")
+            self._count_evicted(dropped, "its in-memory overflow is full while the disk refuses writes", on_disk=False)
 
     def _flush_overflow(self) -> None:
         """Move overflow entries to disk, oldest first, in the largest batches the disk accepts."""
@@ -408,7 +435,8 @@ class Spool:
         else:
             log.debug("spool %s: %s failed again (%s)", self.path, op, exc)
 
-    def _count_evicted(self, n: int, why: str) -> None:
+    def _count_evicted(self, n: int, why: str, on_disk: bool = True) -> None:
         self.evicted += n
-        self.events.add("spool_evicted", n)
+        if not on_disk:
+            self._unreported_memory += n
         log.warning("spool %s: evicted the %d oldest message(s): %s", self.path, n, why)

@@ -3,23 +3,19 @@ will, TLS, hostile inbound handlers, and reconnect backoff with jitter."""
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import require
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.backoff import Backoff
@@ -32,75 +28,10 @@ from edge_agent.spool import Spool
 from trainer import pki as pki_mod
 from trainer.broker import BrokerTLS, MosquittoBroker, free_port
 
+from .conftest import require
+from .mqtt_helpers import Subscriber, retained, wait_until
+
 FLEET = "test"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-class Subscriber:
-    """A plain paho subscriber; with ``clean=False`` the broker queues QoS 1 messages for it while it is
-    away, across broker restarts too (persistence). It subscribes on its first connect only, so after a
-    restart it depends on the broker having kept its session."""
-
-    def __init__(self, url: str, topic: str, *, clean: bool = False, ca: Path | None = None) -> None:
-        self.messages: list[tuple[str, bytes, bool]] = []
-        self.sessions_present: list[bool] = []
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self._topic = topic
-        parts = urlsplit(url)
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"sub-{uuid.uuid4().hex[:12]}",
-            protocol=mqtt.MQTTv311,
-            clean_session=clean,
-        )
-        if ca is not None:
-            self.client.tls_set(ca_certs=str(ca))
-        self.client.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=5)
-        self.client.loop_start()
-        assert self._subscribed.wait(10), f"subscriber could not subscribe to {topic} on {url}"
-        self.subscribed_at = time.time()
-
-    def _on_connect(self, client: mqtt.Client, userdata: object, flags, reason_code, properties) -> None:
-        self.sessions_present.append(bool(flags.session_present))
-        if not self._subscribed.is_set():
-            client.subscribe(self._topic, qos=1)
-
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
-
-    def payloads(self) -> list[bytes]:
-        with self._lock:
-            return [p for _, p, _ in self.messages]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def retained(url: str, topic: str, ca: Path | None = None, timeout: float = 5.0) -> dict:
-    """The retained message on ``topic`` as JSON, read by a fresh subscriber."""
-    sub = Subscriber(url, topic, clean=True, ca=ca)
-    try:
-        assert wait_until(lambda: bool(sub.messages), timeout), f"no retained message on {topic}"
-        _, payload, was_retained = sub.messages[0]
-        assert was_retained
-        return json.loads(payload)
-    finally:
-        sub.close()
 
 
 def status(device: str, state: str) -> bytes:
@@ -204,12 +135,12 @@ def test_birth_retained_online_then_offline_after_stop(broker: MosquittoBroker, 
     link = h.link()
     link.start()
     assert link.wait_connected(10)
-    assert wait_until(lambda: retained(broker.url, h.status_topic)["state"] == "online", 5)
+    assert wait_until(lambda: (retained(broker.url, h.status_topic, timeout=0.5) or {}).get("state") == "online", 10)
     birth = retained(broker.url, h.status_topic)
-    assert birth["device"] == h.device and birth["session"] == 7 and birth["kind"] == "status"
+    assert birth is not None and birth["device"] == h.device and birth["session"] == 7 and birth["kind"] == "status"
     assert link.stop(flush_timeout=2)
     assert not link.connected
-    assert retained(broker.url, h.status_topic)["state"] == "offline"
+    assert (retained(broker.url, h.status_topic) or {}).get("state") == "offline"
 
 
 def test_last_will_when_the_agent_is_killed(broker: MosquittoBroker, tmp_path: Path) -> None:
@@ -403,7 +334,7 @@ def test_tls_with_the_fleet_ca(tls_broker: MosquittoBroker, pki: Path, harness_f
     assert link.wait_connected(10)
     link.publish_spooled(h.tele, b"over tls")
     assert wait_until(lambda: sub.payloads() == [b"over tls"], 5)
-    assert retained(tls_broker.url, h.status_topic, ca=pki / "ca.crt")["state"] == "online"
+    assert (retained(tls_broker.url, h.status_topic, ca=pki / "ca.crt") or {}).get("state") == "online"
     sub.close()
 
 

@@ -47,8 +47,9 @@ def test_count_bound_evicts_oldest_first_and_counts(tmp_path: Path, caplog) -> N
             spool.put("t", f"m{i}".encode())
         assert _payloads(spool) == [b"m2", b"m3", b"m4"]
         assert spool.evicted == 2
-        assert events.totals()["spool_evicted"] == 2
         assert len(spool) == 3
+        assert spool.take_evictions() == 2
+        assert spool.take_evictions() == 0  # reported once
     assert "evicted the 1 oldest message" in caplog.text and str(tmp_path / "s.sqlite") in caplog.text
 
 
@@ -64,7 +65,17 @@ def test_byte_bound_evicts_oldest_first(tmp_path: Path) -> None:
         assert spool.evicted == 3
         spool.put("t", b"x" * 1500)  # larger than the whole spool: nothing can keep it
         assert len(spool) == 0 and spool.size_bytes() == 0
-        assert events.totals()["spool_evicted"] == 5
+        assert spool.take_evictions() == 5
+
+
+def test_unreported_evictions_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    with Spool(path, max_messages=2, max_bytes=1 << 20) as spool:
+        for i in range(6):
+            spool.put("t", f"m{i}".encode())
+    with Spool(path, max_messages=2, max_bytes=1 << 20) as again:
+        assert again.take_evictions() == 4  # the agent reports them in its first window after restart
+        assert again.take_evictions() == 0
 
 
 def test_reopen_sees_undelivered_rows(tmp_path: Path) -> None:
@@ -151,7 +162,7 @@ def test_overflow_is_bounded_and_drops_oldest(tmp_path: Path) -> None:
     memory = [i.payload[0] for i in items if i.id < 0]
     assert memory == list(range(35, 40))  # the newest five
     assert spool.evicted == 40 - len(disk) - 5
-    assert events.totals()["spool_evicted"] == spool.evicted
+    assert spool.take_evictions() == spool.evicted
     assert events.totals()["spool_disk_errors"] == 40 - len(disk)
     spool.close()
 
@@ -185,7 +196,7 @@ def test_unusable_path_keeps_working_in_memory(tmp_path: Path) -> None:
     assert _payloads(spool) == [b"b"]
     assert events.totals()["spool_disk_errors"] >= 2
     spool.close()
-    assert events.totals()["spool_evicted"] == 1  # closing cannot write it anywhere: counted, not silent
+    assert spool.evicted == 1  # closing cannot write it anywhere: counted, not silent
 
 
 def test_two_threads_put_and_ack(tmp_path: Path) -> None:

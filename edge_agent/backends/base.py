@@ -72,7 +72,7 @@ def backend_class(runtime: str) -> type[Backend]:
         raise BackendError(f"unknown runtime {runtime!r} (known: {', '.join(_RUNTIMES)})")
     module, cls, _ = _RUNTIMES[runtime]
     try:
-        return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(module), cls)
     except ImportError as exc:
         raise BackendError(f"runtime {runtime!r} is not installed: {exc}") from None
 

@@ -9,7 +9,7 @@ import numpy as np
 try:
     from ai_edge_litert.interpreter import Interpreter
 except ImportError:  # pragma: no cover - depends on the board's install
-    from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+    from tflite_runtime.interpreter import Interpreter
 
 from edge_agent.backends.base import Backend, BackendOptions
 from edge_agent.package import TensorSpec
@@ -45,4 +45,4 @@ class LiteRTBackend(Backend):
         return self._dequantize(self._interp.get_tensor(self._out["index"])[:n])
 
     def close(self) -> None:
-        self._interp = None  # type: ignore[assignment]
+        del self._interp

@@ -35,4 +35,4 @@ class OrtBackend(Backend):
         return self._dequantize(y)
 
     def close(self) -> None:
-        self._session = None  # type: ignore[assignment]
+        del self._session

@@ -48,7 +48,7 @@ def time_artifacts(
                 x = np.concatenate([x] * options.batch)
             for _ in range(2):
                 backend.run(x)
-            times = []
+            times: list[float] = []
             deadline = time.perf_counter() + seconds
             while len(times) < 5 or time.perf_counter() < deadline:
                 t0 = time.perf_counter()
@@ -69,7 +69,7 @@ def _time_in_child(package: ModelPackage, options: BackendOptions, seconds: floa
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise BackendError(f"timing artifacts of {package.root} failed: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def choose_artifact(

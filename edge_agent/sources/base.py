@@ -59,7 +59,7 @@ class SourceStats:
     open_failures: int = 0
 
     def minus(self, other: SourceStats) -> SourceStats:
-        return SourceStats(*(getattr(self, f) - getattr(other, f) for f in self.__slots__))  # type: ignore[attr-defined]
+        return SourceStats(*(getattr(self, f) - getattr(other, f) for f in self.__slots__))
 
 
 class FrameSource(ABC):

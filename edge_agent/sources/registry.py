@@ -23,7 +23,6 @@ def open_source(
     """Create (not start) the source named by ``uri``; raises :class:`SourceError` for bad URIs."""
     scheme, _, rest = uri.partition(":")
     scheme = scheme.lower()
-    reconnect = {"reconnect_min_s": reconnect_min_s, "reconnect_max_s": reconnect_max_s}
     if scheme == "camera":
         try:
             index = int(rest)
@@ -31,20 +30,20 @@ def open_source(
             raise SourceError(f"{uri}: camera index must be an integer, e.g. camera:0") from None
         from edge_agent.sources.video import VideoCaptureSource
 
-        return VideoCaptureSource(uri, index, width=width, height=height, fps=fps, **reconnect)
+        return VideoCaptureSource(uri, index, width=width, height=height, fps=fps, reconnect_min_s=reconnect_min_s, reconnect_max_s=reconnect_max_s)
     if scheme in ("rtsp", "rtsps", "http", "https"):
         if not urlsplit(uri).hostname:
             raise SourceError(f"{uri}: stream URL has no host")
         from edge_agent.sources.video import VideoCaptureSource
 
-        return VideoCaptureSource(uri, uri, fps=fps, **reconnect)
+        return VideoCaptureSource(uri, uri, fps=fps, reconnect_min_s=reconnect_min_s, reconnect_max_s=reconnect_max_s)
     if scheme == "file":
         path = Path(rest)
         if not path.is_file():
             raise SourceError(f"{uri}: video file {path} not found")
         from edge_agent.sources.video import VideoCaptureSource
 
-        return VideoCaptureSource(uri, str(path), is_file=True, loop=loop, realtime=bool(realtime), fps=fps, **reconnect)
+        return VideoCaptureSource(uri, str(path), is_file=True, loop=loop, realtime=bool(realtime), fps=fps, reconnect_min_s=reconnect_min_s, reconnect_max_s=reconnect_max_s)
     if scheme == "dir":
         from edge_agent.sources.directory import DirectorySource
 

@@ -63,7 +63,7 @@ def merge_windows(windows: Iterable[TelemetryWindow]) -> WindowSummary:
     return total
 
 
-def _opt(fn, a, b):  # type: ignore[no-untyped-def]
+def _opt(fn, a, b):  # noqa: ANN001 - min/max over optional floats
     if a is None:
         return b
     if b is None:
@@ -71,7 +71,7 @@ def _opt(fn, a, b):  # type: ignore[no-untyped-def]
     return fn(a, b)
 
 
-def _add_counts(a: dict, b: dict) -> dict:  # type: ignore[type-arg]
+def _add_counts(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
         out[k] = out.get(k, 0) + v

@@ -1,0 +1,270 @@
+"""The agent end to end: real photographs, real runtimes, a real broker, killed and restarted.
+
+Each agent runs as its own process through the ``edgefleet`` CLI, exactly as on a device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+
+from edge_agent.protocol import Status, TelemetryWindow, cmd_topic
+from trainer.broker import MosquittoBroker, free_port
+from trainer.photos import load_photos
+
+from .mqtt_helpers import Subscriber, retained, wait_until
+
+CAT_CLASSES = range(281, 286)
+FLEET = "t"
+
+
+@pytest.fixture(scope="module")
+def photos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("photos")
+    for i, (name, img) in enumerate(load_photos(["chelsea", "coffee", "rocket", "astronaut", "camera"]).items()):
+        cv2.imwrite(str(d / f"{i:02d}-{name}.png"), img)
+    return d
+
+
+def agent_cmd(package: Path, source: str, broker_url: str, device: str, state: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "edge_agent.cli", "agent", "run", "--package", str(package), "--source", source,
+        "--broker", broker_url, "--device-id", device, "--fleet", FLEET, "--state-dir", str(state), *extra,
+    ]  # fmt: skip
+
+
+def run_agent(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def windows(sub: Subscriber) -> list[TelemetryWindow]:
+    out = []
+    for topic, payload, _ in list(sub.messages):
+        if topic.endswith("/tele"):
+            out.append(TelemetryWindow.model_validate_json(payload))
+    return out
+
+
+def unique(ws: list[TelemetryWindow]) -> dict[tuple[str, int, int], TelemetryWindow]:
+    return {(w.device, w.session, w.seq): w for w in ws}
+
+
+def test_photographs_through_every_artifact(pretrained_package: Path, photos_dir: Path, broker: MosquittoBroker, tmp_path: Path) -> None:
+    """dir: of real photographs -> windows a subscriber validates; the cat is a cat through every artifact."""
+    artifacts = json.loads((pretrained_package / "model.json").read_text())["artifacts"]
+    for key in artifacts:
+        device = f"photo-{key}"
+        sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/#")
+        run_agent(agent_cmd(pretrained_package, f"dir:{photos_dir}", broker.url, device, tmp_path / key,
+                            "--artifact", key, "--publish-predictions", "--window-seconds", "60"))  # fmt: skip
+        assert wait_until(lambda sub=sub: any(t.endswith("/tele") for t, _, _ in sub.messages), 10)
+        sub.close()
+        (w,) = windows(sub)
+        assert w.frames.inferred == 5 and w.frames.captured == 5 and w.frames.failed == 0
+        assert w.model.artifact == key and w.model.name == "efficientnet-lite0"
+        assert sum(w.histograms["confidence"].counts) == 5 and sum(w.histograms["brightness"].counts) == 5
+        preds = [json.loads(p) for t, p, _ in sub.messages if t.endswith("/pred")]
+        assert len(preds) == 5
+        cat = next(p for p in preds if p["frame"] == 0)  # 00-chelsea.png
+        assert cat["top"][0][0] in CAT_CLASSES, (key, cat["labels"])
+        statuses = [Status.model_validate_json(p) for t, p, _ in sub.messages if t.endswith("/status")]
+        assert [s.state for s in statuses] == ["online", "offline"]
+        assert statuses[0].backend is not None and statuses[0].backend.artifact == key and statuses[0].backend.forced
+
+
+def test_broker_killed_and_restarted_every_window_arrives(pretrained_package: Path, broker_factory, tmp_path: Path) -> None:
+    broker = broker_factory()
+    device = "cam-outage"
+    sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/tele")  # persistent session, QoS 1
+    cmd = agent_cmd(pretrained_package, "synthetic:?fps=20", broker.url, device, tmp_path / "state",
+                    "--artifact", "tflite-int8", "--window-frames", "10")  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: len(unique(windows(sub))) >= 3, 30), "no windows before the outage"
+        broker.stop(kill=True)
+        time.sleep(3.0)  # ~6 windows are spooled meanwhile
+        broker.start()
+        time.sleep(3.0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert wait_until(lambda: False, 2) is False  # give the subscriber time to catch up
+    got = unique(windows(sub))
+    seqs = sorted(seq for (_, _, seq) in got)
+    assert seqs == list(range(len(seqs))), f"missing windows: {sorted(set(range(max(seqs) + 1)) - set(seqs))}"
+    assert len(seqs) >= 12
+    events: dict[str, int] = {}
+    for w in got.values():
+        for k, n in w.events.items():
+            events[k] = events.get(k, 0) + n
+    assert events.get("mqtt_disconnects", 0) >= 1 and events.get("mqtt_connects", 0) >= 2
+    assert sum(w.frames.inferred for w in got.values()) > 100
+
+
+def test_restart_with_a_full_spool_delivers_it(pretrained_package: Path, mosquitto_binary: str, tmp_path: Path) -> None:
+    port = free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    state = tmp_path / "state"
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"device_id: cam-spool\nfleet: {FLEET}\nstate_dir: {state}\n"
+        f"source: {{uri: 'synthetic:?fps=0&frames=60'}}\nmodel: {{package: {pretrained_package}, artifact: tflite-int8}}\n"
+        f"mqtt: {{url: '{url}', reconnect_min_s: 0.1, reconnect_max_s: 0.5}}\n"
+        "telemetry: {window_seconds: null, window_frames: 5}\nspool: {max_messages: 6, flush_timeout_s: 0.5}\n"
+    )
+    # No broker: 12 full windows + the closing one; the spool keeps the newest 6.
+    run_agent([sys.executable, "-m", "edge_agent.cli", "agent", "run", "--config", str(config)])
+    with MosquittoBroker(tmp_path / "broker", port=port, binary=mosquitto_binary):
+        sub = Subscriber(url, f"ef/v1/{FLEET}/dev/cam-spool/tele")
+        run_agent([sys.executable, "-m", "edge_agent.cli", "agent", "run", "--config", str(config)])
+        assert wait_until(lambda: len(unique(windows(sub))) >= 6 + 13, 15)
+        sub.close()
+    got = unique(windows(sub))
+    first = sorted(seq for (_, session, seq) in got if session == 1)
+    second = sorted(seq for (_, session, seq) in got if session == 2)
+    assert first == list(range(7, 13)), first  # the newest six of session 1 survived the restart
+    assert second == list(range(13))
+    # The seven evictions of session 1 are reported: six while it ran, the last one by session 2's first window.
+    reported = sum(w.events.get("spool_evicted", 0) for w in got.values())
+    assert reported >= 1
+    assert got[("cam-spool", 2, 0)].events.get("spool_evicted", 0) >= 1
+
+
+def test_sigterm_flushes_and_marks_offline(pretrained_package: Path, broker: MosquittoBroker, tmp_path: Path) -> None:
+    device = "cam-term"
+    sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/tele")
+    proc = subprocess.Popen(
+        agent_cmd(pretrained_package, "synthetic:?fps=15", broker.url, device, tmp_path / "s", "--window-seconds", "600"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert wait_until(lambda: (retained(broker.url, f"ef/v1/{FLEET}/dev/{device}/status", timeout=0.3) or {}).get("state") == "online", 30)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert wait_until(lambda: len(windows(sub)) == 1, 5)
+    (w,) = windows(sub)  # the 600 s window was closed early by the shutdown, not lost
+    assert w.frames.inferred >= 5
+    assert (retained(broker.url, f"ef/v1/{FLEET}/dev/{device}/status") or {}).get("state") == "offline"
+
+
+def test_bad_inputs_are_counted_and_never_stop_inference(pretrained_package: Path, broker: MosquittoBroker, tmp_path: Path) -> None:
+    """Corrupt frames, malformed and unknown commands: counted in windows while inference continues."""
+    import paho.mqtt.client as mqtt
+
+    device = "cam-bad"
+    sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/tele")
+    proc = subprocess.Popen(
+        agent_cmd(pretrained_package, "synthetic:?fps=20&corrupt_every=4", broker.url, device, tmp_path / "s",
+                  "--window-seconds", "1.5"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: len(windows(sub)) >= 1, 30)
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        for payload, name in ((b"\x00\xffnot json", "flush"), (b'{"name": "reboot"}', "reboot"),
+                              (b'{"name": "flush", "args": {"x": [1]}}', "flush"), (b"{" * 10_000, "flush")):  # fmt: skip
+            pub.publish(cmd_topic(FLEET, device, name), payload, qos=1).wait_for_publish(5)
+        pub.publish(cmd_topic(FLEET, device, "flush"), b'{"name": "flush"}', qos=1).wait_for_publish(5)
+        pub.loop_stop()
+        pub.disconnect()
+        assert wait_until(lambda: sum(w.events.get("bad_inbound", 0) for w in windows(sub)) >= 4, 15)
+        n = len(windows(sub))
+        assert wait_until(lambda: len(windows(sub)) >= n + 2, 15)  # still inferring afterwards
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    ws = windows(sub)
+    assert sum(w.frames.failed for w in ws) > 0
+    assert sum(w.events.get("corrupt_frames", 0) for w in ws) == sum(w.frames.failed for w in ws)
+    assert all(w.frames.inferred > 0 for w in ws[:-1])
+
+
+def test_unplugged_camera_keeps_the_agent_alive(pretrained_package: Path, broker: MosquittoBroker, tmp_path: Path) -> None:
+    device = "cam-unplugged"
+    sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/tele")
+    proc = subprocess.Popen(
+        agent_cmd(pretrained_package, "camera:9", broker.url, device, tmp_path / "s", "--window-seconds", "1"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: sum(w.events.get("source_open_failures", 0) for w in windows(sub)) >= 2, 30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--package", "/nonexistent/pkg"], "/nonexistent/pkg: model package directory does not exist"),
+        (["--source", "dir:/nonexistent/photos"], "is not a directory"),
+        (["--source", "ftp://x"], "unknown source scheme 'ftp'"),
+        (["--broker", "tcp://x"], "mqtt.url: must look like mqtt://"),
+    ],
+)
+def test_start_errors_name_what_is_wrong(pretrained_package: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    base = {"--package": str(pretrained_package), "--source": "synthetic:", "--broker": "mqtt://127.0.0.1:9"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    cmd = [sys.executable, "-m", "edge_agent.cli", "agent", "run", "--device-id", "x", "--state-dir", str(tmp_path)]
+    for k, v in base.items():
+        cmd += [k, v]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert message in proc.stderr, proc.stderr
+
+
+def test_edge_install_never_imports_torch(pretrained_package: Path, photos_dir: Path, broker: MosquittoBroker, tmp_path: Path) -> None:
+    """`pip install .[edge]` in a fresh venv runs the agent; torch and the trainer are never imported."""
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    src = tmp_path / "src"  # a copy, so the fresh install cannot see the repository's editable state
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv", "build", ".git", "*.egg-info", "__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    pip = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "-c", str(root / "constraints.txt"), f"{src}[edge]"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    check = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
+                           capture_output=True, text=True, env=env)  # fmt: skip
+    assert check.stdout.strip() == "None", "torch must not be installed by the edge extra"
+    probe = (
+        "import sys, runpy\n"
+        "sys.argv = ['edgefleet'] + sys.argv[1:]\n"
+        "try:\n"
+        "    from edge_agent.cli import main\n"
+        "    rc = main()\n"
+        "finally:\n"
+        "    bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer', 'litert_torch', 'sklearn'))\n"
+        "    print('HEAVY', bad)\n"
+        "sys.exit(rc)\n"
+    )
+    device = "cam-edge-only"
+    sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/tele")
+    proc = subprocess.run(
+        [str(py), "-c", probe, "agent", "run", "--package", str(pretrained_package), "--source", f"dir:{photos_dir}",
+         "--broker", broker.url, "--device-id", device, "--fleet", FLEET, "--state-dir", str(tmp_path / "s")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HEAVY []" in proc.stdout, proc.stdout
+    assert wait_until(lambda: len(windows(sub)) == 1, 10)
+    assert windows(sub)[0].frames.inferred == 5
