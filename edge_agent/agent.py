@@ -32,7 +32,7 @@ from edge_agent.config import AgentConfig, load_config, validate_config
 from edge_agent.errors import ConfigError
 from edge_agent.events import EventCounter
 from edge_agent.mqtt_link import MqttLink
-from edge_agent.package import load_package
+from edge_agent.package import ModelPackage, load_package
 from edge_agent.pipeline import Inferred, LoadedModel, Pipeline
 from edge_agent.postprocess import top_k
 from edge_agent.protocol import (
@@ -135,6 +135,7 @@ class Agent:
             fleet=cfg.fleet, device=cfg.device_id, session=self.session, model=model.ref,
             agent_version=__version__, edges=package.manifest.telemetry_edges, now=now,
             window_seconds=t.window_seconds, window_frames=t.window_frames, stats_every=t.stats_every,
+            atc_threshold=_atc_threshold(package),
         )  # fmt: skip
         self.pipeline = Pipeline(
             self.source, model, batch=cfg.model.backend.batch, stats_every=t.stats_every,
@@ -163,7 +164,10 @@ class Agent:
             for r in results:
                 if r.model is not self._serving:  # a swapped-in model: its frames get their own window
                     self._serving = r.model
-                    self._publish_window(agg.switch_model(r.model.ref, r.model.package.manifest.telemetry_edges, time.time()))
+                    m = r.model.package
+                    self._publish_window(
+                        agg.switch_model(r.model.ref, m.manifest.telemetry_edges, time.time(), _atc_threshold(m))
+                    )
                 self._add(r)
                 if pred:
                     self._publish_prediction(r)
@@ -272,6 +276,11 @@ class Agent:
             self._flush_requested.set()
         else:
             raise MessageError(f"{topic}: unknown command {cmd.name!r}")
+
+
+def _atc_threshold(package: ModelPackage) -> float | None:
+    ref = package.manifest.reference
+    return ref.atc_threshold if ref is not None else None
 
 
 def _default_state_dir(fleet: str, device: str) -> Path:

@@ -145,6 +145,11 @@ class TelemetryWindow(_Message):
     """Input statistics were computed on every k-th inferred frame (on the model-input-sized frame)."""
     events: dict[str, int] = Field(default_factory=dict)
     """Counted incidents since the previous window: source_reconnects, spool_evicted, bad_inbound, ..."""
+    confidence_mean: float | None = None
+    """Exact mean max-softmax confidence of the inferred frames (the average-confidence estimate)."""
+    atc_above: int | None = None
+    """Inferred frames whose confidence exceeds the model's ATC threshold (reference.atc_threshold);
+    atc_above / frames.inferred is the label-free accuracy estimate (Garg et al., ICLR 2022)."""
 
 
 class BackendChoice(BaseModel):

@@ -149,10 +149,13 @@ def test_sigterm_flushes_and_marks_offline(pretrained_package: Path, broker: Mos
         agent_cmd(pretrained_package, "synthetic:?fps=15", broker.url, device, tmp_path / "s", "--window-seconds", "600"),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert wait_until(lambda: (retained(broker.url, f"ef/v1/{FLEET}/dev/{device}/status", timeout=0.3) or {}).get("state") == "online", 30)
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
+    try:
+        status = f"ef/v1/{FLEET}/dev/{device}/status"
+        assert wait_until(lambda: (retained(broker.url, status, timeout=0.3) or {}).get("state") == "online", 30)
+        time.sleep(1.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err[-2000:]
     assert wait_until(lambda: len(windows(sub)) == 1, 5)
     (w,) = windows(sub)  # the 600 s window was closed early by the shutdown, not lost

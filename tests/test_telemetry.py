@@ -146,3 +146,22 @@ def test_quantile_from_merged_latency_histogram() -> None:
     q50 = quantile_from_histogram(h, 0.5)
     assert q50 is not None and 2 <= q50 <= 12
     assert isinstance(OutputFeatures(0, 1.0, 0.0, 1.0), OutputFeatures)
+
+
+def test_confidence_mean_and_atc_count_are_exact() -> None:
+    agg = TelemetryAggregator(
+        fleet="f", device="d", session=1, model=REF, agent_version="t", edges=default_edges(3),
+        now=0.0, window_seconds=10.0, atc_threshold=0.6,
+    )  # fmt: skip
+    confs = [0.9, 0.5, 0.61, 0.35, 0.99]
+    for c in confs:
+        rest = (1 - c) / 2
+        (o,) = output_features(np.array([c, rest, rest]))
+        agg.add(FrameResult(o, None, {}))
+    w = agg.close(1.0)
+    assert w.confidence_mean == pytest.approx(sum(confs) / 5, abs=1e-6)
+    assert w.atc_above == 3
+    plain = TelemetryAggregator(
+        fleet="f", device="d", session=1, model=REF, agent_version="t", edges=default_edges(3), now=0.0,
+    )  # fmt: skip
+    assert plain.close(1.0).atc_above is None

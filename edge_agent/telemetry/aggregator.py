@@ -46,6 +46,8 @@ class _Window:
         self.counts: Counter[str] = Counter()
         self.events: Counter[str] = Counter()
         self.classes: Counter[int] = Counter()
+        self.confidence_sum = 0.0
+        self.atc_above = 0
         self.hists = {name: FixedHistogram(edges[name]) for name in (*OUTPUT_FEATURES, *INPUT_FEATURES)}
         self.latency: dict[str, list[float]] = {s: [] for s in LATENCY_STAGES}
         self.latency_hists = {s: FixedHistogram(LATENCY_EDGES_MS) for s in LATENCY_STAGES}
@@ -68,6 +70,7 @@ class TelemetryAggregator:
         window_frames: int | None = None,
         stats_every: int = 1,
         first_seq: int = 0,
+        atc_threshold: float | None = None,
     ) -> None:
         missing = [n for n in (*OUTPUT_FEATURES, *INPUT_FEATURES) if n not in edges]
         if missing:
@@ -86,6 +89,7 @@ class TelemetryAggregator:
         self.window_frames = window_frames
         self.stats_every = stats_every
         self.next_seq = first_seq
+        self.atc_threshold = atc_threshold
         self._w = _Window(now, self.edges)
 
     # -- filling -------------------------------------------------------------------------------
@@ -94,6 +98,9 @@ class TelemetryAggregator:
         w = self._w
         w.frames += 1
         w.classes[r.output.top1] += 1
+        w.confidence_sum += r.output.confidence
+        if self.atc_threshold is not None and r.output.confidence > self.atc_threshold:
+            w.atc_above += 1
         w.hists["confidence"].add(r.output.confidence)
         w.hists["entropy"].add(r.output.entropy)
         w.hists["margin"].add(r.output.margin)
@@ -177,15 +184,20 @@ class TelemetryAggregator:
             latency_ms=latency,
             stats_every=self.stats_every,
             events=dict(w.events),
+            confidence_mean=round(w.confidence_sum / w.frames, 6) if w.frames else None,
+            atc_above=w.atc_above if self.atc_threshold is not None else None,
         )
         self.next_seq += 1
         self._w = _Window(now, self.edges)
         return window
 
-    def switch_model(self, model: ModelRef, edges: Mapping[str, list[float]], now: float) -> TelemetryWindow:
+    def switch_model(
+        self, model: ModelRef, edges: Mapping[str, list[float]], now: float, atc_threshold: float | None = None
+    ) -> TelemetryWindow:
         """Close the window of the old model and continue with a new one (a window has one model)."""
         window = self.close(now)
         self.model = model
+        self.atc_threshold = atc_threshold
         self.edges = {k: list(v) for k, v in edges.items()}
         self._w = _Window(now, self.edges)
         return window

@@ -1,0 +1,83 @@
+"""`make bench`: every benchmark in one run; JSON under bench/results/ and a printed table each.
+
+Benchmarks are measured, never asserted: each compares against its baseline in the same run
+(bare runtime loop vs agent pipeline, raw MQTT vs ingest, ...). Slow benchmarks live here, not in
+`make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PACKAGE = ROOT / "build" / "models" / "lite0"
+
+# name -> module with main(); each writes its own JSON under bench/results/ and prints a table
+EXTRA = {
+    "ort_int8": "bench.ort_int8",
+    "train": "bench.train_bench",
+    "tuf_fanout": "bench.tuf_fanout",
+    "fleet": "bench.fleet_bench",
+}
+
+
+def _agent(seconds: float) -> None:
+    from edge_agent.bench import format_table, run_bench
+    from trainer.broker import MosquittoBroker
+    from trainer.demo_photos import ensure_package
+
+    ensure_package(PACKAGE)
+    with MosquittoBroker(ROOT / "build" / "bench-broker") as broker:
+        result = run_bench(PACKAGE, threads=1, seconds=seconds, broker=broker.url)
+    (RESULTS / "agent.json").write_text(json.dumps(result, indent=2))
+    print(format_table(result), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--only", help="comma-separated subset: agent," + ",".join(EXTRA))
+    ap.add_argument("--seconds", type=float, default=9.0, help="agent bench: seconds per artifact and mode")
+    args = ap.parse_args()
+    wanted = set(args.only.split(",")) if args.only else {"agent", *EXTRA}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for name in ["agent", *EXTRA]:
+        if name not in wanted:
+            continue
+        print(f"\n=== bench: {name} ===", flush=True)
+        t0 = time.time()
+        try:
+            if name == "agent":
+                _agent(args.seconds)
+            else:
+                try:
+                    module = importlib.import_module(EXTRA[name])
+                except ModuleNotFoundError as exc:
+                    print(f"(skipped: {exc})")
+                    continue
+                module.main([]) if _takes_argv(module) else module.main()
+        except Exception as exc:  # noqa: BLE001 - report and continue with the other benchmarks
+            failures.append(name)
+            print(f"bench {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"(bench {name}: {time.time() - t0:.0f} s)", flush=True)
+    print(f"\nresults in {RESULTS}")
+    return 1 if failures else 0
+
+
+def _takes_argv(module: object) -> bool:
+    import inspect
+
+    try:
+        return len(inspect.signature(module.main).parameters) > 0  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
