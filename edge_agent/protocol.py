@@ -190,6 +190,28 @@ class Prediction(_Message):
     model_version: str
 
 
+class Sample(_Message):
+    """An opt-in, privacy-filtered frame for labelling (topic ``sample``, QoS 1)."""
+
+    kind: Literal["sample"] = "sample"
+    fleet: str
+    device: str
+    session: int = Field(ge=0)
+    frame: int
+    ts: float
+    model: ModelRef
+    reason: Literal["low_confidence", "drift"]
+    top: list[tuple[int, float]]
+    consent: str = Field(min_length=1)
+    """Consent or licence policy of the device under which the image was sent (provenance)."""
+    faces_blurred: int = Field(ge=0)
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    jpeg_b64: str
+    """The JPEG (downscaled, faces pixelated, no metadata), base64-encoded."""
+
+
 class Command(_Message):
     """A command to one device (topic ``cmd/{name}``); the name is also in the topic."""
 
