@@ -1,0 +1,1 @@
+"""Drift detection and label-free accuracy estimation (pure logic, no I/O)."""
