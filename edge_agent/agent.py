@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_agent import __version__
 from edge_agent.backends.select import choose_artifact
@@ -42,11 +43,14 @@ from edge_agent.protocol import (
     Prediction,
     Status,
     TelemetryWindow,
+    UpdateEvent,
     cmd_topic,
     parse_message,
     pred_topic,
+    release_topic,
     status_topic,
     tele_topic,
+    update_topic,
 )
 from edge_agent.sources import EndOfStream, open_source
 from edge_agent.sources.base import FrameSource, SourceStats
@@ -54,6 +58,11 @@ from edge_agent.spool import Spool
 from edge_agent.state import AgentState
 from edge_agent.telemetry.aggregator import FrameResult, TelemetryAggregator
 from edge_agent.telemetry.features import output_features
+
+if TYPE_CHECKING:  # the updater (python-tuf) is imported only when updates are configured
+    from edge_agent.updater.boot import Boot
+    from edge_agent.updater.store import UpdateStore
+    from edge_agent.updater.updater import Updater
 
 log = logging.getLogger("edge_agent")
 
@@ -92,6 +101,8 @@ class Agent:
         self._last_source = SourceStats()
         self._serving: LoadedModel | None = None
         self.spool: Spool | None = None
+        self.updater: Updater | None = None
+        self._update_store: UpdateStore | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -100,7 +111,8 @@ class Agent:
 
     def run(self) -> int:
         cfg = self.config
-        package = load_package(cfg.model.package)  # fails fast, naming the path and the check
+        boot = self._boot() if cfg.update else None  # the committed update slot, verified; else the config's
+        package = boot.package if boot else load_package(cfg.model.package)  # fails fast, naming the path and the check
         self.session = self.state.next_session()
         self.choice = choose_artifact(package, cfg.model.artifact, cfg.model.backend, self.state)
         model = LoadedModel.load(package, self.choice.artifact, cfg.model.backend)
@@ -125,9 +137,12 @@ class Agent:
             will=self._status("offline").to_bytes(),
             spool=spool,
             events=self.events,
-            subscriptions=[(cmd_topic(cfg.fleet, cfg.device_id), 1)],
+            subscriptions=[(cmd_topic(cfg.fleet, cfg.device_id), 1)]
+            + ([(release_topic(cfg.fleet, cfg.update.channel), 1)] if cfg.update else []),
             on_message=self._on_message,
         )
+        if boot is not None:
+            self.updater = self._make_updater(boot)
         self.link.start()
         t = cfg.telemetry
         now = time.time()
@@ -141,6 +156,8 @@ class Agent:
             self.source, model, batch=cfg.model.backend.batch, stats_every=t.stats_every,
             on_first_inference=self._first_inference,
         ).start()  # fmt: skip
+        if self.updater:
+            self.updater.start(self.pipeline)
         try:
             self._loop()
         finally:
@@ -183,6 +200,8 @@ class Agent:
 
     def _shutdown(self, spool: Spool) -> None:
         """Close the last window, stop threads, deliver the spool (bounded wait), mark offline."""
+        if self.updater:
+            self.updater.stop()
         if self.pipeline:
             self.pipeline.stop()
             try:  # frames already inferred still count
@@ -226,6 +245,8 @@ class Agent:
         assert self.link
         self.link.publish_spooled(tele_topic(window.fleet, window.device), window.to_bytes())
         self.windows_published += 1
+        if self.updater:
+            self.updater.on_window(window)  # the health window of a model on trial
         if self.print_messages:
             conf = window.histograms["confidence"]
             top = sorted(window.class_counts.items(), key=lambda kv: -kv[1])[:3]
@@ -251,6 +272,32 @@ class Agent:
         if self.print_messages:
             print(f"pred frame={r.index} " + ", ".join(f"{lab} {p:.2f}" for lab, (_, p) in zip(msg.labels, top)), flush=True)
 
+    # -- over-the-air updates (edge_agent/updater, docs/updates.md) ------------------------------
+    def _boot(self) -> Boot:
+        """Pick and verify the model to start with: committed slot, else previous, else factory."""
+        from edge_agent.updater.boot import select_boot
+        from edge_agent.updater.store import UpdateStore
+
+        assert self.config.update
+        self._update_store = UpdateStore(self.config.state_dir / "update")
+        return select_boot(self._update_store, self.config.model.package, max_attempts=self.config.update.max_trial_attempts)
+
+    def _make_updater(self, boot: Boot) -> Updater:
+        from edge_agent.updater.updater import Identity, Updater
+
+        cfg = self.config
+        assert cfg.update
+        assert self._update_store is not None
+        ident = Identity(cfg.fleet, cfg.device_id, self.session, cfg.model.artifact, cfg.model.backend)
+        return Updater(cfg.update, ident, self._update_store, boot, publish=self._publish_update,
+                       agent_state=self.state, events=self.events)  # fmt: skip
+
+    def _publish_update(self, event: UpdateEvent) -> None:
+        assert self.link
+        self.link.publish_spooled(update_topic(event.fleet, event.device), event.to_bytes())
+        if self.print_messages:
+            print(f"update {event.state} {event.reason or ''} {event.version or ''} {event.detail or ''}".rstrip(), flush=True)
+
     # -- status and commands ---------------------------------------------------------------------
     def _status(self, state: str) -> Status:
         cfg = self.config
@@ -265,6 +312,9 @@ class Agent:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         """Commands: ``flush`` closes the telemetry window now. Anything malformed raises (counted)."""
+        if self.updater is not None and topic == self.updater.hint_topic:
+            self.updater.on_hint(topic, payload)
+            return
         try:
             cmd = parse_message(topic, payload, Command)
         except MessageError:

@@ -114,6 +114,43 @@ class SpoolSettings(_Strict):
     """On shutdown, how long to wait for the broker to acknowledge spooled messages."""
 
 
+class UpdateSettings(_Strict):
+    """Over-the-air model updates (docs/updates.md); without this section the model never changes."""
+
+    repository: str
+    """Base URL of the release repository: metadata under ``/metadata/``, targets under ``/targets/``."""
+    root: Path
+    """The TUF root.json pinned at provisioning (``edgefleet release export-root``)."""
+    channel: Identifier = "stable"
+    model: str | None = None
+    """Model name to follow (default: the provisioned package's)."""
+    poll_seconds: float = Field(default=3600.0, ge=0)
+    """Check the repository this often without a hint (0: only on hints)."""
+    poll_on_start: bool = True
+    health_windows: int = Field(default=3, ge=0)
+    """Telemetry windows a new model must pass before it is committed."""
+    latency_budget_ms: float | None = Field(default=1000.0, gt=0)
+    """Median inference latency allowed in the self-test and the health window (None: unchecked)."""
+    min_confidence_ratio: float = Field(default=0.5, ge=0, le=1)
+    """Health fails when mean confidence drops below this times the model's reference mean confidence."""
+    max_model_failures: int = Field(default=0, ge=0)
+    """Frame failures caused by the model (errors, non-finite outputs) allowed per health window."""
+    max_target_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    max_trial_attempts: int = Field(default=2, ge=1)
+    """Trials of one release interrupted by crashes or power cuts before it is given up."""
+    hardware: list[str] | None = None
+    """Hardware tags of this device (default: the machine architecture, e.g. aarch64)."""
+    http_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("repository")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must look like http(s)://host:port (got {v!r})")
+        return v
+
+
 class AgentConfig(_Strict):
     """The whole agent configuration (see firmware_configs/ for device profiles)."""
 
@@ -126,6 +163,7 @@ class AgentConfig(_Strict):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    update: UpdateSettings | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -150,6 +188,8 @@ def _relative_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
     cfg.state_dir = fix(cfg.state_dir)  # type: ignore[assignment]
     cfg.model.package = fix(cfg.model.package)  # type: ignore[assignment]
     cfg.mqtt.ca, cfg.mqtt.cert, cfg.mqtt.key = fix(cfg.mqtt.ca), fix(cfg.mqtt.cert), fix(cfg.mqtt.key)
+    if cfg.update is not None:
+        cfg.update.root = fix(cfg.update.root)  # type: ignore[assignment]
     return cfg
 
 

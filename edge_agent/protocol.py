@@ -221,6 +221,66 @@ class Command(_Message):
     id: str | None = None
 
 
+_SHA256 = r"^[0-9a-f]{64}$"
+_TARGET_PATH = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}(/[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}){1,4}$"
+
+
+class ReleaseHint(_Message):
+    """Retained hint on ``release/{channel}``: a new release exists. Only a hint: devices act on nothing
+    in it but the target path, and trust only verified TUF metadata (see docs/updates.md)."""
+
+    kind: Literal["release"] = "release"
+    fleet: Identifier
+    channel: Identifier
+    model: str = Field(min_length=1, max_length=64)
+    version: str = Field(min_length=1, max_length=32)
+    release: int = Field(ge=1)
+    """The release counter (repository-wide, strictly increasing)."""
+    target: str = Field(pattern=_TARGET_PATH)
+    """TUF target path, e.g. ``canary/shop/colour.tar``."""
+    sha256: str = Field(pattern=_SHA256)
+    """sha256 of the target file (the package archive)."""
+    length: int = Field(ge=1)
+    package_sha256: str = Field(pattern=_SHA256)
+    repository: str | None = Field(default=None, max_length=512)
+    """Where the trainer serves metadata and targets (informational: devices use their configured URL)."""
+    action: Literal["release", "promote", "rollback"] = "release"
+    ts: float
+
+
+UpdateState = Literal["booted", "downloading", "staged", "verified", "trial", "active", "rolled_back", "rejected"]
+
+
+class UpdateEvent(_Message):
+    """One state change of a device's updater (topic ``update``, QoS 1 through the spool)."""
+
+    kind: Literal["update"] = "update"
+    fleet: str
+    device: str
+    session: int = Field(ge=0)
+    seq: int = Field(ge=0)
+    """Counts update events within a session; dedupe on (device, session, seq)."""
+    ts: float
+    state: UpdateState
+    reason: str | None = None
+    """Why: a code for ``rejected`` and ``rolled_back`` (e.g. ``artifact_mismatch``), else context."""
+    detail: str | None = Field(default=None, max_length=2000)
+    target: str | None = None
+    release: int | None = None
+    version: str | None = None
+    model: ModelRef | None = None
+    """The release's package (candidate or newly active)."""
+    serving: ModelRef | None = None
+    """What the device serves after this change."""
+    slot: str | None = None
+    """``factory``, ``a`` or ``b``: where the package lives on the device."""
+    max_release: int = Field(default=0, ge=0)
+    """Highest release counter ever swapped in on this device (releases at or below it are refused)."""
+    selftest_ms: float | None = None
+    windows: int | None = None
+    """Health windows evaluated so far (``trial``, ``active``, ``rolled_back``)."""
+
+
 class MessageError(ValueError):
     """An inbound MQTT payload is oversized, not JSON, or not a valid message of the expected kind."""
 

@@ -1,0 +1,22 @@
+"""Why an update did not happen: a reason code for the ``update`` topic, and whether to never retry it."""
+
+from __future__ import annotations
+
+
+class UpdateRejected(Exception):
+    """A release was refused; the current model keeps running.
+
+    ``reason`` is a stable code published on the ``update`` topic (see docs/updates.md for the list);
+    ``permanent`` releases are remembered by target hash and never tried again (a broken model stays
+    broken), while transient ones (network, tampering in transit) may succeed on a later attempt.
+    """
+
+    def __init__(self, reason: str, detail: str, *, permanent: bool = False) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.permanent = permanent
+
+
+class Unreachable(Exception):
+    """The repository could not be reached (network): retried on the next hint or poll, not reported."""

@@ -1,0 +1,123 @@
+"""deploy/mosquitto as shipped: mutual TLS, identities from certificates, and the topic ACL.
+
+In MQTT 3.1.1 a broker drops an unauthorised PUBLISH silently (it still acknowledges it), so every
+"cannot" below is checked by absence, each behind a positive control sent afterwards on the same
+connection (delivery is in order, so once the control arrived the forbidden message never will).
+"""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from trainer import pki as pki_mod
+
+from .update_helpers import DeployedBroker, TlsClient, wait_for
+
+FLEET = "acl"
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory, mosquitto_binary: str, pki: Path):
+    b = DeployedBroker(tmp_path_factory.mktemp("deployed-broker"), pki, mosquitto_binary).start()
+    yield b
+    b.stop()
+
+
+def test_device_cannot_write_another_devices_topics_or_release_hints(deployed: DeployedBroker, pki: Path) -> None:
+    trainer = TlsClient(deployed.port, pki, "trainer", "service", subscribe="ef/v1/#")
+    a = TlsClient(deployed.port, pki, "dev-a")
+    try:
+        a.publish(f"ef/v1/{FLEET}/dev/dev-b/tele", b"forged telemetry")
+        a.publish(f"ef/v1/{FLEET}/dev/dev-b/status", b"forged status", retain=True)
+        a.publish(f"ef/v1/{FLEET}/release/canary", b"forged hint", retain=True)
+        a.publish(f"ef/v1/{FLEET}/dev/dev-b/cmd/flush", b"forged command")
+        a.publish(f"ef/v1/{FLEET}/dev/dev-a/tele", b"own telemetry")  # the positive control, sent last
+        assert wait_for(lambda: any(t.endswith("dev-a/tele") for t, _, _ in trainer.messages), 10)
+        topics = [t for t, _, _ in trainer.messages]
+        assert topics == [f"ef/v1/{FLEET}/dev/dev-a/tele"], topics
+    finally:
+        trainer.close()
+        a.close()
+
+
+def test_device_reads_only_its_commands_and_release_hints(deployed: DeployedBroker, pki: Path) -> None:
+    a = TlsClient(deployed.port, pki, "dev-a", subscribe="ef/v1/#")  # asks for everything
+    b = TlsClient(deployed.port, pki, "dev-b")
+    trainer = TlsClient(deployed.port, pki, "trainer", "service")
+    try:
+        b.publish(f"ef/v1/{FLEET}/dev/dev-b/tele", b"b's telemetry")
+        trainer.publish(f"ef/v1/{FLEET}/dev/dev-b/cmd/flush", b"for b")
+        trainer.publish(f"ef/v1/{FLEET}/dev/dev-a/cmd/flush", b"for a")
+        trainer.publish(f"ef/v1/{FLEET}/release/stable", b"hint", retain=True)
+        assert wait_for(lambda: any(t.endswith("/release/stable") for t, _, _ in a.messages), 10)
+        got = sorted(t for t, _, _ in a.messages)
+        assert got == [f"ef/v1/{FLEET}/dev/dev-a/cmd/flush", f"ef/v1/{FLEET}/release/stable"], got
+    finally:
+        for c in (a, b, trainer):
+            c.close()
+        cleaner = TlsClient(deployed.port, pki, "trainer", "service")
+        cleaner.publish(f"ef/v1/{FLEET}/release/stable", b"", retain=True)  # clear the retained hint
+        cleaner.close()
+
+
+def _handshake(port: int, ca: Path, cert: Path | None = None, key: Path | None = None) -> str:
+    """Connect and wait for CONNACK; returns "connected" or why not."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.tls_set(ca_certs=str(ca), certfile=str(cert) if cert else None, keyfile=str(key) if key else None,
+              cert_reqs=ssl.CERT_REQUIRED)  # fmt: skip
+    result: list[str] = []
+    c.on_connect = lambda cl, u, f, rc, p: result.append("connected" if not rc.is_failure else f"refused {rc}")
+    try:
+        c.connect("127.0.0.1", port, keepalive=5)
+        for _ in range(40):
+            if c.loop(0.1) != mqtt.MQTT_ERR_SUCCESS or result:
+                break
+    except (ssl.SSLError, OSError) as exc:
+        return f"error {type(exc).__name__}"
+    finally:
+        c.disconnect()
+    return result[0] if result else "dropped"
+
+
+def test_clients_without_a_fleet_certificate_are_refused(deployed: DeployedBroker, pki: Path, tmp_path: Path) -> None:
+    assert _handshake(deployed.port, pki / "ca.crt", pki / "device" / "dev-a.crt", pki / "device" / "dev-a.key") == "connected"
+    assert _handshake(deployed.port, pki / "ca.crt") != "connected"  # no client certificate at all
+    rogue = tmp_path / "rogue"
+    pki_mod.init_ca(rogue, name="Rogue CA")
+    pki_mod.issue(rogue, "dev-a", kind="device")  # the right name, signed by the wrong CA
+    assert _handshake(deployed.port, pki / "ca.crt", rogue / "device" / "dev-a.crt", rogue / "device" / "dev-a.key") != "connected"
+    plain = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)  # no TLS at all
+    with pytest.raises((OSError, ConnectionError)):
+        plain.connect("127.0.0.1", deployed.port, keepalive=5)
+        for _ in range(20):
+            if plain.loop(0.1) != mqtt.MQTT_ERR_SUCCESS:
+                raise ConnectionError("dropped")
+
+
+def test_pki_cli_issues_identities_with_private_keys_0600(tmp_path: Path) -> None:
+    d = tmp_path / "pki"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "edge_agent.cli", "pki", *args, "--dir", str(d)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    assert run("init", "--broker-host", "broker.example").returncode == 0
+    assert run("issue-device", "cam-07").returncode == 0
+    assert run("issue-service", "trainer").returncode == 0
+    for key in (d / "ca.key", d / "server" / "broker.key", d / "device" / "cam-07.key", d / "service" / "trainer.key"):
+        assert key.stat().st_mode & 0o777 == 0o600, key
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((d / "device" / "cam-07.crt").read_bytes())
+    assert cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value == "cam-07"
+    clash = run("issue-device", "trainer")  # one name, one identity: a device cannot become the trainer
+    assert clash.returncode == 2 and "already a service identity" in clash.stderr
+    assert run("issue-device", "cam/+").returncode == 2
+    assert run("init").returncode == 2  # never overwrites a CA
