@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import os
 import signal
@@ -36,11 +37,13 @@ from edge_agent.mqtt_link import MqttLink
 from edge_agent.package import ModelPackage, load_package
 from edge_agent.pipeline import Inferred, LoadedModel, Pipeline
 from edge_agent.postprocess import top_k
+from edge_agent.privacy import privacy_filter
 from edge_agent.protocol import (
     BackendChoice,
     Command,
     MessageError,
     Prediction,
+    Sample,
     Status,
     TelemetryWindow,
     UpdateEvent,
@@ -48,10 +51,12 @@ from edge_agent.protocol import (
     parse_message,
     pred_topic,
     release_topic,
+    sample_topic,
     status_topic,
     tele_topic,
     update_topic,
 )
+from edge_agent.sampling import SampleSelector
 from edge_agent.sources import EndOfStream, open_source
 from edge_agent.sources.base import FrameSource, SourceStats
 from edge_agent.spool import Spool
@@ -101,6 +106,7 @@ class Agent:
         self._last_source = SourceStats()
         self._serving: LoadedModel | None = None
         self.spool: Spool | None = None
+        self.sampler: SampleSelector[Inferred] = SampleSelector(config.sampling, now=time.time())
         self.updater: Updater | None = None
         self._update_store: UpdateStore | None = None
 
@@ -154,7 +160,7 @@ class Agent:
         )  # fmt: skip
         self.pipeline = Pipeline(
             self.source, model, batch=cfg.model.backend.batch, stats_every=t.stats_every,
-            on_first_inference=self._first_inference,
+            on_first_inference=self._first_inference, keep_frames=cfg.sampling.enabled,
         ).start()  # fmt: skip
         if self.updater:
             self.updater.start(self.pipeline)
@@ -197,6 +203,8 @@ class Agent:
         assert self.aggregator
         (features,) = output_features(r.probs)
         self.aggregator.add(FrameResult(output=features, inputs=r.inputs, latency_ms=r.latency_ms))
+        if r.image is not None:
+            self.sampler.offer(features.confidence, r, time.time())
 
     def _shutdown(self, spool: Spool) -> None:
         """Close the last window, stop threads, deliver the spool (bounded wait), mark offline."""
@@ -240,6 +248,7 @@ class Agent:
             | self.events.take()
         )
         self._publish_window(self.aggregator.close(now))
+        self._publish_samples(now)
 
     def _publish_window(self, window: TelemetryWindow) -> None:
         assert self.link
@@ -258,6 +267,25 @@ class Agent:
                 f"events={window.events}",
                 flush=True,
             )
+
+    def _publish_samples(self, now: float) -> None:
+        """The window's chosen frames, privacy-filtered on the device, to the ``sample`` topic (QoS 1)."""
+        chosen = self.sampler.take(now)
+        if not chosen:
+            return
+        assert self.link
+        cfg, s = self.config, self.config.sampling
+        for reason, r in chosen:
+            assert r.image is not None and s.consent
+            img = privacy_filter(r.image, max_side=s.max_side, quality=s.jpeg_quality)
+            msg = Sample(
+                fleet=cfg.fleet, device=cfg.device_id, session=self.session, frame=r.index, ts=r.ts,
+                model=r.model.ref, reason=reason, top=top_k(r.probs, cfg.telemetry.top_k),  # type: ignore[arg-type]
+                consent=s.consent, faces_blurred=img.faces, width=img.width, height=img.height,
+                sha256=img.sha256, jpeg_b64=base64.b64encode(img.jpeg).decode(),
+            )  # fmt: skip
+            self.link.publish_spooled(sample_topic(cfg.fleet, cfg.device_id), msg.to_bytes())
+        self.events.add("samples_sent", len(chosen))
 
     def _publish_prediction(self, r: Inferred) -> None:
         assert self.link
@@ -311,7 +339,8 @@ class Agent:
         return self._status("online").to_bytes()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        """Commands: ``flush`` closes the telemetry window now. Anything malformed raises (counted)."""
+        """Commands: ``flush`` closes the telemetry window now; ``sample`` (args.minutes) samples
+        frames uniformly while the trainer sees drift. Anything malformed raises (counted)."""
         if self.updater is not None and topic == self.updater.hint_topic:
             self.updater.on_hint(topic, payload)
             return
@@ -324,6 +353,11 @@ class Agent:
             raise MessageError(f"{topic}: command name {cmd.name!r} does not match the topic")
         if cmd.name == "flush":
             self._flush_requested.set()
+        elif cmd.name == "sample":  # the trainer saw drift here: sample uniformly for a while
+            minutes = cmd.args.get("minutes", 30)
+            if not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or not 0 < minutes <= 24 * 60:
+                raise MessageError(f"{topic}: args.minutes must be a number of minutes in (0, 1440]")
+            self.sampler.drift_until = time.time() + float(minutes) * 60
         else:
             raise MessageError(f"{topic}: unknown command {cmd.name!r}")
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edge_agent.backends.base import BackendOptions
 from edge_agent.errors import ConfigError
 from edge_agent.protocol import Identifier
+from edge_agent.sampling import SamplingSettings
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -164,6 +165,8 @@ class AgentConfig(_Strict):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     update: UpdateSettings | None = None
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    """Opt-in privacy-filtered sample frames for labelling (off: no image ever leaves the device)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

@@ -66,6 +66,7 @@ class _Work:
     model: LoadedModel
     capture_ms: float
     preprocess_ms: float
+    image: np.ndarray | None
 
 
 @dataclass(slots=True)
@@ -78,6 +79,8 @@ class Inferred:
     inputs: InputStatistics | None
     model: LoadedModel
     latency_ms: dict[str, float]
+    image: np.ndarray | None = None
+    """The camera frame, kept only when the agent samples frames for labelling."""
 
 
 class Pipeline:
@@ -92,6 +95,7 @@ class Pipeline:
         stats_every: int = 1,
         depth: int = 2,
         on_first_inference: Callable[[], None] | None = None,
+        keep_frames: bool = False,
     ) -> None:
         self.source = source
         self._active = model
@@ -106,6 +110,7 @@ class Pipeline:
         self._failure_reasons: dict[str, int] = {}
         self._ended = False
         self._on_first = on_first_inference
+        self.keep_frames = keep_frames
         self._stash: object | None = None
         self.inferred = 0
 
@@ -200,7 +205,10 @@ class Pipeline:
                 self._fail("preprocess_error")
                 continue
             n += 1
-            work = _Work(frame.index, frame.ts, tensor, inputs, model, frame.capture_ms, (time.perf_counter() - t0) * 1000)
+            work = _Work(
+                frame.index, frame.ts, tensor, inputs, model, frame.capture_ms, (time.perf_counter() - t0) * 1000,
+                frame.image if self.keep_frames else None,
+            )  # fmt: skip
             if not self._put(self._work, work):
                 return
 
@@ -254,7 +262,7 @@ class Pipeline:
                 self.inferred += 1
                 res = Inferred(
                     w.index, w.ts, p, w.inputs, w.model,
-                    {"capture": w.capture_ms, "preprocess": w.preprocess_ms, "inference": infer_ms},
+                    {"capture": w.capture_ms, "preprocess": w.preprocess_ms, "inference": infer_ms}, w.image,
                 )  # fmt: skip
                 if not self._put(self._out, res):
                     return

@@ -274,3 +274,48 @@ def test_edge_install_never_imports_torch(pretrained_package: Path, photos_dir: 
     assert "HEAVY []" in proc.stdout, proc.stdout
     assert wait_until(lambda: len(windows(sub)) == 1, 10)
     assert windows(sub)[0].frames.inferred == 5
+
+
+def test_opt_in_samples_are_privacy_filtered_and_drift_command_switches_mode(
+    pretrained_package: Path, broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    import base64
+    import hashlib
+
+    import numpy as np
+    import paho.mqtt.client as mqtt
+
+    from edge_agent.protocol import Sample
+
+    device = "cam-sampling"
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"device_id: {device}\nfleet: {FLEET}\nstate_dir: {tmp_path / 'state'}\n"
+        f"source: {{uri: 'synthetic:?fps=20&width=640&height=480'}}\nmodel: {{package: {pretrained_package}}}\n"
+        f"mqtt: {{url: '{broker.url}'}}\ntelemetry: {{window_seconds: 1.0}}\n"
+        "sampling: {enabled: true, consent: 'lab-test-2026', per_window: 2, max_per_hour: 3600, low_confidence: 0.9, max_side: 200}\n"
+    )
+    sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/sample")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "agent", "run", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert wait_until(lambda: len(sub.messages) >= 2, 30), "no samples"
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        pub.publish(cmd_topic(FLEET, device, "sample"), b'{"name": "sample", "args": {"minutes": 5}}', qos=1).wait_for_publish(5)
+        assert wait_until(lambda: any(json.loads(p)["reason"] == "drift" for _, p, _ in sub.messages), 15)
+        pub.loop_stop()
+        pub.disconnect()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    samples = [Sample.model_validate_json(p) for _, p, _ in sub.messages]
+    low = [s for s in samples if s.reason == "low_confidence"]
+    assert low and all(s.top[0][1] < 0.9 for s in low)
+    for s in samples:
+        jpeg = base64.b64decode(s.jpeg_b64)
+        assert hashlib.sha256(jpeg).hexdigest() == s.sha256 and s.consent == "lab-test-2026"
+        img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert img.shape[1] == s.width == 200 and img.shape[0] == s.height == 150  # 640x480 downscaled
+        assert b"Exif" not in jpeg[:2048]
