@@ -97,3 +97,120 @@ def pretrained_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("packages") / "lite0"
     export_pretrained(out, calibration_count=64, progress=False)
     return out
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------------
+PG_SERVER = os.environ.get("EDGEFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+"""A PostgreSQL server the tests may create databases on (trust auth); overridable for other setups."""
+
+
+def _pg_admin_url() -> str | None:
+    """The server URL if it answers, else None."""
+    try:
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        u = make_url(PG_SERVER)
+        with psycopg.connect(host=u.host, port=u.port or 5432, user=u.username, dbname=u.database, connect_timeout=3):
+            return PG_SERVER
+    except Exception:  # noqa: BLE001 - any failure means "not available"
+        return None
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A private database for this test session on the PostgreSQL server (dropped at the end)."""
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    admin = _pg_admin_url()
+    require(admin is not None, f"PostgreSQL at {PG_SERVER}")
+    u = make_url(PG_SERVER)
+    name = f"ef_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    kw = {"host": u.host, "port": u.port or 5432, "user": u.username, "dbname": u.database, "autocommit": True}
+    with psycopg.connect(**kw) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield u.set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(**kw) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(pg_database: str) -> Iterator[str]:
+    """A URL whose connections use a fresh, empty schema of the session database (dropped afterwards)."""
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(pg_database)
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    kw = {"host": u.host, "port": u.port or 5432, "user": u.username, "dbname": u.database, "autocommit": True}
+    with psycopg.connect(**kw) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    yield u.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    with psycopg.connect(**kw) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using it runs twice: on an SQLite file and on a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+# -- trainer models (issue 3): a small built-in dataset and one trained package per session ---------
+SHAPES_DATA = "builtin:shapes?n=30"
+"""240 rendered 320x240 frames of 8 classes: small enough to train and export in about a minute."""
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Backbone features shared by every training run of the session (each image is computed once)."""
+    return tmp_path_factory.mktemp("features")
+
+
+@pytest.fixture(scope="session")
+def shapes_dataset():  # type: ignore[no-untyped-def]
+    from trainer.data import load_dataset
+
+    return load_dataset(SHAPES_DATA)
+
+
+def _small_train_config(**overrides: object):  # type: ignore[no-untyped-def]
+    """A TrainConfig for tests: 128-pixel input, few corruptions, every format."""
+    from trainer.pipeline import RobustnessConfig, TrainConfig
+
+    base: dict[str, object] = {
+        "name": "shapes",
+        "input_size": 128,
+        "aug_views": 1,
+        "robustness": RobustnessConfig(images=16, corruptions=["gaussian_noise", "defocus_blur"], severities=[1, 5]),
+        "progress": False,
+    }
+    base.update(overrides)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def shapes_package(tmp_path_factory: pytest.TempPathFactory, shapes_dataset, feature_cache: Path):  # type: ignore[no-untyped-def]
+    """A classifier trained on SHAPES_DATA and exported with all four artifacts (about a minute)."""
+    from trainer.pipeline import train_package
+
+    out = tmp_path_factory.mktemp("trained") / "shapes"
+    return train_package(shapes_dataset, out, _small_train_config(feature_cache=str(feature_cache)))
+
+
+@pytest.fixture(scope="session")
+def shapes_uri() -> str:
+    return SHAPES_DATA
+
+
+@pytest.fixture
+def small_train_config():  # type: ignore[no-untyped-def]
+    """Factory of small test TrainConfigs (keyword overrides)."""
+    return _small_train_config

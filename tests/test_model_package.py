@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
 from edge_agent.backends import BackendOptions, load_backend

@@ -219,11 +219,13 @@ def _tflite_tensor_specs(path: Path) -> tuple[TensorSpec, TensorSpec]:
         dtype = np.dtype(d["dtype"]).name
         scale, zp = d["quantization"]
         specs.append(
-            TensorSpec(
-                layout=layout,
-                dtype=dtype,
-                scale=float(scale) if dtype != "float32" else None,
-                zero_point=int(zp) if dtype != "float32" else None,
+            TensorSpec.model_validate(
+                {
+                    "layout": layout,
+                    "dtype": dtype,
+                    "scale": float(scale) if dtype != "float32" else None,
+                    "zero_point": int(zp) if dtype != "float32" else None,
+                }
             )
         )
     return specs[0], specs[1]
@@ -294,6 +296,7 @@ def export_package(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a package is read by agents, servers and other users
     try:
         with steps.step(f"torch fp32 reference on {len(check_frames)} check frames"):
             calib = _float_nchw(calibration_frames, spec.preprocess)
@@ -366,7 +369,7 @@ def export_package(
                 **spec.provenance,
                 "exporter": {
                     "torch": torch.__version__,
-                    **_versions("onnx", "onnxruntime", "litert_torch", "ai_edge_quantizer", "ai_edge_litert"),
+                    **_versions("onnx", "onnxruntime", "litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
                 },
             },
         )
@@ -451,13 +454,14 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
-def _versions(*modules: str) -> dict[str, str]:
-    import importlib
+def _versions(*distributions: str) -> dict[str, str]:
+    """Installed versions from package metadata (without importing the packages)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for m in modules:
+    for d in distributions:
         try:
-            out[m] = str(getattr(importlib.import_module(m), "__version__", "unknown"))
-        except Exception:  # noqa: BLE001 - provenance only
-            out[m] = "unavailable"
+            out[d] = version(d)
+        except PackageNotFoundError:
+            out[d] = "unavailable"
     return out

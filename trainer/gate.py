@@ -1,0 +1,176 @@
+"""The release gate: configurable rules a candidate must pass, alone and against the champion.
+
+Pure logic on evaluation dictionaries (as written into model.json by the trainer). Each rule yields a
+:class:`RuleResult` saying what was measured and the limit, so a failure names the rule that failed::
+
+    report = check_gate(candidate, champion, GateRules(max_slice_drop=2.0, max_int8_drop=1.0, max_ece=0.03))
+    if not report.passed:
+        print(report.failures())   # ["slice lighting=night: 81.2% vs champion 85.0% (-3.8 points > 2.0)"]
+
+Accuracy differences are in percentage points. They are paired comparisons (int8 and fp32, candidate
+and champion, on the same images), so a drop rule fails when the observed loss exceeds its limit *and*
+the loss is statistically significant on the images where the two disagree (exact one-sided McNemar
+test at ``significance``; ``None`` judges the raw difference alone). On 70 test images one flipped
+image is 1.4 points: without the test, a 1-point rule would fail on noise, and a coarser rule would let
+real regressions through on large test sets. Slices with fewer than ``min_slice_images`` test images are
+not judged, and said so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GateRules(BaseModel):
+    """Rules of the gate; ``None`` switches a rule off."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_accuracy: float | None = Field(default=None, ge=0, le=1)
+    """Test accuracy of the device artifact must reach this."""
+    max_ece: float | None = Field(default=0.05, ge=0)
+    """ECE (15 bins, after temperature scaling) of the device artifact on the test split. ECE has a noise
+    floor: a perfectly calibrated 94%-accurate model shows a mean (95th percentile) ECE of 4.6% (7.2%) on
+    100 images, 2.9% (4.3%) on 300 and 1.5% (2.4%) on 1,000 (simulated). Do not set it tighter than that."""
+    min_ece_images: int = Field(default=300, ge=1)
+    """Below this many test images the ECE rule is not judged (the estimate is mostly noise), and says so."""
+    max_int8_drop: float | None = Field(default=1.0, ge=0)
+    """Every int8 artifact's held-out accuracy within this many points of torch fp32."""
+    max_accuracy_drop: float | None = Field(default=1.0, ge=0)
+    """Points the candidate may lose against the champion overall (same test images, device artifacts)."""
+    max_slice_drop: float | None = Field(default=2.0, ge=0)
+    """Points the candidate may lose against the champion on any slice (key=value)."""
+    min_slice_gain: dict[str, float] = Field(default_factory=dict)
+    """Slices (``"lighting=night"``) on which the candidate must beat the champion by at least these points."""
+    min_slice_images: int = Field(default=20, ge=1)
+    significance: float | None = Field(default=0.05, gt=0, lt=1)
+    """A drop beyond a limit fails only if McNemar's exact test on the discordant images rejects "not worse"
+    at this level; ``None`` fails on the observed difference alone."""
+
+
+@dataclass
+class RuleResult:
+    rule: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class GateReport:
+    results: list[RuleResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def failures(self) -> list[str]:
+        return [f"{r.rule}: {r.detail}" for r in self.results if not r.passed]
+
+    def add(self, rule: str, passed: bool, detail: str) -> None:
+        self.results.append(RuleResult(rule, passed, detail))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "rules": [r.__dict__ for r in self.results]}
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def mcnemar_worse_p(worse: int, better: int) -> float:
+    """One-sided exact McNemar p-value that a model is *not* worse than its reference, given the images only
+    the reference gets right (``worse``) and only the model gets right (``better``)."""
+    n = worse + better
+    if n == 0 or worse <= better:
+        return 1.0
+    return sum(math.comb(n, i) for i in range(worse, n + 1)) / 2.0**n
+
+
+def _drop_rule(report: GateReport, rule: str, drop: float, limit: float, pair: tuple[int, int] | None,
+               alpha: float | None, text: str) -> None:  # fmt: skip
+    """Fail when ``drop`` (points) exceeds ``limit`` and, with discordant counts, is significant."""
+    if drop <= limit:
+        report.add(rule, True, text)
+        return
+    if alpha is None or pair is None:
+        report.add(rule, False, text)
+        return
+    p = mcnemar_worse_p(*pair)
+    report.add(rule, p >= alpha, f"{text}; {pair[0]} images lost, {pair[1]} gained: McNemar p={p:.3g} "
+               f"({'within noise' if p >= alpha else 'significant'} at {alpha})")  # fmt: skip
+
+
+def check_gate(
+    candidate: Mapping[str, Any], champion: Mapping[str, Any] | None, rules: GateRules,
+    discordant: Mapping[str, tuple[int, int]] | None = None,
+) -> GateReport:  # fmt: skip
+    """Judge ``candidate`` (and ``champion``, when given) evaluations with ``rules``.
+
+    ``candidate`` needs ``device`` (the device artifact's test report with ``accuracy``, ``ece`` and
+    ``slices``), ``heldout_accuracy`` (model -> accuracy on val+test) and ``int8`` (int8 artifact keys);
+    ``champion`` needs the champion's ``device`` report on the same test images. ``discordant`` holds the
+    paired counts (images lost, images gained) under ``int8[KEY]``, ``overall`` and ``slice[KEY=VALUE]``.
+    """
+    report = GateReport()
+    pairs = discordant or {}
+    alpha = rules.significance
+    dev = candidate["device"]
+    if rules.min_accuracy is not None:
+        acc = dev["accuracy"]
+        report.add("min_accuracy", acc >= rules.min_accuracy, f"{_pts(acc)} (limit {_pts(rules.min_accuracy)})")
+    if rules.max_ece is not None:
+        e, n = dev["ece"], dev["images"]
+        if n < rules.min_ece_images:
+            report.add("max_ece", True, f"not judged: ECE {_pts(e)} on {n} test images < {rules.min_ece_images}")
+        else:
+            report.add("max_ece", e <= rules.max_ece, f"ECE {_pts(e)} (limit {_pts(rules.max_ece)}, {n} test images)")
+    if rules.max_int8_drop is not None:
+        held = candidate["heldout_accuracy"]
+        fp32 = held["torch-fp32"]
+        for key in candidate["int8"]:
+            drop = 100 * (fp32 - held[key])
+            _drop_rule(
+                report, f"max_int8_drop[{key}]", drop, rules.max_int8_drop, pairs.get(f"int8[{key}]"), alpha,
+                f"{_pts(held[key])} vs torch fp32 {_pts(fp32)} ({-drop:+.1f} points, limit -{rules.max_int8_drop:.1f})",
+            )  # fmt: skip
+    if champion is None:
+        return report
+    champ = champion["device"]
+    if rules.max_accuracy_drop is not None:
+        d = 100 * (dev["accuracy"] - champ["accuracy"])
+        _drop_rule(
+            report, "max_accuracy_drop", -d, rules.max_accuracy_drop, pairs.get("overall"), alpha,
+            f"{_pts(dev['accuracy'])} vs champion {_pts(champ['accuracy'])} ({d:+.1f} points, limit -{rules.max_accuracy_drop:.1f})",
+        )  # fmt: skip
+    cand_slices, champ_slices = dev.get("slices", {}), champ.get("slices", {})
+    for key, values in cand_slices.items():
+        for value, s in values.items():
+            other = champ_slices.get(key, {}).get(value)
+            name = f"{key}={value}"
+            if other is None:
+                continue
+            d = 100 * (s["accuracy"] - other["accuracy"])
+            gain = rules.min_slice_gain.get(name)
+            if gain is not None:
+                report.add(
+                    f"min_slice_gain[{name}]", d >= gain,
+                    f"{_pts(s['accuracy'])} vs champion {_pts(other['accuracy'])} ({d:+.1f} points, need +{gain:.1f}; {s['images']} images)",
+                )  # fmt: skip
+            if rules.max_slice_drop is None:
+                continue
+            if s["images"] < rules.min_slice_images:
+                report.add(f"max_slice_drop[{name}]", True, f"not judged: {s['images']} images < {rules.min_slice_images}")
+                continue
+            _drop_rule(
+                report, f"max_slice_drop[{name}]", -d, rules.max_slice_drop, pairs.get(f"slice[{name}]"), alpha,
+                f"{_pts(s['accuracy'])} vs champion {_pts(other['accuracy'])} ({d:+.1f} points, limit -{rules.max_slice_drop:.1f})",
+            )  # fmt: skip
+    for name in rules.min_slice_gain:
+        key, _, value = name.partition("=")
+        if value not in cand_slices.get(key, {}) or value not in champ_slices.get(key, {}):
+            report.add(f"min_slice_gain[{name}]", False, "slice not present in the test data")
+    return report
