@@ -143,8 +143,7 @@ class Agent:
             will=self._status("offline").to_bytes(),
             spool=spool,
             events=self.events,
-            subscriptions=[(cmd_topic(cfg.fleet, cfg.device_id), 1)]
-            + ([(release_topic(cfg.fleet, cfg.update.channel), 1)] if cfg.update else []),
+            subscriptions=[(cmd_topic(cfg.fleet, cfg.device_id), 1)] + [(t, 1) for t in self._hint_topics()],
             on_message=self._on_message,
         )
         if boot is not None:
@@ -301,6 +300,13 @@ class Agent:
             print(f"pred frame={r.index} " + ", ".join(f"{lab} {p:.2f}" for lab, (_, p) in zip(msg.labels, top)), flush=True)
 
     # -- over-the-air updates (edge_agent/updater, docs/updates.md) ------------------------------
+    def _hint_topics(self) -> list[str]:
+        """Release-hint topics of the channels this device follows (both under ``auto``)."""
+        from edge_agent.updater.cohort import followed_channels
+
+        u = self.config.update
+        return [release_topic(self.config.fleet, ch) for ch in followed_channels(u.channel)] if u else []
+
     def _boot(self) -> Boot:
         """Pick and verify the model to start with: committed slot, else previous, else factory."""
         from edge_agent.updater.boot import select_boot
@@ -341,7 +347,7 @@ class Agent:
     def _on_message(self, topic: str, payload: bytes) -> None:
         """Commands: ``flush`` closes the telemetry window now; ``sample`` (args.minutes) samples
         frames uniformly while the trainer sees drift. Anything malformed raises (counted)."""
-        if self.updater is not None and topic == self.updater.hint_topic:
+        if self.updater is not None and topic in self.updater.hint_topics:
             self.updater.on_hint(topic, payload)
             return
         try:

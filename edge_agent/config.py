@@ -123,6 +123,8 @@ class UpdateSettings(_Strict):
     root: Path
     """The TUF root.json pinned at provisioning (``edgefleet release export-root``)."""
     channel: Identifier = "stable"
+    """``stable``, ``canary``, or ``auto``: follow stable, and take a canary release when this device is in
+    the release's signed canary cohort (a stable hash of the device id)."""
     model: str | None = None
     """Model name to follow (default: the provisioned package's)."""
     poll_seconds: float = Field(default=3600.0, ge=0)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_agent.protocol import Identifier
+from edge_agent.updater.cohort import Cohort
 
 CUSTOM_KEY = "edgefleet"
 """Key of our fields inside a target's ``custom`` object."""
@@ -51,6 +52,8 @@ class ReleaseInfo(BaseModel):
     """For promote and rollback: the release whose artifact this one re-publishes."""
     published: int = 0
     """Unix time of signing (whole seconds: canonical JSON has no floats)."""
+    cohort: Cohort | None = None
+    """For canary releases: the share of the fleet that takes it (devices with ``channel: auto``)."""
 
 
 def preprocess_text(spec: dict[str, Any]) -> str:

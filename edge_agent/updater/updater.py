@@ -51,6 +51,7 @@ from edge_agent.selftest import self_test
 from edge_agent.state import AgentState
 from edge_agent.updater.archive import ArchiveError, unpack_archive
 from edge_agent.updater.boot import Boot
+from edge_agent.updater.cohort import followed_channels, in_cohort
 from edge_agent.updater.compat import DeviceProfile, check_compatible
 from edge_agent.updater.errors import Unreachable, UpdateRejected
 from edge_agent.updater.health import HealthPolicy, HealthWindow
@@ -119,8 +120,9 @@ class Updater:
         self.agent_state = agent_state
         self.events = events or EventCounter()
         self.track = settings.model or boot.package.manifest.name
-        self.track_target = target_path(settings.channel, identity.fleet, self.track)
-        self.hint_topic = release_topic(identity.fleet, settings.channel)
+        self.channels = followed_channels(settings.channel)
+        self.track_targets = [target_path(ch, identity.fleet, self.track) for ch in self.channels]
+        self.hint_topics = frozenset(release_topic(identity.fleet, ch) for ch in self.channels)
         self.repo = ReleaseRepositoryClient(settings.repository, settings.root, store.tuf, timeout_s=settings.http_timeout_s)
         self.profile = DeviceProfile(
             fleet=identity.fleet, model=self.track, agent_version=__version__,
@@ -171,7 +173,7 @@ class Updater:
         """A release hint arrived; raises MessageError (counted by the link) if it is malformed."""
         hint = parse_message(topic, payload, ReleaseHint)
         assert isinstance(hint, ReleaseHint)
-        if hint.fleet != self.identity.fleet or hint.channel != self.settings.channel:
+        if hint.fleet != self.identity.fleet or hint.channel not in self.channels:
             raise MessageError(f"{topic}: hint for {hint.fleet}/{hint.channel} on this device's channel topic")
         self._queue.put(("hint", hint))
 
@@ -220,6 +222,9 @@ class Updater:
                 log.exception("updater step failed; the current model keeps serving")
 
     def _on_hint(self, hint: ReleaseHint) -> None:
+        if len(self.channels) > 1:  # auto: the best eligible release of every channel, not just the hinted one
+            self._check(None, from_hint=False)
+            return
         st = self.state
         resumable = st.staging is not None and st.staging.target_sha256 == hint.sha256
         if st.is_rejected(hint.sha256):
@@ -232,7 +237,9 @@ class Updater:
 
     # -- one check -------------------------------------------------------------------------------
     def _check(self, target: str | None, *, from_hint: bool) -> None:
-        path = target or self.track_target
+        path = target or self._best_target()
+        if path is None:
+            return
         info: ReleaseInfo | None = None
         sha: str | None = None
         try:
@@ -256,6 +263,33 @@ class Updater:
             log.warning("release repository unreachable: %s", exc)
         finally:
             self.repo.close()
+
+    def _best_target(self) -> str | None:
+        """The target to check: the only channel's, or under ``auto`` the eligible release with the highest
+        counter (stable always; canary when this device is in the release's signed cohort)."""
+        if len(self.track_targets) == 1:
+            return self.track_targets[0]
+        best: tuple[int, str] | None = None
+        for path in self.track_targets:
+            try:
+                tinfo = self.repo.targetinfo(path)
+            except Unreachable as exc:
+                self.events.add("update_unreachable")
+                log.warning("release repository unreachable: %s", exc)
+                return None
+            if tinfo is None:
+                continue
+            try:
+                info = parse_release_info(tinfo.custom)
+            except ReleaseInfoError:
+                return path  # let the normal check reject and report it
+            if info.channel != "stable" and (info.cohort is None or not in_cohort(self.identity.device, info.cohort)):
+                continue
+            if self.state.is_rejected(tinfo.hashes.get("sha256", "")):
+                continue
+            if best is None or info.release > best[0]:
+                best = (info.release, path)
+        return best[1] if best else None
 
     def _consider(self, tinfo: TargetFile, info: ReleaseInfo, sha: str, from_hint: bool) -> None:
         st = self.state

@@ -19,6 +19,8 @@ import json
 import time
 from pathlib import Path
 
+from edge_agent.updater.cohort import Cohort
+
 
 def _add_broker(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("release hint (optional)")
@@ -51,6 +53,8 @@ def register_release(sub: argparse._SubParsersAction) -> None:
     pub.add_argument("--fleet", required=True)
     pub.add_argument("--min-agent-version", default="0")
     pub.add_argument("--hardware", default="", help="comma-separated hardware tags (empty: any device)")
+    pub.add_argument("--canary-share", type=float, help="canary only: share of the fleet (0..1) that takes it")
+    pub.add_argument("--cohort-salt", help="salt of the canary cohort hash (default: the fleet name)")
     _add_broker(pub)
     pub.set_defaults(func=_publish)
 
@@ -142,8 +146,9 @@ def _init(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     repo = _repo(args.repo)
     hw = [h.strip() for h in args.hardware.split(",") if h.strip()]
+    cohort = Cohort.of_share(args.canary_share, args.cohort_salt or args.fleet) if args.canary_share is not None else None
     rec = repo.publish(args.package, channel=args.channel, fleet=args.fleet,
-                       min_agent_version=args.min_agent_version, hardware=hw)  # fmt: skip
+                       min_agent_version=args.min_agent_version, hardware=hw, cohort=cohort)  # fmt: skip
     _announce(args, repo, rec)
     return 0
 

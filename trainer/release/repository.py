@@ -62,6 +62,7 @@ from edge_agent.package import MANIFEST, ModelManifest, load_package, sha256_fil
 from edge_agent.protocol import ReleaseHint
 from edge_agent.state import fsync_dir, write_json_atomic
 from edge_agent.updater.archive import pack_package
+from edge_agent.updater.cohort import Cohort
 from edge_agent.updater.release_info import CUSTOM_KEY, ReleaseInfo, preprocess_text, target_path
 from trainer.release.errors import ReleaseError
 from trainer.release.keys import KeyStore
@@ -112,6 +113,8 @@ class ReleaseRecord(BaseModel):
     min_agent_version: str = "0"
     hardware: list[str] = []
     published: int
+    cohort: Cohort | None = None
+    """Canary releases: the share of the fleet (stable hash of device ids) that takes it."""
 
     def hint(self, repository_url: str | None = None) -> ReleaseHint:
         """The retained MQTT hint announcing this release on ``release/{channel}``."""
@@ -379,7 +382,7 @@ class ReleaseRepository(Repository):
             release=info.release, channel=info.channel, fleet=info.fleet, model=info.model, version=info.version,
             target=path, sha256=sha, length=length, package_sha256=info.package_sha256, action=info.action,
             source_release=info.source_release, min_agent_version=info.min_agent_version, hardware=info.hardware,
-            published=info.published,
+            published=info.published, cohort=info.cohort,
         )  # fmt: skip
 
     def _check_channel(self, channel: str) -> None:
@@ -400,12 +403,16 @@ class ReleaseRepository(Repository):
         min_agent_version: str = "0",
         hardware: tuple[str, ...] | list[str] = (),
         release: int | None = None,
+        cohort: Cohort | None = None,
     ) -> ReleaseRecord:
         """Sign ``package_dir`` (verified first) into ``channel`` for ``fleet`` under the next release counter.
 
+        ``cohort`` limits a canary release to a share of the fleet (devices with ``channel: auto``);
         ``release`` forces a counter (only for staging downgrade attacks in tests: devices refuse it).
         """
         self._check_channel(channel)
+        if cohort is not None and channel == "stable":
+            raise ReleaseError("a stable release goes to every device: a cohort belongs to canary releases")
         pkg = load_package(package_dir)
         m = pkg.manifest
         for what, value in (("fleet", fleet), ("model name", m.name)):
@@ -427,7 +434,7 @@ class ReleaseRepository(Repository):
                 package_sha256=pkg.sha256, package_format=m.format,
                 formats={k: a.runtime for k, a in m.artifacts.items()},
                 preprocess=preprocess_text(m.preprocess.model_dump(mode="json")), min_agent_version=min_agent_version,
-                hardware=list(hardware), published=int(time.time()),
+                hardware=list(hardware), published=int(time.time()), cohort=cohort,
             )  # fmt: skip
             return self._sign_release(info, path, sha, length)
 
@@ -441,7 +448,9 @@ class ReleaseRepository(Repository):
         write_json_atomic(self.ledger_path, ledger)
         return record
 
-    def _republish(self, source: ReleaseRecord, channel: str, action: Literal["promote", "rollback"]) -> ReleaseRecord:
+    def _republish(
+        self, source: ReleaseRecord, channel: str, action: Literal["promote", "rollback"], cohort: Cohort | None = None
+    ) -> ReleaseRecord:
         """Sign ``source``'s artifact into ``channel`` under a new counter (same bytes, same hash)."""
         old_blob = self.blob_path(source.target, source.sha256)
         if not old_blob.exists():
@@ -462,7 +471,7 @@ class ReleaseRepository(Repository):
             formats={k: a.runtime for k, a in m.artifacts.items()},
             preprocess=preprocess_text(m.preprocess.model_dump(mode="json")),
             min_agent_version=source.min_agent_version, hardware=source.hardware, action=action,
-            source_release=source.release, published=int(time.time()),
+            source_release=source.release, published=int(time.time()), cohort=cohort,
         )  # fmt: skip
         return self._sign_release(info, path, source.sha256, source.length)
 
@@ -506,7 +515,8 @@ class ReleaseRepository(Repository):
                 if not earlier:
                     raise ReleaseError(f"no earlier release of {model} for fleet {fleet} to roll back to")
                 source = max(earlier, key=lambda r: r.release)
-            return self._republish(source, channel, "rollback")
+            # The same cohort rolls back: exactly the devices that took the current canary release.
+            return self._republish(source, channel, "rollback", cohort=current.cohort if current else None)
 
     # -- keys and expiry ---------------------------------------------------------------------------
     def rotate_key(self, role: str) -> list[str]:
