@@ -1,0 +1,62 @@
+"""Retraining and canary policies (pure logic) on constructed situations."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_agent.protocol import FrameCounts, LatencySummary, ModelRef, TelemetryWindow
+from trainer.fleet.retrain_policy import DeviceHealth, RetrainPolicyConfig, decide_retrain
+from trainer.fleet.rollout_policy import RolloutConfig, compare_canary
+
+REF = ModelRef(name="m", version="1", sha256="2" * 64)
+
+
+def test_retrain_needs_persistent_drift_or_accuracy_drop_then_labels_then_cooldown() -> None:
+    cfg = RetrainPolicyConfig(drift_windows=(2, 3), accuracy_drop_points=8, min_labels=50, cooldown_s=600)
+    calm = {"a": DeviceHealth((False, False, True), 0.92)}
+    assert not decide_retrain(calm, 0.94, 100, 1000, None, cfg).retrain  # one drifting window is not persistent
+    drifting = {"a": DeviceHealth((False, True, True), 0.90), "b": DeviceHealth((False,) * 3, 0.93)}
+    d = decide_retrain(drifting, 0.94, 10, 1000, None, cfg)
+    assert not d.retrain and d.reason.startswith("waiting for labels: 10/50") and d.triggered_by == ("a",)
+    d = decide_retrain(drifting, 0.94, 60, 1000, 700, cfg)
+    assert not d.retrain and d.reason.startswith("cooldown")
+    d = decide_retrain(drifting, 0.94, 60, 1000, 100, cfg)
+    assert d.retrain and "drift in 2 of the last 3 windows on a" in d.reason
+    dropped = {"c": DeviceHealth((False,) * 3, 0.80)}  # no drift flags, but ATC says 14 points down
+    d = decide_retrain(dropped, 0.94, 60, 1000, None, cfg)
+    assert d.retrain and d.triggered_by == ("c",) and "estimated accuracy down" in d.reason
+
+
+def _w(acc: float, n: int = 300, failed: int = 0, p90: float = 5.0) -> TelemetryWindow:
+    return TelemetryWindow(
+        fleet="f", device="d", session=1, seq=0, start=0, end=10, model=REF, agent_version="t",
+        frames=FrameCounts(captured=n, inferred=n, failed=failed), atc_above=int(round(acc * n)),
+        latency_ms={"inference": LatencySummary(count=n, p50=p90 * 0.8, p90=p90, p99=p90 * 1.2, max=p90 * 2)},
+    )  # fmt: skip
+
+
+def _ws(rng: np.random.Generator, mean: float, k: int, **kw: float) -> list[TelemetryWindow]:
+    return [_w(float(np.clip(rng.normal(mean, 0.015), 0, 1)), **kw) for _ in range(k)]  # type: ignore[arg-type]
+
+
+def test_canary_promoted_when_not_worse_and_rolled_back_when_worse() -> None:
+    rng = np.random.default_rng(0)
+    cfg = RolloutConfig(min_windows=4, margin_points=3.0)
+    control = _ws(rng, 0.85, 12)
+    assert compare_canary(_ws(rng, 0.90, 2), control, cfg).decision == "wait"
+    better = compare_canary(_ws(rng, 0.90, 6), control, cfg)
+    assert better.decision == "promote" and better.canary_accuracy > better.control_accuracy
+    worse = compare_canary(_ws(rng, 0.70, 6), control, cfg)
+    assert worse.decision == "rollback" and "points vs control" in worse.reasons[0]
+
+
+def test_canary_hard_limits_and_inconclusive_timeout() -> None:
+    rng = np.random.default_rng(1)
+    cfg = RolloutConfig(min_windows=4, max_windows=8, max_failure_rate=0.01, max_latency_ratio=1.5)
+    control = _ws(rng, 0.85, 12)
+    failing = compare_canary(_ws(rng, 0.90, 2, failed=30), control, cfg)
+    assert failing.decision == "rollback" and "failure rate" in failing.reasons[0]
+    slow = compare_canary(_ws(rng, 0.90, 5, p90=20.0), control, cfg)
+    assert slow.decision == "rollback" and "p95 inference" in slow.reasons[0]
+    noisy = [_w(a) for a in (0.5, 0.95, 0.6, 0.99, 0.55, 0.97, 0.5, 0.96)]  # same mean, huge spread
+    assert compare_canary(noisy, control, cfg).decision == "rollback"  # inconclusive after max_windows

@@ -1,0 +1,1 @@
+"""The fleet loop: trainer service, retraining and rollout policies, simulator and demo."""
