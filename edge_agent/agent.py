@@ -25,6 +25,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,8 +88,16 @@ def process_start_time() -> float:
 class Agent:
     """One agent process serving one frame source."""
 
-    def __init__(self, config: AgentConfig, *, print_messages: bool = False) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        print_messages: bool = False,
+        source_factory: Callable[[int], FrameSource] | None = None,
+    ) -> None:
+        """``source_factory(session)`` replaces the config's source URI (simulators, embedding)."""
         self.config = config
+        self._source_factory = source_factory
         self.print_messages = print_messages
         self.events = EventCounter()
         self.state = AgentState(config.state_dir)
@@ -129,10 +138,11 @@ class Agent:
             self.choice.artifact, "forced" if self.choice.forced else "fastest measured",
         )  # fmt: skip
         s = cfg.source
-        self.source = open_source(
+        source = self._source_factory(self.session) if self._source_factory else open_source(
             s.uri, loop=s.loop, realtime=s.realtime, width=s.width, height=s.height, fps=s.fps,
             reconnect_min_s=s.reconnect_min_s, reconnect_max_s=s.reconnect_max_s,
-        ).start()  # fmt: skip
+        )  # fmt: skip
+        self.source = source.start()
         spool = Spool(self.state.spool_path, cfg.spool.max_messages, cfg.spool.max_bytes, events=self.events)
         self.spool = spool
         self.link = MqttLink(

@@ -212,6 +212,22 @@ class Sample(_Message):
     """The JPEG (downscaled, faces pixelated, no metadata), base64-encoded."""
 
 
+class Alert(_Message):
+    """A drift or health alert from the trainer for monitoring services (topic ``alert``, QoS 1)."""
+
+    kind: Literal["alert"] = "alert"
+    fleet: str
+    alert: str
+    """drift, drift_cleared, retrain_started, retrain_failed, gate_failed, canary_started,
+    rollout_promoted, rollout_rolled_back, ..."""
+    severity: Literal["info", "warning", "critical"] = "warning"
+    message: str
+    device: str | None = None
+    model: ModelRef | None = None
+    ts: float
+    details: dict[str, str | int | float | bool | None | list[str]] = Field(default_factory=dict)
+
+
 class Command(_Message):
     """A command to one device (topic ``cmd/{name}``); the name is also in the topic."""
 
