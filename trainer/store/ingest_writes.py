@@ -1,0 +1,432 @@
+"""Batch writes of validated device messages, inside the caller's transaction (one per ingest batch).
+
+Windows, samples (once per device + image sha256) and updater events (once per device, session,
+seq) are inserted with ``ON CONFLICT DO NOTHING``; status messages go to the status history once each.
+
+Windows are inserted with ``INSERT .. ON CONFLICT (device, session, seq) DO NOTHING`` (see
+:func:`~trainer.store.engine.bulk_insert`), so a redelivered or duplicated window is stored once and
+counted as a duplicate, on SQLite and PostgreSQL alike, even when two workers race. Late
+(out-of-order) windows are stored like any other; the device row only moves forward (newest window
+end, newest status ts).
+
+Model integrity, kept simple on purpose:
+
+* unknown model: the window's ``model.sha256`` is not in ``models``. The window is stored with
+  ``model_known = False`` and one ``unknown_model`` alert is raised per (device, sha256).
+* model never sent: the model is registered, but the device was never sent it, i.e. it is neither the
+  first model the device ever reported (its provisioning image) nor the model of a release in a
+  rollout that named the device or covered its whole fleet (``device`` NULL; a canary cohort is not
+  resolved to its devices). One ``model_not_sent`` alert per (device, sha256).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from sqlalchemy import Connection, and_, case, or_, select
+
+from edge_agent.protocol import ModelRef, Status, TelemetryWindow, UpdateEvent
+from edge_agent.protocol import Sample as SampleMessage
+from trainer.store.engine import bulk_insert, insert
+from trainer.store.records import insert_alert
+from trainer.store.schema import (
+    DEAD_LETTER_KEEP_BYTES,
+    DeadLetter,
+    Device,
+    ModelRecord,
+    Release,
+    Rollout,
+    StatusEvent,
+    Window,
+)
+
+M = TypeVar("M")
+
+WINDOWS = Window.__table__
+DEVICES = Device.__table__
+STATUS = StatusEvent.__table__
+DEAD = DeadLetter.__table__
+
+
+@dataclass(frozen=True, slots=True)
+class Received(Generic[M]):
+    """A validated message with the JSON text it came as and when it arrived."""
+
+    message: M
+    raw: str
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A message that can never become valid: it goes to the dead-letter table."""
+
+    topic: str
+    payload: bytes
+    reason: str
+    detail: str
+    received_at: float
+
+
+@dataclass(slots=True)
+class WriteResult:
+    """What one batch write did."""
+
+    stored: int = 0
+    duplicates: int = 0
+    unknown_model: int = 0
+    """Stored windows/statuses whose model is not registered."""
+    alerts: int = 0
+    """New alerts raised (unknown model, model never sent)."""
+
+    def add(self, other: WriteResult) -> WriteResult:
+        self.stored += other.stored
+        self.duplicates += other.duplicates
+        self.unknown_model += other.unknown_model
+        self.alerts += other.alerts
+        return self
+
+
+class ModelCheck:
+    """Which model sha256s are registered and which (device, model) pairs were sent, cached per worker.
+
+    Positive answers never change (a registered model stays registered, a sent model stays sent), so
+    they are cached for good; negative ones are re-checked after ``negative_ttl_s`` so a model
+    registered, or a rollout recorded, after its first windows arrived is recognised. Alert keys
+    already in the table are remembered once the transaction that saw them commits
+    (:meth:`committed`), so a device stuck on an unknown model costs no query per batch.
+    """
+
+    def __init__(self, negative_ttl_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.negative_ttl_s = negative_ttl_s
+        self._clock = clock
+        self._known: set[str] = set()
+        self._unknown_until: dict[str, float] = {}
+        self._sent: set[tuple[str, str]] = set()
+        self._not_sent_until: dict[tuple[str, str], float] = {}
+        self._sent_pending: set[tuple[str, str]] = set()
+        self._alerted: set[str] = set()
+        self._alerting: set[str] = set()
+
+    def alerted(self, key: str) -> bool:
+        """Whether an alert with this dedupe key is known to be stored."""
+        return key in self._alerted
+
+    def alerting(self, key: str) -> None:
+        """An alert with this key is stored (or was found) by the current transaction."""
+        self._alerting.add(key)
+
+    def committed(self) -> None:
+        """The current transaction committed: what it wrote (alerts, first models) is there for good."""
+        self._alerted |= self._alerting
+        self._alerting.clear()
+        self._sent |= self._sent_pending
+        self._sent_pending.clear()
+
+    def rolled_back(self) -> None:
+        self._alerting.clear()
+        self._sent_pending.clear()
+
+    def known(self, conn: Connection, shas: Iterable[str]) -> set[str]:
+        """The subset of ``shas`` registered in ``models``."""
+        now = self._clock()
+        ask = {s for s in shas if s not in self._known and self._unknown_until.get(s, 0.0) <= now}
+        if ask:
+            found = set(conn.scalars(select(ModelRecord.sha256).where(ModelRecord.sha256.in_(ask))))
+            self._known |= found
+            for s in ask - found:
+                self._unknown_until[s] = now + self.negative_ttl_s
+        return {s for s in shas if s in self._known}
+
+    def not_sent(self, conn: Connection, pairs: Mapping[tuple[str, str], str]) -> set[tuple[str, str]]:
+        """Of ``{(device, sha256): fleet}``, the pairs whose device was never sent that model.
+
+        A device was sent a model when it is the first model it ever reported (its provisioning
+        image) or the model of a release in a rollout that named the device or covered its fleet.
+        Two queries for all the pairs of a batch not answered by the caches.
+        """
+        now = self._clock()
+        known = self._sent | self._sent_pending
+        out = {k for k in pairs if k not in known and self._not_sent_until.get(k, 0.0) > now}
+        ask = {k: f for k, f in pairs.items() if k not in known and k not in out}
+        if not ask:
+            return out
+        first = dict(conn.execute(select(Device.device, Device.first_model_sha256)
+                                  .where(Device.device.in_({d for d, _ in ask}))).all())  # fmt: skip
+        covered = conn.execute(
+            select(Rollout.device, Rollout.fleet, Release.model_sha256)
+            .join(Release, Release.id == Rollout.release_id)
+            .where(Release.model_sha256.in_({sha for _, sha in ask}))
+        ).all()
+        to_device = {(d, sha) for d, _, sha in covered if d is not None}
+        to_fleet = {(f, sha) for d, f, sha in covered if d is None}
+        for (device, sha), fleet in ask.items():
+            if first.get(device) == sha or (device, sha) in to_device or (fleet, sha) in to_fleet:
+                self._sent_pending.add((device, sha))  # the first model may come from this transaction
+            else:
+                self._not_sent_until[(device, sha)] = now + self.negative_ttl_s
+                out.add((device, sha))
+        return out
+
+
+def _model_alerts(
+    conn: Connection, seen: dict[tuple[str, str], tuple[str, ModelRef]], known: set[str], check: ModelCheck,
+    actor: str,
+) -> int:
+    """Raise unknown_model / model_not_sent alerts (once each) for the (device, sha) pairs just stored."""
+    raised = 0
+    not_sent = check.not_sent(conn, {k: fleet for k, (fleet, _) in seen.items() if k[1] in known})
+    for (device, sha), (fleet, ref) in seen.items():
+        what = f"{ref.name} {ref.version} ({sha[:12]})"
+        if sha not in known:
+            kind, msg = "unknown_model", f"device {device} reports model {what}, which is not registered"
+        elif (device, sha) in not_sent:
+            kind, msg = "model_not_sent", f"device {device} reports model {what} it was never sent"
+        else:
+            continue
+        key = f"{kind}:{device}:{sha}"
+        if check.alerted(key):
+            continue
+        new = insert_alert(
+            conn, kind=kind, message=msg, fleet=fleet, device=device, actor=actor,
+            details={"model": ref.model_dump(exclude_none=True)}, dedupe_key=key,
+        )  # fmt: skip
+        check.alerting(key)
+        raised += new is not None
+    return raised
+
+
+WINDOW_COLUMNS = (
+    "fleet", "device", "session", "seq", "start", "end", "model_name", "model_version", "model_sha256", "artifact",
+    "frames_inferred", "frames_failed", "confidence_mean", "atc_above", "model_known", "payload", "received_at",
+)  # fmt: skip
+
+
+def write_windows(
+    conn: Connection, items: Sequence[Received[TelemetryWindow]], check: ModelCheck, actor: str = "ingest"
+) -> WriteResult:
+    """Store windows once per (device, session, seq), update their devices, raise model alerts.
+
+    ``unknown_model`` counts the distinct windows of the batch whose model is not registered.
+    """
+    if not items:
+        return WriteResult()
+    unique: dict[tuple[str, int, int], Received[TelemetryWindow]] = {}
+    for it in items:
+        w = it.message
+        unique.setdefault((w.device, w.session, w.seq), it)
+    known = check.known(conn, {it.message.model.sha256 for it in unique.values()})
+    rows = []
+    # Rows in key order: concurrent batches (two workers, a redelivery) then lock index entries in the
+    # same order and wait for each other instead of deadlocking.
+    for _, it in sorted(unique.items()):
+        w = it.message
+        m = w.model
+        rows.append((
+            w.fleet, w.device, w.session, w.seq, w.start, w.end, m.name, m.version, m.sha256, m.artifact,
+            w.frames.inferred, w.frames.failed, w.confidence_mean, w.atc_above, m.sha256 in known, it.raw,
+            it.received_at,
+        ))  # fmt: skip
+    stored = bulk_insert(conn, "windows", WINDOW_COLUMNS, ("device", "session", "seq"), rows)
+    result = WriteResult(stored=stored, duplicates=len(items) - stored)
+    if not stored:  # all seen before: their devices and alerts were handled then
+        return result
+    # Which of the batch were new is not reported by executemany; updating devices and checking
+    # models for the duplicates too is harmless (same data, alerts raised once).
+    fresh = [it for _, it in sorted(unique.items())]
+    _upsert_devices_from_windows(conn, fresh)
+    seen: dict[tuple[str, str], tuple[str, ModelRef]] = {}
+    for it in fresh:
+        w = it.message
+        seen.setdefault((w.device, w.model.sha256), (w.fleet, w.model))
+        result.unknown_model += w.model.sha256 not in known
+    result.alerts = _model_alerts(conn, seen, known, check, actor)
+    return result
+
+
+_DEVICE_COLUMNS = (
+    "device", "fleet", "first_seen", "last_seen", "last_window_end", "session", "agent_version", "model_name",
+    "model_version", "model_sha256", "first_model_sha256",
+)  # fmt: skip
+_FOLLOW_NEWEST = ("last_window_end", "session", "agent_version", "model_name", "model_version", "model_sha256")
+
+
+_NEWER = "devices.last_window_end IS NULL OR excluded.last_window_end >= devices.last_window_end"
+_DEVICE_UPDATE = ", ".join([
+    "fleet = excluded.fleet",
+    "last_seen = CASE WHEN excluded.last_seen > devices.last_seen THEN excluded.last_seen ELSE devices.last_seen END",
+    "first_model_sha256 = COALESCE(devices.first_model_sha256, excluded.first_model_sha256)",
+    *(f"{c} = CASE WHEN {_NEWER} THEN excluded.{c} ELSE devices.{c} END" for c in _FOLLOW_NEWEST),
+])  # fmt: skip
+"""The devices upsert of a window batch, in plain SQL (the same text on SQLite and PostgreSQL)."""
+
+
+def _upsert_devices_from_windows(conn: Connection, stored: Sequence[Received[TelemetryWindow]]) -> None:
+    """Create or move forward each device's row: newest window, current model, first model ever."""
+    newest: dict[str, Received[TelemetryWindow]] = {}
+    first: dict[str, Received[TelemetryWindow]] = {}
+    last_seen: dict[str, float] = {}
+    for it in stored:
+        w = it.message
+        dev = w.device
+        cur = newest.get(dev)
+        if cur is None or w.end >= cur.message.end:
+            newest[dev] = it
+        f = first.get(dev)
+        if f is None or (w.session, w.seq) < (f.message.session, f.message.seq):
+            first[dev] = it
+        if it.received_at > last_seen.get(dev, 0.0):
+            last_seen[dev] = it.received_at
+    rows = []
+    for dev, it in sorted(newest.items()):
+        w, m = it.message, it.message.model
+        rows.append((dev, w.fleet, last_seen[dev], last_seen[dev], w.end, w.session, w.agent_version, m.name,
+                     m.version, m.sha256, first[dev].message.model.sha256))  # fmt: skip
+    bulk_insert(conn, "devices", _DEVICE_COLUMNS, ("device",), rows, _DEVICE_UPDATE)
+
+
+def write_statuses(
+    conn: Connection, items: Sequence[Received[Status]], check: ModelCheck, actor: str = "ingest"
+) -> WriteResult:
+    """Append status messages to the history once each and move each device's state forward."""
+    if not items:
+        return WriteResult()
+    rows = [
+        {"fleet": s.fleet, "device": s.device, "session": s.session, "state": s.state, "ts": s.ts,
+         "model_sha256": s.model.sha256 if s.model else None, "payload": it.raw, "received_at": it.received_at}
+        for it in items
+        for s in (it.message,)
+    ]  # fmt: skip
+    stmt = insert(conn, STATUS).on_conflict_do_nothing(index_elements=["device", "session", "state", "ts"])
+    c = STATUS.c
+    inserted = {tuple(r) for r in conn.execute(stmt.returning(c.device, c.session, c.state, c.ts), rows)}
+    stored = [it for it in items if (it.message.device, it.message.session, it.message.state, it.message.ts) in inserted]
+    # the same status twice in one batch: both keys are in ``inserted``; count it once
+    stored = list({(i.message.device, i.message.session, i.message.state, i.message.ts): i for i in stored}.values())
+    result = WriteResult(stored=len(stored), duplicates=len(items) - len(stored))
+    if not stored:
+        return result
+    # Per device: the newest status, preceded by the newest one that names a model (a last will names
+    # none), so a batch holding "online (model)" then "offline" still records the model.
+    newest: dict[str, Received[Status]] = {}
+    newest_model: dict[str, Received[Status]] = {}
+    for it in sorted(stored, key=lambda i: i.message.ts):
+        newest[it.message.device] = it
+        if it.message.model is not None:
+            newest_model[it.message.device] = it
+    passes = [[it for dev, it in newest_model.items() if newest[dev] is not it], list(newest.values())]
+    up = insert(conn, DEVICES)
+    ex, d = up.excluded, DEVICES.c
+    newer = or_(d.status_ts.is_(None), ex.status_ts >= d.status_ts)
+    set_ = {k: case((newer, ex[k]), else_=d[k]) for k in ("session", "state", "status_ts")}
+    for k in ("agent_version", "model_name", "model_version", "model_sha256"):
+        set_[k] = case((and_(newer, ex[k].is_not(None)), ex[k]), else_=d[k])
+    set_["first_model_sha256"] = case((d.first_model_sha256.is_(None), ex.first_model_sha256), else_=d.first_model_sha256)
+    set_["last_seen"] = case((ex.last_seen > d.last_seen, ex.last_seen), else_=d.last_seen)
+    for rows_ in passes:
+        if rows_:
+            conn.execute(up.on_conflict_do_update(index_elements=["device"], set_=set_), [_device_row(i) for i in rows_])
+    seen = {(it.message.device, it.message.model.sha256): (it.message.fleet, it.message.model)
+            for it in stored if it.message.model is not None}  # fmt: skip
+    if seen:
+        known = check.known(conn, {sha for _, sha in seen})
+        result.unknown_model = sum(1 for it in stored if it.message.model and it.message.model.sha256 not in known)
+        result.alerts = _model_alerts(conn, seen, known, check, actor)
+    return result
+
+
+def _device_row(it: Received[Status]) -> dict:
+    s, m = it.message, it.message.model
+    return {
+        "device": s.device, "fleet": s.fleet, "first_seen": it.received_at, "last_seen": it.received_at,
+        "session": s.session, "state": s.state, "status_ts": s.ts, "agent_version": s.agent_version,
+        "model_name": m.name if m else None, "model_version": m.version if m else None,
+        "model_sha256": m.sha256 if m else None, "first_model_sha256": m.sha256 if m else None,
+    }  # fmt: skip
+
+
+def write_dead_letters(conn: Connection, items: Sequence[Rejected]) -> int:
+    """Keep rejected messages (truncated) with their reason; identical ones on a topic count up."""
+    if not items:
+        return 0
+    rows: dict[tuple[str, str], dict] = {}
+    for r in items:
+        sha = hashlib.sha256(r.payload).hexdigest()
+        row = rows.get((r.topic, sha))
+        if row is None:
+            rows[(r.topic, sha)] = {
+                "topic": r.topic, "payload": r.payload[:DEAD_LETTER_KEEP_BYTES], "payload_size": len(r.payload),
+                "payload_sha256": sha, "reason": r.reason, "detail": r.detail[:2000], "count": 1,
+                "first_received_at": r.received_at, "last_received_at": r.received_at,
+            }  # fmt: skip
+        else:
+            row["count"] += 1
+            row["last_received_at"] = max(row["last_received_at"], r.received_at)
+    stmt = insert(conn, DEAD)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["topic", "payload_sha256"],
+        set_={"count": DEAD.c["count"] + stmt.excluded["count"], "last_received_at": stmt.excluded.last_received_at},
+    )
+    conn.execute(stmt, list(rows.values()))
+    return len(items)
+
+
+def sample_image(sample: SampleMessage) -> bytes:
+    """The JPEG bytes of a sample message; raises ValueError if they are not base64 or not its sha256."""
+    try:
+        image = base64.b64decode(sample.jpeg_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"jpeg_b64 is not base64 ({exc})") from None
+    digest = hashlib.sha256(image).hexdigest()
+    if digest != sample.sha256:
+        raise ValueError(f"image sha256 {digest[:12]}... does not match the message's {sample.sha256[:12]}...")
+    return image
+
+
+_SAMPLE_COLUMNS = ("fleet", "device", "ts", "model_sha256", "consent_policy", "sha256", "content_type", "image",
+                   "provenance", "received_at")  # fmt: skip
+
+
+def write_samples(
+    conn: Connection, items: Sequence[Received[SampleMessage]], check: ModelCheck, actor: str = "ingest"
+) -> WriteResult:
+    """Store sample frames once per (device, image sha256) with their provenance, for the labelling queue.
+
+    The image is kept inline (it is small: downscaled, at most the 256 KiB message limit); the message
+    minus the image becomes the provenance (session, frame, why it was picked, the model's top-k,
+    faces blurred, size, consent policy). Ingest checked the image against its sha256 already.
+    """
+    rows = []
+    for it in sorted(items, key=lambda i: (i.message.device, i.message.sha256)):
+        s = it.message
+        provenance = s.model_dump(mode="json", exclude={"jpeg_b64", "v", "kind", "fleet", "device", "sha256"})
+        rows.append((s.fleet, s.device, s.ts, s.model.sha256, s.consent, s.sha256, "image/jpeg", sample_image(s),
+                     json.dumps(provenance, separators=(",", ":")), it.received_at))  # fmt: skip
+    stored = bulk_insert(conn, "samples", _SAMPLE_COLUMNS, ("device", "sha256"), rows)
+    return WriteResult(stored=stored, duplicates=len(items) - stored)
+
+
+_UPDATE_COLUMNS = ("fleet", "device", "session", "seq", "ts", "state", "reason", "release", "model_sha256",
+                   "serving_sha256", "payload", "received_at")  # fmt: skip
+
+
+def write_update_events(
+    conn: Connection, items: Sequence[Received[UpdateEvent]], check: ModelCheck, actor: str = "ingest"
+) -> WriteResult:
+    """Store updater state changes once per (device, session, seq)."""
+    unique = {(i.message.device, i.message.session, i.message.seq): i for i in items}
+    rows = []
+    for _, it in sorted(unique.items()):
+        e = it.message
+        rows.append((e.fleet, e.device, e.session, e.seq, e.ts, e.state, e.reason, e.release,
+                     e.model.sha256 if e.model else None, e.serving.sha256 if e.serving else None, it.raw,
+                     it.received_at))  # fmt: skip
+    stored = bulk_insert(conn, "update_events", _UPDATE_COLUMNS, ("device", "session", "seq"), rows)
+    return WriteResult(stored=stored, duplicates=len(items) - stored)

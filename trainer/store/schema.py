@@ -1,0 +1,267 @@
+"""The trainer's tables as SQLAlchemy 2 declarative models (one schema for SQLite and PostgreSQL).
+
+Times are unix seconds (``float``), as on the wire, so both dialects compare them the same way and no
+time zone is ever guessed. JSON documents are :class:`~trainer.store.types.RawJSON` (``json`` on
+PostgreSQL). The schema is created with ``Base.metadata.create_all``; versioned migrations (Alembic)
+come when the schema first has to change under a deployed database.
+
+Device ids are unique across fleets: a device id is also its MQTT client id and certificate name,
+which a broker keeps unique, and telemetry is deduplicated on (device, session, seq) as the protocol
+says.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from trainer.store.types import RawJSON
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; BigInteger elsewhere. Strings have no length limit
+# (VARCHAR on PostgreSQL), so a long but valid value can never fail a whole batch.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+SHA = String(64)
+NAME = String()
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every EdgeFleet table."""
+
+
+class Device(Base):
+    """One device: its latest status and model, and when it was first and last heard from."""
+
+    __tablename__ = "devices"
+    device: Mapped[str] = mapped_column(NAME, primary_key=True)
+    fleet: Mapped[str] = mapped_column(NAME, index=True)
+    first_seen: Mapped[float] = mapped_column(Double)
+    last_seen: Mapped[float] = mapped_column(Double)
+    """Receive time of the newest message from the device (any kind)."""
+    last_window_end: Mapped[float | None] = mapped_column(Double)
+    """``end`` of the newest window by window time (late, out-of-order windows do not move it back)."""
+    session: Mapped[int | None] = mapped_column(BigInteger)
+    state: Mapped[str | None] = mapped_column(String())
+    """online / offline, from the newest status message (by its ``ts``)."""
+    status_ts: Mapped[float | None] = mapped_column(Double)
+    agent_version: Mapped[str | None] = mapped_column(String())
+    model_name: Mapped[str | None] = mapped_column(NAME)
+    model_version: Mapped[str | None] = mapped_column(String())
+    model_sha256: Mapped[str | None] = mapped_column(SHA)
+    """The model the device serves now (newest window or status)."""
+    first_model_sha256: Mapped[str | None] = mapped_column(SHA)
+    """The first model ever reported: the provisioning image, which no rollout sent."""
+
+
+class StatusEvent(Base):
+    """Every status message (birth, last will, clean shutdown) as received."""
+
+    __tablename__ = "status_history"
+    __table_args__ = (UniqueConstraint("device", "session", "state", "ts", name="uq_status_event"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    fleet: Mapped[str] = mapped_column(NAME)
+    device: Mapped[str] = mapped_column(NAME, index=True)
+    session: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String())
+    ts: Mapped[float] = mapped_column(Double)
+    model_sha256: Mapped[str | None] = mapped_column(SHA)
+    payload: Mapped[str] = mapped_column(RawJSON)
+    received_at: Mapped[float] = mapped_column(Double)
+
+
+class Window(Base):
+    """One telemetry window, stored once per (device, session, seq) with its validated payload."""
+
+    __tablename__ = "windows"
+    __table_args__ = (
+        UniqueConstraint("device", "session", "seq", name="uq_window_key"),
+        Index("ix_windows_device_model_start", "device", "model_sha256", "start"),
+        Index("ix_windows_model_start", "model_sha256", "start"),
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    fleet: Mapped[str] = mapped_column(NAME)
+    device: Mapped[str] = mapped_column(NAME)
+    session: Mapped[int] = mapped_column(BigInteger)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    start: Mapped[float] = mapped_column(Double)
+    end: Mapped[float] = mapped_column(Double)
+    model_name: Mapped[str] = mapped_column(NAME)
+    model_version: Mapped[str] = mapped_column(String())
+    model_sha256: Mapped[str] = mapped_column(SHA)
+    artifact: Mapped[str | None] = mapped_column(String())
+    frames_inferred: Mapped[int] = mapped_column(BigInteger)
+    frames_failed: Mapped[int] = mapped_column(BigInteger)
+    confidence_mean: Mapped[float | None] = mapped_column(Double)
+    atc_above: Mapped[int | None] = mapped_column(BigInteger)
+    model_known: Mapped[bool] = mapped_column(Boolean)
+    """False when the model's sha256 was not in ``models`` at ingest (an unknown model version)."""
+    payload: Mapped[str] = mapped_column(RawJSON)
+    received_at: Mapped[float] = mapped_column(Double)
+
+
+class Sample(Base):
+    """An opt-in, privacy-filtered frame sent by a device for labelling, with its provenance."""
+
+    __tablename__ = "samples"
+    __table_args__ = (UniqueConstraint("device", "sha256", name="uq_sample_device_sha"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    fleet: Mapped[str] = mapped_column(NAME)
+    device: Mapped[str] = mapped_column(NAME, index=True)
+    ts: Mapped[float] = mapped_column(Double)
+    model_sha256: Mapped[str | None] = mapped_column(SHA)
+    consent_policy: Mapped[str] = mapped_column(String())
+    sha256: Mapped[str] = mapped_column(SHA)
+    """sha256 of the image bytes as received."""
+    content_type: Mapped[str] = mapped_column(String(), default="image/jpeg")
+    image: Mapped[bytes | None] = mapped_column(LargeBinary)
+    path: Mapped[str | None] = mapped_column(Text)
+    """Where the image is kept when it is not stored inline."""
+    provenance: Mapped[str | None] = mapped_column(RawJSON)
+    """Why it was picked (low confidence, drift), window session/seq, privacy filters applied..."""
+    received_at: Mapped[float] = mapped_column(Double)
+
+
+class Label(Base):
+    """A label for a sample, from a person or from the fleet simulator's oracle."""
+
+    __tablename__ = "labels"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"), index=True)
+    label: Mapped[str] = mapped_column(String())
+    source: Mapped[str] = mapped_column(String())
+    """human or oracle."""
+    labeller: Mapped[str | None] = mapped_column(String())
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class UpdateEventRecord(Base):
+    """One state change of a device's updater (staged, verified, active, rolled_back, rejected...)."""
+
+    __tablename__ = "update_events"
+    __table_args__ = (
+        UniqueConstraint("device", "session", "seq", name="uq_update_event_key"),
+        Index("ix_update_events_state_ts", "state", "ts"),
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    fleet: Mapped[str] = mapped_column(NAME)
+    device: Mapped[str] = mapped_column(NAME, index=True)
+    session: Mapped[int] = mapped_column(BigInteger)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    ts: Mapped[float] = mapped_column(Double)
+    state: Mapped[str] = mapped_column(String())
+    reason: Mapped[str | None] = mapped_column(String())
+    release: Mapped[int | None] = mapped_column(BigInteger)
+    model_sha256: Mapped[str | None] = mapped_column(SHA)
+    """The release's package (candidate or newly active)."""
+    serving_sha256: Mapped[str | None] = mapped_column(SHA)
+    """What the device serves after this change."""
+    payload: Mapped[str] = mapped_column(RawJSON)
+    received_at: Mapped[float] = mapped_column(Double)
+
+
+class ModelRecord(Base):
+    """A model package the trainer knows, identified by the sha256 of its model.json."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_model_name_version"),)
+    sha256: Mapped[str] = mapped_column(SHA, primary_key=True)
+    name: Mapped[str] = mapped_column(NAME)
+    version: Mapped[str] = mapped_column(String())
+    manifest: Mapped[str] = mapped_column(RawJSON)
+    path: Mapped[str | None] = mapped_column(Text)
+    registered_at: Mapped[float] = mapped_column(Double)
+
+
+class Release(Base):
+    """A model published on a channel (canary, stable) of a fleet."""
+
+    __tablename__ = "releases"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    fleet: Mapped[str] = mapped_column(NAME, index=True)
+    channel: Mapped[str] = mapped_column(NAME)
+    model_sha256: Mapped[str] = mapped_column(ForeignKey("models.sha256"), index=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    created_by: Mapped[str] = mapped_column(String())
+    details: Mapped[str | None] = mapped_column(RawJSON)
+    """TUF target name, repository URL, notes."""
+
+
+class Rollout(Base):
+    """A release sent to devices: one named device, or every device of the fleet (``device`` NULL)."""
+
+    __tablename__ = "rollouts"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"), index=True)
+    fleet: Mapped[str] = mapped_column(NAME)
+    device: Mapped[str | None] = mapped_column(NAME, index=True)
+    cohort: Mapped[str | None] = mapped_column(NAME)
+    state: Mapped[str] = mapped_column(String())
+    """active, promoted, aborted, rolled_back, done."""
+    started_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+    details: Mapped[str | None] = mapped_column(RawJSON)
+
+
+class Alert(Base):
+    """A drift, health or integrity alert; ``dedupe_key`` makes "raise once" hold across workers."""
+
+    __tablename__ = "alerts"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    fleet: Mapped[str | None] = mapped_column(NAME)
+    device: Mapped[str | None] = mapped_column(NAME, index=True)
+    kind: Mapped[str] = mapped_column(String(), index=True)
+    severity: Mapped[str] = mapped_column(String())
+    message: Mapped[str] = mapped_column(Text)
+    details: Mapped[str | None] = mapped_column(RawJSON)
+    dedupe_key: Mapped[str | None] = mapped_column(String(), unique=True)
+    created_at: Mapped[float] = mapped_column(Double, index=True)
+    resolved_at: Mapped[float | None] = mapped_column(Double)
+
+
+class AuditEntry(Base):
+    """Who did what to which subject, and when: every state-changing action of the trainer."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Double, index=True)
+    actor: Mapped[str] = mapped_column(String())
+    action: Mapped[str] = mapped_column(String())
+    subject: Mapped[str] = mapped_column(String())
+    details: Mapped[str | None] = mapped_column(RawJSON)
+
+
+class DeadLetter(Base):
+    """An inbound message that can never become valid, kept (truncated) with the reason.
+
+    Identical payloads on one topic share a row and count up, so a device stuck sending the same bad
+    message does not fill the table.
+    """
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (UniqueConstraint("topic", "payload_sha256", name="uq_dead_letter"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    topic: Mapped[str] = mapped_column(Text)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    """The first ``DEAD_LETTER_KEEP_BYTES`` bytes of the payload."""
+    payload_size: Mapped[int] = mapped_column(BigInteger)
+    payload_sha256: Mapped[str] = mapped_column(SHA)
+    reason: Mapped[str] = mapped_column(String(), index=True)
+    """oversized, not_json, invalid, topic_mismatch, unknown_topic."""
+    detail: Mapped[str] = mapped_column(Text)
+    count: Mapped[int] = mapped_column(BigInteger, default=1)
+    first_received_at: Mapped[float] = mapped_column(Double)
+    last_received_at: Mapped[float] = mapped_column(Double)
+
+
+DEAD_LETTER_KEEP_BYTES = 4096
+"""How much of a dead-lettered payload is kept (the full size is recorded beside it)."""

@@ -1,0 +1,405 @@
+"""The Store facade: every query the fleet loop needs, on SQLite or PostgreSQL through one URL.
+
+Read methods return detached ORM objects (plain attribute access, no lazy loading) or protocol
+models; write methods run in one short transaction each and record an audit entry for every action
+a person or the trainer takes (ingest itself is not an action: its rows are the data).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Select, func, select, update
+from sqlalchemy import insert as sa_insert
+from sqlalchemy.orm import Session
+
+from edge_agent.package import ModelManifest, ModelPackage
+from edge_agent.protocol import Status, TelemetryWindow, UpdateEvent
+from edge_agent.telemetry.merge import WindowSummary, merge_windows
+from trainer.store.engine import WriteLock, insert, make_engine, writer
+from trainer.store.ingest_writes import (
+    ModelCheck,
+    Received,
+    WriteResult,
+    write_statuses,
+    write_update_events,
+    write_windows,
+)
+from trainer.store.records import insert_alert, insert_audit
+from trainer.store.schema import (
+    Alert,
+    AuditEntry,
+    Base,
+    DeadLetter,
+    Device,
+    Label,
+    ModelRecord,
+    Release,
+    Rollout,
+    Sample,
+    StatusEvent,
+    UpdateEventRecord,
+    Window,
+)
+
+LABEL_SOURCES = ("human", "oracle")
+
+
+def _json(details: dict[str, Any] | None) -> str | None:
+    return None if details is None else json.dumps(details, separators=(",", ":"), default=str)
+
+
+class Store:
+    """The trainer's database: ``Store("sqlite:///fleet.db")`` or ``Store("postgresql+psycopg://...")``.
+
+    With SQLite, writers from several processes take turns through ``fleet.db.writelock`` (see
+    :class:`~trainer.store.engine.WriteLock`); readers never wait (WAL).
+
+    ::
+
+        store = Store("sqlite:///fleet.db")           # creates the tables if missing
+        store.register_package(load_package("build/models/lite0"), actor="alice")
+        ws = store.windows(device="cam1", model_sha256=sha, since=t0, until=t1)
+        summary = store.window_summary(model_sha256=sha, since=t0)   # exact merge of histograms
+        store.record_alert(kind="drift", message="cam1 drifted", device="cam1", fleet="shop")
+    """
+
+    def __init__(self, url: str, *, create: bool = True, **engine_kwargs: Any) -> None:
+        self.url = url
+        self.engine: Engine = make_engine(url, **engine_kwargs)
+        self.write_engine: Engine = writer(self.engine)
+        self._write_lock = WriteLock(url)
+        if create:
+            self.create_schema()
+
+    # -- plumbing --------------------------------------------------------------------------------
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def create_schema(self) -> None:
+        """Create missing tables (idempotent; migrations come when the schema first changes)."""
+        Base.metadata.create_all(self.write_engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self._write_lock.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One write transaction (SQLite: BEGIN IMMEDIATE under :class:`WriteLock`), committed on success."""
+        with self._write_lock, self.write_engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            yield s
+
+    def _all(self, stmt: Select[Any]) -> list[Any]:
+        with self._session() as s:
+            return list(s.scalars(stmt))
+
+    # -- telemetry -------------------------------------------------------------------------------
+    def add_windows(self, windows: Iterable[TelemetryWindow], *, received_at: float | None = None,
+                    actor: str = "trainer") -> WriteResult:  # fmt: skip
+        """Store windows as ingest does (dedupe, device rows, model alerts); for tools and tests."""
+        now = time.time() if received_at is None else received_at
+        items = [Received(w, w.model_dump_json(exclude_none=True), now) for w in windows]
+        with self.write() as conn:
+            return write_windows(conn, items, ModelCheck(negative_ttl_s=0.0), actor)
+
+    def add_statuses(self, statuses: Iterable[Status], *, received_at: float | None = None,
+                     actor: str = "trainer") -> WriteResult:  # fmt: skip
+        """Store status messages as ingest does."""
+        now = time.time() if received_at is None else received_at
+        items = [Received(s, s.model_dump_json(exclude_none=True), now) for s in statuses]
+        with self.write() as conn:
+            return write_statuses(conn, items, ModelCheck(negative_ttl_s=0.0), actor)
+
+    def _window_query(self, cols: Any, device: str | None, model_sha256: str | None, fleet: str | None,
+                      since: float | None, until: float | None) -> Select[Any]:  # fmt: skip
+        q = select(cols).select_from(Window)
+        if device is not None:
+            q = q.where(Window.device == device)
+        if model_sha256 is not None:
+            q = q.where(Window.model_sha256 == model_sha256)
+        if fleet is not None:
+            q = q.where(Window.fleet == fleet)
+        if since is not None:
+            q = q.where(Window.start >= since)
+        if until is not None:
+            q = q.where(Window.start < until)
+        return q
+
+    def windows(
+        self, *, device: str | None = None, model_sha256: str | None = None, fleet: str | None = None,
+        since: float | None = None, until: float | None = None, limit: int | None = None,
+    ) -> list[TelemetryWindow]:
+        """Windows whose ``start`` is in ``[since, until)``, oldest first, filtered by device/model/fleet."""
+        q = self._window_query(Window.payload, device, model_sha256, fleet, since, until)
+        q = q.order_by(Window.start, Window.device, Window.session, Window.seq).limit(limit)
+        with self.engine.connect() as conn:
+            return [TelemetryWindow.model_validate_json(p) for p in conn.scalars(q)]
+
+    def count_windows(
+        self, *, device: str | None = None, model_sha256: str | None = None, fleet: str | None = None,
+        since: float | None = None, until: float | None = None,
+    ) -> int:
+        """How many distinct windows match (see :meth:`windows`)."""
+        q = self._window_query(func.count(), device, model_sha256, fleet, since, until)
+        with self.engine.connect() as conn:
+            return int(conn.scalar(q) or 0)
+
+    def window_keys(self, *, device: str | None = None) -> list[tuple[str, int, int]]:
+        """(device, session, seq) of the stored windows, sorted."""
+        q = select(Window.device, Window.session, Window.seq).order_by(Window.device, Window.session, Window.seq)
+        if device is not None:
+            q = q.where(Window.device == device)
+        with self.engine.connect() as conn:
+            return [(d, int(s), int(n)) for d, s, n in conn.execute(q)]
+
+    def window_summary(
+        self, *, model_sha256: str, device: str | None = None, fleet: str | None = None,
+        since: float | None = None, until: float | None = None,
+    ) -> WindowSummary:
+        """The exact merge of every matching window of one model (histograms share its edges)."""
+        return merge_windows(self.windows(device=device, model_sha256=model_sha256, fleet=fleet,
+                                          since=since, until=until))  # fmt: skip
+
+    def add_update_events(self, events: Iterable[UpdateEvent], *, received_at: float | None = None) -> WriteResult:
+        """Store updater state changes as ingest does (once per device, session, seq)."""
+        now = time.time() if received_at is None else received_at
+        items = [Received(e, e.model_dump_json(exclude_none=True), now) for e in events]
+        with self.write() as conn:
+            return write_update_events(conn, items, ModelCheck(negative_ttl_s=0.0))
+
+    def update_events(self, *, since: float | None = None, state: str | None = None, device: str | None = None,
+                      fleet: str | None = None) -> list[UpdateEvent]:  # fmt: skip
+        """Updater state changes, oldest first; ``since`` compares the event's device time (``ts``)."""
+        q = select(UpdateEventRecord.payload).order_by(UpdateEventRecord.ts, UpdateEventRecord.id)
+        if since is not None:
+            q = q.where(UpdateEventRecord.ts >= since)
+        if state is not None:
+            q = q.where(UpdateEventRecord.state == state)
+        if device is not None:
+            q = q.where(UpdateEventRecord.device == device)
+        if fleet is not None:
+            q = q.where(UpdateEventRecord.fleet == fleet)
+        with self.engine.connect() as conn:
+            return [UpdateEvent.model_validate_json(p) for p in conn.scalars(q)]
+
+    # -- devices ---------------------------------------------------------------------------------
+    def devices(self, fleet: str | None = None) -> list[Device]:
+        """Every device (optionally of one fleet) with its latest state and model."""
+        q = select(Device).order_by(Device.device)
+        return self._all(q if fleet is None else q.where(Device.fleet == fleet))
+
+    def device(self, device: str) -> Device | None:
+        with self._session() as s:
+            return s.get(Device, device)
+
+    def latest_status(self, fleet: str | None = None) -> dict[str, Status]:
+        """The newest status message (by its ``ts``) of each device."""
+        newest = select(StatusEvent.device, func.max(StatusEvent.ts).label("ts")).group_by(StatusEvent.device)
+        if fleet is not None:
+            newest = newest.where(StatusEvent.fleet == fleet)
+        sub = newest.subquery()
+        q = select(StatusEvent.device, StatusEvent.payload).join(
+            sub, (StatusEvent.device == sub.c.device) & (StatusEvent.ts == sub.c.ts)
+        )
+        with self.engine.connect() as conn:
+            return {d: Status.model_validate_json(p) for d, p in conn.execute(q)}
+
+    def status_history(self, device: str) -> list[Status]:
+        """Every status message of a device, oldest first."""
+        q = select(StatusEvent.payload).where(StatusEvent.device == device).order_by(StatusEvent.ts, StatusEvent.id)
+        with self.engine.connect() as conn:
+            return [Status.model_validate_json(p) for p in conn.scalars(q)]
+
+    # -- models, releases, rollouts ---------------------------------------------------------------
+    def register_model(self, manifest: ModelManifest, sha256: str, *, path: str | None = None,
+                       actor: str = "trainer") -> bool:  # fmt: skip
+        """Record a model package (idempotent); True when it was new."""
+        with self.write() as conn:
+            stmt = insert(conn, ModelRecord.__table__).values(
+                sha256=sha256, name=manifest.name, version=manifest.version, path=path,
+                manifest=manifest.model_dump_json(exclude_none=True), registered_at=time.time(),
+            ).on_conflict_do_nothing(index_elements=["sha256"])  # fmt: skip
+            new = conn.execute(stmt.returning(ModelRecord.sha256)).first() is not None
+            if new:
+                insert_audit(conn, actor, "model.register", sha256,
+                             {"name": manifest.name, "version": manifest.version, "path": path})  # fmt: skip
+            return new
+
+    def register_package(self, package: ModelPackage, *, actor: str = "trainer") -> bool:
+        """Record a loaded, verified package."""
+        return self.register_model(package.manifest, package.sha256, path=str(package.root), actor=actor)
+
+    def model(self, sha256: str) -> ModelRecord | None:
+        with self._session() as s:
+            return s.get(ModelRecord, sha256)
+
+    def models(self) -> list[ModelRecord]:
+        return self._all(select(ModelRecord).order_by(ModelRecord.registered_at))
+
+    def manifest(self, sha256: str) -> ModelManifest | None:
+        """The parsed model.json of a registered model (reference statistics, edges, ATC threshold)."""
+        rec = self.model(sha256)
+        return None if rec is None else ModelManifest.model_validate_json(rec.manifest)
+
+    def record_release(self, *, fleet: str, channel: str, model_sha256: str, actor: str,
+                       details: dict[str, Any] | None = None) -> int:  # fmt: skip
+        """Record a release of a registered model on a channel; returns its id."""
+        with self.write() as conn:
+            rid = conn.execute(
+                sa_insert(Release).returning(Release.id),
+                {"fleet": fleet, "channel": channel, "model_sha256": model_sha256, "created_at": time.time(),
+                 "created_by": actor, "details": _json(details)},
+            ).scalar_one()  # fmt: skip
+            insert_audit(conn, actor, "release.create", f"release/{rid}",
+                         {"fleet": fleet, "channel": channel, "model_sha256": model_sha256})  # fmt: skip
+            return int(rid)
+
+    def record_rollout(self, *, release_id: int, fleet: str, actor: str, device: str | None = None,
+                       cohort: str | None = None, state: str = "active",
+                       details: dict[str, Any] | None = None) -> int:  # fmt: skip
+        """Record that a release is being sent to one device, or to the whole fleet (``device`` None)."""
+        now = time.time()
+        with self.write() as conn:
+            rid = conn.execute(
+                sa_insert(Rollout).returning(Rollout.id),
+                {"release_id": release_id, "fleet": fleet, "device": device, "cohort": cohort, "state": state,
+                 "started_at": now, "updated_at": now, "details": _json(details)},
+            ).scalar_one()  # fmt: skip
+            insert_audit(conn, actor, "rollout.start", f"rollout/{rid}",
+                         {"release_id": release_id, "device": device, "cohort": cohort, "state": state})  # fmt: skip
+            return int(rid)
+
+    def set_rollout_state(self, rollout_id: int, state: str, *, actor: str, reason: str | None = None) -> None:
+        """Move a rollout to a new state (promoted, aborted, rolled_back, done) and audit it."""
+        with self.write() as conn:
+            conn.execute(update(Rollout).where(Rollout.id == rollout_id).values(state=state, updated_at=time.time()))
+            insert_audit(conn, actor, f"rollout.{state}", f"rollout/{rollout_id}", {"reason": reason})
+
+    def rollouts(self, fleet: str | None = None) -> list[Rollout]:
+        q = select(Rollout).order_by(Rollout.id)
+        return self._all(q if fleet is None else q.where(Rollout.fleet == fleet))
+
+    def models_sent_to(self, device: str) -> set[str]:
+        """sha256 of every model a device was provisioned with or sent by a rollout."""
+        with self.engine.connect() as conn:
+            fleet, first = conn.execute(
+                select(Device.fleet, Device.first_model_sha256).where(Device.device == device)
+            ).first() or (None, None)
+            q = select(Release.model_sha256).join(Rollout, Rollout.release_id == Release.id).where(
+                (Rollout.device == device) | (Rollout.device.is_(None) & (Rollout.fleet == fleet))
+            )
+            sent = set(conn.scalars(q))
+        return sent | ({first} if first else set())
+
+    # -- alerts, audit, dead letters ---------------------------------------------------------------
+    def record_alert(self, *, kind: str, message: str, severity: str = "warning", fleet: str | None = None,
+                     device: str | None = None, details: dict[str, Any] | None = None,
+                     dedupe_key: str | None = None, actor: str = "trainer") -> int | None:  # fmt: skip
+        """Record an alert (audited); with ``dedupe_key`` only once. Returns its id or None if deduped."""
+        with self.write() as conn:
+            return insert_alert(conn, kind=kind, message=message, severity=severity, fleet=fleet, device=device,
+                                details=details, dedupe_key=dedupe_key, actor=actor)  # fmt: skip
+
+    def alerts(self, *, kind: str | None = None, device: str | None = None, since: float | None = None) -> list[Alert]:
+        q = select(Alert).order_by(Alert.id)
+        if kind is not None:
+            q = q.where(Alert.kind == kind)
+        if device is not None:
+            q = q.where(Alert.device == device)
+        if since is not None:
+            q = q.where(Alert.created_at >= since)
+        return self._all(q)
+
+    def audit(self, actor: str, action: str, subject: str, details: dict[str, Any] | None = None) -> None:
+        """Append an audit entry for an action taken outside the methods above."""
+        with self.write() as conn:
+            insert_audit(conn, actor, action, subject, details)
+
+    def audit_log(self, *, subject: str | None = None, action: str | None = None) -> list[AuditEntry]:
+        q = select(AuditEntry).order_by(AuditEntry.id)
+        if subject is not None:
+            q = q.where(AuditEntry.subject == subject)
+        if action is not None:
+            q = q.where(AuditEntry.action == action)
+        return self._all(q)
+
+    def dead_letters(self, reason: str | None = None) -> list[DeadLetter]:
+        q = select(DeadLetter).order_by(DeadLetter.id)
+        return self._all(q if reason is None else q.where(DeadLetter.reason == reason))
+
+    # -- samples and labels ------------------------------------------------------------------------
+    def add_sample(
+        self, *, fleet: str, device: str, ts: float, consent_policy: str, sha256: str,
+        model_sha256: str | None = None, image: bytes | None = None, path: str | None = None,
+        content_type: str = "image/jpeg", provenance: dict[str, Any] | None = None,
+    ) -> int | None:
+        """Store a sample frame once per (device, sha256); returns its id, or None if it was a duplicate."""
+        if (image is None) == (path is None):
+            raise ValueError("a sample needs exactly one of image bytes or a path")
+        with self.write() as conn:
+            stmt = insert(conn, Sample.__table__).values(
+                fleet=fleet, device=device, ts=ts, consent_policy=consent_policy, sha256=sha256,
+                model_sha256=model_sha256, image=image, path=path, content_type=content_type,
+                provenance=_json(provenance), received_at=time.time(),
+            ).on_conflict_do_nothing(index_elements=["device", "sha256"])  # fmt: skip
+            row = conn.execute(stmt.returning(Sample.id)).first()
+            return None if row is None else int(row[0])
+
+    def add_label(self, sample_id: int, label: str, *, source: str, labeller: str | None = None) -> int:
+        """Label a sample (human or oracle); the label and who gave it are audited."""
+        if source not in LABEL_SOURCES:
+            raise ValueError(f"label source must be one of {LABEL_SOURCES}, not {source!r}")
+        with self.write() as conn:
+            lid = conn.execute(
+                sa_insert(Label).returning(Label.id),
+                {"sample_id": sample_id, "label": label, "source": source, "labeller": labeller,
+                 "created_at": time.time()},
+            ).scalar_one()  # fmt: skip
+            insert_audit(conn, labeller or source, "label.add", f"sample/{sample_id}", {"label": label, "source": source})
+            return int(lid)
+
+    def unlabelled_samples(self, limit: int | None = None) -> list[Sample]:
+        """Samples without any label, oldest first: the labelling queue."""
+        q = select(Sample).where(~select(Label.id).where(Label.sample_id == Sample.id).exists())
+        return self._all(q.order_by(Sample.ts, Sample.id).limit(limit))
+
+    def samples(self, *, ids: Sequence[int] | None = None, device: str | None = None,
+                since: float | None = None) -> list[Sample]:  # fmt: skip
+        """Samples (with their images), oldest first; ``since`` compares the sample's device time."""
+        q = select(Sample).order_by(Sample.ts, Sample.id)
+        if ids is not None:
+            q = q.where(Sample.id.in_(list(ids)))
+        if device is not None:
+            q = q.where(Sample.device == device)
+        if since is not None:
+            q = q.where(Sample.ts >= since)
+        return self._all(q)
+
+    def count_labelled_samples(self, since: float | None = None) -> int:
+        """How many samples (taken at or after ``since``) have at least one label."""
+        q = select(func.count()).select_from(Sample).where(select(Label.id).where(Label.sample_id == Sample.id).exists())
+        if since is not None:
+            q = q.where(Sample.ts >= since)
+        with self.engine.connect() as conn:
+            return int(conn.scalar(q) or 0)
+
+    def labels(self, sample_ids: Sequence[int] | None = None) -> list[Label]:
+        q = select(Label).order_by(Label.id)
+        return self._all(q if sample_ids is None else q.where(Label.sample_id.in_(sample_ids)))
