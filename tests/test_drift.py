@@ -9,8 +9,14 @@ from edge_agent.protocol import FrameCounts, Histogram, ModelRef, TelemetryWindo
 from edge_agent.reference import ReferenceStats
 from edge_agent.telemetry.histogram import default_edges
 from trainer.drift.detector import DriftConfig, DriftMonitor, assess_window
-from trainer.drift.estimate import estimate_accuracy
-from trainer.drift.stats import benjamini_hochberg, chi2_homogeneity, js_divergence, null_js_threshold
+from trainer.drift.estimate import entropy_threshold, estimate_accuracy, share_below
+from trainer.drift.stats import (
+    benjamini_hochberg,
+    chi2_homogeneity,
+    js_divergence,
+    null_js_threshold,
+    reference_robust_pvalue,
+)
 
 EDGES = default_edges(5)
 FEATURES = list(EDGES)
@@ -45,6 +51,29 @@ def test_chi2_false_positive_rate_matches_alpha() -> None:
     assert 0.03 <= np.mean(np.array(pvals) < 0.05) <= 0.07
     shifted = np.roll(p, 2)
     assert chi2_homogeneity(rng.multinomial(300, shifted), ref)[2] < 1e-6
+
+
+def test_reference_robust_p_values_hold_for_an_unlucky_reference() -> None:
+    """One reference serves every window: its sampling error is a fixed offset. Plain two-sample p-values
+    false-alarm far above their level after an unlucky reference draw; the robust ones stay within it for
+    any reference inside their coverage region, and never fall below the plain ones."""
+    from scipy.stats import chi2
+
+    rng = np.random.default_rng(10)
+    p = rng.gamma(3.0, 1.0, 10)
+    p /= p.sum()
+    n_ref, n = 150, 300
+    refs = rng.multinomial(n_ref, p, size=4000)
+    offset = (((refs - n_ref * p) ** 2) / (n_ref * p)).sum(1)  # ~ chi2(9) over reference draws
+    ref = refs[np.argmin(np.abs(offset - chi2.ppf(0.999, 9)))]  # at the edge of the 0.999 coverage region
+    tests = [chi2_homogeneity(w, ref) for w in rng.multinomial(n, p, size=3000)]
+    plain = np.array([t[2] for t in tests])
+    robust = np.array([reference_robust_pvalue(s, df, n, n_ref, coverage=0.999) for s, df, _ in tests])
+    assert np.mean(plain < 0.01) > 0.2
+    assert np.mean(robust < 0.01) <= 0.012
+    assert (robust >= plain).all()
+    stat, df, p_plain = chi2_homogeneity(rng.multinomial(n, p), rng.multinomial(10**7, p))
+    assert reference_robust_pvalue(stat, df, n, 10**7) == pytest.approx(p_plain, rel=0.05, abs=1e-3)
 
 
 def test_js_and_null_threshold_shrink_with_window_size() -> None:
@@ -122,3 +151,52 @@ def test_estimates_are_frame_weighted() -> None:
     assert est.frames == 400
     assert est.atc == pytest.approx(230 / 400)
     assert est.average_confidence == pytest.approx((90 + 150) / 400)
+
+
+def test_negative_entropy_atc_reads_the_entropy_histograms() -> None:
+    rng, shapes, prior, ref = _setup(7)
+    ref = ref.model_copy(update={"accuracy": 0.8})
+    t = entropy_threshold(ref)
+    assert t is not None and share_below(ref.histograms["entropy"], t) == pytest.approx(0.8, abs=1e-6)
+    same = [_window(rng, shapes, prior, 2000, k) for k in range(3)]
+    assert estimate_accuracy(same, ref).atc_ne == pytest.approx(0.8, abs=0.03)  # same distribution as the reference
+    unsure = dict(shapes)
+    e = shapes["entropy"]
+    unsure["entropy"] = np.r_[np.zeros(5), e[:-6], e[-6:].sum()]  # every frame 5 bins less sure
+    assert estimate_accuracy([_window(rng, unsure, prior, 2000)], ref).atc_ne < 0.7  # type: ignore[operator]
+    assert estimate_accuracy(same).atc_ne is None  # no reference, no ATC-NE
+    h = Histogram(edges=[0.0, 1.0, 2.0], counts=[10, 30])
+    assert share_below(h, 0.5) == pytest.approx(5 / 40) and share_below(h, 1.5) == pytest.approx(25 / 40)
+
+
+def _repeated(window: TelemetryWindow, k: int) -> TelemetryWindow:
+    """The window as a camera that sees every scene for k consecutive frames would report it."""
+    return window.model_copy(update={
+        "frames": FrameCounts(captured=k * window.frames.inferred, inferred=k * window.frames.inferred),
+        "class_counts": {c: k * n for c, n in window.class_counts.items()},
+        "histograms": {f: Histogram(edges=h.edges, counts=[k * c for c in h.counts]) for f, h in window.histograms.items()},
+    })  # fmt: skip
+
+
+def test_dispersion_of_correlated_frames_is_learnt_per_device() -> None:
+    rng, shapes, prior, ref = _setup(8)
+    learnt, independent = DriftMonitor(), DriftMonitor(DriftConfig(design_effect=1.0))
+    flags = {"learnt": 0, "independent": 0}
+    assessments: list = []
+    for step in range(60):  # 5 devices, each scene seen for 5 frames: 80 scenes per 400-frame window
+        windows = {f"d{i}": _repeated(_window(rng, shapes, prior, 80, step, f"d{i}"), 5) for i in range(5)}
+        for name, monitor in (("learnt", learnt), ("independent", independent)):
+            out, _ = monitor.step(windows, ref)
+            assessments = out if name == "learnt" else assessments
+            flags[name] += sum(bool(a.flagged_features) for a in out)
+            if name == "learnt" and step < 3:
+                assert all(a.learning for a in out)  # the first windows only learn the dispersion
+    assert flags["learnt"] == 0 and set(learnt.states().values()) == {"ok"}
+    assert flags["independent"] > 50 and "drift" in independent.states().values()
+    assert 3.5 <= assessments[0].dispersion <= 6.5
+    # a clear shift is still found after the dispersion is learnt (80 scenes per window carry less evidence)
+    dark = dict(shapes)
+    dark["brightness"] = np.r_[np.full(4, 0.25), np.zeros(16)]  # every frame in the 4 darkest bins
+    for step in range(60, 62):
+        learnt.step({"d0": _repeated(_window(rng, dark, prior, 80, step, "d0"), 5)}, ref)
+    assert learnt.state("d0") == "drift"

@@ -2,10 +2,20 @@
 
 For every window and feature (the seven telemetry histograms plus the predicted-class prior):
 
-1. a two-sample chi-square test against the reference histogram (sparse bins merged);
+1. a two-sample chi-square test against the reference histogram (sparse bins merged), with a p-value
+   that holds for the one fixed reference every window is compared with
+   (:func:`~trainer.drift.stats.reference_robust_pvalue`, ``reference_coverage``): plain two-sample
+   p-values assume a fresh reference per window, so when the reference sample happens to sit off the
+   true distribution a clean stream fails the same feature window after window (in
+   ``tests/test_drift_streams.py``'s clean stream: 2 drift alarms per device-week and 162 flagged
+   windows in 2 device-weeks with plain p-values, 0 and 2 with these);
 2. an effect size, Jensen-Shannon divergence, that must exceed both a floor and the 99.9% quantile of
    what a window of that size shows by chance (so the threshold depends on the window size);
 3. Benjamini-Hochberg across all features and all devices assessed in the same step.
+
+Frames are not independent (a camera sees an object for several frames), so every key's windows are
+tested as ``n / d`` independent observations, with the dispersion ``d`` estimated from its own
+consecutive windows (median of the last 10 pairs; a key's first windows only learn it).
 
 A window is *flagged* when at least ``min_features`` features pass both. A sequential detector
 (one-sided CUSUM on the per-window score) accumulates weaker evidence. Each key (a device, or the
@@ -16,7 +26,7 @@ flagged windows (or the CUSUM crossing its limit) and clears only after ``clear_
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,7 +35,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.protocol import TelemetryWindow
 from edge_agent.reference import ReferenceStats
-from trainer.drift.stats import benjamini_hochberg, chi2_homogeneity, js_divergence, null_js_threshold, psi
+from trainer.drift.stats import (
+    benjamini_hochberg,
+    chi2_homogeneity,
+    js_divergence,
+    null_js_threshold,
+    psi,
+    reference_robust_pvalue,
+)
 
 State = Literal["ok", "warning", "drift"]
 CLASS_PRIOR = "class_prior"
@@ -40,6 +57,9 @@ class DriftConfig(BaseModel):
     )  # fmt: skip
     fdr: float = Field(default=0.001, gt=0, lt=1)
     """Benjamini-Hochberg false discovery rate across features and devices in one step."""
+    reference_coverage: float | None = Field(default=0.999, gt=0.5, lt=1)
+    """p-values hold for any reference whose sampling error lies in this region of its own distribution
+    (see :func:`~trainer.drift.stats.reference_robust_pvalue`); None: the plain two-sample p-value."""
     js_floor: float = Field(default=0.02, ge=0)
     """Minimum Jensen-Shannon divergence (bits) for a feature to count, whatever the p-value."""
     null_quantile: float = Field(default=0.999, gt=0.5, lt=1)
@@ -52,6 +72,14 @@ class DriftConfig(BaseModel):
     """Consecutive clean windows that clear a warning or drift state."""
     cusum_slack: float = Field(default=0.5, ge=0)
     cusum_limit: float = Field(default=4.0, gt=0)
+    design_effect: float | None = Field(default=None, ge=1)
+    """Frames per independent observation. The tests assume independent frames, but a camera sees the
+    same object for several frames: at 5 frames per scene, clean windows were flagged 81% of the time.
+    None estimates it per key from consecutive windows (:func:`pair_dispersion`); a number fixes it."""
+    dispersion_pairs: int = Field(default=10, ge=1)
+    """Consecutive-window pairs whose median dispersion is the estimate (robust to one shift onset)."""
+    min_dispersion_pairs: int = Field(default=3, ge=1)
+    """Until a key has this many pairs its windows are assessed but cannot flag (learning)."""
 
 
 @dataclass
@@ -60,6 +88,7 @@ class FeatureResult:
     statistic: float
     df: int
     p_value: float
+    """Reference-robust p-value (the plain one when ``reference_coverage`` is None); BH uses it."""
     js: float
     threshold: float
     psi: float
@@ -77,14 +106,21 @@ class WindowAssessment:
     key: str
     frames: int
     features: dict[str, FeatureResult] = field(default_factory=dict)
+    dispersion: float = 1.0
+    """Frames per independent observation the tests assumed (see ``DriftConfig.design_effect``)."""
+    learning: bool = False
+    """The key's dispersion is not known yet: the window cannot flag."""
+    counts: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def flagged_features(self) -> list[str]:
-        return [f for f, r in self.features.items() if r.flagged]
+        return [] if self.learning else [f for f, r in self.features.items() if r.flagged]
 
     @property
     def score(self) -> float:
         """Largest effect relative to its window-size threshold (1.0 = at the threshold)."""
+        if self.learning:
+            return 0.0
         ratios = [r.js / max(r.threshold, 1e-9) for r in self.features.values() if r.significant]
         return max(ratios, default=0.0)
 
@@ -105,12 +141,15 @@ def _window_counts(window: TelemetryWindow, feature: str, num_classes: int) -> l
     return window.histograms[feature].counts
 
 
-def assess_window(key: str, window: TelemetryWindow, ref: ReferenceStats, cfg: DriftConfig) -> WindowAssessment | None:
-    """Per-feature tests of one window; None when it has too few frames to say anything."""
+def assess_window(
+    key: str, window: TelemetryWindow, ref: ReferenceStats, cfg: DriftConfig, dispersion: float = 1.0
+) -> WindowAssessment | None:  # fmt: skip
+    """Per-feature tests of one window, its counts scaled to ``n / dispersion`` independent observations;
+    None when it has too few frames to say anything."""
     n = window.frames.inferred
     if n < cfg.min_window_frames:
         return None
-    out = WindowAssessment(key=key, frames=n)
+    out = WindowAssessment(key=key, frames=n, dispersion=dispersion)
     for feature in cfg.features:
         if feature != CLASS_PRIOR and (feature not in window.histograms or feature not in ref.histograms):
             continue
@@ -120,17 +159,34 @@ def assess_window(key: str, window: TelemetryWindow, ref: ReferenceStats, cfg: D
             raise ValueError(f"{key}: feature {feature} has {len(counts)} bins, the reference {len(ref_counts)}")
         if sum(counts) == 0:
             continue  # e.g. input statistics skipped in this window
-        stat, df, p = chi2_homogeneity(counts, ref_counts)
+        out.counts[feature] = counts
+        effective = np.asarray(counts, np.float64) / dispersion
+        n_eff = float(effective.sum())
+        stat, df, p = chi2_homogeneity(effective, ref_counts)
+        if cfg.reference_coverage is not None:
+            p = reference_robust_pvalue(stat, df, n_eff, sum(ref_counts), cfg.reference_coverage)
         out.features[feature] = FeatureResult(
             feature=feature,
             statistic=stat,
             df=df,
             p_value=p,
             js=js_divergence(np.asarray(counts), np.asarray(ref_counts)),
-            threshold=max(cfg.js_floor, null_js_threshold(ref_counts, sum(counts), cfg.null_quantile)),
+            threshold=max(cfg.js_floor, null_js_threshold(ref_counts, max(1, round(n_eff)), cfg.null_quantile)),
             psi=psi(np.asarray(counts), np.asarray(ref_counts)),
         )
     return out
+
+
+def pair_dispersion(previous: Mapping[str, Sequence[int]], current: Mapping[str, Sequence[int]]) -> float | None:
+    """Overdispersion of two consecutive windows of one key: pooled chi-square / df of their two-sample
+    tests. About 1 when frames are independent draws from one distribution, about k when each scene is
+    seen for k frames (the variance of a window's histogram grows k-fold)."""
+    stat = df = 0.0
+    for feature, counts in current.items():
+        if feature in previous:
+            s, d, _ = chi2_homogeneity(counts, previous[feature])
+            stat, df = stat + s, df + d
+    return stat / df if df else None
 
 
 def apply_fdr(assessments: list[WindowAssessment], fdr: float) -> None:
@@ -153,12 +209,22 @@ class Transition:
 
 
 class _KeyState:
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, pairs: int) -> None:
         self.state: State = "ok"
         self.recent: deque[bool] = deque(maxlen=n)
         self.clean_run = 0
         self.cusum = 0.0
         self.windows = 0
+        self.previous: dict[str, list[int]] | None = None
+        self.dispersions: deque[float] = deque(maxlen=pairs)
+
+    def dispersion(self, cfg: DriftConfig) -> tuple[float, bool]:
+        """(frames per independent observation, still learning it)."""
+        if cfg.design_effect is not None:
+            return cfg.design_effect, False
+        if len(self.dispersions) < cfg.min_dispersion_pairs:
+            return 1.0, True
+        return max(1.0, float(np.median(self.dispersions))), False
 
 
 class DriftMonitor:
@@ -174,16 +240,30 @@ class DriftMonitor:
     def states(self) -> dict[str, State]:
         return {k: s.state for k, s in self._keys.items()}
 
+    def _key(self, key: str) -> _KeyState:
+        return self._keys.setdefault(key, _KeyState(self.cfg.k_of_n[1], self.cfg.dispersion_pairs))
+
     def step(self, windows: Mapping[str, TelemetryWindow], reference: ReferenceStats) -> tuple[list[WindowAssessment], list[Transition]]:
         """Assess one step's windows (one per key, all of the same model) and update the states."""
-        assessments = [a for k, w in windows.items() if (a := assess_window(k, w, reference, self.cfg))]
+        assessments = []
+        for k, w in windows.items():
+            ks = self._key(k)
+            dispersion, learning = ks.dispersion(self.cfg)
+            a = assess_window(k, w, reference, self.cfg, dispersion)
+            if a is None:
+                continue
+            a.learning = learning
+            if ks.previous is not None and (d := pair_dispersion(ks.previous, a.counts)) is not None:
+                ks.dispersions.append(d)
+            ks.previous = a.counts
+            assessments.append(a)
         apply_fdr(assessments, self.cfg.fdr)
         transitions = [t for a in assessments if (t := self._update(a))]
         return assessments, transitions
 
     def _update(self, a: WindowAssessment) -> Transition | None:
         cfg = self.cfg
-        ks = self._keys.setdefault(a.key, _KeyState(cfg.k_of_n[1]))
+        ks = self._key(a.key)
         ks.windows += 1
         flagged = len(a.flagged_features) >= cfg.min_features
         ks.recent.append(flagged)
