@@ -24,6 +24,17 @@ def find_mosquitto() -> str | None:
     )
 
 
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it when the process that started it dies (no orphan brokers
+    after a killed test run or demo); a no-op where prctl is unavailable."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,6 +117,7 @@ class MosquittoBroker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

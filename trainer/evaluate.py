@@ -68,11 +68,15 @@ class TorchRunner:
 
 
 def slice_keys(metas: Sequence[Mapping[str, str]]) -> list[str]:
-    """Metadata keys worth slicing on: 2..20 distinct values among the samples."""
+    """Metadata keys worth slicing on: 2..20 distinct values among the samples, counting "(none)" for
+    samples without the key (so a key only some samples carry, like origin=field, still slices)."""
     values: dict[str, set[str]] = {}
     for m in metas:
         for k, v in m.items():
             values.setdefault(k, set()).add(v)
+    for k, vals in values.items():
+        if any(k not in m for m in metas):
+            vals.add("(none)")
     return sorted(k for k, v in values.items() if 2 <= len(v) <= MAX_SLICE_VALUES)
 
 

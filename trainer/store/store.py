@@ -128,8 +128,9 @@ class Store:
             return write_statuses(conn, items, ModelCheck(negative_ttl_s=0.0), actor)
 
     def _window_query(self, cols: Any, device: str | None, model_sha256: str | None, fleet: str | None,
-                      since: float | None, until: float | None) -> Select[Any]:  # fmt: skip
+                      since: float | None, until: float | None, ended: bool = False) -> Select[Any]:  # fmt: skip
         q = select(cols).select_from(Window)
+        t = Window.end if ended else Window.start
         if device is not None:
             q = q.where(Window.device == device)
         if model_sha256 is not None:
@@ -137,17 +138,18 @@ class Store:
         if fleet is not None:
             q = q.where(Window.fleet == fleet)
         if since is not None:
-            q = q.where(Window.start >= since)
+            q = q.where(t >= since)
         if until is not None:
-            q = q.where(Window.start < until)
+            q = q.where(t < until)
         return q
 
     def windows(
         self, *, device: str | None = None, model_sha256: str | None = None, fleet: str | None = None,
-        since: float | None = None, until: float | None = None, limit: int | None = None,
+        since: float | None = None, until: float | None = None, limit: int | None = None, ended: bool = False,
     ) -> list[TelemetryWindow]:
-        """Windows whose ``start`` is in ``[since, until)``, oldest first, filtered by device/model/fleet."""
-        q = self._window_query(Window.payload, device, model_sha256, fleet, since, until)
+        """Windows whose ``start`` (``end`` with ``ended``) is in ``[since, until)``, oldest first, filtered by
+        device/model/fleet."""
+        q = self._window_query(Window.payload, device, model_sha256, fleet, since, until, ended)
         q = q.order_by(Window.start, Window.device, Window.session, Window.seq).limit(limit)
         with self.engine.connect() as conn:
             return [TelemetryWindow.model_validate_json(p) for p in conn.scalars(q)]
@@ -392,11 +394,13 @@ class Store:
             q = q.where(Sample.ts >= since)
         return self._all(q)
 
-    def count_labelled_samples(self, since: float | None = None) -> int:
-        """How many samples (taken at or after ``since``) have at least one label."""
+    def count_labelled_samples(self, since: float | None = None, devices: Sequence[str] | None = None) -> int:
+        """How many samples (taken at or after ``since``, by ``devices``) have at least one label."""
         q = select(func.count()).select_from(Sample).where(select(Label.id).where(Label.sample_id == Sample.id).exists())
         if since is not None:
             q = q.where(Sample.ts >= since)
+        if devices is not None:
+            q = q.where(Sample.device.in_(list(devices)))
         with self.engine.connect() as conn:
             return int(conn.scalar(q) or 0)
 
