@@ -27,16 +27,35 @@ def test_retrain_needs_persistent_drift_or_accuracy_drop_then_labels_then_cooldo
     assert d.retrain and d.triggered_by == ("c",) and "estimated accuracy down" in d.reason
 
 
-def _w(acc: float, n: int = 300, failed: int = 0, p90: float = 5.0) -> TelemetryWindow:
+def _w(acc: float, n: int = 300, failed: int = 0, p90: float = 5.0, device: str = "d") -> TelemetryWindow:
     return TelemetryWindow(
-        fleet="f", device="d", session=1, seq=0, start=0, end=10, model=REF, agent_version="t",
+        fleet="f", device=device, session=1, seq=0, start=0, end=10, model=REF, agent_version="t",
         frames=FrameCounts(captured=n, inferred=n, failed=failed), atc_above=int(round(acc * n)),
         latency_ms={"inference": LatencySummary(count=n, p50=p90 * 0.8, p90=p90, p99=p90 * 1.2, max=p90 * 2)},
     )  # fmt: skip
 
 
-def _ws(rng: np.random.Generator, mean: float, k: int, **kw: float) -> list[TelemetryWindow]:
-    return [_w(float(np.clip(rng.normal(mean, 0.015), 0, 1)), **kw) for _ in range(k)]  # type: ignore[arg-type]
+def _ws(rng: np.random.Generator, mean: float, k: int, sd: float = 0.015, **kw: object) -> list[TelemetryWindow]:
+    return [_w(float(np.clip(rng.normal(mean, sd), 0, 1)), **kw) for _ in range(k)]  # type: ignore[arg-type]
+
+
+def test_canary_devices_are_compared_with_themselves() -> None:
+    """Unlike devices in both groups (a shifted one at 55%, unshifted ones at 90%) and noisy short windows:
+    pooling windows across devices buries a real +15-point gain in their spread; pairing finds it."""
+    rng = np.random.default_rng(3)
+    cfg = RolloutConfig(min_windows=4, margin_points=3.0)
+
+    def group(levels: dict[str, float], gain: float, k: int) -> tuple[list[TelemetryWindow], list[TelemetryWindow]]:
+        before = [w for d, m in levels.items() for w in _ws(rng, m, k, sd=0.06, device=d)]
+        after = [w for d, m in levels.items() for w in _ws(rng, m + (gain if m < 0.8 else 0.0), k, sd=0.06, device=d)]
+        return before, after
+
+    cb, ca = group({"shifted-1": 0.55, "cam-2": 0.90, "cam-3": 0.90}, 0.15, 5)
+    ob, co = group({"shifted-2": 0.55, "cam-4": 0.90}, 0.0, 5)
+    v = compare_canary(ca, co, cfg, cb, ob)
+    assert v.decision == "promote" and "difference in differences" in v.reasons[0], v.reasons
+    cb, ca = group({"shifted-1": 0.55, "cam-2": 0.90, "cam-3": 0.90}, -0.25, 5)
+    assert compare_canary(ca, co, cfg, cb, ob).decision == "rollback"
 
 
 def test_canary_promoted_when_not_worse_and_rolled_back_when_worse() -> None:
@@ -47,7 +66,22 @@ def test_canary_promoted_when_not_worse_and_rolled_back_when_worse() -> None:
     better = compare_canary(_ws(rng, 0.90, 6), control, cfg)
     assert better.decision == "promote" and better.canary_accuracy > better.control_accuracy
     worse = compare_canary(_ws(rng, 0.70, 6), control, cfg)
-    assert worse.decision == "rollback" and "points vs control" in worse.reasons[0]
+    assert worse.decision == "rollback" and "(vs control" in worse.reasons[0] and "worse by more than" in worse.reasons[0]
+
+
+def test_difference_in_differences_removes_an_unbalanced_cohort() -> None:
+    """The canary cohort holds the devices a shift hit: lower than control, yet better than before."""
+    rng = np.random.default_rng(2)
+    cfg = RolloutConfig(min_windows=4, margin_points=3.0)
+    canary_before, canary_after = _ws(rng, 0.55, 8), _ws(rng, 0.75, 6)  # shifted devices: v1 55%, v2 75%
+    control_before, control_after = _ws(rng, 0.90, 8), _ws(rng, 0.90, 6)  # untouched devices stay on v1
+    naive = compare_canary(canary_after, control_after, cfg)
+    assert naive.decision == "rollback"  # a plain comparison blames the model for the cohort
+    did = compare_canary(canary_after, control_after, cfg, canary_before, control_before)
+    assert did.decision == "promote" and "difference in differences" in did.reasons[0]
+    assert "+20" in did.reasons[0] or "+19" in did.reasons[0] or "+21" in did.reasons[0]
+    regress = compare_canary(_ws(rng, 0.80, 6), control_after, cfg, _ws(rng, 0.90, 8), control_before)
+    assert regress.decision == "rollback"  # 10 points below its own past while control stayed put
 
 
 def test_canary_hard_limits_and_inconclusive_timeout() -> None:
@@ -56,6 +90,7 @@ def test_canary_hard_limits_and_inconclusive_timeout() -> None:
     control = _ws(rng, 0.85, 12)
     failing = compare_canary(_ws(rng, 0.90, 2, failed=30), control, cfg)
     assert failing.decision == "rollback" and "failure rate" in failing.reasons[0]
+    assert compare_canary(_ws(rng, 0.90, 2, p90=20.0), control, cfg).decision == "wait"  # too few to judge
     slow = compare_canary(_ws(rng, 0.90, 5, p90=20.0), control, cfg)
     assert slow.decision == "rollback" and "p95 inference" in slow.reasons[0]
     noisy = [_w(a) for a in (0.5, 0.95, 0.6, 0.99, 0.55, 0.97, 0.5, 0.96)]  # same mean, huge spread

@@ -1,11 +1,21 @@
-"""Canary analysis: does the canary cohort (new model) do at least as well as the control group?
+"""Canary analysis: does the canary cohort (new model) do at least as well as it did, and as the control?
 
-Pure logic. Units are telemetry windows (frames within a window are correlated, windows much less),
-compared with Welch's t-test as a one-sided non-inferiority test on the label-free accuracy estimate
-(ATC), plus hard limits on frame failures and p95 inference latency. After ``min_windows`` canary
-windows: promote when the canary is non-inferior; roll back when it is significantly worse or a hard
-limit is broken; keep waiting otherwise, until ``max_windows``, then roll back (inconclusive is not
-good enough to reach every device).
+Pure logic. Units are telemetry windows (frames within a window are correlated, windows much less). The
+effect is a difference in differences of the label-free accuracy estimate (ATC)::
+
+    effect = (canary after - canary before) - (control after - control before)
+
+where *before* is the look-back period on the champion and *after* the canary period. Each device is
+compared with itself (the mean over a group's devices of after - before), which removes the differences
+between devices (a shift may hit some devices and not others, a small fleet's random cohort is rarely
+balanced, and pooling windows across unlike devices would bury the effect in their spread);
+subtracting the control's change removes what happened to everyone meanwhile. The variance of a
+window's estimate comes from the windows around their own device's mean, pooled. Without control
+devices it falls back to canary after - before, without a before period to canary vs control.
+A one-sided non-inferiority test (normal approximation) then decides: promote when the effect is
+significantly above ``-margin``, roll back when it is significantly below ``-margin``; hard limits on
+frame failures and p95 inference latency roll back at once; after ``max_windows`` still inconclusive,
+roll back (inconclusive is not good enough to reach every device).
 """
 
 from __future__ import annotations
@@ -27,6 +37,9 @@ class RolloutConfig(BaseModel):
     min_windows: int = Field(default=4, ge=2)
     """Canary windows (over all canary devices) before a decision."""
     max_windows: int = Field(default=40, ge=2)
+    max_wait_s: float = Field(default=3600.0, gt=0)
+    """A canary that has not sent ``min_windows`` windows this long after its release (its devices
+    crashed, went offline or never took it) is rolled back."""
     margin_points: float = Field(default=3.0, ge=0)
     """Non-inferiority margin on the estimated accuracy, in points."""
     alpha: float = Field(default=0.05, gt=0, lt=0.5)
@@ -57,10 +70,65 @@ def _p95(ws: Sequence[TelemetryWindow]) -> float | None:
     return float(np.percentile(values, 95)) if values else None
 
 
-def compare_canary(canary: Sequence[TelemetryWindow], control: Sequence[TelemetryWindow], cfg: RolloutConfig) -> CanaryVerdict:
-    """The decision for a canary given its windows and the control group's windows of the same period."""
-    ca = [a for w in canary if (a := _acc(w)) is not None]
-    co = [a for w in control if (a := _acc(w)) is not None]
+def _mean_var(values: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.var(ddof=1) / len(a)) if len(a) > 1 else 0.0
+
+
+def _per_device(ws: Sequence[TelemetryWindow]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for w in ws:
+        if (a := _acc(w)) is not None:
+            out.setdefault(w.device, []).append(a)
+    return out
+
+
+def _pooled_window_variance(cells: Sequence[Sequence[float]]) -> float | None:
+    """Variance of one window's estimate around its device's mean in the same period, pooled over cells."""
+    ss = sum(float(((np.asarray(c) - np.mean(c)) ** 2).sum()) for c in cells if len(c) > 1)
+    dof = sum(len(c) - 1 for c in cells if len(c) > 1)
+    return ss / dof if dof else None
+
+
+def _paired(after: dict[str, list[float]], before: dict[str, list[float]], s2: float) -> tuple[float, float] | None:
+    """Mean over devices of (after - before) and its variance: each device is compared with itself."""
+    both = [d for d in after if d in before]
+    if not both:
+        return None
+    deltas = [np.mean(after[d]) - np.mean(before[d]) for d in both]
+    var = sum(s2 * (1 / len(after[d]) + 1 / len(before[d])) for d in both) / len(both) ** 2
+    return float(np.mean(deltas)), var
+
+
+def _effect(canary: Sequence[TelemetryWindow], control: Sequence[TelemetryWindow],
+            canary_before: Sequence[TelemetryWindow], control_before: Sequence[TelemetryWindow],
+            ) -> tuple[float, float, str] | None:  # fmt: skip
+    """(effect, its variance, which comparison) from the strongest comparison the windows support."""
+    ca, co, cb, ob = (_per_device(ws) for ws in (canary, control, canary_before, control_before))
+    s2 = _pooled_window_variance([c for g in (ca, co, cb, ob) for c in g.values()])
+    if s2 is not None and (c := _paired(ca, cb, s2)) is not None:
+        if (o := _paired(co, ob, s2)) is not None:
+            return c[0] - o[0], c[1] + o[1], "difference in differences"
+        return c[0], c[1], "vs before"
+    flat_ca = [a for c in ca.values() for a in c]
+    flat_co = [a for c in co.values() for a in c]
+    if len(flat_ca) >= 2 and len(flat_co) >= 2:
+        (mc, vc), (mo, vo) = _mean_var(flat_ca), _mean_var(flat_co)
+        return mc - mo, vc + vo, "vs control"
+    return None
+
+
+def compare_canary(
+    canary: Sequence[TelemetryWindow],
+    control: Sequence[TelemetryWindow],
+    cfg: RolloutConfig,
+    canary_before: Sequence[TelemetryWindow] = (),
+    control_before: Sequence[TelemetryWindow] = (),
+) -> CanaryVerdict:
+    """The decision for a canary, from its windows and the control group's, after and before it started."""
+    groups = {name: [a for w in ws if (a := _acc(w)) is not None]
+              for name, ws in (("ca", canary), ("co", control), ("cb", canary_before), ("ob", control_before))}  # fmt: skip
+    ca, co = groups["ca"], groups["co"]
     v = CanaryVerdict("wait", canary_windows=len(ca), control_windows=len(co))
     v.canary_accuracy = float(np.mean(ca)) if ca else None
     v.control_accuracy = float(np.mean(co)) if co else None
@@ -69,29 +137,28 @@ def compare_canary(canary: Sequence[TelemetryWindow], control: Sequence[Telemetr
     if frames and failed / frames > cfg.max_failure_rate:
         v.decision, v.reasons = "rollback", [f"frame failure rate {failed / frames:.1%} > {cfg.max_failure_rate:.1%}"]
         return v
-    lat_c, lat_o = _p95(canary), _p95(control)
-    if lat_c is not None and lat_o is not None and lat_c > cfg.max_latency_ratio * lat_o:
+    lat_c, lat_o = _p95(canary), _p95(control)  # judged on min_windows: a swap's first window runs cold
+    if len(ca) >= cfg.min_windows and lat_c is not None and lat_o is not None and lat_c > cfg.max_latency_ratio * lat_o:
         v.decision, v.reasons = "rollback", [f"p95 inference {lat_c:.1f} ms > {cfg.max_latency_ratio:g} x control {lat_o:.1f} ms"]
         return v
-    if len(ca) < cfg.min_windows or len(co) < 2:
-        v.reasons = [f"waiting for windows: canary {len(ca)}/{cfg.min_windows}, control {len(co)}/2"]
+    effect_var_how = _effect(canary, control, canary_before, control_before)
+    if len(ca) < cfg.min_windows or effect_var_how is None:
+        v.reasons = [f"waiting for windows: canary {len(ca)}/{cfg.min_windows}, before {len(groups['cb'])}, "
+                     f"control {len(co)}"]  # fmt: skip
         return v
+    effect, var, how = effect_var_how
+    se = max(float(np.sqrt(var)), 1e-4)
     margin = cfg.margin_points / 100
-    # H0: canary <= control - margin. Shifting the canary by +margin turns it into a one-sided t-test.
-    p_ni = float(stats.ttest_ind(np.asarray(ca) + margin, co, equal_var=False, alternative="greater").pvalue)
-    p_worse = float(stats.ttest_ind(ca, co, equal_var=False, alternative="less").pvalue)
+    p_ni = float(stats.norm.sf((effect + margin) / se))  # H0: effect <= -margin
+    p_worse = float(stats.norm.cdf((effect + margin) / se))  # H0: effect >= -margin
     v.p_noninferior = p_ni
-    diff = (v.canary_accuracy - v.control_accuracy) * 100  # type: ignore[operator]
+    text = f"estimated accuracy effect {effect * 100:+.1f} points ({how}, {len(ca)} canary windows)"
     if p_ni < cfg.alpha:
-        v.decision = "promote"
-        v.reasons = [f"estimated accuracy {v.canary_accuracy:.1%} vs control {v.control_accuracy:.1%} "
-                     f"({diff:+.1f} points; non-inferior within {cfg.margin_points:g} points, p={p_ni:.3g})"]  # fmt: skip
-    elif p_worse < cfg.alpha and diff < -cfg.margin_points:
-        v.decision = "rollback"
-        v.reasons = [f"estimated accuracy {diff:+.1f} points vs control (p={p_worse:.3g})"]
+        v.decision, v.reasons = "promote", [f"{text}: non-inferior within {cfg.margin_points:g} points, p={p_ni:.3g}"]
+    elif p_worse < cfg.alpha:
+        v.decision, v.reasons = "rollback", [f"{text}: worse by more than {cfg.margin_points:g} points, p={p_worse:.3g}"]
     elif len(ca) >= cfg.max_windows:
-        v.decision = "rollback"
-        v.reasons = [f"inconclusive after {len(ca)} canary windows ({diff:+.1f} points, p={p_ni:.3g})"]
+        v.decision, v.reasons = "rollback", [f"{text}: inconclusive after {len(ca)} windows, p={p_ni:.3g}"]
     else:
-        v.reasons = [f"inconclusive so far ({diff:+.1f} points, p={p_ni:.3g})"]
+        v.reasons = [f"{text}: inconclusive so far, p={p_ni:.3g}"]
     return v
