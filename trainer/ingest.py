@@ -68,6 +68,8 @@ class IngestConfig:
     fleet: str
     group: str = "ingest"
     """Shared-subscription group; workers with the same group share the messages."""
+    shared: bool = True
+    """False for brokers without shared subscriptions (amqtt): a plain subscription, one worker."""
     index: int = 0
     """Worker number within the group; part of the stable client id."""
     client_id: str | None = None
@@ -291,7 +293,7 @@ class IngestWorker:
         self.client.connect_async(self._host, self._port, keepalive=self.config.keepalive_s)
         self.client.loop_start()
         log.info("ingest %s: %s -> %s (%s)", self.client_id, self.config.broker_url, self.store.dialect,
-                 ", ".join(subscription(self.config.group, self.config.fleet, k) for k in self.kinds))  # fmt: skip
+                 ", ".join(subscription(self.config.group, self.config.fleet, k, self.config.shared) for k in self.kinds))  # fmt: skip
         return self
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
@@ -342,7 +344,7 @@ class IngestWorker:
             self._gen += 1
             self._stats.connects += 1
         # Subscribing again is harmless in a kept session and required when the broker lost it.
-        client.subscribe([(subscription(self.config.group, self.config.fleet, k), 1) for k in self.kinds])
+        client.subscribe([(subscription(self.config.group, self.config.fleet, k, self.config.shared), 1) for k in self.kinds])
         log.info("ingest %s: connected (session present: %s)", self.client_id, flags.session_present)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, reason_codes: Any, _p: Any) -> None:

@@ -76,12 +76,14 @@ register_kind(Kind("sample", SampleMessage, write_samples, _check_sample))
 register_kind(Kind("update", UpdateEvent, write_update_events))
 
 
-def subscription(group: str, fleet: str, kind: str) -> str:
-    """The shared-subscription filter of one kind: ``$share/{group}/ef/v1/{fleet}/dev/+/{kind}``."""
+def subscription(group: str, fleet: str, kind: str, shared: bool = True) -> str:
+    """The shared-subscription filter of one kind: ``$share/{group}/ef/v1/{fleet}/dev/+/{kind}``
+    (without ``$share/{group}/`` for brokers that have no shared subscriptions: one worker only)."""
     for what, value in (("group", group), ("fleet", fleet)):
         if not _ID.match(value):
             raise ValueError(f"{what} {value!r} is not a valid identifier")
-    return f"$share/{group}/{TOPIC_ROOT}/{fleet}/dev/+/{kind}"
+    plain = f"{TOPIC_ROOT}/{fleet}/dev/+/{kind}"
+    return f"$share/{group}/{plain}" if shared else plain
 
 
 @dataclass(frozen=True, slots=True)
