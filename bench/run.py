@@ -23,7 +23,8 @@ EXTRA = {
     "ort_int8": "bench.ort_int8",
     "train": "bench.train_bench",
     "tuf_fanout": "bench.tuf_fanout",
-    "fleet": "bench.fleet_bench",
+    "ingest": "bench.ingest_bench",
+    "drift": "bench.drift_bench",
 }
 
 

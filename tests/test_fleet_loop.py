@@ -1,0 +1,231 @@
+"""The fleet loop: the labelling queue (CSV round trip), the service's failure paths, people overriding a
+canary, and the whole loop end to end (the fast demo: real broker, real agents, real training)."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_agent.config import MqttSettings
+from edge_agent.package import load_package
+from trainer.broker import MosquittoBroker
+from trainer.fleet.config import (
+    ReleaseServerSettings,
+    TrainerServiceConfig,
+    TrainingSettings,
+    load_service_config,
+)
+from trainer.fleet.labelling import LabelImportError, export_queue, field_dataset, import_labels
+from trainer.fleet.rollout import RolloutManager
+from trainer.fleet.rollout_policy import RolloutConfig
+from trainer.fleet.service import Timeline, TrainerService
+from trainer.release.repository import ReleaseRepository
+from trainer.release.tiny import build_tiny_package
+from trainer.store import Store
+
+LABELS = ["circle", "square", "triangle"]
+
+
+def _jpeg(seed: int) -> bytes:
+    img = np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", img)
+    assert ok
+    return bytes(buf)
+
+
+def _add_samples(store: Store, n: int, device: str = "cam-01") -> list[int]:
+    ids = []
+    for i in range(n):
+        sid = store.add_sample(fleet="f", device=device, ts=100.0 + i, consent_policy="blur-faces",
+                               sha256=f"{i:064x}", image=_jpeg(i), provenance={"reason": "low_confidence",
+                                                                                "top": [[i % 3, 0.4]]})  # fmt: skip
+        assert sid is not None
+        ids.append(sid)
+    return ids
+
+
+def test_labels_csv_round_trip_becomes_field_training_data(db_url: str, tmp_path: Path) -> None:
+    with Store(db_url) as store:
+        ids = _add_samples(store, 4)
+        out = tmp_path / "queue.csv"
+        assert export_queue(store, out, LABELS) == 4
+        rows = list(csv.DictReader(out.open()))
+        assert [int(r["sample_id"]) for r in rows] == ids
+        assert [r["predicted"] for r in rows] == ["circle", "square", "triangle", "circle"]
+        for r in rows:  # the exported images are the stored bytes
+            assert (tmp_path / r["image"]).read_bytes() == store.samples(ids=[int(r["sample_id"])])[0].image
+        rows[0]["label"], rows[2]["label"] = "square", "triangle"  # a person labels two of them
+        with out.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        assert import_labels(store, out, LABELS, "alice") == 2
+        assert [s.id for s in store.unlabelled_samples()] == [ids[1], ids[3]]
+        field = field_dataset(store, LABELS)
+        assert field.devices == {"cam-01": 2}
+        assert sorted(s.label for s in field.dataset.samples) == ["square", "triangle"]
+        assert all(s.meta["origin"] == "field" and s.meta["device"] == "cam-01" for s in field.dataset.samples)
+        assert field.dataset.samples[0].image.shape == (48, 64, 3)
+
+
+def test_labels_import_rejects_a_bad_file_whole(tmp_path: Path) -> None:
+    with Store(f"sqlite:///{tmp_path / 'db.sqlite'}") as store:
+        ids = _add_samples(store, 2)
+        bad = tmp_path / "bad.csv"
+        bad.write_text(f"sample_id,label\n{ids[0]},circle\n{ids[1]},hexagon\n")
+        with pytest.raises(LabelImportError, match=r"bad\.csv:3: unknown label 'hexagon'"):
+            import_labels(store, bad, LABELS, "bob")
+        assert store.count_labelled_samples() == 0  # the valid first row was not stored either
+        bad.write_text("id,label\n1,circle\n")
+        with pytest.raises(LabelImportError, match="missing column"):
+            import_labels(store, bad, LABELS, "bob")
+
+
+def _service_config(tmp_path: Path, broker_url: str, base_data: str) -> TrainerServiceConfig:
+    return TrainerServiceConfig(
+        fleet="loop", mqtt=MqttSettings(url=broker_url, client_id="trainer-test"),
+        db_url=f"sqlite:///{tmp_path / 'fleet.db'}", release=ReleaseServerSettings(repo=tmp_path / "repo", port=0),
+        training=TrainingSettings(base_data=base_data, model="tiny", work_dir=tmp_path / "work"), tick_s=0.2,
+    )  # fmt: skip
+
+
+def test_failed_retraining_raises_an_alert_and_the_champion_stays(tmp_path: Path, broker: MosquittoBroker) -> None:
+    champion = build_tiny_package(tmp_path / "v1", version="1.0.0", name="tiny")
+    cfg = _service_config(tmp_path, broker.url, base_data=str(tmp_path / "no-such-dataset"))
+    service = TrainerService(cfg, timeline=Timeline(echo=False)).start()
+    try:
+        service.release_initial(champion)
+        service._start_job("test: retrain now", ["cam-01"], time.time())
+        deadline = time.time() + 120
+        while not service.store.alerts(kind="retrain_failed") and time.time() < deadline:
+            time.sleep(0.5)
+        [alert] = service.store.alerts(kind="retrain_failed")
+        assert "no-such-dataset" in alert.message and "champion stays" in alert.message
+        assert service.champion is not None and service.champion.sha256 == champion.sha256
+        assert service.repo.current("stable", "loop", "tiny").package_sha256 == champion.sha256  # type: ignore[union-attr]
+        assert service.rollout is not None and service.rollout.active is None
+        assert service.errors == 0
+    finally:
+        service.stop()
+
+
+def test_a_person_aborting_the_canary_is_seen_by_the_service(tmp_path: Path) -> None:
+    """`edgefleet rollout abort` changes the store and the repository; the running service follows."""
+    store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    repo = ReleaseRepository.init(tmp_path / "repo")
+    v1 = build_tiny_package(tmp_path / "v1", version="1.0.0", name="tiny")
+    v2 = build_tiny_package(tmp_path / "v2", version="2.0.0", name="tiny")
+    service_side = RolloutManager(store, repo, None, fleet="f", model="tiny", cfg=RolloutConfig())
+    service_side.release_stable(v1)
+    service_side.start_canary(v2, v1.sha256)
+    assert service_side.poll(time.time()) is None  # no evidence yet: waits
+    person = RolloutManager(store, repo, None, fleet="f", model="tiny", cfg=RolloutConfig())
+    person.active = service_side.active
+    person.rollback("looks wrong on the loading dock", actor="alice")
+    outcome = service_side.poll(time.time())
+    assert outcome is not None and outcome.decision == "rollback" and "by hand" in outcome.reasons[0]
+    assert service_side.active is None
+    assert repo.current("canary", "f", "tiny").package_sha256 == v1.sha256  # type: ignore[union-attr]
+    store.close()
+
+
+def test_a_silent_canary_is_rolled_back(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    repo = ReleaseRepository.init(tmp_path / "repo")
+    v1 = build_tiny_package(tmp_path / "v1", version="1.0.0", name="tiny")
+    v2 = build_tiny_package(tmp_path / "v2", version="2.0.0", name="tiny")
+    mgr = RolloutManager(store, repo, None, fleet="f", model="tiny", cfg=RolloutConfig(max_wait_s=60))
+    mgr.release_stable(v1)
+    started = mgr.start_canary(v2, v1.sha256).started
+    assert mgr.poll(started + 30) is None
+    outcome = mgr.poll(started + 61)
+    assert outcome is not None and outcome.decision == "rollback" and "silent" in outcome.reasons[0]
+    assert [r.state for r in store.rollouts("f")][-1] == "rolled_back"
+    store.close()
+
+
+def test_service_config_file_errors_name_the_field(tmp_path: Path) -> None:
+    from edge_agent.errors import ConfigError
+
+    p = tmp_path / "trainer.yaml"
+    p.write_text("fleet: f\nmqtt: {url: 'mqtt://127.0.0.1:1883'}\nrelease: {repo: r}\ntraining: {base_data: d}\n"
+                 "rollout: {canary_share: 2}\n")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"rollout\.canary_share"):
+        load_service_config(p)
+    example = Path(__file__).resolve().parents[1] / "deploy" / "trainer.yaml"
+    assert load_service_config(example).fleet  # the shipped example stays valid
+
+
+def test_fleet_loop_end_to_end_fast_demo(tmp_path: Path, broker: MosquittoBroker) -> None:
+    """drift on the shifted devices -> labels -> retrain -> canary -> promote, in that order; v2 is truly
+    better than v1 on the shifted devices (simulator ground truth against the devices' predictions)."""
+    from trainer.fleet.demo import DemoSettings, run_demo
+
+    summary = run_demo(DemoSettings.fast(), tmp_path / "demo")
+    kinds = [e["kind"] for e in summary["timeline"]]
+    order = ["release", "fleet_on_v1", "shift", "retrain_started", "retrain_done", "canary_started",
+             "rollout_promoted", "fleet_on_v2"]  # fmt: skip
+    positions = [kinds.index(k) for k in order]
+    assert positions == sorted(positions), kinds
+    shifted = set(summary["shifted"])
+    drift_on_shifted = [e for e in summary["timeline"] if e["kind"] == "drift" and e.get("device") in shifted]
+    assert drift_on_shifted, "no drift alert for a shifted device"
+    assert not [e for e in summary["timeline"] if e["kind"] == "drift" and e.get("device") not in shifted | {None}]
+    phases = {row["phase"]: row for row in summary["phases"]}
+    v1_after = phases["v1 after shift"]["shifted"]["true"]
+    v2 = next(row for name, row in phases.items() if name.endswith("everywhere"))["shifted"]["true"]
+    assert v2 > v1_after + 0.03, (v1_after, v2)
+    assert summary["service_errors"] == 0
+    assert load_package(next((tmp_path / "demo" / "trainer").glob("retrain-*/package"))).manifest.reference is not None
+
+
+def test_drift_service_assesses_every_window_whatever_its_phase_in_the_slot(tmp_path: Path) -> None:
+    """Windows are slotted by their end: a device whose windows start late in a slot (still running when
+    a start-based slot would be assessed) is assessed in every slot, and its shift is flagged at once."""
+    from edge_agent.protocol import FrameCounts, Histogram, ModelRef, TelemetryWindow
+    from trainer.fleet.drift_service import DriftService
+
+    pkg = build_tiny_package(tmp_path / "m", version="1.0.0", name="tiny")
+    ref = pkg.manifest.reference
+    assert ref is not None
+    rng = np.random.default_rng(0)
+    model = ModelRef(name="tiny", version="1.0.0", sha256=pkg.sha256)
+
+    def window(device: str, seq: int, start: float, dark: bool) -> TelemetryWindow:
+        hists = {}
+        for f, h in ref.histograms.items():
+            p = np.asarray(h.counts, float) + 0.5
+            if dark and f == "brightness":
+                p = np.zeros_like(p)
+                p[:2] = 1.0  # every frame in the darkest bins
+            hists[f] = Histogram(edges=h.edges, counts=rng.multinomial(200, p / p.sum()).tolist())
+        classes = rng.multinomial(200, np.asarray(ref.class_prior) / sum(ref.class_prior))
+        return TelemetryWindow(fleet="f", device=device, session=1, seq=seq, start=start, end=start + 10, model=model,
+                               agent_version="t", frames=FrameCounts(captured=200, inferred=200),
+                               class_counts={i: int(c) for i, c in enumerate(classes) if c}, histograms=hists)  # fmt: skip
+
+    with Store(f"sqlite:///{tmp_path / 'fleet.db'}") as store:
+        store.register_package(pkg)
+        t0 = 1_000_000.0
+        phases = {"early": 1.0, "late": 9.0}  # seconds into each 10 s slot at which the device's windows start
+        shift_seq = 6
+        pending = sorted((window(d, k, t0 + 10 * k + ph, dark=k >= shift_seq) for d, ph in phases.items()
+                          for k in range(10)), key=lambda w: w.end)  # fmt: skip
+        service = DriftService(store, "f", slot_s=10.0, grace_s=2.0, start=t0)
+        events = []
+        for now in np.arange(t0, t0 + 125, 1.0):  # windows arrive 1 s after they end; the service polls each second
+            while pending and pending[0].end + 1 <= now:
+                store.add_windows([pending.pop(0)])
+            events += service.poll(float(now))
+        assert service.assessed >= 2 * 9  # every window of both devices (plus the fleet merges)
+        drift_at = {e.transition.key: e.slot_start for e in events if e.transition.new == "drift"}
+        for device, phase in phases.items():
+            first_dark_end = t0 + 10 * shift_seq + phase + 10
+            assert device in drift_at, events
+            assert drift_at[device] <= first_dark_end + 10, (device, drift_at[device] - first_dark_end)  # 2 windows
+        assert all(e.transition.key in phases or e.transition.key == "fleet" for e in events)

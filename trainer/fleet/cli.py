@@ -1,0 +1,153 @@
+"""CLI groups of the fleet loop: ``trainer serve``, ``labels``, ``rollout`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import signal
+import threading
+from pathlib import Path
+
+
+def register_trainer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trainer", help="the trainer service (ingest, drift, retraining, rollout, releases)")
+    tsub = p.add_subparsers(dest="trainer_cmd", required=True)
+    s = tsub.add_parser("serve", help="run the service until SIGTERM")
+    s.add_argument("--config", required=True, help="trainer YAML (see deploy/trainer.yaml)")
+    s.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from trainer.fleet.config import load_service_config
+    from trainer.fleet.service import TrainerService
+
+    cfg = load_service_config(args.config)
+    labeller = None
+    if cfg.labeller == "oracle":
+        from trainer.fleet.simulator import oracle_label
+
+        labeller = oracle_label
+    service = TrainerService(cfg, labeller=labeller).start()
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    service.stop()
+    return 0
+
+
+def register_labels(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("labels", help="the labelling queue of sample frames")
+    lsub = p.add_subparsers(dest="labels_cmd", required=True)
+    e = lsub.add_parser("export", help="write unlabelled samples to a CSV (images beside it)")
+    e.add_argument("--db", required=True, help="the trainer's database URL")
+    e.add_argument("--package", required=True, help="the model package whose labels apply")
+    e.add_argument("--out", required=True)
+    e.add_argument("--limit", type=int)
+    e.set_defaults(func=_export)
+    i = lsub.add_parser("import", help="store the labels filled in a queue CSV")
+    i.add_argument("csv")
+    i.add_argument("--db", required=True)
+    i.add_argument("--package", required=True)
+    i.add_argument("--labeller", default=None, help="who labelled (default: the current user)")
+    i.set_defaults(func=_import)
+
+
+def _labels_of(package: str) -> list[str]:
+    from edge_agent.package import load_package
+
+    return list(load_package(package).manifest.labels)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from trainer.fleet.labelling import export_queue
+    from trainer.store import Store
+
+    with Store(args.db) as store:
+        n = export_queue(store, Path(args.out), _labels_of(args.package), args.limit)
+    print(f"wrote {n} unlabelled samples to {args.out}; fill in the label column, then `edgefleet labels import`")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from trainer.fleet.labelling import import_labels
+    from trainer.store import Store
+
+    with Store(args.db) as store:
+        n = import_labels(store, Path(args.csv), _labels_of(args.package), args.labeller or getpass.getuser())
+    print(f"stored {n} labels")
+    return 0
+
+
+def register_rollout(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rollout", help="staged rollouts: status, promote, abort")
+    rsub = p.add_subparsers(dest="rollout_cmd", required=True)
+    for name, helptext in (("status", "rollouts and their state"), ("promote", "promote the running canary to stable"),
+                           ("abort", "roll the canary cohort back onto the champion")):  # fmt: skip
+        r = rsub.add_parser(name, help=helptext)
+        r.add_argument("--db", required=True)
+        r.add_argument("--repo", required=True)
+        r.add_argument("--fleet", required=True)
+        r.add_argument("--model", default="shapes")
+        if name != "status":
+            r.add_argument("--reason", required=True)
+            r.add_argument("--broker", help="send the release hint through this broker")
+        r.set_defaults(func=_rollout, rollout_action=name)
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    from trainer.fleet.rollout import ActiveRollout, RolloutManager
+    from trainer.fleet.rollout_policy import RolloutConfig
+    from trainer.release.repository import ReleaseRepository
+    from trainer.store import Store
+
+    repo = ReleaseRepository(args.repo)
+    with Store(args.db) as store:
+        rollouts = store.rollouts(args.fleet)
+        if args.rollout_action == "status":
+            for r in rollouts:
+                print(json.dumps({"id": r.id, "release_id": r.release_id, "cohort": r.cohort, "state": r.state,
+                                  "started_at": r.started_at, "updated_at": r.updated_at}))  # fmt: skip
+            return 0
+        active = [r for r in rollouts if r.state == "active" and (r.cohort or "").startswith("canary")]
+        if not active:
+            print("no canary is running")
+            return 1
+        canary = repo.current("canary", args.fleet, args.model)
+        stable = repo.current("stable", args.fleet, args.model)
+        if canary is None or stable is None or canary.cohort is None:
+            print("the repository has no canary release with a cohort for this model")
+            return 1
+        publisher = None
+        if args.broker:
+            from edge_agent.config import MqttSettings
+            from trainer.fleet.messaging import FleetPublisher
+
+            publisher = FleetPublisher(MqttSettings(url=args.broker), args.fleet)
+        mgr = RolloutManager(store, repo, publisher, fleet=args.fleet, model=args.model, cfg=RolloutConfig())
+        mgr.active = ActiveRollout(active[-1].id, canary, canary.package_sha256, stable.package_sha256, canary.cohort,
+                                   active[-1].started_at, canary.version)  # fmt: skip
+        actor = getpass.getuser()
+        out = mgr.promote(args.reason, actor=actor) if args.rollout_action == "promote" else mgr.rollback(args.reason, actor=actor)
+        print(f"{out.decision}: release {out.release.release} on {out.release.channel}")
+        if publisher:
+            publisher.close()
+    return 0
+
+
+def register_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole fleet loop on this machine, with measured numbers")
+    p.add_argument("--fast", action="store_true", help="a smaller version (CI)")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--embedded-broker", action="store_true", help="use the embedded amqtt broker, not mosquitto")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from trainer.fleet.demo import main
+
+    argv = ["--fast"] if args.fast else []
+    argv += ["--workdir", args.workdir] if args.workdir else []
+    argv += ["--embedded-broker"] if args.embedded_broker else []
+    return main(argv)

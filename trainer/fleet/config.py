@@ -1,0 +1,88 @@
+"""Trainer service configuration (``edgefleet trainer serve --config trainer.yaml``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edge_agent.config import MqttSettings
+from edge_agent.errors import ConfigError
+from edge_agent.protocol import Identifier
+from trainer.drift.detector import DriftConfig
+from trainer.fleet.retrain_policy import RetrainPolicyConfig
+from trainer.fleet.rollout_policy import RolloutConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ReleaseServerSettings(_Strict):
+    repo: Path
+    """The TUF repository directory (created with ``edgefleet release init`` if missing)."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_url: str | None = None
+    """The URL devices use (default: http://host:port)."""
+
+
+class TrainingSettings(_Strict):
+    base_data: str
+    """The original training data: an ImageFolder directory or ``builtin:NAME``."""
+    model: str = Field(default="shapes", min_length=1, max_length=64)
+    min_field_gain: float = Field(default=3.0, ge=0)
+    """Points a retrained candidate must gain over the champion on the field slice."""
+    train: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the training config (epochs, formats, robustness, gate rules...)."""
+    work_dir: Path = Path("build/trainer")
+
+    @field_validator("train")
+    @classmethod
+    def _valid_training_config(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """A typo here would otherwise surface hours later, when drift first triggers a retraining."""
+        from trainer.pipeline import TrainConfig
+
+        TrainConfig.model_validate(v)
+        return v
+
+
+class TrainerServiceConfig(_Strict):
+    fleet: Identifier
+    mqtt: MqttSettings
+    db_url: str = "sqlite:///build/trainer/fleet.db"
+    ingest_workers: int = Field(default=1, ge=1, le=16)
+    shared_subscription: bool = True
+    """Ingest through an MQTT shared subscription (mosquitto, EMQX, HiveMQ); False for brokers without
+    them (the demo's embedded amqtt), which allows one ingest worker only."""
+    release: ReleaseServerSettings
+    training: TrainingSettings
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    slot_s: float = Field(default=60.0, gt=0)
+    """Drift steps assess windows by slots of this length (match the devices' window length)."""
+    grace_s: float = Field(default=15.0, ge=0)
+    """How long after a slot ends its windows are assessed (publish + ingest latency)."""
+    retrain: RetrainPolicyConfig = Field(default_factory=RetrainPolicyConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    labeller: Literal["human", "oracle"] = "human"
+    """``oracle`` labels samples with the fleet simulator's ground truth (simulation only)."""
+    sample_minutes: float = Field(default=30.0, gt=0)
+    """How long a drifting device samples frames uniformly (the ``sample`` command)."""
+    tick_s: float = Field(default=2.0, gt=0)
+
+
+def load_service_config(path: str | Path) -> TrainerServiceConfig:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+    try:
+        return TrainerServiceConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = ["{}: {}".format(".".join(str(x) for x in e["loc"]) or "<root>", e["msg"]) for e in exc.errors()]
+        raise ConfigError(f"{p}: " + "; ".join(problems)) from None

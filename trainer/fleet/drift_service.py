@@ -1,0 +1,137 @@
+"""Drift monitoring over stored telemetry: time slots -> per-model steps -> device and fleet states.
+
+Windows are processed by time slot (``slot_s`` seconds of window *end* time: a window is complete when
+it ends) once the slot is ``grace_s`` old (the publish and ingest latency), so every device's window of
+that period is assessed in the same step (Benjamini-Hochberg runs across devices) together with the
+fleet-wide merge. A window that arrives after its slot was assessed (spooled through an outage) is
+stored but not assessed: drift is about the present. Each model has its own monitor
+against its own reference from model.json. The service keeps, per device, the recent drift states and
+the label-free accuracy estimate that the retraining policy reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from edge_agent.protocol import FrameCounts, Histogram, TelemetryWindow
+from edge_agent.reference import ReferenceStats
+from edge_agent.telemetry.merge import merge_windows
+from trainer.drift.detector import DriftConfig, DriftMonitor, Transition
+from trainer.drift.estimate import estimate_accuracy
+from trainer.fleet.retrain_policy import DeviceHealth
+from trainer.store import Store
+
+log = logging.getLogger(__name__)
+FLEET_KEY = "fleet"
+
+
+def merge_to_window(windows: list[TelemetryWindow], device: str) -> TelemetryWindow:
+    """Several windows of one model as one (exact sums), for a slot holding more than one."""
+    if len(windows) == 1:
+        return windows[0]
+    s = merge_windows(windows)
+    first = windows[0]
+    inferred = s.frames.inferred
+    conf = sum((w.confidence_mean or 0.0) * w.frames.inferred for w in windows)
+    atc = None if any(w.atc_above is None for w in windows) else sum(w.atc_above or 0 for w in windows)
+    return TelemetryWindow(
+        fleet=first.fleet, device=device, session=first.session, seq=first.seq, start=s.start or first.start,
+        end=s.end or first.end, model=first.model, agent_version=first.agent_version,
+        frames=FrameCounts(**s.frames.model_dump()), class_counts=dict(s.class_counts),
+        histograms={k: Histogram(edges=h.edges, counts=h.counts) for k, h in s.histograms.items()},
+        confidence_mean=conf / inferred if inferred else None, atc_above=atc,
+    )  # fmt: skip
+
+
+@dataclass
+class DriftEvent:
+    """A state change of a device (or of the fleet) for one model."""
+
+    slot_start: float
+    model_sha256: str
+    transition: Transition
+
+
+@dataclass
+class _DeviceTrack:
+    states: deque[bool] = field(default_factory=lambda: deque(maxlen=12))
+    windows: deque[TelemetryWindow] = field(default_factory=lambda: deque(maxlen=6))
+
+
+class DriftService:
+    """Feeds stored windows to per-model drift monitors, slot by slot."""
+
+    def __init__(self, store: Store, fleet: str, cfg: DriftConfig | None = None, *, slot_s: float = 60.0,
+                 grace_s: float = 15.0, start: float = 0.0) -> None:  # fmt: skip
+        self.store = store
+        self.fleet = fleet
+        self.cfg = cfg or DriftConfig()
+        self.slot_s = slot_s
+        self.grace_s = grace_s
+        self.next_slot = math.floor(start / slot_s) * slot_s if start else None
+        self.monitors: dict[str, DriftMonitor] = {}
+        self._references: dict[str, ReferenceStats | None] = {}
+        self.tracks: dict[str, dict[str, _DeviceTrack]] = defaultdict(lambda: defaultdict(_DeviceTrack))
+        self.assessed = 0
+
+    def _reference(self, sha: str) -> ReferenceStats | None:
+        if sha not in self._references:
+            manifest = self.store.manifest(sha)
+            self._references[sha] = manifest.reference if manifest else None
+            if self._references[sha] is None:
+                log.warning("model %s has no reference statistics: its windows are not assessed", sha[:12])
+        return self._references[sha]
+
+    def poll(self, now: float) -> list[DriftEvent]:
+        """Assess every slot that has closed since the last call."""
+        events: list[DriftEvent] = []
+        if self.next_slot is None:
+            first = self.store.windows(fleet=self.fleet, limit=1)
+            if not first:
+                return events
+            self.next_slot = math.floor(first[0].end / self.slot_s) * self.slot_s
+        while self.next_slot + self.slot_s + self.grace_s <= now:
+            start = self.next_slot
+            events += self._slot(start, self.store.windows(fleet=self.fleet, since=start, until=start + self.slot_s, ended=True))
+            self.next_slot = start + self.slot_s
+        return events
+
+    def _slot(self, start: float, windows: Iterable[TelemetryWindow]) -> list[DriftEvent]:
+        by_model: dict[str, dict[str, list[TelemetryWindow]]] = defaultdict(lambda: defaultdict(list))
+        for w in windows:
+            by_model[w.model.sha256][w.device].append(w)
+        events = []
+        for sha, per_device in by_model.items():
+            ref = self._reference(sha)
+            if ref is None:
+                continue
+            step = {d: merge_to_window(ws, d) for d, ws in per_device.items()}
+            if len(step) > 1:
+                step[FLEET_KEY] = merge_to_window(list(step.values()), FLEET_KEY)
+            monitor = self.monitors.setdefault(sha, DriftMonitor(self.cfg))
+            try:
+                assessments, transitions = monitor.step(step, ref)
+            except ValueError as exc:  # bins that do not match the reference: a bad window, not a crash
+                log.warning("slot %.0f, model %s: %s", start, sha[:12], exc)
+                continue
+            self.assessed += len(assessments)
+            for d, w in step.items():
+                if d == FLEET_KEY:
+                    continue
+                t = self.tracks[sha][d]
+                t.states.append(monitor.state(d) == "drift")
+                t.windows.append(w)
+            events += [DriftEvent(start, sha, t) for t in transitions]
+        return events
+
+    def health(self, sha: str, recent: int = 3) -> dict[str, DeviceHealth]:
+        """Recent drift states and ATC estimates of every device running model ``sha``."""
+        out = {}
+        for d, t in self.tracks.get(sha, {}).items():
+            est = estimate_accuracy(list(t.windows)[-recent:])
+            out[d] = DeviceHealth(tuple(t.states), est.atc)
+        return out

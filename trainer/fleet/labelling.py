@@ -1,0 +1,116 @@
+"""The labelling queue: sample frames from devices -> labels (people via CSV, or the simulator's oracle).
+
+``edgefleet labels export --out queue.csv`` writes the unlabelled samples (with their images beside the
+CSV) for people to fill in the ``label`` column; ``edgefleet labels import queue.csv`` reads it back.
+Every label records who gave it. Labelled samples become training data with their provenance (device,
+time, model, consent policy, sha256) carried into the dataset manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from trainer.data.dataset import Dataset, sample_from_image
+from trainer.store import Store
+
+CSV_FIELDS = ("sample_id", "device", "ts", "reason", "predicted", "image", "label")
+
+
+class LabelImportError(ValueError):
+    """A labels CSV row is invalid; the message names the file, the line and the problem."""
+
+
+def _provenance(sample: Any) -> dict[str, Any]:
+    try:
+        return json.loads(sample.provenance) if sample.provenance else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def export_queue(store: Store, out_csv: Path, labels: Sequence[str], limit: int | None = None) -> int:
+    """Write the unlabelled samples to ``out_csv`` (images in ``<csv stem>_images/``); returns how many."""
+    images = out_csv.with_name(out_csv.stem + "_images")
+    images.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(out_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for s in store.unlabelled_samples(limit):
+            prov = _provenance(s)
+            name = f"{s.id:06d}-{s.sha256[:12]}.jpg"
+            if s.image is not None:
+                (images / name).write_bytes(s.image)
+            top = prov.get("top") or []
+            predicted = labels[top[0][0]] if top and 0 <= top[0][0] < len(labels) else ""
+            w.writerow([s.id, s.device, f"{s.ts:.3f}", prov.get("reason", ""), predicted, f"{images.name}/{name}", ""])
+            n += 1
+    return n
+
+
+def import_labels(store: Store, csv_path: Path, labels: Sequence[str], labeller: str) -> int:
+    """Store the labels filled in a queue CSV; empty labels are skipped, unknown ones are an error."""
+    known = set(labels)
+    rows = []
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"sample_id", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise LabelImportError(f"{csv_path}: missing column(s) {sorted(missing)}")
+        for line, row in enumerate(reader, start=2):
+            label = (row.get("label") or "").strip()
+            if not label:
+                continue
+            if label not in known:
+                raise LabelImportError(f"{csv_path}:{line}: unknown label {label!r} (labels: {', '.join(labels)})")
+            try:
+                rows.append((int(row["sample_id"]), label))
+            except ValueError:
+                raise LabelImportError(f"{csv_path}:{line}: sample_id {row['sample_id']!r} is not a number") from None
+    for sample_id, label in rows:  # validated first: a bad file stores nothing
+        store.add_label(sample_id, label, source="human", labeller=labeller)
+    return len(rows)
+
+
+def label_with(store: Store, labeller: Callable[[dict[str, Any]], str | None], name: str, limit: int | None = None) -> int:
+    """Label the queue with a function of each sample's provenance (the simulator's oracle)."""
+    n = 0
+    for s in store.unlabelled_samples(limit):
+        label = labeller({**_provenance(s), "device": s.device})
+        if label is not None:
+            store.add_label(s.id, label, source="oracle", labeller=name)
+            n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class FieldData:
+    dataset: Dataset
+    devices: dict[str, int]
+
+
+def field_dataset(store: Store, labels: Sequence[str], *, since: float | None = None,
+                  devices: set[str] | None = None) -> FieldData:  # fmt: skip
+    """Labelled field samples as a dataset (``origin=field`` slice), newest label per sample wins."""
+    newest: dict[int, str] = {}
+    for lab in store.labels():
+        newest[lab.sample_id] = lab.label
+    samples = []
+    per_device: dict[str, int] = {}
+    for s in store.samples(ids=list(newest)):
+        if (since is not None and s.ts < since) or (devices is not None and s.device not in devices) or s.image is None:
+            continue
+        img = cv2.imdecode(np.frombuffer(s.image, np.uint8), cv2.IMREAD_COLOR)
+        if img is None or newest[s.id] not in labels:
+            continue
+        samples.append(sample_from_image(img, newest[s.id], source=f"field:{s.device}", licence=s.consent_policy,
+                                         meta={"origin": "field", "device": s.device}))  # fmt: skip
+        per_device[s.device] = per_device.get(s.device, 0) + 1
+    return FieldData(Dataset(labels=list(labels), samples=samples, origin="field samples"), per_device)

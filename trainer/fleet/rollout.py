@@ -1,0 +1,158 @@
+"""Staged rollout: canary release to a cohort, canary vs control analysis, promotion or roll-forward.
+
+The cohort is signed into the canary release (``edge_agent.updater.cohort``): devices with
+``update.channel: auto`` in it take the candidate, the rest keep the champion and are the control
+group. Each poll compares the cohort's windows on the candidate with the control group's windows on
+the champion since the canary started (:func:`~trainer.fleet.rollout_policy.compare_canary`). A canary
+device reporting ``rolled_back`` (its own health window failed, or it crashed mid-trial) aborts the
+rollout. People can promote or abort at any time (``edgefleet rollout promote | abort``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from edge_agent.package import ModelPackage
+from edge_agent.protocol import TelemetryWindow
+from edge_agent.updater.cohort import Cohort, in_cohort
+from trainer.fleet.messaging import FleetPublisher
+from trainer.fleet.rollout_policy import CanaryVerdict, RolloutConfig, compare_canary
+from trainer.release.repository import ReleaseRecord, ReleaseRepository
+from trainer.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActiveRollout:
+    rollout_id: int
+    release: ReleaseRecord
+    candidate_sha256: str
+    champion_sha256: str
+    cohort: Cohort
+    started: float
+    version: str
+
+
+@dataclass
+class RolloutOutcome:
+    decision: Literal["promote", "rollback"]
+    reasons: list[str]
+    release: ReleaseRecord
+    verdict: CanaryVerdict | None = None
+
+
+class RolloutManager:
+    """Runs at most one canary at a time for one model of one fleet."""
+
+    def __init__(self, store: Store, repo: ReleaseRepository, publisher: FleetPublisher | None, *, fleet: str,
+                 model: str, cfg: RolloutConfig, repo_url: str | None = None, lookback_s: float = 120.0) -> None:  # fmt: skip
+        self.store, self.repo, self.publisher = store, repo, publisher
+        self.fleet, self.model, self.cfg, self.repo_url = fleet, model, cfg, repo_url
+        self.active: ActiveRollout | None = None
+        self.lookback_s = lookback_s
+        """The "before" period of the canary analysis: the champion's windows this long before the canary."""
+
+    def _announce(self, rec: ReleaseRecord) -> None:
+        if self.publisher is not None:
+            self.publisher.hint(rec.hint(self.repo_url))
+
+    def release_stable(self, package: ModelPackage, actor: str = "trainer") -> ReleaseRecord:
+        """Publish a model to every device (the first release of a fleet)."""
+        self.store.register_package(package, actor=actor)
+        rec = self.repo.publish(package.root, channel="stable", fleet=self.fleet)
+        rid = self.store.record_release(fleet=self.fleet, channel="stable", model_sha256=package.sha256, actor=actor,
+                                        details={"release": rec.release, "version": package.manifest.version})  # fmt: skip
+        self.store.record_rollout(release_id=rid, fleet=self.fleet, actor=actor, state="done", cohort="all")
+        self._announce(rec)
+        return rec
+
+    def start_canary(self, package: ModelPackage, champion_sha256: str, actor: str = "trainer") -> ActiveRollout:
+        """Publish ``package`` on the canary channel to the configured share of the fleet."""
+        if self.active is not None:
+            raise RuntimeError(f"a canary ({self.active.version}) is already running")
+        cohort = Cohort.of_share(self.cfg.canary_share, self.fleet)
+        self.store.register_package(package, actor=actor)
+        rec = self.repo.publish(package.root, channel="canary", fleet=self.fleet, cohort=cohort)
+        rid = self.store.record_release(fleet=self.fleet, channel="canary", model_sha256=package.sha256, actor=actor,
+                                        details={"release": rec.release, "version": package.manifest.version,
+                                                 "cohort_bp": cohort.share_bp})  # fmt: skip
+        roll = self.store.record_rollout(release_id=rid, fleet=self.fleet, actor=actor, cohort=f"canary:{cohort.share_bp}bp")
+        self.active = ActiveRollout(roll, rec, package.sha256, champion_sha256, cohort, time.time(), package.manifest.version)
+        self._announce(rec)
+        return self.active
+
+    def cohort_devices(self, devices: list[str]) -> list[str]:
+        return [d for d in devices if self.active and in_cohort(d, self.active.cohort)]
+
+    def poll(self, now: float) -> RolloutOutcome | None:
+        """Decide on the running canary if the evidence allows; returns what was done."""
+        a = self.active
+        if a is None:
+            return None
+        by_hand = self._decided_elsewhere(a)
+        if by_hand is not None:
+            return by_hand
+        crashed = [e for e in self.store.update_events(since=a.started, state="rolled_back")
+                   if e.release == a.release.release]  # fmt: skip
+        if crashed:
+            devices = sorted({e.device for e in crashed})
+            return self.rollback(f"canary device(s) rolled back on their own: {', '.join(devices)}", actor="trainer")
+        def split(ws: list[TelemetryWindow]) -> tuple[list[TelemetryWindow], list[TelemetryWindow]]:
+            return [w for w in ws if in_cohort(w.device, a.cohort)], [w for w in ws if not in_cohort(w.device, a.cohort)]
+
+        canary, _ = split(self.store.windows(fleet=self.fleet, model_sha256=a.candidate_sha256, since=a.started))
+        _, control = split(self.store.windows(fleet=self.fleet, model_sha256=a.champion_sha256, since=a.started))
+        canary_before, control_before = split(self.store.windows(
+            fleet=self.fleet, model_sha256=a.champion_sha256, since=a.started - self.lookback_s, until=a.started))
+        verdict = compare_canary(canary, control, self.cfg, canary_before, control_before)
+        if verdict.decision == "promote":
+            return self.promote("; ".join(verdict.reasons), actor="trainer", verdict=verdict)
+        if verdict.decision == "rollback":
+            return self.rollback("; ".join(verdict.reasons), actor="trainer", verdict=verdict)
+        if verdict.canary_windows < self.cfg.min_windows and now - a.started > self.cfg.max_wait_s:
+            return self.rollback(f"only {verdict.canary_windows} canary window(s) {now - a.started:.0f} s after the "
+                                 "release: the canary devices are silent", actor="trainer", verdict=verdict)  # fmt: skip
+        return None
+
+    def _decided_elsewhere(self, a: ActiveRollout) -> RolloutOutcome | None:
+        """A person promoted or aborted this canary (``edgefleet rollout``) since the last poll."""
+        row = next((r for r in self.store.rollouts(self.fleet) if r.id == a.rollout_id), None)
+        if row is None or row.state == "active":
+            return None
+        self.active = None
+        channel = "stable" if row.state == "promoted" else "canary"
+        rec = self.repo.current(channel, self.fleet, self.model) or a.release
+        decision: Literal["promote", "rollback"] = "promote" if row.state == "promoted" else "rollback"
+        return RolloutOutcome(decision, [f"{row.state} by hand (edgefleet rollout)"], rec)
+
+    def promote(self, reason: str, *, actor: str, verdict: CanaryVerdict | None = None) -> RolloutOutcome:
+        a = self._require_active()
+        rec = self.repo.promote(self.fleet, self.model)
+        rid = self.store.record_release(fleet=self.fleet, channel="stable", model_sha256=a.candidate_sha256, actor=actor,
+                                        details={"release": rec.release, "promoted_from": a.release.release})  # fmt: skip
+        self.store.record_rollout(release_id=rid, fleet=self.fleet, actor=actor, state="done", cohort="all")
+        self.store.set_rollout_state(a.rollout_id, "promoted", actor=actor, reason=reason)
+        self._announce(rec)
+        self.active = None
+        return RolloutOutcome("promote", [reason], rec, verdict)
+
+    def rollback(self, reason: str, *, actor: str, verdict: CanaryVerdict | None = None) -> RolloutOutcome:
+        """Roll the canary cohort forward onto the champion's artifact (a new, higher release)."""
+        a = self._require_active()
+        champion = max((r for r in self.repo.releases()
+                        if r.fleet == self.fleet and r.model == self.model and r.package_sha256 == a.champion_sha256),
+                       key=lambda r: r.release, default=None)  # fmt: skip
+        rec = self.repo.rollback(self.fleet, self.model, "canary", to_release=champion.release if champion else None)
+        self.store.set_rollout_state(a.rollout_id, "rolled_back", actor=actor, reason=reason)
+        self._announce(rec)
+        self.active = None
+        return RolloutOutcome("rollback", [reason], rec, verdict)
+
+    def _require_active(self) -> ActiveRollout:
+        if self.active is None:
+            raise RuntimeError("no canary is running")
+        return self.active

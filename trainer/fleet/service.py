@@ -1,0 +1,305 @@
+"""The trainer service: ingest, drift, labelling, retraining, staged rollout and the release server.
+
+Workflow of one control-loop tick (every ``tick_s``)::
+
+    drift: assess closed time slots of stored windows -> alerts; a drifting device is asked to sample
+    labels: the oracle (simulation) labels the queue; people use `edgefleet labels export/import`
+    retrain: persistent drift or an ATC drop + enough labels + cooldown -> a retraining job (own process)
+             finished job -> gate passed: canary release to a cohort | gate failed or crashed: alert
+    rollout: canary vs control -> promote to stable | roll the cohort forward onto the champion
+
+Everything it does is stored (alerts, releases, rollouts, audit log), published on the ``alert`` topic
+and appended to a :class:`Timeline` that the demo prints.
+
+    service = TrainerService(load_service_config("trainer.yaml")).start()
+    service.release_initial(load_package("build/models/v1"))   # or: edgefleet release publish ...
+    ...
+    service.stop()
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_agent.package import ModelPackage, load_package
+from edge_agent.protocol import Alert, ModelRef
+from trainer.drift.detector import Transition
+from trainer.fleet.config import TrainerServiceConfig
+from trainer.fleet.drift_service import FLEET_KEY, DriftService
+from trainer.fleet.labelling import label_with
+from trainer.fleet.messaging import FleetPublisher
+from trainer.fleet.retrain_job import RetrainSpec, read_result, start_job
+from trainer.fleet.retrain_policy import decide_retrain
+from trainer.fleet.rollout import RolloutManager, RolloutOutcome
+from trainer.ingest import IngestConfig, IngestWorker
+from trainer.release.repository import ReleaseRepository
+from trainer.release.server import ReleaseServer
+from trainer.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TimelineEvent:
+    t: float
+    kind: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Timeline:
+    """What happened, in order, with wall-clock times (printed live and kept for the summary)."""
+
+    def __init__(self, t0: float | None = None, echo: bool = True) -> None:
+        self.t0 = t0 or time.time()
+        self.events: list[TimelineEvent] = []
+        self.echo = echo
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, message: str, **details: Any) -> TimelineEvent:
+        ev = TimelineEvent(time.time(), kind, message, details)
+        with self._lock:
+            self.events.append(ev)
+        if self.echo:
+            print(f"[{ev.t - self.t0:7.1f} s] {kind:18s} {message}", flush=True)
+        return ev
+
+    def first(self, kind: str, pred: Callable[[TimelineEvent], bool] = lambda e: True) -> TimelineEvent | None:
+        with self._lock:
+            return next((e for e in self.events if e.kind == kind and pred(e)), None)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [{"t": round(e.t - self.t0, 2), "kind": e.kind, "message": e.message, **e.details} for e in self.events]
+
+
+@dataclass
+class _Job:
+    proc: subprocess.Popen[bytes]
+    spec: RetrainSpec
+    started: float
+    version: str
+    reason: str
+
+
+class TrainerService:
+    """One fleet's trainer: start(), then it runs on its own threads until stop()."""
+
+    def __init__(self, cfg: TrainerServiceConfig, *, labeller: Callable[[dict[str, Any]], str | None] | None = None,
+                 timeline: Timeline | None = None) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.labeller = labeller
+        self.timeline = timeline or Timeline()
+        self.store = Store(cfg.db_url)
+        repo_dir = cfg.release.repo
+        self.repo = ReleaseRepository(repo_dir) if (repo_dir / "repository.json").exists() else ReleaseRepository.init(repo_dir)
+        self.server: ReleaseServer | None = None
+        self.publisher: FleetPublisher | None = None
+        self.workers: list[IngestWorker] = []
+        self.drift = DriftService(self.store, cfg.fleet, cfg.drift, slot_s=cfg.slot_s, grace_s=cfg.grace_s, start=time.time())
+        self.rollout: RolloutManager | None = None
+        self.champion: ModelPackage | None = None
+        self._champion_since = 0.0
+        self._job: _Job | None = None
+        self._last_retrain: float | None = None
+        self._attempts: dict[int, int] = {}
+        self._labels_reported = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors = 0
+
+    @property
+    def repo_url(self) -> str:
+        assert self.server is not None
+        return self.cfg.release.public_url or self.server.url
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> TrainerService:
+        c = self.cfg
+        self.server = ReleaseServer(self.repo.path, host=c.release.host, port=c.release.port, repository=self.repo).start()
+        self.publisher = FleetPublisher(c.mqtt, c.fleet)
+        if not c.shared_subscription and c.ingest_workers > 1:
+            raise ValueError("ingest_workers > 1 needs shared_subscription: true (a broker with shared subscriptions)")
+        for i in range(c.ingest_workers):
+            ic = IngestConfig(broker_url=c.mqtt.url, db_url=c.db_url, fleet=c.fleet, index=i, shared=c.shared_subscription,
+                              kinds=("tele", "status", "sample", "update"), ca=c.mqtt.ca, cert=c.mqtt.cert,
+                              key=c.mqtt.key)  # fmt: skip
+            self.workers.append(IngestWorker(ic).start())
+        self.rollout = RolloutManager(self.store, self.repo, self.publisher, fleet=c.fleet, model=c.training.model,
+                                      cfg=c.rollout, repo_url=self.repo_url, lookback_s=10 * c.slot_s)  # fmt: skip
+        current = self.repo.current("stable", c.fleet, c.training.model)
+        if current is not None:
+            rec = self.store.model(current.package_sha256)
+            if rec is not None and rec.path:
+                self.champion = load_package(rec.path)
+        self._thread = threading.Thread(target=self._run, name="trainer-service", daemon=True)
+        self._thread.start()
+        self.timeline.add("service", f"trainer for fleet {c.fleet}: releases at {self.repo_url}, {c.ingest_workers} ingest worker(s)")
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+        if self._job and self._job.proc.poll() is None:
+            self._job.proc.terminate()
+        for w in self.workers:
+            w.stop()
+        if self.publisher:
+            self.publisher.close()
+        if self.server:
+            self.server.stop()
+        self.store.close()
+
+    def release_initial(self, package: ModelPackage) -> None:
+        """Make ``package`` the fleet's champion and publish it to every device (stable)."""
+        assert self.rollout is not None
+        rec = self.rollout.release_stable(package)
+        self.champion = package
+        self._champion_since = time.time()
+        self.timeline.add("release", f"{package.manifest.name} {package.manifest.version} released to every device "
+                          f"(stable, release {rec.release})", version=package.manifest.version, release=rec.release)  # fmt: skip
+
+    # -- the control loop ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.wait(self.cfg.tick_s):
+            try:
+                self.tick(time.time())
+            except Exception:  # noqa: BLE001 - one failed tick must not stop the service
+                self.errors += 1
+                log.exception("trainer service tick failed")
+
+    def tick(self, now: float) -> None:
+        for ev in self.drift.poll(now):
+            self._on_drift(ev.model_sha256, ev.transition, ev.slot_start)
+        if self.labeller is not None:
+            n = label_with(self.store, self.labeller, "oracle")
+            if n:
+                log.info("oracle labelled %d samples", n)
+        self._retrain_step(now)
+        assert self.rollout is not None
+        outcome = self.rollout.poll(now)
+        if outcome is not None:
+            self._on_rollout(outcome)
+
+    def _alert(self, alert: str, message: str, *, severity: str = "warning", device: str | None = None,
+               model: ModelRef | None = None, **details: Any) -> None:  # fmt: skip
+        self.store.record_alert(kind=alert, message=message, severity=severity, fleet=self.cfg.fleet, device=device,
+                                details=details)  # fmt: skip
+        if self.publisher:
+            self.publisher.alert(Alert(fleet=self.cfg.fleet, alert=alert, severity=severity, message=message,  # type: ignore[arg-type]
+                                       device=device, model=model, ts=time.time(), details=details))  # fmt: skip
+        self.timeline.add(alert, message, device=device, **details)
+
+    def _on_drift(self, sha: str, t: Transition, slot_start: float) -> None:
+        who = "the fleet" if t.key == FLEET_KEY else t.key
+        device = None if t.key == FLEET_KEY else t.key
+        feats = ", ".join(t.flagged_features) or "-"
+        if t.new == "drift":
+            self._alert("drift", f"{who} drifted from the reference (features: {feats})", device=device,
+                        features=t.flagged_features, score=round(t.score, 2), slot_start=slot_start)  # fmt: skip
+            if device and self.publisher:
+                self.publisher.command(device, "sample", minutes=self.cfg.sample_minutes)
+        elif t.new == "ok" and t.old == "drift":
+            self._alert("drift_cleared", f"{who} back within the reference", severity="info", device=device)
+        elif t.new == "warning":
+            self.timeline.add("drift_warning", f"{who}: one window off the reference (features: {feats})", device=device)
+
+    # -- retraining ------------------------------------------------------------------------------------
+    def _retrain_step(self, now: float) -> None:
+        if self._job is not None:
+            if self._job.proc.poll() is not None:
+                self._finish_job(self._job)
+                self._job = None
+            return
+        if self.champion is None or (self.rollout and self.rollout.active):
+            return
+        health = self.drift.health(self.champion.sha256)
+        ref = self.champion.manifest.reference
+        # The drifted slice: labels from the devices that triggered (an empty trigger counts nothing).
+        d = decide_retrain(health, ref.accuracy if ref else None, 0, now, self._last_retrain, self.cfg.retrain)
+        if not d.triggered_by:
+            return
+        labels = self.store.count_labelled_samples(since=self._champion_since, devices=d.triggered_by)
+        self._report_labels(labels)
+        d = decide_retrain(health, ref.accuracy if ref else None, labels, now, self._last_retrain, self.cfg.retrain)
+        if d.retrain:
+            self._start_job(d.reason, list(d.triggered_by), now)
+
+    def _report_labels(self, labels: int) -> None:
+        """A timeline line each time another quarter of the labels needed has come in."""
+        need = self.cfg.retrain.min_labels
+        quarter = min(4, labels * 4 // need)
+        if quarter > self._labels_reported:
+            self._labels_reported = quarter
+            self.timeline.add("labels", f"{labels} labelled samples from the drifted devices ({need} needed)", labels=labels)
+
+    def _next_version(self) -> str:
+        """Candidates of one champion are N+1.0.0, N+1.1.0, ...: never reused, so a rejected one stays visible."""
+        assert self.champion is not None
+        head = self.champion.manifest.version.split(".")[0]
+        major = int(head) if head.isdigit() else 1
+        self._attempts[major] = self._attempts.get(major, -1) + 1
+        return f"{major + 1}.{self._attempts[major]}.0"
+
+    def _start_job(self, reason: str, devices: list[str], now: float) -> None:
+        assert self.champion is not None
+        t = self.cfg.training
+        version = self._next_version()
+        work = Path(t.work_dir) / f"retrain-{version}"
+        spec = RetrainSpec(
+            base_data=t.base_data, db_url=self.cfg.db_url, field_since=self._champion_since, field_devices=devices,
+            out=str(work / "package"),
+            champion=str(self.champion.root), name=t.model, version=version, min_field_gain=t.min_field_gain,
+            train=t.train, result=str(work / "result.json"),
+        )  # fmt: skip
+        self._job = _Job(start_job(spec, work), spec, now, version, reason)
+        self._last_retrain = now
+        self._labels_reported = 0
+        labels = self.store.count_labelled_samples(since=self._champion_since, devices=devices)
+        self._alert("retrain_started", f"retraining {t.model} {version} on the original data + {labels} labelled "
+                    f"samples from {', '.join(devices)} ({reason})", severity="info", version=version, labels=labels)  # fmt: skip
+
+    def _finish_job(self, job: _Job) -> None:
+        result = read_result(job.spec, job.proc.returncode)
+        took = time.time() - job.started
+        if result.get("status") == "ok":
+            pkg = load_package(result["package"])
+            self.timeline.add("retrain_done", f"{pkg.manifest.name} {pkg.manifest.version} trained, evaluated and "
+                              f"gated in {took:.0f} s ({result.get('field_samples')} field samples)",
+                              version=pkg.manifest.version, seconds=round(took, 1))  # fmt: skip
+            assert self.rollout is not None and self.champion is not None
+            a = self.rollout.start_canary(pkg, self.champion.sha256)
+            self._alert("canary_started", f"{pkg.manifest.version} on the canary channel for "
+                        f"{a.cohort.share_bp / 100:.0f}% of the fleet (release {a.release.release})",
+                        severity="info", version=pkg.manifest.version, release=a.release.release)  # fmt: skip
+        elif result.get("status") == "gate_failed":
+            self._alert("gate_failed", f"{job.version} failed the gate; the champion stays: "
+                        + "; ".join(result.get("failures", [])), version=job.version)  # fmt: skip
+        else:
+            self._alert("retrain_failed", f"retraining {job.version} failed; the champion stays: {result.get('error')}",
+                        severity="critical", version=job.version)  # fmt: skip
+
+    def _on_rollout(self, outcome: RolloutOutcome) -> None:
+        v = outcome.verdict
+        details: dict[str, Any] = {}
+        if v is not None:
+            details = {"canary_accuracy": v.canary_accuracy, "control_accuracy": v.control_accuracy,
+                       "canary_windows": v.canary_windows, "control_windows": v.control_windows}  # fmt: skip
+        if outcome.decision == "promote":
+            sha = outcome.release.package_sha256
+            rec = self.store.model(sha)
+            assert rec is not None and rec.path
+            self.champion = load_package(rec.path)
+            self._champion_since = time.time()
+            self._alert("rollout_promoted", f"{self.champion.manifest.version} promoted to every device (release "
+                        f"{outcome.release.release}): {outcome.reasons[0]}", severity="info", **details)  # fmt: skip
+        else:
+            self._alert("rollout_rolled_back", f"canary rolled back (release {outcome.release.release}): "
+                        f"{outcome.reasons[0]}", severity="critical", **details)  # fmt: skip
