@@ -126,20 +126,28 @@ def _agent_process(package: Path, artifact: str | None, broker: str | None, stat
     if artifact:
         cmd += ["--artifact", artifact]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
     first = None
     t0 = time.time()
     assert proc.stderr is not None
-    os.set_blocking(proc.stderr.fileno(), False)
+    fd = proc.stderr.fileno()
+    os.set_blocking(fd, False)
     buf = ""
     while time.time() - t0 < 60 and first is None and proc.poll() is None:
-        chunk = proc.stderr.read() or ""
-        buf += chunk
+        try:  # the raw fd: a non-blocking text stream raises TypeError when no data is ready
+            buf += os.read(fd, 65536).decode(errors="replace")
+        except BlockingIOError:
+            pass
         m = re.search(r"first inference ([0-9.]+) s after process start", buf)
         if m:
             first = float(m.group(1))
         time.sleep(0.02)
-    time.sleep(seconds)
+    end = time.time() + seconds
+    while time.time() < end:  # keep draining stderr so the agent never blocks on a full pipe
+        try:
+            buf = (buf + os.read(fd, 65536).decode(errors="replace"))[-20000:]
+        except BlockingIOError:
+            time.sleep(0.05)
     status = Path(f"/proc/{proc.pid}/status").read_text() if proc.poll() is None else ""
     rss = re.search(r"VmRSS:\s+(\d+) kB", status)
     hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
