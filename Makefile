@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench lint mosquitto clean
+.PHONY: install test demo demo-photos bench lint mosquitto clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ test: $(STAMP) mosquitto
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 demo: $(STAMP) mosquitto
+	$(BIN)/edgefleet demo
+
+demo-photos: $(STAMP) mosquitto
 	$(BIN)/python -m trainer.demo_photos
 
 bench: $(STAMP) mosquitto
