@@ -229,3 +229,29 @@ def test_drift_service_assesses_every_window_whatever_its_phase_in_the_slot(tmp_
             assert device in drift_at, events
             assert drift_at[device] <= first_dark_end + 10, (device, drift_at[device] - first_dark_end)  # 2 windows
         assert all(e.transition.key in phases or e.transition.key == "fleet" for e in events)
+
+
+def test_a_canary_device_that_rolls_back_on_its_own_aborts_the_canary(tmp_path: Path) -> None:
+    """A canary that crashes a device (or fails its health window) is reported as rolled_back by the
+    device's updater; the service rolls the whole cohort forward onto the champion at once."""
+    from edge_agent.protocol import UpdateEvent
+
+    store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    repo = ReleaseRepository.init(tmp_path / "repo")
+    v1 = build_tiny_package(tmp_path / "v1", version="1.0.0", name="tiny")
+    v2 = build_tiny_package(tmp_path / "v2", version="2.0.0", name="tiny")
+    mgr = RolloutManager(store, repo, None, fleet="f", model="tiny", cfg=RolloutConfig())
+    mgr.release_stable(v1)
+    canary = mgr.start_canary(v2, v1.sha256)
+    other_release = UpdateEvent(fleet="f", device="cam-9", session=1, seq=0, ts=time.time(), state="rolled_back",
+                                reason="health", release=canary.release.release - 1)  # fmt: skip
+    store.add_update_events([other_release])
+    assert mgr.poll(time.time()) is None  # a rollback of some other release is not this canary's
+    crashed = UpdateEvent(fleet="f", device="cam-3", session=2, seq=1, ts=time.time(), state="rolled_back",
+                          reason="crashed during trial", release=canary.release.release)  # fmt: skip
+    store.add_update_events([crashed])
+    outcome = mgr.poll(time.time())
+    assert outcome is not None and outcome.decision == "rollback" and "cam-3" in outcome.reasons[0]
+    head = repo.current("canary", "f", "tiny")
+    assert head is not None and head.package_sha256 == v1.sha256 and head.release > canary.release.release
+    store.close()
