@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from edge_agent.config import MqttSettings
-from edge_agent.package import load_package
+from edge_agent.package import ModelPackage, load_package
 from trainer.broker import MosquittoBroker
 from trainer.fleet.config import (
     ReleaseServerSettings,
@@ -114,12 +115,23 @@ def test_failed_retraining_raises_an_alert_and_the_champion_stays(tmp_path: Path
         service.stop()
 
 
-def test_a_person_aborting_the_canary_is_seen_by_the_service(tmp_path: Path) -> None:
-    """`edgefleet rollout abort` changes the store and the repository; the running service follows."""
+CanarySetup = tuple[Store, ReleaseRepository, ModelPackage, ModelPackage]
+
+
+@pytest.fixture
+def canary_setup(tmp_path: Path) -> Iterator[CanarySetup]:
+    """A store, a release repository, a champion v1 and a candidate v2 (tiny real packages)."""
     store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
     repo = ReleaseRepository.init(tmp_path / "repo")
     v1 = build_tiny_package(tmp_path / "v1", version="1.0.0", name="tiny")
     v2 = build_tiny_package(tmp_path / "v2", version="2.0.0", name="tiny")
+    yield store, repo, v1, v2
+    store.close()
+
+
+def test_a_person_aborting_the_canary_is_seen_by_the_service(canary_setup: CanarySetup) -> None:
+    """`edgefleet rollout abort` changes the store and the repository; the running service follows."""
+    store, repo, v1, v2 = canary_setup
     service_side = RolloutManager(store, repo, None, fleet="f", model="tiny", cfg=RolloutConfig())
     service_side.release_stable(v1)
     service_side.start_canary(v2, v1.sha256)
@@ -131,14 +143,10 @@ def test_a_person_aborting_the_canary_is_seen_by_the_service(tmp_path: Path) -> 
     assert outcome is not None and outcome.decision == "rollback" and "by hand" in outcome.reasons[0]
     assert service_side.active is None
     assert repo.current("canary", "f", "tiny").package_sha256 == v1.sha256  # type: ignore[union-attr]
-    store.close()
 
 
-def test_a_silent_canary_is_rolled_back(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
-    repo = ReleaseRepository.init(tmp_path / "repo")
-    v1 = build_tiny_package(tmp_path / "v1", version="1.0.0", name="tiny")
-    v2 = build_tiny_package(tmp_path / "v2", version="2.0.0", name="tiny")
+def test_a_silent_canary_is_rolled_back(canary_setup: CanarySetup) -> None:
+    store, repo, v1, v2 = canary_setup
     mgr = RolloutManager(store, repo, None, fleet="f", model="tiny", cfg=RolloutConfig(max_wait_s=60))
     mgr.release_stable(v1)
     started = mgr.start_canary(v2, v1.sha256).started
@@ -146,7 +154,6 @@ def test_a_silent_canary_is_rolled_back(tmp_path: Path) -> None:
     outcome = mgr.poll(started + 61)
     assert outcome is not None and outcome.decision == "rollback" and "silent" in outcome.reasons[0]
     assert [r.state for r in store.rollouts("f")][-1] == "rolled_back"
-    store.close()
 
 
 def test_service_config_file_errors_name_the_field(tmp_path: Path) -> None:
@@ -231,15 +238,12 @@ def test_drift_service_assesses_every_window_whatever_its_phase_in_the_slot(tmp_
         assert all(e.transition.key in phases or e.transition.key == "fleet" for e in events)
 
 
-def test_a_canary_device_that_rolls_back_on_its_own_aborts_the_canary(tmp_path: Path) -> None:
+def test_a_canary_device_that_rolls_back_on_its_own_aborts_the_canary(canary_setup: CanarySetup) -> None:
     """A canary that crashes a device (or fails its health window) is reported as rolled_back by the
     device's updater; the service rolls the whole cohort forward onto the champion at once."""
     from edge_agent.protocol import UpdateEvent
 
-    store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
-    repo = ReleaseRepository.init(tmp_path / "repo")
-    v1 = build_tiny_package(tmp_path / "v1", version="1.0.0", name="tiny")
-    v2 = build_tiny_package(tmp_path / "v2", version="2.0.0", name="tiny")
+    store, repo, v1, v2 = canary_setup
     mgr = RolloutManager(store, repo, None, fleet="f", model="tiny", cfg=RolloutConfig())
     mgr.release_stable(v1)
     canary = mgr.start_canary(v2, v1.sha256)
@@ -254,4 +258,3 @@ def test_a_canary_device_that_rolls_back_on_its_own_aborts_the_canary(tmp_path: 
     assert outcome is not None and outcome.decision == "rollback" and "cam-3" in outcome.reasons[0]
     head = repo.current("canary", "f", "tiny")
     assert head is not None and head.package_sha256 == v1.sha256 and head.release > canary.release.release
-    store.close()
