@@ -14,6 +14,7 @@ after process start (with the cached artifact choice, as on every start after th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -134,20 +135,24 @@ def _agent_process(package: Path, artifact: str | None, broker: str | None, stat
     os.set_blocking(fd, False)
     buf = ""
     while time.time() - t0 < 60 and first is None and proc.poll() is None:
-        try:  # the raw fd: a non-blocking text stream raises TypeError when no data is ready
+        with contextlib.suppress(BlockingIOError):  # the raw fd: a non-blocking text stream raises TypeError
             buf += os.read(fd, 65536).decode(errors="replace")
-        except BlockingIOError:
-            pass
         m = re.search(r"first inference ([0-9.]+) s after process start", buf)
         if m:
             first = float(m.group(1))
         time.sleep(0.02)
     end = time.time() + seconds
-    while time.time() < end:  # keep draining stderr so the agent never blocks on a full pipe
+    while time.time() < end and proc.poll() is None:  # keep draining stderr so the agent never blocks on it
         try:
-            buf = (buf + os.read(fd, 65536).decode(errors="replace"))[-20000:]
+            chunk = os.read(fd, 65536)
         except BlockingIOError:
+            chunk = None
+        if chunk:
+            buf = (buf + chunk.decode(errors="replace"))[-20000:]
+        else:
             time.sleep(0.05)
+    if proc.poll() is not None:
+        raise RuntimeError(f"the agent exited (code {proc.returncode}) while its memory was measured:\n{buf[-2000:]}")
     status = Path(f"/proc/{proc.pid}/status").read_text() if proc.poll() is None else ""
     rss = re.search(r"VmRSS:\s+(\d+) kB", status)
     hwm = re.search(r"VmHWM:\s+(\d+) kB", status)

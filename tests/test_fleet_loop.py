@@ -115,6 +115,52 @@ def test_failed_retraining_raises_an_alert_and_the_champion_stays(tmp_path: Path
         service.stop()
 
 
+def test_a_restarted_service_keeps_its_champion_and_never_reuses_a_version(tmp_path: Path, broker: MosquittoBroker) -> None:
+    v1 = build_tiny_package(tmp_path / "v1", version="1.0.0", name="tiny")
+    cfg = _service_config(tmp_path, broker.url, base_data="builtin:shapes")
+    first = TrainerService(cfg, timeline=Timeline(echo=False)).start()
+    try:
+        first.adopt_champion(v1)
+        released = first.repo.current("stable", "loop", "tiny")
+        assert released is not None and released.package_sha256 == v1.sha256
+        (cfg.training.work_dir / "retrain-2.0.0").mkdir(parents=True)  # a candidate tried before the restart
+    finally:
+        first.stop()
+    again = TrainerService(cfg, timeline=Timeline(echo=False)).start()
+    try:
+        assert again.champion is not None and again.champion.sha256 == v1.sha256  # found without --champion
+        again.adopt_champion(v1)
+        assert again.repo.current("stable", "loop", "tiny").release == released.release  # type: ignore[union-attr]
+        assert again._next_version() == "2.1.0"
+    finally:
+        again.stop()
+
+
+def test_a_window_with_foreign_bins_is_skipped_and_the_slot_still_assessed(tmp_path: Path) -> None:
+    from edge_agent.protocol import FrameCounts, Histogram, ModelRef, TelemetryWindow
+    from trainer.fleet.drift_service import DriftService
+
+    pkg = build_tiny_package(tmp_path / "m", version="1.0.0", name="tiny")
+    ref = pkg.manifest.reference
+    assert ref is not None
+    model = ModelRef(name="tiny", version="1.0.0", sha256=pkg.sha256)
+
+    def window(device: str, foreign: bool) -> TelemetryWindow:
+        hists = {f: Histogram(edges=[e * 2 for e in h.edges] if foreign else h.edges, counts=h.counts)
+                 for f, h in ref.histograms.items()}  # fmt: skip
+        return TelemetryWindow(fleet="f", device=device, session=1, seq=0, start=100.0, end=110.0, model=model,
+                               agent_version="t", frames=FrameCounts(captured=200, inferred=200),
+                               class_counts={0: 200}, histograms=hists)  # fmt: skip
+
+    with Store(f"sqlite:///{tmp_path / 'fleet.db'}") as store:
+        store.register_package(pkg)
+        store.add_windows([window("good-1", False), window("good-2", False), window("odd", True)])
+        service = DriftService(store, "f", slot_s=10.0, grace_s=1.0, start=100.0)
+        service.poll(125.0)
+        assert service.next_slot == 110.0 + 10.0  # moved on past both slots
+        assert set(service.tracks[pkg.sha256]) == {"good-1", "good-2"}  # the odd one skipped, not the slot
+
+
 CanarySetup = tuple[Store, ReleaseRepository, ModelPackage, ModelPackage]
 
 

@@ -95,3 +95,27 @@ def test_canary_hard_limits_and_inconclusive_timeout() -> None:
     assert slow.decision == "rollback" and "p95 inference" in slow.reasons[0]
     noisy = [_w(a) for a in (0.5, 0.95, 0.6, 0.99, 0.55, 0.97, 0.5, 0.96)]  # same mean, huge spread
     assert compare_canary(noisy, control, cfg).decision == "rollback"  # inconclusive after max_windows
+
+
+def test_a_candidate_exactly_at_the_margin_is_rarely_promoted_however_often_the_service_polls() -> None:
+    """The service re-runs the test on every poll as windows arrive (4..40 canary windows), and devices
+    change by different amounts: the chance of promoting a candidate 3 points worse stays near alpha."""
+    rng = np.random.default_rng(7)
+    cfg = RolloutConfig(min_windows=4, max_windows=40, margin_points=3.0, alpha=0.05)
+    sims, promoted = 150, 0
+    for _ in range(sims):
+        levels = rng.uniform(0.55, 0.9, 10)
+        change = -0.03 + rng.normal(0, 0.02, 5)  # canary devices: 3 points worse on average
+        def win(dev: int, level: float, t: float) -> TelemetryWindow:
+            w = _w(float(np.clip(rng.normal(level, 0.05), 0, 1)), device=f"d{dev}")
+            return w.model_copy(update={"start": t - 10, "end": t})
+        before = [win(d, levels[d], -100 + k) for d in range(10) for k in range(8)]
+        canary_after = [win(d, levels[d] + change[d], 10 * k + d) for k in range(8) for d in range(5)]
+        control_after = [win(d, levels[d], 10 * k + d) for k in range(8) for d in range(5, 10)]
+        cb, ob = [w for w in before if int(w.device[1:]) < 5], [w for w in before if int(w.device[1:]) >= 5]
+        for n in range(4, 41):  # one poll per arriving canary window, as the service does
+            v = compare_canary(canary_after[:n], control_after[: n], cfg, cb, ob)
+            if v.decision != "wait":
+                promoted += v.decision == "promote"
+                break
+    assert promoted / sims <= 0.10, promoted

@@ -24,7 +24,7 @@ def find_mosquitto() -> str | None:
     )
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: ask Linux to SIGTERM it when the process that started it dies (no orphan brokers
     after a killed test run or demo); a no-op where prctl is unavailable."""
     try:
@@ -117,7 +117,7 @@ class MosquittoBroker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -15,6 +15,8 @@ def register_trainer(sub: argparse._SubParsersAction) -> None:
     tsub = p.add_subparsers(dest="trainer_cmd", required=True)
     s = tsub.add_parser("serve", help="run the service until SIGTERM")
     s.add_argument("--config", required=True, help="trainer YAML (see deploy/trainer.yaml)")
+    s.add_argument("--champion", help="the model package the fleet runs now (released to every device if it "
+                   "is not the stable release yet)")  # fmt: skip
     s.set_defaults(func=_serve)
 
 
@@ -29,6 +31,10 @@ def _serve(args: argparse.Namespace) -> int:
 
         labeller = oracle_label
     service = TrainerService(cfg, labeller=labeller).start()
+    if args.champion:
+        from edge_agent.package import load_package
+
+        service.adopt_champion(load_package(args.champion))
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

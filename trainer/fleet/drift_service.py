@@ -96,8 +96,12 @@ class DriftService:
             self.next_slot = math.floor(first[0].end / self.slot_s) * self.slot_s
         while self.next_slot + self.slot_s + self.grace_s <= now:
             start = self.next_slot
-            events += self._slot(start, self.store.windows(fleet=self.fleet, since=start, until=start + self.slot_s, ended=True))
-            self.next_slot = start + self.slot_s
+            windows = self.store.windows(fleet=self.fleet, since=start, until=start + self.slot_s, ended=True)
+            self.next_slot = start + self.slot_s  # a slot is assessed once, even if it cannot be
+            try:
+                events += self._slot(start, windows)
+            except Exception:  # noqa: BLE001 - one bad slot must not stop drift monitoring
+                log.exception("drift: slot %.0f could not be assessed", start)
         return events
 
     def _slot(self, start: float, windows: Iterable[TelemetryWindow]) -> list[DriftEvent]:
@@ -109,9 +113,18 @@ class DriftService:
             ref = self._reference(sha)
             if ref is None:
                 continue
-            step = {d: merge_to_window(ws, d) for d, ws in per_device.items()}
+            step = {}
+            for d, ws in per_device.items():
+                try:
+                    step[d] = merge_to_window(ws, d)
+                except ValueError as exc:  # e.g. histogram edges that differ between its windows
+                    log.warning("slot %.0f, %s: windows not assessed: %s", start, d, exc)
+            step = {d: w for d, w in step.items() if self._matches(w, ref, start)}
             if len(step) > 1:
-                step[FLEET_KEY] = merge_to_window(list(step.values()), FLEET_KEY)
+                try:
+                    step[FLEET_KEY] = merge_to_window(list(step.values()), FLEET_KEY)
+                except ValueError as exc:
+                    log.warning("slot %.0f: no fleet-wide window: %s", start, exc)
             monitor = self.monitors.setdefault(sha, DriftMonitor(self.cfg))
             try:
                 assessments, transitions = monitor.step(step, ref)
@@ -119,14 +132,24 @@ class DriftService:
                 log.warning("slot %.0f, model %s: %s", start, sha[:12], exc)
                 continue
             self.assessed += len(assessments)
+            assessed = {a.key for a in assessments}
             for d, w in step.items():
-                if d == FLEET_KEY:
+                if d == FLEET_KEY or d not in assessed:  # too few frames: no evidence either way
                     continue
                 t = self.tracks[sha][d]
                 t.states.append(monitor.state(d) == "drift")
                 t.windows.append(w)
             events += [DriftEvent(start, sha, t) for t in transitions]
         return events
+
+    @staticmethod
+    def _matches(w: TelemetryWindow, ref: ReferenceStats, start: float) -> bool:
+        """A window whose histograms use other bins than the reference is skipped, not the whole slot."""
+        bad = [f for f, h in w.histograms.items() if f in ref.histograms and h.edges != ref.histograms[f].edges]
+        if bad:
+            log.warning("slot %.0f, %s: histogram bins differ from the reference for %s: not assessed",
+                        start, w.device, ", ".join(bad))  # fmt: skip
+        return not bad
 
     def health(self, sha: str, recent: int = 3) -> dict[str, DeviceHealth]:
         """Recent drift states and ATC estimates of every device running model ``sha``."""

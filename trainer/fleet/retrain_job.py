@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from trainer.broker import die_with_parent
+
 
 class RetrainSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -78,7 +80,7 @@ def start_job(spec: RetrainSpec, work: Path) -> subprocess.Popen[bytes]:
     log_file = open(work / "train.log", "wb")  # noqa: SIM115 - inherited by the child process
     try:
         return subprocess.Popen([sys.executable, "-m", "trainer.fleet.retrain_job", str(work / "spec.json")],
-                                stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+                                stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)  # fmt: skip
     finally:
         log_file.close()
 

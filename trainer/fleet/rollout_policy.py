@@ -12,7 +12,8 @@ balanced, and pooling windows across unlike devices would bury the effect in the
 subtracting the control's change removes what happened to everyone meanwhile. The variance of a
 window's estimate comes from the windows around their own device's mean, pooled. Without control
 devices it falls back to canary after - before, without a before period to canary vs control.
-A one-sided non-inferiority test (normal approximation) then decides: promote when the effect is
+A one-sided non-inferiority test (normal approximation), run only at a few fixed canary window counts
+(:func:`decision_points`, Bonferroni across them), then decides: promote when the effect is
 significantly above ``-margin``, roll back when it is significantly below ``-margin``; hard limits on
 frame failures and p95 inference latency roll back at once; after ``max_windows`` still inconclusive,
 roll back (inconclusive is not good enough to reach every device).
@@ -97,7 +98,20 @@ def _paired(after: dict[str, list[float]], before: dict[str, list[float]], s2: f
         return None
     deltas = [np.mean(after[d]) - np.mean(before[d]) for d in both]
     var = sum(s2 * (1 / len(after[d]) + 1 / len(before[d])) for d in both) / len(both) ** 2
+    if len(both) >= 3:  # devices may also change differently from each other: take the larger estimate
+        var = max(var, float(np.var(deltas, ddof=1)) / len(both))
     return float(np.mean(deltas)), var
+
+
+def decision_points(cfg: RolloutConfig) -> list[int]:
+    """Canary window counts at which the test is run: min_windows, doubling, up to max_windows. A test
+    repeated at every new window would promote a too-weak candidate far more often than ``alpha``; with
+    a few fixed looks, Bonferroni (``alpha / looks``) keeps the error at most ``alpha``."""
+    points, n = [], cfg.min_windows
+    while n < cfg.max_windows:
+        points.append(n)
+        n *= 2
+    return [*points, cfg.max_windows]
 
 
 def _effect(canary: Sequence[TelemetryWindow], control: Sequence[TelemetryWindow],
@@ -141,7 +155,10 @@ def compare_canary(
     if len(ca) >= cfg.min_windows and lat_c is not None and lat_o is not None and lat_c > cfg.max_latency_ratio * lat_o:
         v.decision, v.reasons = "rollback", [f"p95 inference {lat_c:.1f} ms > {cfg.max_latency_ratio:g} x control {lat_o:.1f} ms"]
         return v
-    effect_var_how = _effect(canary, control, canary_before, control_before)
+    looks = decision_points(cfg)
+    at = max((n for n in looks if n <= len(ca)), default=0)
+    scored = sorted((w for w in canary if _acc(w) is not None), key=lambda w: w.end)[:at]  # the same at every poll
+    effect_var_how = _effect(scored, control, canary_before, control_before) if at else None
     if len(ca) < cfg.min_windows or effect_var_how is None:
         v.reasons = [f"waiting for windows: canary {len(ca)}/{cfg.min_windows}, before {len(groups['cb'])}, "
                      f"control {len(co)}"]  # fmt: skip
@@ -152,13 +169,14 @@ def compare_canary(
     p_ni = float(stats.norm.sf((effect + margin) / se))  # H0: effect <= -margin
     p_worse = float(stats.norm.cdf((effect + margin) / se))  # H0: effect >= -margin
     v.p_noninferior = p_ni
-    text = f"estimated accuracy effect {effect * 100:+.1f} points ({how}, {len(ca)} canary windows)"
-    if p_ni < cfg.alpha:
+    text = f"estimated accuracy effect {effect * 100:+.1f} points ({how}, {at} canary windows)"
+    alpha = cfg.alpha / len(looks)
+    if p_ni < alpha:
         v.decision, v.reasons = "promote", [f"{text}: non-inferior within {cfg.margin_points:g} points, p={p_ni:.3g}"]
-    elif p_worse < cfg.alpha:
+    elif p_worse < alpha:
         v.decision, v.reasons = "rollback", [f"{text}: worse by more than {cfg.margin_points:g} points, p={p_worse:.3g}"]
-    elif len(ca) >= cfg.max_windows:
-        v.decision, v.reasons = "rollback", [f"{text}: inconclusive after {len(ca)} windows, p={p_ni:.3g}"]
+    elif at >= cfg.max_windows:
+        v.decision, v.reasons = "rollback", [f"{text}: inconclusive after {at} windows, p={p_ni:.3g}"]
     else:
         v.reasons = [f"{text}: inconclusive so far, p={p_ni:.3g}"]
     return v

@@ -108,7 +108,6 @@ class TrainerService:
         self._champion_since = 0.0
         self._job: _Job | None = None
         self._last_retrain: float | None = None
-        self._attempts: dict[int, int] = {}
         self._labels_reported = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -122,10 +121,10 @@ class TrainerService:
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> TrainerService:
         c = self.cfg
-        self.server = ReleaseServer(self.repo.path, host=c.release.host, port=c.release.port, repository=self.repo).start()
-        self.publisher = FleetPublisher(c.mqtt, c.fleet)
         if not c.shared_subscription and c.ingest_workers > 1:
             raise ValueError("ingest_workers > 1 needs shared_subscription: true (a broker with shared subscriptions)")
+        self.server = ReleaseServer(self.repo.path, host=c.release.host, port=c.release.port, repository=self.repo).start()
+        self.publisher = FleetPublisher(c.mqtt, c.fleet)
         for i in range(c.ingest_workers):
             ic = IngestConfig(broker_url=c.mqtt.url, db_url=c.db_url, fleet=c.fleet, index=i, shared=c.shared_subscription,
                               kinds=("tele", "status", "sample", "update"), ca=c.mqtt.ca, cert=c.mqtt.cert,
@@ -138,6 +137,10 @@ class TrainerService:
             rec = self.store.model(current.package_sha256)
             if rec is not None and rec.path:
                 self.champion = load_package(rec.path)
+                self._champion_since = float(current.published)  # labels before it trained the champion
+        if self.champion is None:
+            log.warning("fleet %s has no champion %s model in this store yet: drift and retraining start once one "
+                        "is released (edgefleet trainer serve --champion PKG)", c.fleet, c.training.model)  # fmt: skip
         self._thread = threading.Thread(target=self._run, name="trainer-service", daemon=True)
         self._thread.start()
         self.timeline.add("service", f"trainer for fleet {c.fleet}: releases at {self.repo_url}, {c.ingest_workers} ingest worker(s)")
@@ -149,6 +152,10 @@ class TrainerService:
             self._thread.join(timeout=30)
         if self._job and self._job.proc.poll() is None:
             self._job.proc.terminate()
+            try:
+                self._job.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._job.proc.kill()
         for w in self.workers:
             w.stop()
         if self.publisher:
@@ -156,6 +163,16 @@ class TrainerService:
         if self.server:
             self.server.stop()
         self.store.close()
+
+    def adopt_champion(self, package: ModelPackage) -> None:
+        """Start from ``package``: already the fleet's stable release (a restart), or released now."""
+        current = self.repo.current("stable", self.cfg.fleet, self.cfg.training.model)
+        if current is not None and current.package_sha256 == package.sha256:
+            self.store.register_package(package)
+            self.champion = package
+            self._champion_since = float(current.published)
+        else:
+            self.release_initial(package)
 
     def release_initial(self, package: ModelPackage) -> None:
         """Make ``package`` the fleet's champion and publish it to every device (stable)."""
@@ -176,13 +193,25 @@ class TrainerService:
                 log.exception("trainer service tick failed")
 
     def tick(self, now: float) -> None:
+        """One pass of every stage; a stage that fails is logged and counted, the others still run."""
+        for stage in (self._drift_step, self._label_step, self._retrain_step, self._rollout_step):
+            try:
+                stage(now)
+            except Exception:  # noqa: BLE001 - one failed stage must not starve the others
+                self.errors += 1
+                log.exception("trainer service: %s failed", stage.__name__)
+
+    def _drift_step(self, now: float) -> None:
         for ev in self.drift.poll(now):
             self._on_drift(ev.model_sha256, ev.transition, ev.slot_start)
+
+    def _label_step(self, now: float) -> None:
         if self.labeller is not None:
             n = label_with(self.store, self.labeller, "oracle")
             if n:
                 log.info("oracle labelled %d samples", n)
-        self._retrain_step(now)
+
+    def _rollout_step(self, now: float) -> None:
         assert self.rollout is not None
         outcome = self.rollout.poll(now)
         if outcome is not None:
@@ -214,9 +243,15 @@ class TrainerService:
     # -- retraining ------------------------------------------------------------------------------------
     def _retrain_step(self, now: float) -> None:
         if self._job is not None:
-            if self._job.proc.poll() is not None:
-                self._finish_job(self._job)
-                self._job = None
+            if self._job.proc.poll() is None:
+                return
+            job, self._job = self._job, None  # finished, whatever happens next: never handled twice
+            try:
+                self._finish_job(job)
+            except Exception as exc:  # noqa: BLE001 - reported, and the champion stays
+                log.exception("trainer service: handling the result of %s failed", job.version)
+                self._alert("retrain_failed", f"{job.version} finished but could not be released; the champion "
+                            f"stays: {type(exc).__name__}: {exc}", severity="critical", version=job.version)  # fmt: skip
             return
         if self.champion is None or (self.rollout and self.rollout.active):
             return
@@ -245,8 +280,12 @@ class TrainerService:
         assert self.champion is not None
         head = self.champion.manifest.version.split(".")[0]
         major = int(head) if head.isdigit() else 1
-        self._attempts[major] = self._attempts.get(major, -1) + 1
-        return f"{major + 1}.{self._attempts[major]}.0"
+        used = {r.version for r in self.repo.releases()}  # released, and tried (a job directory each)
+        used |= {d.name.removeprefix("retrain-") for d in Path(self.cfg.training.work_dir).glob("retrain-*")}
+        minor = 0
+        while f"{major + 1}.{minor}.0" in used:
+            minor += 1
+        return f"{major + 1}.{minor}.0"
 
     def _start_job(self, reason: str, devices: list[str], now: float) -> None:
         assert self.champion is not None
