@@ -116,18 +116,8 @@ def _pipeline(package: ModelPackage, key: str, frames: list[np.ndarray], options
     return n / elapsed, lat
 
 
-def _agent_process(package: Path, artifact: str | None, broker: str | None, state_dir: Path, seconds: float) -> dict:
-    """Start the real agent; return its first-inference time and peak/steady RSS."""
-    cmd = [
-        sys.executable, "-m", "edge_agent.cli", "agent", "run", "--package", str(package),
-        "--source", "synthetic:?fps=30", "--device-id", "bench", "--fleet", "bench",
-        "--state-dir", str(state_dir), "--broker", broker or "mqtt://127.0.0.1:9",
-        "--window-seconds", "2",
-    ]  # fmt: skip
-    if artifact:
-        cmd += ["--artifact", artifact]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+def _watch_agent(proc: subprocess.Popen[bytes], seconds: float) -> tuple[float | None, str, str]:
+    """(first-inference time it logged, its log tail, /proc status after ``seconds`` more of running)."""
     first = None
     t0 = time.time()
     assert proc.stderr is not None
@@ -142,7 +132,7 @@ def _agent_process(package: Path, artifact: str | None, broker: str | None, stat
             first = float(m.group(1))
         time.sleep(0.02)
     end = time.time() + seconds
-    while time.time() < end and proc.poll() is None:  # keep draining stderr so the agent never blocks on it
+    while first is not None and time.time() < end and proc.poll() is None:  # drain stderr: never block the agent
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
@@ -152,15 +142,33 @@ def _agent_process(package: Path, artifact: str | None, broker: str | None, stat
         else:
             time.sleep(0.05)
     if proc.poll() is not None:
-        raise RuntimeError(f"the agent exited (code {proc.returncode}) while its memory was measured:\n{buf[-2000:]}")
-    status = Path(f"/proc/{proc.pid}/status").read_text() if proc.poll() is None else ""
+        raise RuntimeError(f"the agent exited (code {proc.returncode}) during the measurement:\n{buf[-2000:]}")
+    return first, buf, Path(f"/proc/{proc.pid}/status").read_text()
+
+
+def _agent_process(package: Path, artifact: str | None, broker: str | None, state_dir: Path, seconds: float) -> dict:
+    """Start the real agent; return its first-inference time and peak/steady RSS."""
+    cmd = [
+        sys.executable, "-m", "edge_agent.cli", "agent", "run", "--package", str(package),
+        "--source", "synthetic:?fps=30", "--device-id", "bench", "--fleet", "bench",
+        "--state-dir", str(state_dir), "--broker", broker or "mqtt://127.0.0.1:9",
+        "--window-seconds", "2",
+    ]  # fmt: skip
+    if artifact:
+        cmd += ["--artifact", artifact]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    try:  # whatever happens, the agent is stopped: a leftover agent would skew every later measurement
+        first, buf, status = _watch_agent(proc, seconds)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     rss = re.search(r"VmRSS:\s+(\d+) kB", status)
     hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
     if first is None:
         raise RuntimeError(f"agent did not report a first inference:\n{buf[-2000:]}")
     return {
