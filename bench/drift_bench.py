@@ -136,6 +136,21 @@ def engine_cost(pool: Any, reference: Any, fleet_sizes: list[int], repeats: int)
     return out
 
 
+def detection_within_2(clean: Any, pools: Any, ref: Any, corruptions: list[str], trials: int, cfg: Any,
+                       seed: int, **stream: Any) -> dict[str, Any]:  # fmt: skip
+    """Share of trials detected within 2 windows, averaged over corruptions, at severities 1 and 3
+    (and the corruptions below 90%), for one stream setting (window size, frames per scene)."""
+    from trainer.drift.evaluation import detection_delays
+
+    row: dict[str, Any] = {}
+    for sev in (1, 3):
+        rates = [detection_delays(clean, pools[(n, sev)], ref, trials=trials, cfg=cfg, rng=np.random.default_rng(seed),
+                                  **stream).rate_within[2] for n in corruptions]  # fmt: skip
+        row[f"severity_{sev}_within_2"] = float(np.mean(rates))
+        row[f"severity_{sev}_missed"] = [n for n, r in zip(corruptions, rates) if r < 0.9]
+    return row
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from edge_agent.package import load_package
     from trainer.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES
@@ -239,13 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for frames in args.window_sweep:
         f = false_alarms(clean, ref, devices=args.devices, steps=max(1, round(10_080 / args.devices)), cfg=cfg, rng=np.random.default_rng(41), window_frames=frames)
         row: dict[str, Any] = {"seconds_at_5fps": frames / 5, "per_device_week": f.per_device_week, "flagged_rate": f.flagged_rate}
-        for sev in (1, 3):
-            rates = [
-                detection_delays(clean, pools[(n, sev)], ref, trials=max(2, args.trials // 5), cfg=cfg, rng=np.random.default_rng(42), window_frames=frames).rate_within[2]
-                for n in corruptions
-            ]  # fmt: skip
-            row[f"severity_{sev}_within_2"] = float(np.mean(rates))
-            row[f"severity_{sev}_missed"] = [n for n, r in zip(corruptions, rates) if r < 0.9]
+        row.update(detection_within_2(clean, pools, ref, corruptions, max(2, args.trials // 5), cfg, seed=42, window_frames=frames))
         sweep[str(frames)] = row
     results["window_sweep"] = sweep
     log(f"window sweep done ({time.perf_counter() - t:.0f} s)")
@@ -259,13 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, c in (("estimated", cfg), ("assumed_independent", independent)):
             f = false_alarms(clean, ref, devices=args.devices, steps=max(1, round(10_080 / args.devices)), cfg=c, rng=np.random.default_rng(51), frames_per_scene=k)
             row[f"{name}_per_device_week"], row[f"{name}_flagged_rate"] = f.per_device_week, f.flagged_rate
-        for sev in (1, 3):
-            rates = [
-                detection_delays(clean, pools[(n, sev)], ref, trials=max(2, args.trials // 5), cfg=cfg, rng=np.random.default_rng(52), frames_per_scene=k).rate_within[2]
-                for n in corruptions
-            ]  # fmt: skip
-            row[f"severity_{sev}_within_2"] = float(np.mean(rates))
-            row[f"severity_{sev}_missed"] = [n for n, r in zip(corruptions, rates) if r < 0.9]
+        row.update(detection_within_2(clean, pools, ref, corruptions, max(2, args.trials // 5), cfg, seed=52, frames_per_scene=k))
         corr[str(k)] = row
     results["frames_per_scene"] = corr
     log(f"correlated frames done ({time.perf_counter() - t:.0f} s)")
