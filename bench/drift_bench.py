@@ -51,9 +51,14 @@ RESULTS = ROOT / "bench" / "results" / "drift.json"
 CACHE = ROOT / "build" / "bench" / "drift"
 DATA = "builtin:shapes?n=250"
 SHIFTS: dict[str, dict[str, str]] = {
-    "night": {"lighting": "night"}, "glare": {"lighting": "glare"}, "clutter": {"background": "clutter"},
-    "tiles": {"background": "tiles"}, "noisy": {"sensor": "noisy"}, "soft": {"sensor": "soft"}, "lowres": {"sensor": "lowres"},
-}  # fmt: skip
+    "night": {"lighting": "night"},
+    "glare": {"lighting": "glare"},
+    "clutter": {"background": "clutter"},
+    "tiles": {"background": "tiles"},
+    "noisy": {"sensor": "noisy"},
+    "soft": {"sensor": "soft"},
+    "lowres": {"sensor": "lowres"},
+}
 
 
 def log(msg: str) -> None:
@@ -70,9 +75,13 @@ def ensure_package(path: Path, data: str, input_size: int) -> Path:
     log(f"training {data} at {input_size} px into {path}")
     t = time.perf_counter()
     config = TrainConfig(
-        name="shapes", input_size=input_size, robustness=RobustnessConfig(enabled=False), progress=False,
-        feature_cache=str(path.parent / "features"), threads=1,
-    )  # fmt: skip
+        name="shapes",
+        input_size=input_size,
+        robustness=RobustnessConfig(enabled=False),
+        progress=False,
+        feature_cache=str(path.parent / "features"),
+        threads=1,
+    )
     train_package(load_dataset(data), path, config)
     log(f"trained in {time.perf_counter() - t:.0f} s")
     return path
@@ -136,16 +145,21 @@ def engine_cost(pool: Any, reference: Any, fleet_sizes: list[int], repeats: int)
     return out
 
 
-def detection_within_2(clean: Any, pools: Any, ref: Any, corruptions: list[str], trials: int, cfg: Any,
-                       seed: int, **stream: Any) -> dict[str, Any]:  # fmt: skip
+def detection_within_2(
+    clean: Any, pools: Any, ref: Any, corruptions: list[str], trials: int, cfg: Any, seed: int, **stream: Any
+) -> dict[str, Any]:
     """Share of trials detected within 2 windows, averaged over corruptions, at severities 1 and 3
     (and the corruptions below 90%), for one stream setting (window size, frames per scene)."""
     from trainer.drift.evaluation import detection_delays
 
     row: dict[str, Any] = {}
     for sev in (1, 3):
-        rates = [detection_delays(clean, pools[(n, sev)], ref, trials=trials, cfg=cfg, rng=np.random.default_rng(seed),
-                                  **stream).rate_within[2] for n in corruptions]  # fmt: skip
+        rates = [
+            detection_delays(
+                clean, pools[(n, sev)], ref, trials=trials, cfg=cfg, rng=np.random.default_rng(seed), **stream
+            ).rate_within[2]
+            for n in corruptions
+        ]
         row[f"severity_{sev}_within_2"] = float(np.mean(rates))
         row[f"severity_{sev}_missed"] = [n for n, r in zip(corruptions, rates) if r < 0.9]
     return row
@@ -164,7 +178,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     from trainer.drift.simulate import Condition, Simulator
 
-    pkg_path = Path(args.package) if args.package else ensure_package(CACHE / f"package-{args.input_size}", args.data, args.input_size)
+    pkg_path = (
+        Path(args.package)
+        if args.package
+        else ensure_package(CACHE / f"package-{args.input_size}", args.data, args.input_size)
+    )
     pkg = load_package(pkg_path)
     ref = pkg.manifest.reference
     assert ref is not None and ref.atc_threshold is not None
@@ -172,20 +190,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     corruptions = list(CORRUPTIONS)[: args.corruptions] if args.corruptions else list(CORRUPTIONS)
     severities = list(SEVERITIES)
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+        },
         "quick": args.quick,
         "package": {
-            "path": str(pkg_path), "name": pkg.manifest.name, "sha256": pkg.sha256, "artifact": ref.artifact,
-            "input_size": list(pkg.manifest.preprocess.size), "temperature": pkg.manifest.temperature,
-            "reference_images": ref.images, "reference_accuracy": ref.accuracy, "atc_threshold": ref.atc_threshold,
+            "path": str(pkg_path),
+            "name": pkg.manifest.name,
+            "sha256": pkg.sha256,
+            "artifact": ref.artifact,
+            "input_size": list(pkg.manifest.preprocess.size),
+            "temperature": pkg.manifest.temperature,
+            "reference_images": ref.images,
+            "reference_accuracy": ref.accuracy,
+            "atc_threshold": ref.atc_threshold,
             "dataset": (pkg.manifest.provenance or {}).get("dataset"),
         },
         "config": {**cfg.model_dump(mode="json"), "window_frames": 300, "window_seconds": 60, "fps": 5},
         "setup": {
-            "clean_frames": args.clean_frames, "frames_per_condition": args.frames, "trials": args.trials,
-            "device_weeks": args.device_weeks, "fa_devices": args.devices, "estimate_windows": args.estimate_windows,
+            "clean_frames": args.clean_frames,
+            "frames_per_condition": args.frames,
+            "trials": args.trials,
+            "device_weeks": args.device_weeks,
+            "fa_devices": args.devices,
+            "estimate_windows": args.estimate_windows,
         },
-    }  # fmt: skip
+    }
 
     with Simulator(pkg) as sim:
         cache = PoolCache(sim, None if args.no_cache else CACHE / "pools")
@@ -200,9 +232,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shifts = {k: cache.get(Condition.shifted(**v), args.frames, 1) for k, v in SHIFTS.items()}
         log(f"pools ready: {cache.rendered} frames rendered and inferred in {cache.seconds:.0f} s")
         results["pools"] = {
-            "rendered_now": cache.rendered, "seconds": round(cache.seconds, 1),
+            "rendered_now": cache.rendered,
+            "seconds": round(cache.seconds, 1),
             "ms_per_frame": round(1000 * cache.seconds / cache.rendered, 2) if cache.rendered else None,
-        }  # fmt: skip
+        }
 
     # 1. cost
     results["cost"] = engine_cost(clean, ref, [100, 1000], repeats=2000 if not args.quick else 200)
@@ -214,10 +247,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps = max(1, round(args.device_weeks * 10_080 / args.devices))
     fa: dict[str, Any] = {}
     for name, c in (("robust", cfg), ("plain", plain)):
-        fa[f"fleet_{name}"] = false_alarms(clean, ref, devices=args.devices, steps=steps, cfg=c, rng=np.random.default_rng(11)).as_dict()
+        fa[f"fleet_{name}"] = false_alarms(
+            clean, ref, devices=args.devices, steps=steps, cfg=c, rng=np.random.default_rng(11)
+        ).as_dict()
     week = max(1, round(10_080 * min(1.0, args.device_weeks)))
-    fa["single_device"] = false_alarms(clean, ref, devices=1, steps=week, cfg=cfg, rng=np.random.default_rng(12)).as_dict()
-    log(f"false alarms: {fa['fleet_robust']['drift_entries']} in {fa['fleet_robust']['device_weeks']:.1f} device-weeks ({time.perf_counter() - t:.0f} s)")
+    fa["single_device"] = false_alarms(
+        clean, ref, devices=1, steps=week, cfg=cfg, rng=np.random.default_rng(12)
+    ).as_dict()
+    log(
+        f"false alarms: {fa['fleet_robust']['drift_entries']} in {fa['fleet_robust']['device_weeks']:.1f} device-weeks ({time.perf_counter() - t:.0f} s)"
+    )
     rng = np.random.default_rng(13)
     fa["reference_draws"] = {}
     for size in sorted({min(ref.images, len(clean_b)), *args.ref_sizes}, reverse=True):
@@ -225,14 +264,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for k in range(args.ref_draws):
             alt = clean_b.reference(rng.choice(len(clean_b), size=size, replace=False))
             for name, c in (("robust", cfg), ("plain", plain)):
-                r = false_alarms(clean, alt, devices=args.devices, steps=max(1, round(10_080 / args.devices)), cfg=c, rng=np.random.default_rng(100 + k))
+                r = false_alarms(
+                    clean,
+                    alt,
+                    devices=args.devices,
+                    steps=max(1, round(10_080 / args.devices)),
+                    cfg=c,
+                    rng=np.random.default_rng(100 + k),
+                )
                 draws[name].append(r.as_dict())
         if args.ref_draws:
             fa["reference_draws"][str(size)] = {
-                "draws": args.ref_draws, "device_weeks_each": round(draws["robust"][0]["device_weeks"], 2),
-                **{f"{n}_per_device_week": [round(d["per_device_week"], 2) for d in v] for n, v in draws.items()},
+                "draws": args.ref_draws,
+                "device_weeks_each": round(draws["robust"][0]["device_weeks"], 2),
+                **{
+                    f"{n}_per_device_week": [round(d["per_device_week"], 2) for d in v]
+                    for n, v in draws.items()
+                },
                 **{f"{n}_flagged_rate": [round(d["flagged_rate"], 6) for d in v] for n, v in draws.items()},
-            }  # fmt: skip
+            }
             log(f"reference draws of {size} frames: {fa['reference_draws'][str(size)]}")
     results["false_alarms"] = fa
 
@@ -242,9 +292,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for pool in [*pools.values(), *shifts.values()]:
         d = detection_delays(clean, pool, ref, trials=args.trials, cfg=cfg, rng=np.random.default_rng(21))
         det[pool.condition.name] = {
-            "within_1": d.rate_within[1], "within_2": d.rate_within[2], f"within_{d.max_windows}": d.rate_within[d.max_windows],
+            "within_1": d.rate_within[1],
+            "within_2": d.rate_within[2],
+            f"within_{d.max_windows}": d.rate_within[d.max_windows],
             "median_delay": d.median_delay,
-        }  # fmt: skip
+        }
     results["detection"] = det
     log(f"detection done ({time.perf_counter() - t:.0f} s)")
 
@@ -252,9 +304,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     sweep: dict[str, Any] = {}
     for frames in args.window_sweep:
-        f = false_alarms(clean, ref, devices=args.devices, steps=max(1, round(10_080 / args.devices)), cfg=cfg, rng=np.random.default_rng(41), window_frames=frames)
-        row: dict[str, Any] = {"seconds_at_5fps": frames / 5, "per_device_week": f.per_device_week, "flagged_rate": f.flagged_rate}
-        row.update(detection_within_2(clean, pools, ref, corruptions, max(2, args.trials // 5), cfg, seed=42, window_frames=frames))
+        f = false_alarms(
+            clean,
+            ref,
+            devices=args.devices,
+            steps=max(1, round(10_080 / args.devices)),
+            cfg=cfg,
+            rng=np.random.default_rng(41),
+            window_frames=frames,
+        )
+        row: dict[str, Any] = {
+            "seconds_at_5fps": frames / 5,
+            "per_device_week": f.per_device_week,
+            "flagged_rate": f.flagged_rate,
+        }
+        row.update(
+            detection_within_2(
+                clean, pools, ref, corruptions, max(2, args.trials // 5), cfg, seed=42, window_frames=frames
+            )
+        )
         sweep[str(frames)] = row
     results["window_sweep"] = sweep
     log(f"window sweep done ({time.perf_counter() - t:.0f} s)")
@@ -266,9 +334,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for k in args.frames_per_scene:
         row = {}
         for name, c in (("estimated", cfg), ("assumed_independent", independent)):
-            f = false_alarms(clean, ref, devices=args.devices, steps=max(1, round(10_080 / args.devices)), cfg=c, rng=np.random.default_rng(51), frames_per_scene=k)
+            f = false_alarms(
+                clean,
+                ref,
+                devices=args.devices,
+                steps=max(1, round(10_080 / args.devices)),
+                cfg=c,
+                rng=np.random.default_rng(51),
+                frames_per_scene=k,
+            )
             row[f"{name}_per_device_week"], row[f"{name}_flagged_rate"] = f.per_device_week, f.flagged_rate
-        row.update(detection_within_2(clean, pools, ref, corruptions, max(2, args.trials // 5), cfg, seed=52, frames_per_scene=k))
+        row.update(
+            detection_within_2(
+                clean, pools, ref, corruptions, max(2, args.trials // 5), cfg, seed=52, frames_per_scene=k
+            )
+        )
         corr[str(k)] = row
     results["frames_per_scene"] = corr
     log(f"correlated frames done ({time.perf_counter() - t:.0f} s)")
@@ -282,14 +362,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         key = pool.condition.name if pool is not clean_b else "clean (second pool)"
         errors[key] = e
         est[key] = {
-            "frames": e.frames, "accuracy": e.accuracy, **e.stream,
+            "frames": e.frames,
+            "accuracy": e.accuracy,
+            **e.stream,
             **{f"{k}_error_points": 100 * v for k in ESTIMATES if (v := e.error(k)) is not None},
             **{f"window_{k}_mae_points": 100 * v for k, v in e.window_mae.items() if v is not None},
-        }  # fmt: skip
+        }
     corrupted = {k: errors[p.condition.name] for k, p in pools.items()}
     summary: dict[str, Any] = {
         "corrupted_all": mae_points({p.condition.name: errors[p.condition.name] for p in pools.values()}),
-        "corrupted_severity_3_to_5": mae_points({f"{n}@{s}": corrupted[(n, s)] for n in corruptions for s in severities if s >= 3}),
+        "corrupted_severity_3_to_5": mae_points(
+            {f"{n}@{s}": corrupted[(n, s)] for n in corruptions for s in severities if s >= 3}
+        ),
         "domain_shifts": mae_points({p.condition.name: errors[p.condition.name] for p in shifts.values()}),
         "clean": mae_points({"clean": errors["clean"], "clean2": errors["clean (second pool)"]}),
     }
@@ -297,7 +381,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary[f"severity_{s}"] = mae_points({f"{n}@{s}": corrupted[(n, s)] for n in corruptions})
     for fam, names in FAMILIES.items():
         if any(n in corruptions for n in names):
-            summary[f"family_{fam}"] = mae_points({f"{n}@{s}": corrupted[(n, s)] for n in names if n in corruptions for s in severities})
+            summary[f"family_{fam}"] = mae_points(
+                {f"{n}@{s}": corrupted[(n, s)] for n in names if n in corruptions for s in severities}
+            )
     results["estimation"] = {"per_condition": est, "mae": summary}
     return results
 
@@ -313,12 +399,23 @@ def print_tables(r: dict[str, Any]) -> None:
         f"{p['input_size'][0]} px; reference {p['reference_images']} held-out frames, accuracy {p['reference_accuracy']:.1%}, "
         f"ATC threshold {p['atc_threshold']:.3f}, temperature {p['temperature']:.3f}"
     )
-    print(f"   windows of 300 frames (60 s at 5 fps) resampled from per-condition pools ({r['setup']['frames_per_condition']} frames; clean {r['setup']['clean_frames']})")
+    print(
+        f"   windows of 300 frames (60 s at 5 fps) resampled from per-condition pools ({r['setup']['frames_per_condition']} frames; clean {r['setup']['clean_frames']})"
+    )
     c = r["cost"]
-    fleet = ", ".join(f"{n} devices {c[f'fleet_{n}_step_ms']} ms/step ({c[f'fleet_{n}_per_window_ms']} ms/window)" for n in (100, 1000))
-    print(f"\n-- engine cost: {c['device_window_ms']} ms per device window (one-device step); fleet steps: {fleet}")
+    fleet = ", ".join(
+        f"{n} devices {c[f'fleet_{n}_step_ms']} ms/step ({c[f'fleet_{n}_per_window_ms']} ms/window)"
+        for n in (100, 1000)
+    )
+    print(
+        f"\n-- engine cost: {c['device_window_ms']} ms per device window (one-device step); fleet steps: {fleet}"
+    )
     fa = r["false_alarms"]
-    for key, label in (("fleet_robust", "fleet steps"), ("fleet_plain", "fleet steps, plain p-values"), ("single_device", "one device")):
+    for key, label in (
+        ("fleet_robust", "fleet steps"),
+        ("fleet_plain", "fleet steps, plain p-values"),
+        ("single_device", "one device"),
+    ):
         f = fa[key]
         print(
             f"-- false alarms ({label}, {f['devices']} device(s)): {f['drift_entries']} drift entries in "
@@ -333,17 +430,24 @@ def print_tables(r: dict[str, Any]) -> None:
     det = r["detection"]
     est = r["estimation"]["per_condition"]
     names = sorted({k.split("@")[0] for k in det if "@" in k}, key=lambda n: list(det).index(f"{n}@1"))
-    print("\n-- per corruption and severity: detected within 2 windows (share of trials) / median delay (windows) | accuracy: true ATC ATC-NE avg-conf")
+    print(
+        "\n-- per corruption and severity: detected within 2 windows (share of trials) / median delay (windows) | accuracy: true ATC ATC-NE avg-conf"
+    )
     print(f"   {'corruption':18s}" + "".join(f"{'sev ' + str(s):>25s}" for s in range(1, 6)))
     for n in names:
         cells = []
         for s in range(1, 6):
             k = f"{n}@{s}"
             e = est[k]
-            acc = " ".join(_fmt(None if e[x] is None else 100 * e[x], "3.0f") for x in ("accuracy", "atc", "atc_ne", "average_confidence"))
+            acc = " ".join(
+                _fmt(None if e[x] is None else 100 * e[x], "3.0f")
+                for x in ("accuracy", "atc", "atc_ne", "average_confidence")
+            )
             cells.append(f"{det[k]['within_2']:4.0%}/{_fmt(det[k]['median_delay'], 'g'):>2s} {acc}")
         print(f"   {n:18s}" + "".join(f"{c:>25s}" for c in cells))
-    print(f"\n   {'domain shift':18s} {'within 2':>9s} {'delay':>6s} {'true':>6s} {'ATC':>6s} {'ATC-NE':>7s} {'avg conf':>9s}")
+    print(
+        f"\n   {'domain shift':18s} {'within 2':>9s} {'delay':>6s} {'true':>6s} {'ATC':>6s} {'ATC-NE':>7s} {'avg conf':>9s}"
+    )
     for k, v in det.items():
         if "@" in k:
             continue
@@ -353,7 +457,9 @@ def print_tables(r: dict[str, Any]) -> None:
             f"{_fmt(e['atc_ne'], '7.1%')} {e['average_confidence']:9.1%}"
         )
     if r.get("window_sweep"):
-        print("\n-- window size (frames at 5 fps): false alarms per device-week, detected within 2 windows (mean over corruptions)")
+        print(
+            "\n-- window size (frames at 5 fps): false alarms per device-week, detected within 2 windows (mean over corruptions)"
+        )
         for frames, w in r["window_sweep"].items():
             print(
                 f"   {frames:>4s} frames ({w['seconds_at_5fps']:.0f} s): {w['per_device_week']:.2f} per device-week, flagged {w['flagged_rate']:.3%}; "
@@ -361,8 +467,12 @@ def print_tables(r: dict[str, Any]) -> None:
                 + (f" (under 90%: {', '.join(w['severity_3_missed'])})" if w["severity_3_missed"] else "")
             )
     if r.get("frames_per_scene"):
-        print("\n-- correlated frames (each scene seen for k consecutive frames): false alarms per device-week with the dispersion")
-        print("   estimated per device (default) and assuming independent frames; detected within 2 windows with the default")
+        print(
+            "\n-- correlated frames (each scene seen for k consecutive frames): false alarms per device-week with the dispersion"
+        )
+        print(
+            "   estimated per device (default) and assuming independent frames; detected within 2 windows with the default"
+        )
         for k, w in r["frames_per_scene"].items():
             print(
                 f"   k={k:>2s}: {w['estimated_per_device_week']:.2f} (flagged {w['estimated_flagged_rate']:.2%}) vs independent "
@@ -371,15 +481,21 @@ def print_tables(r: dict[str, Any]) -> None:
                 + (f" (under 90%: {', '.join(w['severity_3_missed'])})" if w["severity_3_missed"] else "")
             )
     mae = r["estimation"]["mae"]
-    print("\n-- label-free accuracy MAE in points: stream level (all frames of a condition) | per 300-frame window")
-    print(f"   {'conditions':26s} {'n':>3s} {'ATC':>6s} {'ATC-NE':>7s} {'avg conf':>9s} | {'ATC':>6s} {'ATC-NE':>7s} {'avg conf':>9s}")
+    print(
+        "\n-- label-free accuracy MAE in points: stream level (all frames of a condition) | per 300-frame window"
+    )
+    print(
+        f"   {'conditions':26s} {'n':>3s} {'ATC':>6s} {'ATC-NE':>7s} {'avg conf':>9s} | {'ATC':>6s} {'ATC-NE':>7s} {'avg conf':>9s}"
+    )
     for k, m in mae.items():
         if m["conditions"]:
             print(
                 f"   {k:26s} {m['conditions']:3d} {_fmt(m['atc'], '6.2f')} {_fmt(m['atc_ne'], '7.2f')} {_fmt(m['average_confidence'], '9.2f')} | "
                 f"{_fmt(m['window_atc'], '6.2f')} {_fmt(m['window_atc_ne'], '7.2f')} {_fmt(m['window_average_confidence'], '9.2f')}"
             )
-    print("   target: ATC <= 3 points on corrupted streams (ATC paper, CIFAR-10-C: ATC 3.87, average confidence 11.9)")
+    print(
+        "   target: ATC <= 3 points on corrupted streams (ATC paper, CIFAR-10-C: ATC 3.87, average confidence 11.9)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,14 +509,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=50, help="detection trials per condition")
     ap.add_argument("--device-weeks", type=float, default=10.0)
     ap.add_argument("--devices", type=int, default=20, help="devices per fleet step in the false-alarm run")
-    ap.add_argument("--ref-draws", type=int, default=5, help="other references per size for the false-alarm run")
-    ap.add_argument("--ref-sizes", type=lambda v: [int(x) for x in v.split(",") if x], default=[150, 72],
-                    help="sizes of the other references besides the package's (150: the default builtin:shapes run's held-out set)")  # fmt: skip
+    ap.add_argument(
+        "--ref-draws", type=int, default=5, help="other references per size for the false-alarm run"
+    )
+    ap.add_argument(
+        "--ref-sizes",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[150, 72],
+        help="sizes of the other references besides the package's (150: the default builtin:shapes run's held-out set)",
+    )
     ap.add_argument("--estimate-windows", type=int, default=200)
-    ap.add_argument("--frames-per-scene", type=lambda v: [int(x) for x in v.split(",") if x], default=[1, 5, 15],
-                    help="consecutive frames per scene for the correlated-frames run; empty to skip")  # fmt: skip
-    ap.add_argument("--window-sweep", type=lambda v: [int(x) for x in v.split(",") if x], default=[60, 150, 300, 600],
-                    help="window sizes (frames) for the window-size sweep; empty to skip")  # fmt: skip
+    ap.add_argument(
+        "--frames-per-scene",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[1, 5, 15],
+        help="consecutive frames per scene for the correlated-frames run; empty to skip",
+    )
+    ap.add_argument(
+        "--window-sweep",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[60, 150, 300, 600],
+        help="window sizes (frames) for the window-size sweep; empty to skip",
+    )
     ap.add_argument("--corruptions", type=int, default=0, help="only the first N corruptions (0: all)")
     ap.add_argument("--no-cache", action="store_true", help="render every pool again")
     ap.add_argument("--quick", action="store_true", help="small smoke run (numbers not comparable)")

@@ -61,7 +61,10 @@ def make_payloads(kind: str, n: int) -> list[tuple[str, bytes]]:
         return [(tele_topic(FLEET, f"cam{i % DEVICES}"), os.urandom(300)) for i in range(n)]
     if kind == "tiny":
         for seq in range(per):
-            out += [(tele_topic(FLEET, f"cam{d}"), tiny_window(f"cam{d}", seq, fleet=FLEET).to_bytes()) for d in range(DEVICES)]
+            out += [
+                (tele_topic(FLEET, f"cam{d}"), tiny_window(f"cam{d}", seq, fleet=FLEET).to_bytes())
+                for d in range(DEVICES)
+            ]
         return out[:n]
     if kind == "window":
         template = windows("cam0", min(per, 50), fleet=FLEET)
@@ -78,8 +81,12 @@ def _client(port: int, client_id: str = "", clean: bool = True, inflight: int | 
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean if client_id else True,
-                    protocol=mqtt.MQTTv311)  # fmt: skip
+    c = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=clean if client_id else True,
+        protocol=mqtt.MQTTv311,
+    )
     if inflight:
         c.max_inflight_messages_set(inflight)
     c.connect("127.0.0.1", port, keepalive=60)
@@ -104,7 +111,9 @@ def _publisher(port: int, payload_file: str, out: Any) -> None:
     out.put({"publish_start": t0, "publish_end": t1, "cpu_s": cpu1 - cpu0})
 
 
-def _raw_subscriber(port: int, topic: str, n: int, client_id: str, ready: Any, out: Any, subscribe_only: bool) -> None:
+def _raw_subscriber(
+    port: int, topic: str, n: int, client_id: str, ready: Any, out: Any, subscribe_only: bool
+) -> None:
     """Receive ``n`` messages (QoS 1, automatic PUBACK); report first and last receive times."""
     import threading
 
@@ -133,8 +142,14 @@ def _raw_subscriber(port: int, topic: str, n: int, client_id: str, ready: Any, o
         done.wait(600)
     c.disconnect()
     c.loop_stop()
-    out.put({"received": state["n"], "first_received": state["first"], "last_received": state["last"],
-             "cpu_s": (state["cpu_last"] or 0.0) - (state["cpu_first"] or 0.0)})  # fmt: skip
+    out.put(
+        {
+            "received": state["n"],
+            "first_received": state["first"],
+            "last_received": state["last"],
+            "cpu_s": (state["cpu_last"] or 0.0) - (state["cpu_first"] or 0.0),
+        }
+    )
 
 
 def _ingest_child(config: Any, stats_file: str, ready: Any, go: Any) -> None:
@@ -192,7 +207,9 @@ class Bench:
 
         def sub(subscribe_only: bool) -> tuple[Any, Any, Any]:
             ready, q = self.ctx.Event(), self.ctx.Queue()
-            p = self.ctx.Process(target=_raw_subscriber, args=(self.broker.port, topic, n, cid, ready, q, subscribe_only))
+            p = self.ctx.Process(
+                target=_raw_subscriber, args=(self.broker.port, topic, n, cid, ready, q, subscribe_only)
+            )
             p.start()
             ready.wait(30)
             return p, q, ready
@@ -218,9 +235,19 @@ class Bench:
             p.join(30)
             elapsed = res["last_received"] - res["first_received"]
         assert res["received"] == n, res
-        cpu.update(consumer_us_per_msg=res["cpu_s"] / n * 1e6, publisher_us_per_msg=pub["cpu_s"] / n * 1e6 if pub else None)
-        return {"consumer": "raw", "payload": kind, "mode": mode, "messages": n, "seconds": elapsed,
-                "msg_per_s": n / elapsed, "cpu": _per_msg(cpu, n)}  # fmt: skip
+        cpu.update(
+            consumer_us_per_msg=res["cpu_s"] / n * 1e6,
+            publisher_us_per_msg=pub["cpu_s"] / n * 1e6 if pub else None,
+        )
+        return {
+            "consumer": "raw",
+            "payload": kind,
+            "mode": mode,
+            "messages": n,
+            "seconds": elapsed,
+            "msg_per_s": n / elapsed,
+            "cpu": _per_msg(cpu, n),
+        }
 
     # ingest --------------------------------------------------------------------------------------
     def db_url(self, db: str) -> tuple[str, Callable[[], None]]:
@@ -238,8 +265,13 @@ class Bench:
         assert self.pg_server
         u = make_url(self.pg_server)
         name = f"ef_bench_{uuid.uuid4().hex[:8]}"
-        kw: dict[str, Any] = {"host": u.host, "port": u.port or 5432, "user": u.username, "dbname": u.database,
-                              "autocommit": True}  # fmt: skip
+        kw: dict[str, Any] = {
+            "host": u.host,
+            "port": u.port or 5432,
+            "user": u.username,
+            "dbname": u.database,
+            "autocommit": True,
+        }
         with psycopg.connect(**kw) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
 
@@ -247,16 +279,21 @@ class Bench:
             with psycopg.connect(**kw) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-        return u.set(database=name, drivername="postgresql+psycopg").render_as_string(hide_password=False), drop
+        return u.set(database=name, drivername="postgresql+psycopg").render_as_string(
+            hide_password=False
+        ), drop
 
-    def _workers(self, url: str, group: str, count: int, tag: str,
-                 on_ready: Callable[[], None] | None = None) -> tuple[list[Any], list[Path]]:  # fmt: skip
+    def _workers(
+        self, url: str, group: str, count: int, tag: str, on_ready: Callable[[], None] | None = None
+    ) -> tuple[list[Any], list[Path]]:
         from trainer.ingest import IngestConfig
 
         procs, files, readies = [], [], []
         go = self.ctx.Event()
         for i in range(count):
-            cfg = IngestConfig(broker_url=self.broker.url, db_url=url, fleet=FLEET, group=group, index=i, kinds=("tele",))
+            cfg = IngestConfig(
+                broker_url=self.broker.url, db_url=url, fleet=FLEET, group=group, index=i, kinds=("tele",)
+            )
             f = self.work / f"stats-{tag}-{i}.json"
             f.unlink(missing_ok=True)
             ready = self.ctx.Event()
@@ -306,13 +343,18 @@ class Bench:
                 self._stop(procs)
                 self.publish(kind, n)
                 watches: list[CpuWatch] = []
-                procs, files = self._workers(url, group, workers, tag, lambda: watches.append(CpuWatch(self.broker)))
+                procs, files = self._workers(
+                    url, group, workers, tag, lambda: watches.append(CpuWatch(self.broker))
+                )
                 watch = watches[0]
                 stats = _wait_stored(files, n)
                 start = min(s["first_received_at"] for s in stats if s.get("first_received_at"))
             cpu = watch.stop()
             worker_cpu = sum(s["process_cpu_s"] - s["process_cpu_s_at_first_message"] for s in stats)
-            cpu.update(consumer_us_per_msg=worker_cpu / n * 1e6, publisher_us_per_msg=pub["cpu_s"] / n * 1e6 if pub else None)
+            cpu.update(
+                consumer_us_per_msg=worker_cpu / n * 1e6,
+                publisher_us_per_msg=pub["cpu_s"] / n * 1e6 if pub else None,
+            )
             end = max(s["last_committed_at"] for s in stats if s.get("last_committed_at"))
             self._stop(procs)
             with Store(url, create=False) as store:
@@ -321,10 +363,18 @@ class Bench:
             drop()
         assert stored == n, (stored, n)
         batches = sum(s["batches"] for s in stats)
-        return {"consumer": f"ingest-{db}-{workers}w", "payload": kind, "mode": mode, "messages": n,
-                "seconds": end - start, "msg_per_s": n / (end - start), "mean_batch": n / max(batches, 1),
-                "per_worker_received": [s["received"] for s in stats], "db_errors": sum(s["db_errors"] for s in stats),
-                "cpu": _per_msg(cpu, n)}  # fmt: skip
+        return {
+            "consumer": f"ingest-{db}-{workers}w",
+            "payload": kind,
+            "mode": mode,
+            "messages": n,
+            "seconds": end - start,
+            "msg_per_s": n / (end - start),
+            "mean_batch": n / max(batches, 1),
+            "per_worker_received": [s["received"] for s in stats],
+            "db_errors": sum(s["db_errors"] for s in stats),
+            "cpu": _per_msg(cpu, n),
+        }
 
 
 class CpuWatch:
@@ -340,13 +390,21 @@ class CpuWatch:
         self.start = self._snap()
 
     def _snap(self) -> dict[str, float]:
-        return {"machine": _machine_busy_s(), "mosquitto": _proc_cpu_s(self.pid), "postgres": _postgres_cpu_s()}
+        return {
+            "machine": _machine_busy_s(),
+            "mosquitto": _proc_cpu_s(self.pid),
+            "postgres": _postgres_cpu_s(),
+        }
 
     def stop(self) -> dict[str, Any]:
         end, elapsed = self._snap(), time.time() - self.t0
         d = {k: end[k] - self.start[k] for k in end}
-        return {"elapsed_s": elapsed, "machine_busy_cores": d["machine"] / elapsed, "mosquitto_s": d["mosquitto"],
-                "postgres_s": d["postgres"]}  # fmt: skip
+        return {
+            "elapsed_s": elapsed,
+            "machine_busy_cores": d["machine"] / elapsed,
+            "mosquitto_s": d["mosquitto"],
+            "postgres_s": d["postgres"],
+        }
 
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -383,9 +441,11 @@ def _machine_busy_s() -> float:
 
 def _per_msg(cpu: dict[str, Any], n: int) -> dict[str, Any]:
     """CPU microseconds per message of each component, and the machine's average busy cores."""
-    out = {"machine_busy_cores": round(cpu["machine_busy_cores"], 2),
-           "mosquitto_us_per_msg": round(cpu["mosquitto_s"] / n * 1e6, 1),
-           "postgres_us_per_msg": round(cpu["postgres_s"] / n * 1e6, 1)}  # fmt: skip
+    out = {
+        "machine_busy_cores": round(cpu["machine_busy_cores"], 2),
+        "mosquitto_us_per_msg": round(cpu["mosquitto_s"] / n * 1e6, 1),
+        "postgres_us_per_msg": round(cpu["postgres_s"] / n * 1e6, 1),
+    }
     ours = cpu["mosquitto_s"] + cpu["postgres_s"]
     for k in ("consumer_us_per_msg", "publisher_us_per_msg"):
         if cpu.get(k) is not None:
@@ -418,11 +478,23 @@ def _bench_manifest() -> Any:
 
     ref = model_ref()
     return ModelManifest(
-        name=ref.name, version=ref.version, created="2025-01-01T00:00:00Z", labels=[f"c{i}" for i in range(NUM_CLASSES)],
-        preprocess=PreprocessSpec(), artifacts={"tflite-int8": Artifact(file="m.tflite", runtime="litert", precision="int8",
-                                                          input=TensorSpec(), output=TensorSpec(layout="NC"))},
-        files={"m.tflite": FileEntry(sha256="0" * 64, size=1)}, telemetry_edges=default_edges(NUM_CLASSES),
-    )  # fmt: skip
+        name=ref.name,
+        version=ref.version,
+        created="2025-01-01T00:00:00Z",
+        labels=[f"c{i}" for i in range(NUM_CLASSES)],
+        preprocess=PreprocessSpec(),
+        artifacts={
+            "tflite-int8": Artifact(
+                file="m.tflite",
+                runtime="litert",
+                precision="int8",
+                input=TensorSpec(),
+                output=TensorSpec(layout="NC"),
+            )
+        },
+        files={"m.tflite": FileEntry(sha256="0" * 64, size=1)},
+        telemetry_edges=default_edges(NUM_CLASSES),
+    )
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -458,7 +530,9 @@ def _clean(row: dict[str, Any]) -> bool:
     return row.get("cpu", {}).get("other_cores", 0.0) <= QUIET_OTHER_CORES
 
 
-def _ratio(rows: list[dict[str, Any]], num: dict[str, Any], den: dict[str, Any], target: float) -> dict[str, Any]:
+def _ratio(
+    rows: list[dict[str, Any]], num: dict[str, Any], den: dict[str, Any], target: float
+) -> dict[str, Any]:
     """num/den paired within each repeat (the two runs ran minutes apart at most); the median over the
     repeats where neither run shared the machine with other jobs, else over all repeats, flagged."""
     pairs = []
@@ -466,12 +540,24 @@ def _ratio(rows: list[dict[str, Any]], num: dict[str, Any], den: dict[str, Any],
         a = next((x for x in rows if x["repeat"] == r and all(x[k] == v for k, v in num.items())), None)
         b = next((x for x in rows if x["repeat"] == r and all(x[k] == v for k, v in den.items())), None)
         if a and b:
-            pairs.append((a["msg_per_s"] / b["msg_per_s"], _clean(a) and _clean(b), round(a["msg_per_s"]), round(b["msg_per_s"])))
+            pairs.append(
+                (
+                    a["msg_per_s"] / b["msg_per_s"],
+                    _clean(a) and _clean(b),
+                    round(a["msg_per_s"]),
+                    round(b["msg_per_s"]),
+                )
+            )
     clean = [p for p in pairs if p[1]]
     use = clean or pairs
     ratio = statistics.median(p[0] for p in use)
-    return {"ratio": ratio, "target": target, "met": ratio >= target, "clean": bool(clean),
-            "pairs": [{"ratio": round(p[0], 3), "clean": p[1], "msg_per_s": [p[2], p[3]]} for p in pairs]}
+    return {
+        "ratio": ratio,
+        "target": target,
+        "met": ratio >= target,
+        "clean": bool(clean),
+        "pairs": [{"ratio": round(p[0], 3), "clean": p[1], "msg_per_s": [p[2], p[3]]} for p in pairs],
+    }
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -483,42 +569,64 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     best = {}
     for (c, p, m), v in configs.items():
         top = _best(rows, consumer=c, payload=p, mode=m)
-        best[f"{c}|{p}|{m}"] = {"best": max(v), "median": statistics.median(v), "runs": [round(x) for x in v],
-                                "cpu_of_best": top.get("cpu") if top else None}  # fmt: skip
+        best[f"{c}|{p}|{m}"] = {
+            "best": max(v),
+            "median": statistics.median(v),
+            "runs": [round(x) for x in v],
+            "cpu_of_best": top.get("cpu") if top else None,
+        }
     ratios: dict[str, Any] = {}
-    for (c, p, m) in configs:
+    for c, p, m in configs:
         if not c.startswith("ingest"):
             continue
         if ("raw", p, m) in configs:
-            ratios[f"{c} / raw | {p} | {m}"] = _ratio(rows, {"consumer": c, "payload": p, "mode": m},
-                                                      {"consumer": "raw", "payload": p, "mode": m}, TARGET_RAW_RATIO)  # fmt: skip
+            ratios[f"{c} / raw | {p} | {m}"] = _ratio(
+                rows,
+                {"consumer": c, "payload": p, "mode": m},
+                {"consumer": "raw", "payload": p, "mode": m},
+                TARGET_RAW_RATIO,
+            )
         one = c[:-3] + "-1w"
         if c.endswith("-2w") and (one, p, m) in configs:
-            ratios[f"{c} / {one} | {p} | {m}"] = _ratio(rows, {"consumer": c, "payload": p, "mode": m},
-                                                        {"consumer": one, "payload": p, "mode": m}, TARGET_SCALING)  # fmt: skip
+            ratios[f"{c} / {one} | {p} | {m}"] = _ratio(
+                rows,
+                {"consumer": c, "payload": p, "mode": m},
+                {"consumer": one, "payload": p, "mode": m},
+                TARGET_SCALING,
+            )
     return {"configs": best, "ratios": ratios, "quiet_other_cores": QUIET_OTHER_CORES}
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    lines = ["CPU columns (best run): microseconds of CPU per message of the consumer processes, mosquitto and",
-             "PostgreSQL; the machine's average busy cores during the run, and how many of them were other jobs.",
-             f"{'consumer':22s} {'payload':9s} {'mode':5s} {'best msg/s':>10s} {'median':>8s} {'cons us':>8s} "
-             f"{'mosq us':>8s} {'pg us':>6s} {'busy':>5s} {'other':>5s}  runs"]  # fmt: skip
+    lines = [
+        "CPU columns (best run): microseconds of CPU per message of the consumer processes, mosquitto and",
+        "PostgreSQL; the machine's average busy cores during the run, and how many of them were other jobs.",
+        f"{'consumer':22s} {'payload':9s} {'mode':5s} {'best msg/s':>10s} {'median':>8s} {'cons us':>8s} "
+        f"{'mosq us':>8s} {'pg us':>6s} {'busy':>5s} {'other':>5s}  runs",
+    ]
     for key, v in sorted(summary["configs"].items()):
         c, p, m = key.split("|")
         cpu = v.get("cpu_of_best") or {}
-        lines.append(f"{c:22s} {p:9s} {m:5s} {v['best']:10.0f} {v['median']:8.0f} {cpu.get('consumer_us_per_msg', 0):8.0f} "
-                     f"{cpu.get('mosquitto_us_per_msg', 0):8.0f} {cpu.get('postgres_us_per_msg', 0):6.0f} "
-                     f"{cpu.get('machine_busy_cores', 0):5.2f} {cpu.get('other_cores', 0):5.2f}  {v['runs']}")  # fmt: skip
+        lines.append(
+            f"{c:22s} {p:9s} {m:5s} {v['best']:10.0f} {v['median']:8.0f} {cpu.get('consumer_us_per_msg', 0):8.0f} "
+            f"{cpu.get('mosquitto_us_per_msg', 0):8.0f} {cpu.get('postgres_us_per_msg', 0):6.0f} "
+            f"{cpu.get('machine_busy_cores', 0):5.2f} {cpu.get('other_cores', 0):5.2f}  {v['runs']}"
+        )
     lines.append("")
-    lines.append("ratios: median over repeats of the two runs of the same repeat, counting only repeats where")
-    lines.append(f"other jobs used <= {QUIET_OTHER_CORES} cores in both runs (* = no such repeat: all repeats, contaminated)")
+    lines.append(
+        "ratios: median over repeats of the two runs of the same repeat, counting only repeats where"
+    )
+    lines.append(
+        f"other jobs used <= {QUIET_OTHER_CORES} cores in both runs (* = no such repeat: all repeats, contaminated)"
+    )
     lines.append(f"{'ratio':62s} {'value':>6s} {'target':>7s}         pairs (ratio, c = clean)")
     for key, v in summary["ratios"].items():
         flag = "" if v["clean"] else " *"
         pairs = " ".join(f"{p['ratio']:.2f}{'c' if p['clean'] else ''}" for p in v["pairs"])
-        lines.append(f"{key + flag:62s} {v['ratio']:6.2f} {'>= ' + str(v['target']):>7s}  "
-                     f"{'met    ' if v['met'] else 'NOT met'}  {pairs}")  # fmt: skip
+        lines.append(
+            f"{key + flag:62s} {v['ratio']:6.2f} {'>= ' + str(v['target']):>7s}  "
+            f"{'met    ' if v['met'] else 'NOT met'}  {pairs}"
+        )
     return "\n".join(lines)
 
 
@@ -527,8 +635,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--messages", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="5,000 messages, one run, fewer configurations")
-    ap.add_argument("--pg", default=os.environ.get("EDGEFLEET_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
-                    help="PostgreSQL server to create a scratch database on ('' to skip PostgreSQL)")  # fmt: skip
+    ap.add_argument(
+        "--pg",
+        default=os.environ.get("EDGEFLEET_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
+        help="PostgreSQL server to create a scratch database on ('' to skip PostgreSQL)",
+    )
     ap.add_argument("--payloads", default="tiny,window", help="subset of tiny,window")
     ap.add_argument("--modes", default="live,drain", help="subset of live,drain")
     ap.add_argument("--no-raw-reference", action="store_true", help="skip the opaque 300-byte raw run")
@@ -549,8 +660,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         for w in (1, 2):
                             if args.quick and (kind == "window" and w == 2):
                                 continue
-                            plan.append((f"ingest {db} {w}w {kind} {mode}",
-                                         functools.partial(bench.ingest, kind, n, mode, db, w)))  # fmt: skip
+                            plan.append(
+                                (
+                                    f"ingest {db} {w}w {kind} {mode}",
+                                    functools.partial(bench.ingest, kind, n, mode, db, w),
+                                )
+                            )
             if not args.no_raw_reference:
                 plan.append(("raw opaque300 live", functools.partial(bench.raw, "opaque300", n, "live")))
             for r in range(repeat):
@@ -563,10 +678,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bench.close()
     summary = summarize(rows)
     result = {
-        "benchmark": "ingest", "messages_per_run": n, "repeat": repeat, "databases": dbs,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "duration_s": round(time.time() - t_start, 1), "summary": summary, "runs": rows,
-    }  # fmt: skip
+        "benchmark": "ingest",
+        "messages_per_run": n,
+        "repeat": repeat,
+        "databases": dbs,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "duration_s": round(time.time() - t_start, 1),
+        "summary": summary,
+        "runs": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(format_table(summary))
@@ -580,7 +704,9 @@ def _pg_up(url: str) -> bool:
         from sqlalchemy.engine import make_url
 
         u = make_url(url)
-        with psycopg.connect(host=u.host, port=u.port or 5432, user=u.username, dbname=u.database, connect_timeout=3):
+        with psycopg.connect(
+            host=u.host, port=u.port or 5432, user=u.username, dbname=u.database, connect_timeout=3
+        ):
             return True
     except Exception:  # noqa: BLE001
         print(f"PostgreSQL at {url} unavailable: SQLite only")

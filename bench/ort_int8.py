@@ -79,19 +79,33 @@ def main(argv: list[str] | None = None) -> dict:
         quant_pre_process(str(pkg.artifact_path("onnx-fp32")), str(pre_path))
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
-        fp32 = ort.InferenceSession(str(pkg.artifact_path("onnx-fp32")), so, providers=["CPUExecutionProvider"])
+        fp32 = ort.InferenceSession(
+            str(pkg.artifact_path("onnx-fp32")), so, providers=["CPUExecutionProvider"]
+        )
         results["onnxruntime fp32"] = _time(lambda v: fp32.run(None, {"input": v}), x, args.seconds)
         reference = top1(lambda v: fp32.run(None, {"input": v})[0])
         agreement: dict[str, float] = {}
         for name, (fmt, act, per_channel) in variants.items():
             path = Path(tmp) / "q.onnx"
-            quantize_static(str(pre_path), str(path), Reader(), quant_format=fmt, activation_type=act,
-                            weight_type=QuantType.QInt8, per_channel=per_channel)  # fmt: skip
+            quantize_static(
+                str(pre_path),
+                str(path),
+                Reader(),
+                quant_format=fmt,
+                activation_type=act,
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+            )
             s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             results[f"onnxruntime {name}"] = _time(lambda v, s=s: s.run(None, {"input": v}), x, args.seconds)
-            agreement[f"onnxruntime {name}"] = float(np.mean(top1(lambda v, s=s: s.run(None, {"input": v})[0]) == reference))
-            print(f"{name:48s} {results[f'onnxruntime {name}']:6.2f} ms  top-1 agreement with fp32 "
-                  f"{agreement[f'onnxruntime {name}']:.1%}", flush=True)  # fmt: skip
+            agreement[f"onnxruntime {name}"] = float(
+                np.mean(top1(lambda v, s=s: s.run(None, {"input": v})[0]) == reference)
+            )
+            print(
+                f"{name:48s} {results[f'onnxruntime {name}']:6.2f} ms  top-1 agreement with fp32 "
+                f"{agreement[f'onnxruntime {name}']:.1%}",
+                flush=True,
+            )
     for key in ("tflite-fp32", "tflite-int8"):
         b = load_backend(pkg, key, BackendOptions(threads=1))
         t = Preprocessor(pkg.manifest.preprocess, pkg.manifest.artifacts[key].input).to_tensor(
@@ -99,14 +113,19 @@ def main(argv: list[str] | None = None) -> dict:
         )
         results[f"litert {key}"] = _time(b.run, t, args.seconds)
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    out = {"ms_per_frame_1_thread": {k: round(v, 2) for k, v in results.items()},
-           "top1_agreement_with_ort_fp32_heldout_crops": {k: round(v, 4) for k, v in agreement.items()},
-           "heldout_crops": len(held_out), "ort_version": ort.__version__,
-           "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"})}  # fmt: skip
+    out = {
+        "ms_per_frame_1_thread": {k: round(v, 2) for k, v in results.items()},
+        "top1_agreement_with_ort_fp32_heldout_crops": {k: round(v, 4) for k, v in agreement.items()},
+        "heldout_crops": len(held_out),
+        "ort_version": ort.__version__,
+        "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"}),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"\nvariant (onnxruntime {ort.__version__}, CPU: {' '.join(out['cpu_flags'])})"
-          f"{'':10s}ms/frame (1 thread)  top-1 vs fp32")  # fmt: skip
+    print(
+        f"\nvariant (onnxruntime {ort.__version__}, CPU: {' '.join(out['cpu_flags'])})"
+        f"{'':10s}ms/frame (1 thread)  top-1 vs fp32"
+    )
     for k, v in results.items():
         a = agreement.get(k)
         print(f"{k:60s} {v:7.2f}  {'' if a is None else f'{a:.1%}':>10s}")

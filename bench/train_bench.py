@@ -68,21 +68,42 @@ def overtrained_head(data: Any, cache_dir: str, epochs: int = 150) -> dict[str, 
     extractor = FeatureExtractor(prefix, spec)
     cache = FeatureCache(prefix_fingerprint(0, spec, f"{AUGMENT_VERSION}:seed0"), cache_dir)
     tr, va, te = data.split("train"), data.split("val"), data.split("test")
-    x_tr, x_va, x_te = (_features(extractor, cache, s, v, 0, False) for s, v in ((tr, cfg.aug_views), (va, 0), (te, 0)))
+    x_tr, x_va, x_te = (
+        _features(extractor, cache, s, v, 0, False) for s, v in ((tr, cfg.aug_views), (va, 0), (te, 0))
+    )
     y_va, y_te = data.index(va), data.index(te)
-    fit = FitConfig(epochs=epochs, patience=epochs, lr=1e-2, weight_decay=0.0, balance=False, restore_best=False)
+    fit = FitConfig(
+        epochs=epochs, patience=epochs, lr=1e-2, weight_decay=0.0, balance=False, restore_best=False
+    )
     t = time.perf_counter()
-    fit_suffix(suffix, x_tr, np.repeat(data.index(tr), cfg.aug_views + 1), x_va, y_va, fit, num_classes=len(data.labels), progress=False)
+    fit_suffix(
+        suffix,
+        x_tr,
+        np.repeat(data.index(tr), cfg.aug_views + 1),
+        x_va,
+        y_va,
+        fit,
+        num_classes=len(data.labels),
+        progress=False,
+    )
     seconds = time.perf_counter() - t
     lv, lt = predict_logits(suffix, x_va), predict_logits(suffix, x_te)
     temp = fit_temperature(lv, y_va)
-    before, after = to_probabilities(lt, "logits", 1.0).astype(np.float64), to_probabilities(lt, "logits", temp).astype(np.float64)
+    before, after = (
+        to_probabilities(lt, "logits", 1.0).astype(np.float64),
+        to_probabilities(lt, "logits", temp).astype(np.float64),
+    )
     return {
         "setup": f"head only, {epochs} epochs, lr 1e-2, no weight decay, no early stopping",
-        "train_s": round(seconds, 1), "test_images": len(y_te), "test_accuracy": float((lt.argmax(1) == y_te).mean()),
-        "temperature": temp, "ece_before": ece(before, y_te), "ece_after": ece(after, y_te),
-        "nll_before": nll(before, y_te), "nll_after": nll(after, y_te),
-    }  # fmt: skip
+        "train_s": round(seconds, 1),
+        "test_images": len(y_te),
+        "test_accuracy": float((lt.argmax(1) == y_te).mean()),
+        "temperature": temp,
+        "ece_before": ece(before, y_te),
+        "ece_after": ece(after, y_te),
+        "nll_before": nll(before, y_te),
+        "nll_after": nll(after, y_te),
+    }
 
 
 def shifted_domains(package_root: Path, per_class: int = 30) -> dict[str, float]:
@@ -94,10 +115,15 @@ def shifted_domains(package_root: Path, per_class: int = 30) -> dict[str, float]
     pkg = load_package(package_root)
     device = pkg.manifest.reference.artifact if pkg.manifest.reference else next(iter(pkg.manifest.artifacts))
     shifts = {
-        "base (fresh seed)": "", "lighting=night": "&lighting=night", "lighting=glare": "&lighting=glare",
-        "background=clutter": "&background=clutter", "background=tiles": "&background=tiles",
-        "sensor=noisy": "&sensor=noisy", "sensor=soft": "&sensor=soft", "sensor=lowres": "&sensor=lowres",
-    }  # fmt: skip
+        "base (fresh seed)": "",
+        "lighting=night": "&lighting=night",
+        "lighting=glare": "&lighting=glare",
+        "background=clutter": "&background=clutter",
+        "background=tiles": "&background=tiles",
+        "sensor=noisy": "&sensor=noisy",
+        "sensor=soft": "&sensor=soft",
+        "sensor=lowres": "&sensor=lowres",
+    }
     out = {}
     for name, query in shifts.items():
         data = builtin_dataset(f"builtin:shapes?n={per_class}&seed=99{query}")
@@ -140,21 +166,27 @@ def summarize(ev: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
         "robustness_images": ev.get("robustness", {}).get("images"),
         "reference": ev["reference_data"],
         "gate_passed": ev["gate"]["passed"],
-        "gate": [f"{'pass' if r['passed'] else 'FAIL'} {r['rule']}: {r['detail']}" for r in ev["gate"]["rules"]],
+        "gate": [
+            f"{'pass' if r['passed'] else 'FAIL'} {r['rule']}: {r['detail']}" for r in ev["gate"]["rules"]
+        ],
     }
 
 
 def print_table(results: dict[str, Any]) -> None:
     for name, run in results["runs"].items():
         imgs = run["images"]
-        print(f"\n== {name}: {run['dataset']}  (train {imgs['train']} / val {imgs['val']} / test {imgs['test']})")
+        print(
+            f"\n== {name}: {run['dataset']}  (train {imgs['train']} / val {imgs['val']} / test {imgs['test']})"
+        )
         t = run["time_s"]
         print(
             f"   time on {results['machine']['cpus']} cores: features {t['features']} s, training {t['train']} s "
             f"({run['epochs_run']} epochs), evaluation {t.get('evaluate', '-')} s, total {t['total']} s"
             + ("" if run["gate_passed"] else "  (gate FAILED: no package)")
         )
-        print(f"   {'model':12s} {'test acc':>9s} {'held-out':>9s} {'macro F1':>9s} {'ECE':>7s} {'mean corr.':>10s}")
+        print(
+            f"   {'model':12s} {'test acc':>9s} {'held-out':>9s} {'macro F1':>9s} {'ECE':>7s} {'mean corr.':>10s}"
+        )
         for key, m in run["models"].items():
             mca = m["mean_corruption_accuracy"]
             print(
@@ -167,8 +199,14 @@ def print_table(results: dict[str, Any]) -> None:
             f"{c['ece_before']:.2%} -> {c['ece_after']:.2%} on {c['test_images']} images (target <= 2%)"
         )
         if "shifted_domains" in run:
-            print("   device artifact under domain shifts (never trained on): " + ", ".join(f"{k} {v:.1%}" for k, v in run["shifted_domains"].items()))
-        print("   int8 minus torch fp32, held-out accuracy (points): " + ", ".join(f"{k} {v:+.2f}" for k, v in run["int8_minus_fp32_points"].items()))
+            print(
+                "   device artifact under domain shifts (never trained on): "
+                + ", ".join(f"{k} {v:.1%}" for k, v in run["shifted_domains"].items())
+            )
+        print(
+            "   int8 minus torch fp32, held-out accuracy (points): "
+            + ", ".join(f"{k} {v:+.2f}" for k, v in run["int8_minus_fp32_points"].items())
+        )
     if "overtrained_head" in results:
         o = results["overtrained_head"]
         print(
@@ -176,7 +214,10 @@ def print_table(results: dict[str, Any]) -> None:
             f"{o['temperature']:.3f}: ECE {o['ece_before']:.2%} -> {o['ece_after']:.2%}, NLL {o['nll_before']:.3f} -> "
             f"{o['nll_after']:.3f} on {o['test_images']} test images"
         )
-    print("\ncorruption cost per 320x240 frame (ms, severity 3): " + ", ".join(f"{k} {v}" for k, v in results["corruption_ms"].items()))
+    print(
+        "\ncorruption cost per 320x240 frame (ms, severity 3): "
+        + ", ".join(f"{k} {v}" for k, v in results["corruption_ms"].items())
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.pipeline import RobustnessConfig, TrainConfig, train_package
 
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+        },
         "quick": args.quick,
         "corruption_ms": corruption_costs(),
         "runs": {},
@@ -202,15 +247,26 @@ def main(argv: list[str] | None = None) -> int:
         cache = str(Path(tmp) / "features")
         if args.quick:
             runs = {
-                "default": (load_dataset("builtin:shapes?n=24"), TrainConfig(input_size=128, feature_cache=cache, progress=False,
-                            robustness=RobustnessConfig(images=16, corruptions=["gaussian_noise", "fog"]))),  # fmt: skip
+                "default": (
+                    load_dataset("builtin:shapes?n=24"),
+                    TrainConfig(
+                        input_size=128,
+                        feature_cache=cache,
+                        progress=False,
+                        robustness=RobustnessConfig(images=16, corruptions=["gaussian_noise", "fog"]),
+                    ),
+                ),
             }
         else:
             runs = {
                 "default": (load_dataset("builtin:shapes"), TrainConfig(feature_cache=cache, progress=False)),
                 "calibration": (
                     builtin_dataset("builtin:shapes?n=400", fractions=(0.4, 0.3, 0.3)),
-                    TrainConfig(feature_cache=cache, progress=False, robustness=RobustnessConfig(images=80, models="device")),
+                    TrainConfig(
+                        feature_cache=cache,
+                        progress=False,
+                        robustness=RobustnessConfig(images=80, models="device"),
+                    ),
                 ),
             }
         for name, (data, config) in runs.items():
@@ -223,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             except GateError as exc:  # the numbers are still measured; the run just produced no package
                 assert exc.evaluation is not None
                 results["runs"][name] = summarize(exc.evaluation, exc.evaluation["timings_s"])
-            print(f"[train-bench] {name} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"[train-bench] {name} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True
+            )
         if "calibration" in runs:
             results["overtrained_head"] = overtrained_head(runs["calibration"][0], cache)
     out = Path(args.out)

@@ -65,8 +65,15 @@ def _device(i: int, work: Path, url: str, root: Path, factory: Path, current: An
     store = UpdateStore(work / f"dev{i:05d}" / "update")
     boot = select_boot(store, factory)
     events: list[Any] = []
-    settings = UpdateSettings(repository=url, root=root, channel=CHANNEL, health_windows=0, latency_budget_ms=200,
-                              poll_seconds=0, http_timeout_s=60)  # fmt: skip
+    settings = UpdateSettings(
+        repository=url,
+        root=root,
+        channel=CHANNEL,
+        health_windows=0,
+        latency_budget_ms=200,
+        poll_seconds=0,
+        http_timeout_s=60,
+    )
     up = Updater(settings, Identity(FLEET, f"dev{i:05d}", 1, "onnx-fp32"), store, boot, publish=events.append)
     up.check_now(_Holder(current))
     st = up.state
@@ -92,7 +99,9 @@ def _worker(args: tuple[list[int], str, str, str, str, int]) -> dict[str, Any]:
     current = LoadedModel.load(pkg, "onnx-fp32", BackendOptions())  # the model every device serves now
     t0 = time.process_time()
     with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(lambda i: _device(i, Path(work), url, Path(root), Path(factory), current), ids))
+        results = list(
+            pool.map(lambda i: _device(i, Path(work), url, Path(root), Path(factory), current), ids)
+        )
     return {"results": results, "cpu_s": time.process_time() - t0}
 
 
@@ -128,9 +137,19 @@ def run(devices: int, workers: int, threads: int, work: Path) -> dict[str, Any]:
     root.write_bytes(repo.root_bytes())
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "trainer.release.server", "--repo", str(repo.path), "--port", str(port), "--no-resign"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "trainer.release.server",
+            "--repo",
+            str(repo.path),
+            "--port",
+            str(port),
+            "--no-resign",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_listening(port, server)
         url = f"http://127.0.0.1:{port}"
@@ -140,7 +159,10 @@ def run(devices: int, workers: int, threads: int, work: Path) -> dict[str, Any]:
         ctx = mp.get_context("fork")
         t0 = time.perf_counter()
         with ctx.Pool(workers) as pool:
-            outs = pool.map(_worker, [(s, str(work / "devices"), url, str(root), str(factory.root), threads) for s in shares])
+            outs = pool.map(
+                _worker,
+                [(s, str(work / "devices"), url, str(root), str(factory.root), threads) for s in shares],
+            )
         wall = time.perf_counter() - t0
         cpu1 = sp.cpu_times()
         with urllib.request.urlopen(f"{url}/_stats") as r:
@@ -172,11 +194,18 @@ def run(devices: int, workers: int, threads: int, work: Path) -> dict[str, Any]:
         "server_cpu_s": round(server_cpu, 2),
         "server_cpu_share_of_wall": round(server_cpu / wall, 3),
         "client_cpu_s": round(sum(o["cpu_s"] for o in outs), 2),
-        "device_latency_s": {"p50": round(float(np.percentile(secs, 50)), 3), "p95": round(float(np.percentile(secs, 95)), 3),
-                             "max": round(float(secs.max()), 3)},  # fmt: skip
+        "device_latency_s": {
+            "p50": round(float(np.percentile(secs, 50)), 3),
+            "p95": round(float(np.percentile(secs, 95)), 3),
+            "max": round(float(secs.max()), 3),
+        },
         "workers": workers,
         "threads_per_worker": threads,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "versions": _versions(),
         "per_device": "refresh (timestamp, snapshot, targets, channel role, root probe) + target download, "
         "length/hash check, unpack + per-file sha256, ONNX Runtime load + self-test, swap, commit",
@@ -193,18 +222,32 @@ def format_table(r: dict[str, Any]) -> str:
     """The printed summary."""
     lat = r["device_latency_s"]
     rows = [
-        ("devices activated", f"{r['activated']} / {r['devices']}" + (f"  failures: {r['failures']}" if r["failures"] else "")),
+        (
+            "devices activated",
+            f"{r['activated']} / {r['devices']}" + (f"  failures: {r['failures']}" if r["failures"] else ""),
+        ),
         ("wall time", f"{r['wall_s']:.1f} s  (target <= {r['target_wall_s']} s)"),
         ("throughput", f"{r['devices_per_s']:.1f} devices/s"),
-        ("requests served", f"{r['requests_served']}  ({r['requests_per_device']} per device) {r['requests_by_status']}"),
+        (
+            "requests served",
+            f"{r['requests_served']}  ({r['requests_per_device']} per device) {r['requests_by_status']}",
+        ),
         ("bytes served", f"{r['bytes_served'] / 1e6:.1f} MB  (target file {r['target_bytes']} B)"),
-        ("server CPU", f"{r['server_cpu_s']:.1f} s  ({100 * r['server_cpu_share_of_wall']:.0f}% of one core over the run)"),
-        ("client CPU", f"{r['client_cpu_s']:.1f} s  ({r['workers']} processes x {r['threads_per_worker']} threads)"),
+        (
+            "server CPU",
+            f"{r['server_cpu_s']:.1f} s  ({100 * r['server_cpu_share_of_wall']:.0f}% of one core over the run)",
+        ),
+        (
+            "client CPU",
+            f"{r['client_cpu_s']:.1f} s  ({r['workers']} processes x {r['threads_per_worker']} threads)",
+        ),
         ("per-device latency", f"p50 {lat['p50']:.2f} s, p95 {lat['p95']:.2f} s, max {lat['max']:.2f} s"),
     ]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(["TUF fan-out: one release to simulated devices (real HTTP, real verification)"] +
-                     [f"  {k:<{width}}  {v}" for k, v in rows])  # fmt: skip
+    return "\n".join(
+        ["TUF fan-out: one release to simulated devices (real HTTP, real verification)"]
+        + [f"  {k:<{width}}  {v}" for k, v in rows]
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -127,21 +127,38 @@ class Agent:
     def run(self) -> int:
         cfg = self.config
         boot = self._boot() if cfg.update else None  # the committed update slot, verified; else the config's
-        package = boot.package if boot else load_package(cfg.model.package)  # fails fast, naming the path and the check
+        package = (
+            boot.package if boot else load_package(cfg.model.package)
+        )  # fails fast, naming the path and the check
         self.session = self.state.next_session()
         self.choice = choose_artifact(package, cfg.model.artifact, cfg.model.backend, self.state)
         model = LoadedModel.load(package, self.choice.artifact, cfg.model.backend)
         self._serving = model
         log.info(
             "device %s/%s session %d: %s %s via %s (%s)",
-            cfg.fleet, cfg.device_id, self.session, package.manifest.name, package.manifest.version,
-            self.choice.artifact, "forced" if self.choice.forced else "fastest measured",
-        )  # fmt: skip
+            cfg.fleet,
+            cfg.device_id,
+            self.session,
+            package.manifest.name,
+            package.manifest.version,
+            self.choice.artifact,
+            "forced" if self.choice.forced else "fastest measured",
+        )
         s = cfg.source
-        source = self._source_factory(self.session) if self._source_factory else open_source(
-            s.uri, loop=s.loop, realtime=s.realtime, width=s.width, height=s.height, fps=s.fps,
-            reconnect_min_s=s.reconnect_min_s, reconnect_max_s=s.reconnect_max_s,
-        )  # fmt: skip
+        source = (
+            self._source_factory(self.session)
+            if self._source_factory
+            else open_source(
+                s.uri,
+                loop=s.loop,
+                realtime=s.realtime,
+                width=s.width,
+                height=s.height,
+                fps=s.fps,
+                reconnect_min_s=s.reconnect_min_s,
+                reconnect_max_s=s.reconnect_max_s,
+            )
+        )
         self.source = source.start()
         spool = Spool(self.state.spool_path, cfg.spool.max_messages, cfg.spool.max_bytes, events=self.events)
         self.spool = spool
@@ -162,15 +179,26 @@ class Agent:
         t = cfg.telemetry
         now = time.time()
         self.aggregator = TelemetryAggregator(
-            fleet=cfg.fleet, device=cfg.device_id, session=self.session, model=model.ref,
-            agent_version=__version__, edges=package.manifest.telemetry_edges, now=now,
-            window_seconds=t.window_seconds, window_frames=t.window_frames, stats_every=t.stats_every,
+            fleet=cfg.fleet,
+            device=cfg.device_id,
+            session=self.session,
+            model=model.ref,
+            agent_version=__version__,
+            edges=package.manifest.telemetry_edges,
+            now=now,
+            window_seconds=t.window_seconds,
+            window_frames=t.window_frames,
+            stats_every=t.stats_every,
             atc_threshold=_atc_threshold(package),
-        )  # fmt: skip
+        )
         self.pipeline = Pipeline(
-            self.source, model, batch=cfg.model.backend.batch, stats_every=t.stats_every,
-            on_first_inference=self._first_inference, keep_frames=cfg.sampling.enabled,
-        ).start()  # fmt: skip
+            self.source,
+            model,
+            batch=cfg.model.backend.batch,
+            stats_every=t.stats_every,
+            on_first_inference=self._first_inference,
+            keep_frames=cfg.sampling.enabled,
+        ).start()
         if self.updater:
             self.updater.start(self.pipeline)
         try:
@@ -198,7 +226,9 @@ class Agent:
                     self._serving = r.model
                     m = r.model.package
                     self._publish_window(
-                        agg.switch_model(r.model.ref, m.manifest.telemetry_edges, time.time(), _atc_threshold(m))
+                        agg.switch_model(
+                            r.model.ref, m.manifest.telemetry_edges, time.time(), _atc_threshold(m)
+                        )
                     )
                 self._add(r)
                 if pred:
@@ -288,11 +318,21 @@ class Agent:
             assert r.image is not None and s.consent
             img = privacy_filter(r.image, max_side=s.max_side, quality=s.jpeg_quality)
             msg = Sample(
-                fleet=cfg.fleet, device=cfg.device_id, session=self.session, frame=r.index, ts=r.ts,
-                model=r.model.ref, reason=reason, top=top_k(r.probs, cfg.telemetry.top_k),  # type: ignore[arg-type]
-                consent=s.consent, faces_blurred=img.faces, width=img.width, height=img.height,
-                sha256=img.sha256, jpeg_b64=base64.b64encode(img.jpeg).decode(),
-            )  # fmt: skip
+                fleet=cfg.fleet,
+                device=cfg.device_id,
+                session=self.session,
+                frame=r.index,
+                ts=r.ts,
+                model=r.model.ref,
+                reason=reason,  # type: ignore[arg-type]
+                top=top_k(r.probs, cfg.telemetry.top_k),
+                consent=s.consent,
+                faces_blurred=img.faces,
+                width=img.width,
+                height=img.height,
+                sha256=img.sha256,
+                jpeg_b64=base64.b64encode(img.jpeg).decode(),
+            )
             self.link.publish_spooled(sample_topic(cfg.fleet, cfg.device_id), msg.to_bytes())
         self.events.add("samples_sent", len(chosen))
 
@@ -302,12 +342,21 @@ class Agent:
         top = top_k(r.probs, cfg.telemetry.top_k)
         labels = r.model.package.manifest.labels
         msg = Prediction(
-            device=cfg.device_id, session=self.session, frame=r.index, ts=r.ts, top=top,
-            labels=[labels[c] for c, _ in top], model_version=r.model.package.manifest.version,
-        )  # fmt: skip
+            device=cfg.device_id,
+            session=self.session,
+            frame=r.index,
+            ts=r.ts,
+            top=top,
+            labels=[labels[c] for c, _ in top],
+            model_version=r.model.package.manifest.version,
+        )
         self.link.publish_now(pred_topic(cfg.fleet, cfg.device_id), msg.to_bytes())
         if self.print_messages:
-            print(f"pred frame={r.index} " + ", ".join(f"{lab} {p:.2f}" for lab, (_, p) in zip(msg.labels, top)), flush=True)
+            print(
+                f"pred frame={r.index} "
+                + ", ".join(f"{lab} {p:.2f}" for lab, (_, p) in zip(msg.labels, top)),
+                flush=True,
+            )
 
     # -- over-the-air updates (edge_agent/updater, docs/updates.md) ------------------------------
     def _hint_topics(self) -> list[str]:
@@ -324,7 +373,9 @@ class Agent:
 
         assert self.config.update
         self._update_store = UpdateStore(self.config.state_dir / "update")
-        return select_boot(self._update_store, self.config.model.package, max_attempts=self.config.update.max_trial_attempts)
+        return select_boot(
+            self._update_store, self.config.model.package, max_attempts=self.config.update.max_trial_attempts
+        )
 
     def _make_updater(self, boot: Boot) -> Updater:
         from edge_agent.updater.updater import Identity, Updater
@@ -333,23 +384,39 @@ class Agent:
         assert cfg.update
         assert self._update_store is not None
         ident = Identity(cfg.fleet, cfg.device_id, self.session, cfg.model.artifact, cfg.model.backend)
-        return Updater(cfg.update, ident, self._update_store, boot, publish=self._publish_update,
-                       agent_state=self.state, events=self.events)  # fmt: skip
+        return Updater(
+            cfg.update,
+            ident,
+            self._update_store,
+            boot,
+            publish=self._publish_update,
+            agent_state=self.state,
+            events=self.events,
+        )
 
     def _publish_update(self, event: UpdateEvent) -> None:
         assert self.link
         self.link.publish_spooled(update_topic(event.fleet, event.device), event.to_bytes())
         if self.print_messages:
-            print(f"update {event.state} {event.reason or ''} {event.version or ''} {event.detail or ''}".rstrip(), flush=True)
+            print(
+                f"update {event.state} {event.reason or ''} {event.version or ''} {event.detail or ''}".rstrip(),
+                flush=True,
+            )
 
     # -- status and commands ---------------------------------------------------------------------
     def _status(self, state: str) -> Status:
         cfg = self.config
         model = self._serving.ref if self._serving else None
         return Status(
-            fleet=cfg.fleet, device=cfg.device_id, state=state, session=self.session, ts=time.time(),  # type: ignore[arg-type]
-            agent_version=__version__, model=model, backend=self.choice,
-        )  # fmt: skip
+            fleet=cfg.fleet,
+            device=cfg.device_id,
+            state=state,  # type: ignore[arg-type]
+            session=self.session,
+            ts=time.time(),
+            agent_version=__version__,
+            model=model,
+            backend=self.choice,
+        )
 
     def _birth(self) -> bytes:
         return self._status("online").to_bytes()
@@ -371,7 +438,11 @@ class Agent:
             self._flush_requested.set()
         elif cmd.name == "sample":  # the trainer saw drift here: sample uniformly for a while
             minutes = cmd.args.get("minutes", 30)
-            if not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or not 0 < minutes <= 24 * 60:
+            if (
+                not isinstance(minutes, (int, float))
+                or isinstance(minutes, bool)
+                or not 0 < minutes <= 24 * 60
+            ):
                 raise MessageError(f"{topic}: args.minutes must be a number of minutes in (0, 1440]")
             self.sampler.drift_until = time.time() + float(minutes) * 60
         else:
@@ -399,7 +470,11 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         if missing:
             flags = ", ".join("--" + m.replace("_", "-") for m in missing)
             raise ConfigError(f"without --config the agent needs {flags}")
-        data = {"device_id": args.device_id, "source": {"uri": args.source}, "model": {"package": args.package}}
+        data = {
+            "device_id": args.device_id,
+            "source": {"uri": args.source},
+            "model": {"package": args.package},
+        }
         origin = "command line"
     if args.device_id:
         data["device_id"] = args.device_id

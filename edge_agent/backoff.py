@@ -8,7 +8,9 @@ import random
 class Backoff:
     """Delays min, 2*min, 4*min ... capped at max, each drawn from [delay/2, delay] ("equal jitter")."""
 
-    def __init__(self, minimum: float, maximum: float, factor: float = 2.0, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, minimum: float, maximum: float, factor: float = 2.0, rng: random.Random | None = None
+    ) -> None:
         if minimum <= 0 or maximum < minimum or factor < 1:
             raise ValueError(f"bad backoff parameters: min={minimum} max={maximum} factor={factor}")
         self.minimum = minimum

@@ -76,13 +76,21 @@ def _bare(package: ModelPackage, key: str, frames: list[np.ndarray], options: Ba
     return n / elapsed, lat
 
 
-def _pipeline(package: ModelPackage, key: str, frames: list[np.ndarray], options: BackendOptions, seconds: float):
+def _pipeline(
+    package: ModelPackage, key: str, frames: list[np.ndarray], options: BackendOptions, seconds: float
+):
     model = LoadedModel.load(package, key, options)
     source = MemorySource(frames, passes=1_000_000).start()
     agg = TelemetryAggregator(
-        fleet="bench", device="bench", session=1, model=model.ref, agent_version="bench",
-        edges=package.manifest.telemetry_edges, now=time.time(), window_seconds=10.0,
-    )  # fmt: skip
+        fleet="bench",
+        device="bench",
+        session=1,
+        model=model.ref,
+        agent_version="bench",
+        edges=package.manifest.telemetry_edges,
+        now=time.time(),
+        window_seconds=10.0,
+    )
     pipe = Pipeline(source, model, batch=options.batch).start()
     lat: list[float] = []
     n = 0
@@ -132,7 +140,9 @@ def _watch_agent(proc: subprocess.Popen[bytes], seconds: float) -> tuple[float |
             first = float(m.group(1))
         time.sleep(0.02)
     end = time.time() + seconds
-    while first is not None and time.time() < end and proc.poll() is None:  # drain stderr: never block the agent
+    while (
+        first is not None and time.time() < end and proc.poll() is None
+    ):  # drain stderr: never block the agent
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
@@ -142,18 +152,37 @@ def _watch_agent(proc: subprocess.Popen[bytes], seconds: float) -> tuple[float |
         else:
             time.sleep(0.05)
     if proc.poll() is not None:
-        raise RuntimeError(f"the agent exited (code {proc.returncode}) during the measurement:\n{buf[-2000:]}")
+        raise RuntimeError(
+            f"the agent exited (code {proc.returncode}) during the measurement:\n{buf[-2000:]}"
+        )
     return first, buf, Path(f"/proc/{proc.pid}/status").read_text()
 
 
-def _agent_process(package: Path, artifact: str | None, broker: str | None, state_dir: Path, seconds: float) -> dict:
+def _agent_process(
+    package: Path, artifact: str | None, broker: str | None, state_dir: Path, seconds: float
+) -> dict:
     """Start the real agent; return its first-inference time and peak/steady RSS."""
     cmd = [
-        sys.executable, "-m", "edge_agent.cli", "agent", "run", "--package", str(package),
-        "--source", "synthetic:?fps=30", "--device-id", "bench", "--fleet", "bench",
-        "--state-dir", str(state_dir), "--broker", broker or "mqtt://127.0.0.1:9",
-        "--window-seconds", "2",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "edge_agent.cli",
+        "agent",
+        "run",
+        "--package",
+        str(package),
+        "--source",
+        "synthetic:?fps=30",
+        "--device-id",
+        "bench",
+        "--fleet",
+        "bench",
+        "--state-dir",
+        str(state_dir),
+        "--broker",
+        broker or "mqtt://127.0.0.1:9",
+        "--window-seconds",
+        "2",
+    ]
     if artifact:
         cmd += ["--artifact", artifact]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -214,7 +243,11 @@ def run_bench(
             "top1_agreement": art.top1_agreement,
             "top1_agreement_confident": art.top1_agreement_confident,
         }
-        print(f"  {key:12s} bare {b:7.1f} fps  pipeline {p:7.1f} fps  ratio {p / b:.3f}", file=sys.stderr, flush=True)
+        print(
+            f"  {key:12s} bare {b:7.1f} fps  pipeline {p:7.1f} fps  ratio {p / b:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
     with tempfile.TemporaryDirectory() as tmp:
         state = AgentState(Path(tmp) / "state")
         choice = choose_artifact(package, "auto", options, state)
@@ -228,7 +261,11 @@ def run_bench(
             fp32 = results[key.replace("-int8", "-fp32")]
             int8_vs_fp32[key] = round(results[key]["bare_fps"] / fp32["bare_fps"], 2)
     return {
-        "package": {"name": package.manifest.name, "version": package.manifest.version, "sha256": package.sha256},
+        "package": {
+            "name": package.manifest.name,
+            "version": package.manifest.version,
+            "sha256": package.sha256,
+        },
         "threads": threads,
         "frames": "640x480 crops of the package's golden photographs, pre-decoded",
         "artifacts": results,
@@ -246,7 +283,11 @@ def run_bench(
 def format_table(r: dict) -> str:
     rows = ["artifact      bare fps  pipeline fps  ratio  p50 ms  p99 ms  top-1 agreement (all / confident)"]
     for k, v in r["artifacts"].items():
-        agree = f"{v['top1_agreement']:.1%} / {v['top1_agreement_confident']:.1%}" if v["top1_agreement"] is not None else "n/a"
+        agree = (
+            f"{v['top1_agreement']:.1%} / {v['top1_agreement_confident']:.1%}"
+            if v["top1_agreement"] is not None
+            else "n/a"
+        )
         rows.append(
             f"{k:12s} {v['bare_fps']:9.1f} {v['pipeline_fps']:13.1f} {v['ratio']:6.3f} {v['p50_ms']:7.2f} {v['p99_ms']:7.2f}  {agree}"
         )
@@ -260,7 +301,13 @@ def format_table(r: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     arts = [a.strip() for a in args.artifacts.split(",")] if args.artifacts else None
-    r = run_bench(Path(args.package), threads=args.threads, seconds=args.seconds, artifacts=arts, broker=getattr(args, "broker", None))
+    r = run_bench(
+        Path(args.package),
+        threads=args.threads,
+        seconds=args.seconds,
+        artifacts=arts,
+        broker=getattr(args, "broker", None),
+    )
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(r, indent=2))

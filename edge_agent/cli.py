@@ -29,7 +29,9 @@ def _register_agent(sub: argparse._SubParsersAction) -> None:
     r = asub.add_parser("run", help="run the agent (from a config file or flags)")
     r.add_argument("--config", help="agent YAML config (see firmware_configs/)")
     r.add_argument("--package", help="model package directory")
-    r.add_argument("--source", help="frame source URI: camera:N, rtsp://, http(s)://, file:PATH, dir:PATH, synthetic:")
+    r.add_argument(
+        "--source", help="frame source URI: camera:N, rtsp://, http(s)://, file:PATH, dir:PATH, synthetic:"
+    )
     r.add_argument("--broker", help="mqtt://host:port or mqtts://host:port")
     r.add_argument("--device-id", help="device id (topic segment)")
     r.add_argument("--fleet", help="fleet name (topic segment)")

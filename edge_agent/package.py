@@ -195,5 +195,7 @@ def load_package(root: str | Path, verify: bool = True) -> ModelPackage:
                 raise PackageError(f"{p}: size {size} does not match model.json ({entry.size})")
             digest = sha256_file(p)
             if digest != entry.sha256:
-                raise PackageError(f"{p}: sha256 {digest[:12]}... does not match model.json ({entry.sha256[:12]}...)")
+                raise PackageError(
+                    f"{p}: sha256 {digest[:12]}... does not match model.json ({entry.sha256[:12]}...)"
+                )
     return ModelPackage(root, manifest, hashlib.sha256(raw).hexdigest())

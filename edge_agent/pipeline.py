@@ -47,7 +47,12 @@ class LoadedModel:
     @classmethod
     def load(cls, package: ModelPackage, artifact: str, options: BackendOptions) -> LoadedModel:
         art = package.manifest.artifacts[artifact]
-        return cls(package, artifact, load_backend(package, artifact, options), Preprocessor(package.manifest.preprocess, art.input))
+        return cls(
+            package,
+            artifact,
+            load_backend(package, artifact, options),
+            Preprocessor(package.manifest.preprocess, art.input),
+        )
 
     @property
     def ref(self) -> ModelRef:
@@ -195,7 +200,11 @@ class Pipeline:
             t0 = time.perf_counter()
             try:
                 tensor, small = model.preprocessor(frame.image)
-                inputs = input_statistics(small, model.package.manifest.preprocess.color) if n % self.stats_every == 0 else None
+                inputs = (
+                    input_statistics(small, model.package.manifest.preprocess.color)
+                    if n % self.stats_every == 0
+                    else None
+                )
             except FrameError as exc:
                 log.debug("frame %d skipped: %s", frame.index, exc)
                 self._fail("bad_frame")
@@ -206,9 +215,15 @@ class Pipeline:
                 continue
             n += 1
             work = _Work(
-                frame.index, frame.ts, tensor, inputs, model, frame.capture_ms, (time.perf_counter() - t0) * 1000,
+                frame.index,
+                frame.ts,
+                tensor,
+                inputs,
+                model,
+                frame.capture_ms,
+                (time.perf_counter() - t0) * 1000,
                 frame.image if self.keep_frames else None,
-            )  # fmt: skip
+            )
             if not self._put(self._work, work):
                 return
 
@@ -244,7 +259,9 @@ class Pipeline:
             t0 = time.perf_counter()
             try:
                 raw = model.backend.run(x)
-                probs = to_probabilities(raw, model.package.manifest.output_kind, model.package.manifest.temperature)
+                probs = to_probabilities(
+                    raw, model.package.manifest.output_kind, model.package.manifest.temperature
+                )
             except Exception as exc:  # noqa: BLE001 - a runtime error costs frames, never the loop
                 log.warning("inference failed on %d frame(s) with %s: %s", len(items), model.artifact, exc)
                 for _ in items:
@@ -261,9 +278,14 @@ class Pipeline:
                     continue
                 self.inferred += 1
                 res = Inferred(
-                    w.index, w.ts, p, w.inputs, w.model,
-                    {"capture": w.capture_ms, "preprocess": w.preprocess_ms, "inference": infer_ms}, w.image,
-                )  # fmt: skip
+                    w.index,
+                    w.ts,
+                    p,
+                    w.inputs,
+                    w.model,
+                    {"capture": w.capture_ms, "preprocess": w.preprocess_ms, "inference": infer_ms},
+                    w.image,
+                )
                 if not self._put(self._out, res):
                     return
         else:

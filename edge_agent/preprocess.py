@@ -58,7 +58,9 @@ def _resize(image: np.ndarray, size: tuple[int, int], interpolation: str) -> np.
         k = int(min(h / size[1], w / size[0]))
         if k >= 2:
             image = image[: h // k * k, : w // k * k]
-            image = cv2.resize(image, (image.shape[1] // k, image.shape[0] // k), interpolation=cv2.INTER_AREA)
+            image = cv2.resize(
+                image, (image.shape[1] // k, image.shape[0] // k), interpolation=cv2.INTER_AREA
+            )
         if (image.shape[1], image.shape[0]) == size:
             return image
         return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
@@ -138,7 +140,9 @@ class Preprocessor:
 
 @lru_cache(maxsize=16)
 def _cached(spec_json: str, tensor_json: str) -> Preprocessor:
-    return Preprocessor(PreprocessSpec.model_validate_json(spec_json), TensorSpec.model_validate_json(tensor_json))
+    return Preprocessor(
+        PreprocessSpec.model_validate_json(spec_json), TensorSpec.model_validate_json(tensor_json)
+    )
 
 
 def preprocess_frame(frame_bgr: np.ndarray, spec: PreprocessSpec, tensor: TensorSpec) -> np.ndarray:

@@ -46,14 +46,18 @@ def detect_faces(image_bgr: np.ndarray) -> list[tuple[int, int, int, int]]:
 def _pixelate(region: np.ndarray, blocks: int = 6) -> np.ndarray:
     h, w = region.shape[:2]
     small = cv2.resize(region, (blocks, max(1, blocks * h // max(w, 1))), interpolation=cv2.INTER_AREA)
-    return cv2.GaussianBlur(cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST), (0, 0), max(w, h) / 12)
+    return cv2.GaussianBlur(
+        cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST), (0, 0), max(w, h) / 12
+    )
 
 
 def privacy_filter(image_bgr: np.ndarray, max_side: int = 320, quality: int = 85) -> FilteredImage:
     """Downscale to ``max_side``, pixelate every detected face (20% margin), encode a bare JPEG."""
     h, w = image_bgr.shape[:2]
     scale = min(1.0, max_side / max(h, w))
-    img = cv2.resize(image_bgr, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA)
+    img = cv2.resize(
+        image_bgr, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA
+    )
     faces = detect_faces(img)
     for x, y, fw, fh in faces:
         mx, my = int(fw * 0.2), int(fh * 0.2)

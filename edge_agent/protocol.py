@@ -264,7 +264,9 @@ class ReleaseHint(_Message):
     ts: float
 
 
-UpdateState = Literal["booted", "downloading", "staged", "verified", "trial", "active", "rolled_back", "rejected"]
+UpdateState = Literal[
+    "booted", "downloading", "staged", "verified", "trial", "active", "rolled_back", "rejected"
+]
 
 
 class UpdateEvent(_Message):

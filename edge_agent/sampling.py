@@ -83,7 +83,9 @@ class SampleSelector(Generic[T]):
 
     def take(self, now: float) -> list[tuple[str, T]]:
         """The window's chosen frames (reason, item), best first, within the hourly cap; resets."""
-        self._tokens = min(self.s.max_per_hour, self._tokens + (now - self._last) * self.s.max_per_hour / 3600.0)
+        self._tokens = min(
+            self.s.max_per_hour, self._tokens + (now - self._last) * self.s.max_per_hour / 3600.0
+        )
         self._last = now
         reason = "drift" if self.drift_mode(now) else "low_confidence"
         chosen = [e.item for e in sorted(self._heap, reverse=True)]

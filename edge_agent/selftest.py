@@ -82,7 +82,9 @@ def self_test(
                 continue
             top1 = int(probs.argmax())
             if top1 != g.expected_top1:
-                result.fail(f"{g.file}: top-1 {top1} ({m.labels[top1]}), expected {g.expected_top1} ({m.labels[g.expected_top1]})")
+                result.fail(
+                    f"{g.file}: top-1 {top1} ({m.labels[top1]}), expected {g.expected_top1} ({m.labels[g.expected_top1]})"
+                )
     except Exception as exc:  # noqa: BLE001 - a runtime error is a failed self-test, not a crash
         result.fail(f"runtime error: {type(exc).__name__}: {exc}")
     finally:
@@ -91,5 +93,7 @@ def self_test(
     if times:
         result.latency_ms = float(np.median(times))
         if latency_budget_ms is not None and result.latency_ms > latency_budget_ms:
-            result.fail(f"median latency {result.latency_ms:.1f} ms exceeds budget {latency_budget_ms:.1f} ms")
+            result.fail(
+                f"median latency {result.latency_ms:.1f} ms exceeds budget {latency_budget_ms:.1f} ms"
+            )
     return result

@@ -377,7 +377,9 @@ class Spool:
             self._overflow_bytes -= len(old.payload)
             dropped += 1
         if dropped:
-            self._count_evicted(dropped, "its in-memory overflow is full while the disk refuses writes", on_disk=False)
+            self._count_evicted(
+                dropped, "its in-memory overflow is full while the disk refuses writes", on_disk=False
+            )
 
     def _flush_overflow(self) -> None:
         """Move overflow entries to disk, oldest first, in the largest batches the disk accepts."""

@@ -111,7 +111,9 @@ def _pg_admin_url() -> str | None:
         from sqlalchemy.engine import make_url
 
         u = make_url(PG_SERVER)
-        with psycopg.connect(host=u.host, port=u.port or 5432, user=u.username, dbname=u.database, connect_timeout=3):
+        with psycopg.connect(
+            host=u.host, port=u.port or 5432, user=u.username, dbname=u.database, connect_timeout=3
+        ):
             return PG_SERVER
     except Exception:  # noqa: BLE001 - any failure means "not available"
         return None
@@ -129,7 +131,13 @@ def pg_database() -> Iterator[str]:
     require(admin is not None, f"PostgreSQL at {PG_SERVER}")
     u = make_url(PG_SERVER)
     name = f"ef_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    kw = {"host": u.host, "port": u.port or 5432, "user": u.username, "dbname": u.database, "autocommit": True}
+    kw = {
+        "host": u.host,
+        "port": u.port or 5432,
+        "user": u.username,
+        "dbname": u.database,
+        "autocommit": True,
+    }
     with psycopg.connect(**kw) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     yield u.set(database=name).render_as_string(hide_password=False)
@@ -147,7 +155,13 @@ def pg_url(pg_database: str) -> Iterator[str]:
 
     u = make_url(pg_database)
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    kw = {"host": u.host, "port": u.port or 5432, "user": u.username, "dbname": u.database, "autocommit": True}
+    kw = {
+        "host": u.host,
+        "port": u.port or 5432,
+        "user": u.username,
+        "dbname": u.database,
+        "autocommit": True,
+    }
     with psycopg.connect(**kw) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     yield u.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
@@ -189,7 +203,9 @@ def _small_train_config(**overrides: object):  # type: ignore[no-untyped-def]
         "name": "shapes",
         "input_size": 128,
         "aug_views": 1,
-        "robustness": RobustnessConfig(images=16, corruptions=["gaussian_noise", "defocus_blur"], severities=[1, 5]),
+        "robustness": RobustnessConfig(
+            images=16, corruptions=["gaussian_noise", "defocus_blur"], severities=[1, 5]
+        ),
         "progress": False,
     }
     base.update(overrides)

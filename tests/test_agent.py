@@ -30,16 +30,36 @@ FLEET = "t"
 @pytest.fixture(scope="module")
 def photos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("photos")
-    for i, (name, img) in enumerate(load_photos(["chelsea", "coffee", "rocket", "astronaut", "camera"]).items()):
+    for i, (name, img) in enumerate(
+        load_photos(["chelsea", "coffee", "rocket", "astronaut", "camera"]).items()
+    ):
         cv2.imwrite(str(d / f"{i:02d}-{name}.png"), img)
     return d
 
 
-def agent_cmd(package: Path, source: str, broker_url: str, device: str, state: Path, *extra: str) -> list[str]:
+def agent_cmd(
+    package: Path, source: str, broker_url: str, device: str, state: Path, *extra: str
+) -> list[str]:
     return [
-        sys.executable, "-m", "edge_agent.cli", "agent", "run", "--package", str(package), "--source", source,
-        "--broker", broker_url, "--device-id", device, "--fleet", FLEET, "--state-dir", str(state), *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "edge_agent.cli",
+        "agent",
+        "run",
+        "--package",
+        str(package),
+        "--source",
+        source,
+        "--broker",
+        broker_url,
+        "--device-id",
+        device,
+        "--fleet",
+        FLEET,
+        "--state-dir",
+        str(state),
+        *extra,
+    ]
 
 
 def run_agent(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -60,21 +80,38 @@ def unique(ws: list[TelemetryWindow]) -> dict[tuple[str, int, int], TelemetryWin
     return {(w.device, w.session, w.seq): w for w in ws}
 
 
-def test_photographs_through_every_artifact(pretrained_package: Path, photos_dir: Path, broker: MosquittoBroker, tmp_path: Path) -> None:
+def test_photographs_through_every_artifact(
+    pretrained_package: Path, photos_dir: Path, broker: MosquittoBroker, tmp_path: Path
+) -> None:
     """dir: of real photographs -> windows a subscriber validates; the cat is a cat through every artifact."""
     artifacts = json.loads((pretrained_package / "model.json").read_text())["artifacts"]
     for key in artifacts:
         device = f"photo-{key}"
         sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/#")
-        run_agent(agent_cmd(pretrained_package, f"dir:{photos_dir}", broker.url, device, tmp_path / key,
-                            "--artifact", key, "--publish-predictions", "--window-seconds", "60"))  # fmt: skip
+        run_agent(
+            agent_cmd(
+                pretrained_package,
+                f"dir:{photos_dir}",
+                broker.url,
+                device,
+                tmp_path / key,
+                "--artifact",
+                key,
+                "--publish-predictions",
+                "--window-seconds",
+                "60",
+            )
+        )
         assert wait_until(lambda sub=sub: any(t.endswith("/tele") for t, _, _ in sub.messages), 10)
         sub.close()
         (w,) = windows(sub)
         assert w.frames.inferred == 5 and w.frames.captured == 5 and w.frames.failed == 0
         assert w.model.artifact == key and w.model.name == "efficientnet-lite0"
         assert sum(w.histograms["confidence"].counts) == 5 and sum(w.histograms["brightness"].counts) == 5
-        assert any(c in CAT_CLASSES for c in w.class_counts), (key, w.class_counts)  # only the cat photo is a cat
+        assert any(c in CAT_CLASSES for c in w.class_counts), (
+            key,
+            w.class_counts,
+        )  # only the cat photo is a cat
         # Predictions are QoS 0 and best effort: those published before the first CONNACK are dropped and counted.
         preds = [json.loads(p) for t, p, _ in sub.messages if t.endswith("/pred")]
         assert len(preds) + w.events.get("pred_dropped", 0) == 5
@@ -83,15 +120,30 @@ def test_photographs_through_every_artifact(pretrained_package: Path, photos_dir
                 assert p["top"][0][0] in CAT_CLASSES, (key, p["labels"])
         statuses = [Status.model_validate_json(p) for t, p, _ in sub.messages if t.endswith("/status")]
         assert [s.state for s in statuses] == ["online", "offline"]
-        assert statuses[0].backend is not None and statuses[0].backend.artifact == key and statuses[0].backend.forced
+        assert (
+            statuses[0].backend is not None
+            and statuses[0].backend.artifact == key
+            and statuses[0].backend.forced
+        )
 
 
-def test_broker_killed_and_restarted_every_window_arrives(pretrained_package: Path, broker_factory, tmp_path: Path) -> None:
+def test_broker_killed_and_restarted_every_window_arrives(
+    pretrained_package: Path, broker_factory, tmp_path: Path
+) -> None:
     broker = broker_factory()
     device = "cam-outage"
     sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/tele")  # persistent session, QoS 1
-    cmd = agent_cmd(pretrained_package, "synthetic:?fps=20", broker.url, device, tmp_path / "state",
-                    "--artifact", "tflite-int8", "--window-frames", "10")  # fmt: skip
+    cmd = agent_cmd(
+        pretrained_package,
+        "synthetic:?fps=20",
+        broker.url,
+        device,
+        tmp_path / "state",
+        "--artifact",
+        "tflite-int8",
+        "--window-frames",
+        "10",
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_until(lambda: len(unique(windows(sub))) >= 3, 30), "no windows before the outage"
@@ -116,7 +168,9 @@ def test_broker_killed_and_restarted_every_window_arrives(pretrained_package: Pa
     assert sum(w.frames.inferred for w in got.values()) > 100
 
 
-def test_restart_with_a_full_spool_delivers_it(pretrained_package: Path, mosquitto_binary: str, tmp_path: Path) -> None:
+def test_restart_with_a_full_spool_delivers_it(
+    pretrained_package: Path, mosquitto_binary: str, tmp_path: Path
+) -> None:
     port = free_port()
     url = f"mqtt://127.0.0.1:{port}"
     state = tmp_path / "state"
@@ -131,8 +185,11 @@ def test_restart_with_a_full_spool_delivers_it(pretrained_package: Path, mosquit
     run_agent([sys.executable, "-m", "edge_agent.cli", "agent", "run", "--config", str(config)])
     # The second run must keep and deliver all 19 windows: with the 6-message bound, its 13 new windows
     # evicted the restored ones whenever they were produced faster than the link connected (CI load).
-    config.write_text(config.read_text().replace("max_messages: 6, flush_timeout_s: 0.5",
-                                                 "max_messages: 100, flush_timeout_s: 10"))  # fmt: skip
+    config.write_text(
+        config.read_text().replace(
+            "max_messages: 6, flush_timeout_s: 0.5", "max_messages: 100, flush_timeout_s: 10"
+        )
+    )
     with MosquittoBroker(tmp_path / "broker", port=port, binary=mosquitto_binary):
         sub = Subscriber(url, f"ef/v1/{FLEET}/dev/cam-spool/tele")
         run_agent([sys.executable, "-m", "edge_agent.cli", "agent", "run", "--config", str(config)])
@@ -149,16 +206,30 @@ def test_restart_with_a_full_spool_delivers_it(pretrained_package: Path, mosquit
     assert got[("cam-spool", 2, 0)].events.get("spool_evicted", 0) >= 1
 
 
-def test_sigterm_flushes_and_marks_offline(pretrained_package: Path, broker: MosquittoBroker, tmp_path: Path) -> None:
+def test_sigterm_flushes_and_marks_offline(
+    pretrained_package: Path, broker: MosquittoBroker, tmp_path: Path
+) -> None:
     device = "cam-term"
     sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/tele")
     proc = subprocess.Popen(
-        agent_cmd(pretrained_package, "synthetic:?fps=15", broker.url, device, tmp_path / "s", "--window-seconds", "600"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        agent_cmd(
+            pretrained_package,
+            "synthetic:?fps=15",
+            broker.url,
+            device,
+            tmp_path / "s",
+            "--window-seconds",
+            "600",
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         status = f"ef/v1/{FLEET}/dev/{device}/status"
-        assert wait_until(lambda: (retained(broker.url, status, timeout=0.3) or {}).get("state") == "online", 30)
+        assert wait_until(
+            lambda: (retained(broker.url, status, timeout=0.3) or {}).get("state") == "online", 30
+        )
         time.sleep(1.5)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -170,24 +241,39 @@ def test_sigterm_flushes_and_marks_offline(pretrained_package: Path, broker: Mos
     assert (retained(broker.url, f"ef/v1/{FLEET}/dev/{device}/status") or {}).get("state") == "offline"
 
 
-def test_bad_inputs_are_counted_and_never_stop_inference(pretrained_package: Path, broker: MosquittoBroker, tmp_path: Path) -> None:
+def test_bad_inputs_are_counted_and_never_stop_inference(
+    pretrained_package: Path, broker: MosquittoBroker, tmp_path: Path
+) -> None:
     """Corrupt frames, malformed and unknown commands: counted in windows while inference continues."""
     import paho.mqtt.client as mqtt
 
     device = "cam-bad"
     sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/tele")
     proc = subprocess.Popen(
-        agent_cmd(pretrained_package, "synthetic:?fps=20&corrupt_every=4", broker.url, device, tmp_path / "s",
-                  "--window-seconds", "1.5"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        agent_cmd(
+            pretrained_package,
+            "synthetic:?fps=20&corrupt_every=4",
+            broker.url,
+            device,
+            tmp_path / "s",
+            "--window-seconds",
+            "1.5",
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert wait_until(lambda: len(windows(sub)) >= 1, 30)
         pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
         pub.connect("127.0.0.1", broker.port)
         pub.loop_start()
-        for payload, name in ((b"\x00\xffnot json", "flush"), (b'{"name": "reboot"}', "reboot"),
-                              (b'{"name": "flush", "args": {"x": [1]}}', "flush"), (b"{" * 10_000, "flush")):  # fmt: skip
+        for payload, name in (
+            (b"\x00\xffnot json", "flush"),
+            (b'{"name": "reboot"}', "reboot"),
+            (b'{"name": "flush", "args": {"x": [1]}}', "flush"),
+            (b"{" * 10_000, "flush"),
+        ):
             pub.publish(cmd_topic(FLEET, device, name), payload, qos=1).wait_for_publish(5)
         pub.publish(cmd_topic(FLEET, device, "flush"), b'{"name": "flush"}', qos=1).wait_for_publish(5)
         pub.loop_stop()
@@ -204,13 +290,19 @@ def test_bad_inputs_are_counted_and_never_stop_inference(pretrained_package: Pat
     assert all(w.frames.inferred > 0 for w in ws[:-1])
 
 
-def test_unplugged_camera_keeps_the_agent_alive(pretrained_package: Path, broker: MosquittoBroker, tmp_path: Path) -> None:
+def test_unplugged_camera_keeps_the_agent_alive(
+    pretrained_package: Path, broker: MosquittoBroker, tmp_path: Path
+) -> None:
     device = "cam-unplugged"
     sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/tele")
     proc = subprocess.Popen(
-        agent_cmd(pretrained_package, "camera:9", broker.url, device, tmp_path / "s", "--window-seconds", "1"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        agent_cmd(
+            pretrained_package, "camera:9", broker.url, device, tmp_path / "s", "--window-seconds", "1"
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert wait_until(lambda: sum(w.events.get("source_open_failures", 0) for w in windows(sub)) >= 2, 30)
     finally:
@@ -228,10 +320,22 @@ def test_unplugged_camera_keeps_the_agent_alive(pretrained_package: Path, broker
         (["--broker", "tcp://x"], "mqtt.url: must look like mqtt://"),
     ],
 )
-def test_start_errors_name_what_is_wrong(pretrained_package: Path, tmp_path: Path, args: list[str], message: str) -> None:
+def test_start_errors_name_what_is_wrong(
+    pretrained_package: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
     base = {"--package": str(pretrained_package), "--source": "synthetic:", "--broker": "mqtt://127.0.0.1:9"}
     base.update(dict(zip(args[::2], args[1::2])))
-    cmd = [sys.executable, "-m", "edge_agent.cli", "agent", "run", "--device-id", "x", "--state-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_agent.cli",
+        "agent",
+        "run",
+        "--device-id",
+        "x",
+        "--state-dir",
+        str(tmp_path),
+    ]
     for k, v in base.items():
         cmd += [k, v]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -239,22 +343,33 @@ def test_start_errors_name_what_is_wrong(pretrained_package: Path, tmp_path: Pat
     assert message in proc.stderr, proc.stderr
 
 
-def test_edge_install_never_imports_torch(pretrained_package: Path, photos_dir: Path, broker: MosquittoBroker, tmp_path: Path) -> None:
+def test_edge_install_never_imports_torch(
+    pretrained_package: Path, photos_dir: Path, broker: MosquittoBroker, tmp_path: Path
+) -> None:
     """`pip install .[edge]` in a fresh venv runs the agent; torch and the trainer are never imported."""
     root = Path(__file__).resolve().parents[1]
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
     src = tmp_path / "src"  # a copy, so the fresh install cannot see the repository's editable state
-    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv", "build", ".git", "*.egg-info", "__pycache__"))
+    shutil.copytree(
+        root, src, ignore=shutil.ignore_patterns(".venv", "build", ".git", "*.egg-info", "__pycache__")
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     pip = subprocess.run(
         [str(py), "-m", "pip", "install", "-q", "-c", str(root / "constraints.txt"), f"{src}[edge]"],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert pip.returncode == 0, pip.stderr[-3000:]
-    check = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
-                           capture_output=True, text=True, env=env)  # fmt: skip
+    check = subprocess.run(
+        [str(py), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert check.stdout.strip() == "None", "torch must not be installed by the edge extra"
     probe = (
         "import sys, runpy\n"
@@ -270,10 +385,31 @@ def test_edge_install_never_imports_torch(pretrained_package: Path, photos_dir: 
     device = "cam-edge-only"
     sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/tele")
     proc = subprocess.run(
-        [str(py), "-c", probe, "agent", "run", "--package", str(pretrained_package), "--source", f"dir:{photos_dir}",
-         "--broker", broker.url, "--device-id", device, "--fleet", FLEET, "--state-dir", str(tmp_path / "s")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
-    )  # fmt: skip
+        [
+            str(py),
+            "-c",
+            probe,
+            "agent",
+            "run",
+            "--package",
+            str(pretrained_package),
+            "--source",
+            f"dir:{photos_dir}",
+            "--broker",
+            broker.url,
+            "--device-id",
+            device,
+            "--fleet",
+            FLEET,
+            "--state-dir",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "HEAVY []" in proc.stdout, proc.stdout
     assert wait_until(lambda: len(windows(sub)) == 1, 10)
@@ -300,14 +436,20 @@ def test_opt_in_samples_are_privacy_filtered_and_drift_command_switches_mode(
         "sampling: {enabled: true, consent: 'lab-test-2026', per_window: 2, max_per_hour: 3600, low_confidence: 0.9, max_side: 200}\n"
     )
     sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/sample")
-    proc = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "agent", "run", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.cli", "agent", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert wait_until(lambda: len(sub.messages) >= 2, 30), "no samples"
         pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
         pub.connect("127.0.0.1", broker.port)
         pub.loop_start()
-        pub.publish(cmd_topic(FLEET, device, "sample"), b'{"name": "sample", "args": {"minutes": 5}}', qos=1).wait_for_publish(5)
+        pub.publish(
+            cmd_topic(FLEET, device, "sample"), b'{"name": "sample", "args": {"minutes": 5}}', qos=1
+        ).wait_for_publish(5)
         assert wait_until(lambda: any(json.loads(p)["reason"] == "drift" for _, p, _ in sub.messages), 15)
         pub.loop_stop()
         pub.disconnect()

@@ -61,8 +61,14 @@ def test_canary_cohort_rollback_and_promotion(tmp_path: Path) -> None:
     cohort = Cohort.of_share(0.4, FLEET)
     canaries = {d for d in devices if in_cohort(d, cohort)}
     assert 0 < len(canaries) < len(devices)
-    settings = UpdateSettings(repository=server.url, root=root, channel="auto", health_windows=0, poll_seconds=0,
-                              latency_budget_ms=500)  # fmt: skip
+    settings = UpdateSettings(
+        repository=server.url,
+        root=root,
+        channel="auto",
+        health_windows=0,
+        poll_seconds=0,
+        latency_budget_ms=500,
+    )
     fleet: dict[str, tuple[Updater, _Host]] = {}
     for d in devices:
         store = UpdateStore(tmp_path / "dev" / d)

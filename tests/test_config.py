@@ -45,7 +45,10 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
     [
         (GOOD.replace("mqtt://broker:1883", "tcp://broker"), "mqtt.url: must look like mqtt://"),
         (GOOD.replace("cam-01", "cam/01"), "device_id: String should match pattern"),
-        (GOOD + "telemetry: {window_seconds: -5}\n", "telemetry.window_seconds: Input should be greater than 0"),
+        (
+            GOOD + "telemetry: {window_seconds: -5}\n",
+            "telemetry.window_seconds: Input should be greater than 0",
+        ),
         (GOOD + "colour: blue\n", "colour: Extra inputs are not permitted"),
         (GOOD.replace("model: {package: ./pkg}", ""), "model: Field required"),
         (GOOD + "mqtt: {url: 'mqtt://b', cert: a.crt}\n", "mqtt: Value error"),

@@ -20,7 +20,10 @@ def frames() -> list[np.ndarray]:
     """Camera-like frames: real photographs (scikit-image) and rendered scenes, 320x240."""
     from trainer.photos import load_photos
 
-    photos = [cv2.resize(p, (320, 240), interpolation=cv2.INTER_AREA) for p in load_photos(["chelsea", "coffee", "astronaut", "rocket"]).values()]
+    photos = [
+        cv2.resize(p, (320, 240), interpolation=cv2.INTER_AREA)
+        for p in load_photos(["chelsea", "coffee", "astronaut", "rocket"]).values()
+    ]
     return photos + [render_frame(CLASSES[i], Domain(), np.random.default_rng(i)) for i in (0, 3, 7)]
 
 

@@ -29,7 +29,10 @@ from trainer.errors import DataError
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-class ImageFolder written from the built-in dataset (PNG files + metadata.csv)."""
-    return write_imagefolder(builtin_dataset("builtin:shapes?n=16&classes=circle+square+star"), tmp_path_factory.mktemp("d") / "shapes")
+    return write_imagefolder(
+        builtin_dataset("builtin:shapes?n=16&classes=circle+square+star"),
+        tmp_path_factory.mktemp("d") / "shapes",
+    )
 
 
 def test_split_is_a_function_of_content_with_the_requested_proportions() -> None:
@@ -57,7 +60,9 @@ def test_splits_stay_stable_when_files_are_added(folder: Path, tmp_path: Path) -
     assert all(big_by_sha[s.sha256] == s.split for s in small.samples)
 
 
-def test_imagefolder_reads_metadata_skips_corrupt_files_and_builds_a_manifest(folder: Path, tmp_path: Path) -> None:
+def test_imagefolder_reads_metadata_skips_corrupt_files_and_builds_a_manifest(
+    folder: Path, tmp_path: Path
+) -> None:
     root = tmp_path / "data"
     shutil.copytree(folder, root)
     (root / "star" / "truncated.png").write_bytes((root / "star" / "00040.png").read_bytes()[:200])
@@ -92,13 +97,24 @@ def test_builtin_dataset_is_deterministic_has_domains_and_parses_options() -> No
     a, b = builtin_dataset("builtin:shapes?n=3"), builtin_dataset("builtin:shapes?n=3")
     assert [s.sha256 for s in a.samples] == [s.sha256 for s in b.samples]
     assert len(a.samples) == 3 * len(CLASSES) and a.labels == list(CLASSES)
-    assert {s.meta["domain"] for s in builtin_dataset("builtin:shapes?n=12").samples} <= {d.name for d in BASE_DOMAINS}
-    spec = parse_builtin("builtin:shapes?n=7&seed=2&size=640x480&classes=star+circle&lighting=night&sensor=noisy+soft")
+    assert {s.meta["domain"] for s in builtin_dataset("builtin:shapes?n=12").samples} <= {
+        d.name for d in BASE_DOMAINS
+    }
+    spec = parse_builtin(
+        "builtin:shapes?n=7&seed=2&size=640x480&classes=star+circle&lighting=night&sensor=noisy+soft"
+    )
     assert spec.per_class == 7 and spec.size == (640, 480) and spec.classes == ("star", "circle")
-    assert {d.lighting for d in spec.domains} == {"night"} and {d.sensor for d in spec.domains} == {"noisy", "soft"}
-    frame = render_frame("star", Domain(lighting="night", background="clutter"), np.random.default_rng(0), (640, 480))
+    assert {d.lighting for d in spec.domains} == {"night"} and {d.sensor for d in spec.domains} == {
+        "noisy",
+        "soft",
+    }
+    frame = render_frame(
+        "star", Domain(lighting="night", background="clutter"), np.random.default_rng(0), (640, 480)
+    )
     assert frame.shape == (480, 640, 3) and frame.dtype == np.uint8
-    assert frame.mean() < render_frame("star", Domain(), np.random.default_rng(0), (640, 480)).mean()  # night is darker
+    assert (
+        frame.mean() < render_frame("star", Domain(), np.random.default_rng(0), (640, 480)).mean()
+    )  # night is darker
     for bad in ("builtin:faces", "builtin:shapes?lighting=moon", "builtin:shapes?n=x"):
         with pytest.raises(DataError):
             parse_builtin(bad)
@@ -111,7 +127,9 @@ def test_combining_datasets_keeps_splits_and_refuses_new_classes() -> None:
     night = builtin_dataset("builtin:shapes?n=4&classes=circle&lighting=night")
     both = base.combine(night)
     assert len(both.samples) == 12 and both.labels == ["circle", "square"]
-    assert {s.sha256: s.split for s in both.samples} == {s.sha256: s.split for s in base.samples + night.samples}
+    assert {s.sha256: s.split for s in both.samples} == {
+        s.sha256: s.split for s in base.samples + night.samples
+    }
     assert len(both.combine(night).samples) == 12  # duplicates by content are kept once
     with pytest.raises(DataError, match="does not have"):
         base.combine(builtin_dataset("builtin:shapes?n=2&classes=star"))
@@ -136,7 +154,9 @@ def test_data_check_finds_planted_problems(folder: Path, tmp_path: Path, capsys)
     kinds = {f.kind: f for f in report.findings}
     assert kinds["corrupt"].severity == "blocking" and "star/broken.png" in kinds["corrupt"].items[0]
     assert kinds["leakage"].severity == "blocking" and "circle/copy.jpg" in kinds["leakage"].items[0]
-    assert kinds["label"].severity == "warning" and kinds["label"].items[0].startswith("square/was_a_circle.png: labelled square")
+    assert kinds["label"].severity == "warning" and kinds["label"].items[0].startswith(
+        "square/was_a_circle.png: labelled square"
+    )
     assert report.failed()
     assert edgefleet(["data", "check", str(root), "--json", str(tmp_path / "r.json")]) == 1
     out = capsys.readouterr().out

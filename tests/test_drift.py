@@ -28,19 +28,39 @@ def _shape(rng: np.random.Generator, bins: int = 20) -> np.ndarray:
     return p / p.sum()
 
 
-def _reference(rng: np.random.Generator, shapes: dict[str, np.ndarray], prior: np.ndarray, n: int = 3000) -> ReferenceStats:
+def _reference(
+    rng: np.random.Generator, shapes: dict[str, np.ndarray], prior: np.ndarray, n: int = 3000
+) -> ReferenceStats:
     hists = {f: Histogram(edges=EDGES[f], counts=rng.multinomial(n, shapes[f]).tolist()) for f in FEATURES}
-    return ReferenceStats(artifact="x", images=n, histograms=hists, class_prior=prior.tolist(), mean_confidence=0.7)
+    return ReferenceStats(
+        artifact="x", images=n, histograms=hists, class_prior=prior.tolist(), mean_confidence=0.7
+    )
 
 
-def _window(rng: np.random.Generator, shapes: dict[str, np.ndarray], prior: np.ndarray, n: int, seq: int = 0, device: str = "d") -> TelemetryWindow:
+def _window(
+    rng: np.random.Generator,
+    shapes: dict[str, np.ndarray],
+    prior: np.ndarray,
+    n: int,
+    seq: int = 0,
+    device: str = "d",
+) -> TelemetryWindow:
     classes = rng.multinomial(n, prior)
     return TelemetryWindow(
-        fleet="f", device=device, session=1, seq=seq, start=0, end=60, model=REF_MODEL, agent_version="t",
+        fleet="f",
+        device=device,
+        session=1,
+        seq=seq,
+        start=0,
+        end=60,
+        model=REF_MODEL,
+        agent_version="t",
         frames=FrameCounts(captured=n, inferred=n),
         class_counts={i: int(c) for i, c in enumerate(classes) if c},
-        histograms={f: Histogram(edges=EDGES[f], counts=rng.multinomial(n, shapes[f]).tolist()) for f in FEATURES},
-    )  # fmt: skip
+        histograms={
+            f: Histogram(edges=EDGES[f], counts=rng.multinomial(n, shapes[f]).tolist()) for f in FEATURES
+        },
+    )
 
 
 def test_chi2_false_positive_rate_matches_alpha() -> None:
@@ -159,7 +179,9 @@ def test_negative_entropy_atc_reads_the_entropy_histograms() -> None:
     t = entropy_threshold(ref)
     assert t is not None and share_below(ref.histograms["entropy"], t) == pytest.approx(0.8, abs=1e-6)
     same = [_window(rng, shapes, prior, 2000, k) for k in range(3)]
-    assert estimate_accuracy(same, ref).atc_ne == pytest.approx(0.8, abs=0.03)  # same distribution as the reference
+    assert estimate_accuracy(same, ref).atc_ne == pytest.approx(
+        0.8, abs=0.03
+    )  # same distribution as the reference
     unsure = dict(shapes)
     e = shapes["entropy"]
     unsure["entropy"] = np.r_[np.zeros(5), e[:-6], e[-6:].sum()]  # every frame 5 bins less sure
@@ -171,11 +193,16 @@ def test_negative_entropy_atc_reads_the_entropy_histograms() -> None:
 
 def _repeated(window: TelemetryWindow, k: int) -> TelemetryWindow:
     """The window as a camera that sees every scene for k consecutive frames would report it."""
-    return window.model_copy(update={
-        "frames": FrameCounts(captured=k * window.frames.inferred, inferred=k * window.frames.inferred),
-        "class_counts": {c: k * n for c, n in window.class_counts.items()},
-        "histograms": {f: Histogram(edges=h.edges, counts=[k * c for c in h.counts]) for f, h in window.histograms.items()},
-    })  # fmt: skip
+    return window.model_copy(
+        update={
+            "frames": FrameCounts(captured=k * window.frames.inferred, inferred=k * window.frames.inferred),
+            "class_counts": {c: k * n for c, n in window.class_counts.items()},
+            "histograms": {
+                f: Histogram(edges=h.edges, counts=[k * c for c in h.counts])
+                for f, h in window.histograms.items()
+            },
+        }
+    )
 
 
 def test_dispersion_of_correlated_frames_is_learnt_per_device() -> None:

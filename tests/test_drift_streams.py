@@ -58,20 +58,26 @@ def corrupted(sim: Simulator, reference: ReferenceStats) -> dict[str, FramePool]
     return {name: p.subset(np.arange(len(p)), reference.atc_threshold) for name, p in pools.items()}
 
 
-def test_simulated_windows_are_what_the_agent_and_the_trainer_compute(sim: Simulator, clean: FramePool) -> None:
+def test_simulated_windows_are_what_the_agent_and_the_trainer_compute(
+    sim: Simulator, clean: FramePool
+) -> None:
     idx = np.random.default_rng(0).integers(0, len(clean), 300)
     slow, fast = clean.window(idx), clean.fast_window(idx)
     assert fast.model_dump(exclude={"latency_ms"}) == slow.model_dump(exclude={"latency_ms"})
     assert fast.frames.inferred == 300 and sum(fast.class_counts.values()) == 300
     # the pool's reference equals trainer.baseline.reference_stats run on the same rendered frames
     frames = list(sim.frames(Condition.clean(), 40, seed=1))  # the pool's first 40 frames
-    expected, _ = reference_stats(sim.package, sim.artifact, [f for f, _ in frames], np.array([y for _, y in frames]))
+    expected, _ = reference_stats(
+        sim.package, sim.artifact, [f for f, _ in frames], np.array([y for _, y in frames])
+    )
     got = clean.reference(np.arange(40))
     assert got.histograms == expected.histograms and got.class_prior == expected.class_prior
     assert got.accuracy == expected.accuracy and got.atc_threshold == pytest.approx(expected.atc_threshold)
 
 
-def test_clean_streams_stay_below_the_configured_false_alarm_rates(stream: FramePool, reference: ReferenceStats) -> None:
+def test_clean_streams_stay_below_the_configured_false_alarm_rates(
+    stream: FramePool, reference: ReferenceStats
+) -> None:
     """Target: <= 1 drift alarm per device-week; BH at ``fdr`` bounds the share of clean steps that flag
     anything. The stream pool (500 frames) carries its own sampling error on top of the reference's, so
     this is harsher than a real clean camera."""
@@ -89,11 +95,19 @@ def test_correlated_frames_do_not_raise_false_alarms(stream: FramePool, referenc
     """A camera sees each object for several frames: at 5 frames per scene a window holds 60 independent
     scenes. Tests that assume 300 independent frames flag most clean windows; the per-device dispersion
     estimate keeps the false-alarm rate within the target."""
-    fa = false_alarms(stream, reference, devices=20, steps=252, rng=np.random.default_rng(5), frames_per_scene=5)
+    fa = false_alarms(
+        stream, reference, devices=20, steps=252, rng=np.random.default_rng(5), frames_per_scene=5
+    )
     assert fa.per_device_week <= 1.0 and fa.flagged_windows <= 2, fa.as_dict()
     naive = false_alarms(
-        stream, reference, devices=20, steps=30, cfg=DriftConfig(design_effect=1.0), rng=np.random.default_rng(5), frames_per_scene=5
-    )  # fmt: skip
+        stream,
+        reference,
+        devices=20,
+        steps=30,
+        cfg=DriftConfig(design_effect=1.0),
+        rng=np.random.default_rng(5),
+        frames_per_scene=5,
+    )
     assert naive.flagged_rate > 0.2, naive.as_dict()
 
 
@@ -112,10 +126,14 @@ def test_atc_estimates_corrupted_streams_better_than_average_confidence(
     """Measured on the 128-pixel test package (60 frames per corruption, so a few points of noise):
     ATC ~5 points MAE against ~9 for average confidence; the benchmark measures it at scale."""
     rng = np.random.default_rng(4)
-    errors = {name: estimation_errors(pool, reference, windows=20, rng=rng) for name, pool in corrupted.items()}
+    errors = {
+        name: estimation_errors(pool, reference, windows=20, rng=rng) for name, pool in corrupted.items()
+    }
     mae = mae_points(errors)
     assert mae["atc"] is not None and mae["atc_ne"] is not None and mae["average_confidence"] is not None
-    assert mae["atc"] < mae["average_confidence"] and mae["window_atc"] < mae["window_average_confidence"], mae  # type: ignore[operator]
+    assert mae["atc"] < mae["average_confidence"] and mae["window_atc"] < mae["window_average_confidence"], (
+        mae
+    )  # type: ignore[operator]
     assert mae["atc"] <= 8.0 and mae["atc_ne"] <= 8.0, mae
     clean = estimation_errors(stream, reference, windows=20, rng=rng)
     assert abs(clean.error("atc")) <= 0.06, clean  # type: ignore[arg-type]  # fitted on 600 frames: a few points

@@ -79,7 +79,9 @@ def test_failed_export_leaves_nothing_and_keeps_the_old_package(tmp_path: Path) 
         raise RuntimeError("gate failed")
 
     with pytest.raises(RuntimeError, match="gate failed"):
-        export_package(ColourNet(), _spec(formats=("onnx-fp32",)), _frames(8, 0), out, before_commit=boom, progress=False)
+        export_package(
+            ColourNet(), _spec(formats=("onnx-fp32",)), _frames(8, 0), out, before_commit=boom, progress=False
+        )
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -87,16 +89,23 @@ def test_failed_export_leaves_nothing_and_keeps_the_old_package(tmp_path: Path) 
     before = load_package(out).sha256
     with pytest.raises(RuntimeError):
         export_package(
-            ColourNet(), _spec(formats=("onnx-fp32",), version="0.2.0"), _frames(8, 0), out,
-            before_commit=boom, overwrite=True, progress=False,
-        )  # fmt: skip
+            ColourNet(),
+            _spec(formats=("onnx-fp32",), version="0.2.0"),
+            _frames(8, 0),
+            out,
+            before_commit=boom,
+            overwrite=True,
+            progress=False,
+        )
     assert load_package(out).sha256 == before  # the old package is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["colour"]
 
 
 def test_export_argument_errors(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="unknown or no formats"):
-        export_package(ColourNet(), _spec(formats=("onnx-fp16",)), _frames(8, 0), tmp_path / "x", progress=False)
+        export_package(
+            ColourNet(), _spec(formats=("onnx-fp16",)), _frames(8, 0), tmp_path / "x", progress=False
+        )
     with pytest.raises(ExportError, match="at least 8 calibration frames"):
         export_package(ColourNet(), _spec(), _frames(3, 0), tmp_path / "x", progress=False)
     (tmp_path / "exists").mkdir()

@@ -42,9 +42,15 @@ def _jpeg(seed: int) -> bytes:
 def _add_samples(store: Store, n: int, device: str = "cam-01") -> list[int]:
     ids = []
     for i in range(n):
-        sid = store.add_sample(fleet="f", device=device, ts=100.0 + i, consent_policy="blur-faces",
-                               sha256=f"{i:064x}", image=_jpeg(i), provenance={"reason": "low_confidence",
-                                                                                "top": [[i % 3, 0.4]]})  # fmt: skip
+        sid = store.add_sample(
+            fleet="f",
+            device=device,
+            ts=100.0 + i,
+            consent_policy="blur-faces",
+            sha256=f"{i:064x}",
+            image=_jpeg(i),
+            provenance={"reason": "low_confidence", "top": [[i % 3, 0.4]]},
+        )
         assert sid is not None
         ids.append(sid)
     return ids
@@ -70,7 +76,9 @@ def test_labels_csv_round_trip_becomes_field_training_data(db_url: str, tmp_path
         field = field_dataset(store, LABELS)
         assert field.devices == {"cam-01": 2}
         assert sorted(s.label for s in field.dataset.samples) == ["square", "triangle"]
-        assert all(s.meta["origin"] == "field" and s.meta["device"] == "cam-01" for s in field.dataset.samples)
+        assert all(
+            s.meta["origin"] == "field" and s.meta["device"] == "cam-01" for s in field.dataset.samples
+        )
         assert field.dataset.samples[0].image.shape == (48, 64, 3)
 
 
@@ -89,13 +97,18 @@ def test_labels_import_rejects_a_bad_file_whole(tmp_path: Path) -> None:
 
 def _service_config(tmp_path: Path, broker_url: str, base_data: str) -> TrainerServiceConfig:
     return TrainerServiceConfig(
-        fleet="loop", mqtt=MqttSettings(url=broker_url, client_id="trainer-test"),
-        db_url=f"sqlite:///{tmp_path / 'fleet.db'}", release=ReleaseServerSettings(repo=tmp_path / "repo", port=0),
-        training=TrainingSettings(base_data=base_data, model="tiny", work_dir=tmp_path / "work"), tick_s=0.2,
-    )  # fmt: skip
+        fleet="loop",
+        mqtt=MqttSettings(url=broker_url, client_id="trainer-test"),
+        db_url=f"sqlite:///{tmp_path / 'fleet.db'}",
+        release=ReleaseServerSettings(repo=tmp_path / "repo", port=0),
+        training=TrainingSettings(base_data=base_data, model="tiny", work_dir=tmp_path / "work"),
+        tick_s=0.2,
+    )
 
 
-def test_failed_retraining_raises_an_alert_and_the_champion_stays(tmp_path: Path, broker: MosquittoBroker) -> None:
+def test_failed_retraining_raises_an_alert_and_the_champion_stays(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
     champion = build_tiny_package(tmp_path / "v1", version="1.0.0", name="tiny")
     cfg = _service_config(tmp_path, broker.url, base_data=str(tmp_path / "no-such-dataset"))
     service = TrainerService(cfg, timeline=Timeline(echo=False)).start()
@@ -115,7 +128,9 @@ def test_failed_retraining_raises_an_alert_and_the_champion_stays(tmp_path: Path
         service.stop()
 
 
-def test_a_restarted_service_keeps_its_champion_and_never_reuses_a_version(tmp_path: Path, broker: MosquittoBroker) -> None:
+def test_a_restarted_service_keeps_its_champion_and_never_reuses_a_version(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
     v1 = build_tiny_package(tmp_path / "v1", version="1.0.0", name="tiny")
     cfg = _service_config(tmp_path, broker.url, base_data="builtin:shapes")
     first = TrainerService(cfg, timeline=Timeline(echo=False)).start()
@@ -146,11 +161,23 @@ def test_a_window_with_foreign_bins_is_skipped_and_the_slot_still_assessed(tmp_p
     model = ModelRef(name="tiny", version="1.0.0", sha256=pkg.sha256)
 
     def window(device: str, foreign: bool) -> TelemetryWindow:
-        hists = {f: Histogram(edges=[e * 2 for e in h.edges] if foreign else h.edges, counts=h.counts)
-                 for f, h in ref.histograms.items()}  # fmt: skip
-        return TelemetryWindow(fleet="f", device=device, session=1, seq=0, start=100.0, end=110.0, model=model,
-                               agent_version="t", frames=FrameCounts(captured=200, inferred=200),
-                               class_counts={0: 200}, histograms=hists)  # fmt: skip
+        hists = {
+            f: Histogram(edges=[e * 2 for e in h.edges] if foreign else h.edges, counts=h.counts)
+            for f, h in ref.histograms.items()
+        }
+        return TelemetryWindow(
+            fleet="f",
+            device=device,
+            session=1,
+            seq=0,
+            start=100.0,
+            end=110.0,
+            model=model,
+            agent_version="t",
+            frames=FrameCounts(captured=200, inferred=200),
+            class_counts={0: 200},
+            histograms=hists,
+        )
 
     with Store(f"sqlite:///{tmp_path / 'fleet.db'}") as store:
         store.register_package(pkg)
@@ -206,8 +233,10 @@ def test_service_config_file_errors_name_the_field(tmp_path: Path) -> None:
     from edge_agent.errors import ConfigError
 
     p = tmp_path / "trainer.yaml"
-    p.write_text("fleet: f\nmqtt: {url: 'mqtt://127.0.0.1:1883'}\nrelease: {repo: r}\ntraining: {base_data: d}\n"
-                 "rollout: {canary_share: 2}\n")  # fmt: skip
+    p.write_text(
+        "fleet: f\nmqtt: {url: 'mqtt://127.0.0.1:1883'}\nrelease: {repo: r}\ntraining: {base_data: d}\n"
+        "rollout: {canary_share: 2}\n"
+    )
     with pytest.raises(ConfigError, match=r"rollout\.canary_share"):
         load_service_config(p)
     example = Path(__file__).resolve().parents[1] / "deploy" / "trainer.yaml"
@@ -221,20 +250,33 @@ def test_fleet_loop_end_to_end_fast_demo(tmp_path: Path, broker: MosquittoBroker
 
     summary = run_demo(DemoSettings.fast(), tmp_path / "demo")
     kinds = [e["kind"] for e in summary["timeline"]]
-    order = ["release", "fleet_on_v1", "shift", "retrain_started", "retrain_done", "canary_started",
-             "rollout_promoted", "fleet_on_v2"]  # fmt: skip
+    order = [
+        "release",
+        "fleet_on_v1",
+        "shift",
+        "retrain_started",
+        "retrain_done",
+        "canary_started",
+        "rollout_promoted",
+        "fleet_on_v2",
+    ]
     positions = [kinds.index(k) for k in order]
     assert positions == sorted(positions), kinds
     shifted = set(summary["shifted"])
     drift_on_shifted = [e for e in summary["timeline"] if e["kind"] == "drift" and e.get("device") in shifted]
     assert drift_on_shifted, "no drift alert for a shifted device"
-    assert not [e for e in summary["timeline"] if e["kind"] == "drift" and e.get("device") not in shifted | {None}]
+    assert not [
+        e for e in summary["timeline"] if e["kind"] == "drift" and e.get("device") not in shifted | {None}
+    ]
     phases = {row["phase"]: row for row in summary["phases"]}
     v1_after = phases["v1 after shift"]["shifted"]["true"]
     v2 = next(row for name, row in phases.items() if name.endswith("everywhere"))["shifted"]["true"]
     assert v2 > v1_after + 0.03, (v1_after, v2)
     assert summary["service_errors"] == 0
-    assert load_package(next((tmp_path / "demo" / "trainer").glob("retrain-*/package"))).manifest.reference is not None
+    assert (
+        load_package(next((tmp_path / "demo" / "trainer").glob("retrain-*/package"))).manifest.reference
+        is not None
+    )
 
 
 def test_drift_service_assesses_every_window_whatever_its_phase_in_the_slot(tmp_path: Path) -> None:
@@ -258,20 +300,41 @@ def test_drift_service_assesses_every_window_whatever_its_phase_in_the_slot(tmp_
                 p[:2] = 1.0  # every frame in the darkest bins
             hists[f] = Histogram(edges=h.edges, counts=rng.multinomial(200, p / p.sum()).tolist())
         classes = rng.multinomial(200, np.asarray(ref.class_prior) / sum(ref.class_prior))
-        return TelemetryWindow(fleet="f", device=device, session=1, seq=seq, start=start, end=start + 10, model=model,
-                               agent_version="t", frames=FrameCounts(captured=200, inferred=200),
-                               class_counts={i: int(c) for i, c in enumerate(classes) if c}, histograms=hists)  # fmt: skip
+        return TelemetryWindow(
+            fleet="f",
+            device=device,
+            session=1,
+            seq=seq,
+            start=start,
+            end=start + 10,
+            model=model,
+            agent_version="t",
+            frames=FrameCounts(captured=200, inferred=200),
+            class_counts={i: int(c) for i, c in enumerate(classes) if c},
+            histograms=hists,
+        )
 
     with Store(f"sqlite:///{tmp_path / 'fleet.db'}") as store:
         store.register_package(pkg)
         t0 = 1_000_000.0
-        phases = {"early": 1.0, "late": 9.0}  # seconds into each 10 s slot at which the device's windows start
+        phases = {
+            "early": 1.0,
+            "late": 9.0,
+        }  # seconds into each 10 s slot at which the device's windows start
         shift_seq = 6
-        pending = sorted((window(d, k, t0 + 10 * k + ph, dark=k >= shift_seq) for d, ph in phases.items()
-                          for k in range(10)), key=lambda w: w.end)  # fmt: skip
+        pending = sorted(
+            (
+                window(d, k, t0 + 10 * k + ph, dark=k >= shift_seq)
+                for d, ph in phases.items()
+                for k in range(10)
+            ),
+            key=lambda w: w.end,
+        )
         service = DriftService(store, "f", slot_s=10.0, grace_s=2.0, start=t0)
         events = []
-        for now in np.arange(t0, t0 + 125, 1.0):  # windows arrive 1 s after they end; the service polls each second
+        for now in np.arange(
+            t0, t0 + 125, 1.0
+        ):  # windows arrive 1 s after they end; the service polls each second
             while pending and pending[0].end + 1 <= now:
                 store.add_windows([pending.pop(0)])
             events += service.poll(float(now))
@@ -280,7 +343,10 @@ def test_drift_service_assesses_every_window_whatever_its_phase_in_the_slot(tmp_
         for device, phase in phases.items():
             first_dark_end = t0 + 10 * shift_seq + phase + 10
             assert device in drift_at, events
-            assert drift_at[device] <= first_dark_end + 10, (device, drift_at[device] - first_dark_end)  # 2 windows
+            assert drift_at[device] <= first_dark_end + 10, (
+                device,
+                drift_at[device] - first_dark_end,
+            )  # 2 windows
         assert all(e.transition.key in phases or e.transition.key == "fleet" for e in events)
 
 
@@ -293,12 +359,28 @@ def test_a_canary_device_that_rolls_back_on_its_own_aborts_the_canary(canary_set
     mgr = RolloutManager(store, repo, None, fleet="f", model="tiny", cfg=RolloutConfig())
     mgr.release_stable(v1)
     canary = mgr.start_canary(v2, v1.sha256)
-    other_release = UpdateEvent(fleet="f", device="cam-9", session=1, seq=0, ts=time.time(), state="rolled_back",
-                                reason="health", release=canary.release.release - 1)  # fmt: skip
+    other_release = UpdateEvent(
+        fleet="f",
+        device="cam-9",
+        session=1,
+        seq=0,
+        ts=time.time(),
+        state="rolled_back",
+        reason="health",
+        release=canary.release.release - 1,
+    )
     store.add_update_events([other_release])
     assert mgr.poll(time.time()) is None  # a rollback of some other release is not this canary's
-    crashed = UpdateEvent(fleet="f", device="cam-3", session=2, seq=1, ts=time.time(), state="rolled_back",
-                          reason="crashed during trial", release=canary.release.release)  # fmt: skip
+    crashed = UpdateEvent(
+        fleet="f",
+        device="cam-3",
+        session=2,
+        seq=1,
+        ts=time.time(),
+        state="rolled_back",
+        reason="crashed during trial",
+        release=canary.release.release,
+    )
     store.add_update_events([crashed])
     outcome = mgr.poll(time.time())
     assert outcome is not None and outcome.decision == "rollback" and "cam-3" in outcome.reasons[0]

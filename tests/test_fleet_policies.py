@@ -14,7 +14,9 @@ REF = ModelRef(name="m", version="1", sha256="2" * 64)
 def test_retrain_needs_persistent_drift_or_accuracy_drop_then_labels_then_cooldown() -> None:
     cfg = RetrainPolicyConfig(drift_windows=(2, 3), accuracy_drop_points=8, min_labels=50, cooldown_s=600)
     calm = {"a": DeviceHealth((False, False, True), 0.92)}
-    assert not decide_retrain(calm, 0.94, 100, 1000, None, cfg).retrain  # one drifting window is not persistent
+    assert not decide_retrain(
+        calm, 0.94, 100, 1000, None, cfg
+    ).retrain  # one drifting window is not persistent
     drifting = {"a": DeviceHealth((False, True, True), 0.90), "b": DeviceHealth((False,) * 3, 0.93)}
     d = decide_retrain(drifting, 0.94, 10, 1000, None, cfg)
     assert not d.retrain and d.reason.startswith("waiting for labels: 10/50") and d.triggered_by == ("a",)
@@ -29,13 +31,23 @@ def test_retrain_needs_persistent_drift_or_accuracy_drop_then_labels_then_cooldo
 
 def _w(acc: float, n: int = 300, failed: int = 0, p90: float = 5.0, device: str = "d") -> TelemetryWindow:
     return TelemetryWindow(
-        fleet="f", device=device, session=1, seq=0, start=0, end=10, model=REF, agent_version="t",
-        frames=FrameCounts(captured=n, inferred=n, failed=failed), atc_above=int(round(acc * n)),
+        fleet="f",
+        device=device,
+        session=1,
+        seq=0,
+        start=0,
+        end=10,
+        model=REF,
+        agent_version="t",
+        frames=FrameCounts(captured=n, inferred=n, failed=failed),
+        atc_above=int(round(acc * n)),
         latency_ms={"inference": LatencySummary(count=n, p50=p90 * 0.8, p90=p90, p99=p90 * 1.2, max=p90 * 2)},
-    )  # fmt: skip
+    )
 
 
-def _ws(rng: np.random.Generator, mean: float, k: int, sd: float = 0.015, **kw: object) -> list[TelemetryWindow]:
+def _ws(
+    rng: np.random.Generator, mean: float, k: int, sd: float = 0.015, **kw: object
+) -> list[TelemetryWindow]:
     return [_w(float(np.clip(rng.normal(mean, sd), 0, 1)), **kw) for _ in range(k)]  # type: ignore[arg-type]
 
 
@@ -45,9 +57,15 @@ def test_canary_devices_are_compared_with_themselves() -> None:
     rng = np.random.default_rng(3)
     cfg = RolloutConfig(min_windows=4, margin_points=3.0)
 
-    def group(levels: dict[str, float], gain: float, k: int) -> tuple[list[TelemetryWindow], list[TelemetryWindow]]:
+    def group(
+        levels: dict[str, float], gain: float, k: int
+    ) -> tuple[list[TelemetryWindow], list[TelemetryWindow]]:
         before = [w for d, m in levels.items() for w in _ws(rng, m, k, sd=0.06, device=d)]
-        after = [w for d, m in levels.items() for w in _ws(rng, m + (gain if m < 0.8 else 0.0), k, sd=0.06, device=d)]
+        after = [
+            w
+            for d, m in levels.items()
+            for w in _ws(rng, m + (gain if m < 0.8 else 0.0), k, sd=0.06, device=d)
+        ]
         return before, after
 
     cb, ca = group({"shifted-1": 0.55, "cam-2": 0.90, "cam-3": 0.90}, 0.15, 5)
@@ -66,7 +84,11 @@ def test_canary_promoted_when_not_worse_and_rolled_back_when_worse() -> None:
     better = compare_canary(_ws(rng, 0.90, 6), control, cfg)
     assert better.decision == "promote" and better.canary_accuracy > better.control_accuracy
     worse = compare_canary(_ws(rng, 0.70, 6), control, cfg)
-    assert worse.decision == "rollback" and "(vs control" in worse.reasons[0] and "worse by more than" in worse.reasons[0]
+    assert (
+        worse.decision == "rollback"
+        and "(vs control" in worse.reasons[0]
+        and "worse by more than" in worse.reasons[0]
+    )
 
 
 def test_difference_in_differences_removes_an_unbalanced_cohort() -> None:
@@ -106,15 +128,17 @@ def test_a_candidate_exactly_at_the_margin_is_rarely_promoted_however_often_the_
     for _ in range(sims):
         levels = rng.uniform(0.55, 0.9, 10)
         change = -0.03 + rng.normal(0, 0.02, 5)  # canary devices: 3 points worse on average
+
         def win(dev: int, level: float, t: float) -> TelemetryWindow:
             w = _w(float(np.clip(rng.normal(level, 0.05), 0, 1)), device=f"d{dev}")
             return w.model_copy(update={"start": t - 10, "end": t})
+
         before = [win(d, levels[d], -100 + k) for d in range(10) for k in range(8)]
         canary_after = [win(d, levels[d] + change[d], 10 * k + d) for k in range(8) for d in range(5)]
         control_after = [win(d, levels[d], 10 * k + d) for k in range(8) for d in range(5, 10)]
         cb, ob = [w for w in before if int(w.device[1:]) < 5], [w for w in before if int(w.device[1:]) >= 5]
         for n in range(4, 41):  # one poll per arriving canary window, as the service does
-            v = compare_canary(canary_after[:n], control_after[: n], cfg, cb, ob)
+            v = compare_canary(canary_after[:n], control_after[:n], cfg, cb, ob)
             if v.decision != "wait":
                 promoted += v.decision == "promote"
                 break

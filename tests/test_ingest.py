@@ -132,12 +132,18 @@ def test_classify_names_every_problem() -> None:
         r = classify(t, payload, 0.0)
         assert not isinstance(r, Accepted) and r.reason == reason, (reason, r)
     ok = classify(topic, w.to_bytes(), 5.0)
-    assert isinstance(ok, Accepted) and ok.kind == "tele" and ok.item.message == w and ok.item.received_at == 5.0
+    assert (
+        isinstance(ok, Accepted) and ok.kind == "tele" and ok.item.message == w and ok.item.received_at == 5.0
+    )
     assert subscription("g", "f", "tele") == "$share/g/ef/v1/f/dev/+/tele"
 
 
 def test_validates_dedupes_dead_letters_and_flags_unknown_models(
-    db_url: str, broker: MosquittoBroker, publisher: Publisher, start_worker, capsys: pytest.CaptureFixture[str]
+    db_url: str,
+    broker: MosquittoBroker,
+    publisher: Publisher,
+    start_worker,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     fleet = f"val{abs(hash(db_url)) % 10**6}"
     v1 = model_ref(version="1.0.0")
@@ -166,7 +172,13 @@ def test_validates_dedupes_dead_letters_and_flags_unknown_models(
     assert wait_until(lambda: handled(worker) == len(msgs), 20), worker.stats()
     s = worker.stats()
     assert (s["stored"], s["duplicates"], s["dead_lettered"]) == (20 + 1 + 3, 3, 5)
-    assert s["dead_letter_reasons"] == {"not_json": 1, "oversized": 1, "invalid": 1, "wrong_kind": 1, "topic_mismatch": 1}
+    assert s["dead_letter_reasons"] == {
+        "not_json": 1,
+        "oversized": 1,
+        "invalid": 1,
+        "wrong_kind": 1,
+        "topic_mismatch": 1,
+    }
     assert s["unknown_model"] == 3 and s["alerts"] == 1
     assert s["acked"] == s["received"] == len(msgs)
     with Store(db_url, create=False) as store:
@@ -192,25 +204,57 @@ def test_validates_dedupes_dead_letters_and_flags_unknown_models(
 
 
 def sample_message(fleet: str, device: str, image: bytes, **kw: object) -> SampleMessage:
-    fields = {"fleet": fleet, "device": device, "session": 1, "frame": 7, "ts": 1_700_000_100.0, "model": model_ref(),
-              "reason": "low_confidence", "top": [(3, 0.31), (9, 0.2)], "consent": "shop-cctv-v2", "faces_blurred": 1,
-              "width": 64, "height": 48, "sha256": hashlib.sha256(image).hexdigest(),
-              "jpeg_b64": base64.b64encode(image).decode(), **kw}  # fmt: skip
+    fields = {
+        "fleet": fleet,
+        "device": device,
+        "session": 1,
+        "frame": 7,
+        "ts": 1_700_000_100.0,
+        "model": model_ref(),
+        "reason": "low_confidence",
+        "top": [(3, 0.31), (9, 0.2)],
+        "consent": "shop-cctv-v2",
+        "faces_blurred": 1,
+        "width": 64,
+        "height": 48,
+        "sha256": hashlib.sha256(image).hexdigest(),
+        "jpeg_b64": base64.b64encode(image).decode(),
+        **kw,
+    }
     return SampleMessage(**fields)  # type: ignore[arg-type]
 
 
-def test_samples_and_update_events_are_stored_once(db_url: str, broker: MosquittoBroker, publisher: Publisher, start_worker) -> None:
+def test_samples_and_update_events_are_stored_once(
+    db_url: str, broker: MosquittoBroker, publisher: Publisher, start_worker
+) -> None:
     fleet = f"smp{abs(hash(db_url)) % 10**6}"
     worker = start_worker(broker_url=broker.url, db_url=db_url, fleet=fleet, group="smp")
     image = b"\xff\xd8\xff\xe0fake-jpeg" + bytes(range(256))
     good = sample_message(fleet, "cam1", image)
     forged = sample_message(fleet, "cam1", image, sha256="0" * 64)
-    staged = UpdateEvent(fleet=fleet, device="cam1", session=2, seq=0, ts=1_700_000_200.0, state="staged", release=4)
-    rolled = UpdateEvent(fleet=fleet, device="cam1", session=2, seq=1, ts=1_700_000_260.0, state="rolled_back",
-                         reason="health_failed", release=4, serving=model_ref())  # fmt: skip
+    staged = UpdateEvent(
+        fleet=fleet, device="cam1", session=2, seq=0, ts=1_700_000_200.0, state="staged", release=4
+    )
+    rolled = UpdateEvent(
+        fleet=fleet,
+        device="cam1",
+        session=2,
+        seq=1,
+        ts=1_700_000_260.0,
+        state="rolled_back",
+        reason="health_failed",
+        release=4,
+        serving=model_ref(),
+    )
     topic = f"ef/v1/{fleet}/dev/cam1/"
-    msgs = [(topic + "sample", good.to_bytes()), (topic + "sample", good.to_bytes()), (topic + "sample", forged.to_bytes()),
-            (topic + "update", staged.to_bytes()), (topic + "update", rolled.to_bytes()), (topic + "update", rolled.to_bytes())]  # fmt: skip
+    msgs = [
+        (topic + "sample", good.to_bytes()),
+        (topic + "sample", good.to_bytes()),
+        (topic + "sample", forged.to_bytes()),
+        (topic + "update", staged.to_bytes()),
+        (topic + "update", rolled.to_bytes()),
+        (topic + "update", rolled.to_bytes()),
+    ]
     publisher.send_all(msgs)
     publisher.wait()
     assert wait_until(lambda: handled(worker) == len(msgs), 20), worker.stats()
@@ -219,9 +263,15 @@ def test_samples_and_update_events_are_stored_once(db_url: str, broker: Mosquitt
     assert s["by_kind"] == {"sample": 2, "update": 3}
     with Store(db_url, create=False) as store:
         (sample,) = store.samples(device="cam1")
-        assert sample.image == image and sample.sha256 == good.sha256 and sample.consent_policy == "shop-cctv-v2"
+        assert (
+            sample.image == image and sample.sha256 == good.sha256 and sample.consent_policy == "shop-cctv-v2"
+        )
         provenance = json.loads(sample.provenance or "{}")
-        assert provenance["reason"] == "low_confidence" and provenance["frame"] == 7 and provenance["faces_blurred"] == 1
+        assert (
+            provenance["reason"] == "low_confidence"
+            and provenance["frame"] == 7
+            and provenance["faces_blurred"] == 1
+        )
         assert [x.id for x in store.unlabelled_samples()] == [sample.id]
         assert [e.state for e in store.update_events(device="cam1")] == ["staged", "rolled_back"]
         assert store.update_events(state="rolled_back", since=1_700_000_250.0) == [rolled]
@@ -237,8 +287,13 @@ def test_redelivery_after_a_crash_between_commit_and_ack_is_stored_once(
     cfg = IngestConfig(broker_url=broker.url, db_url=db, fleet=fleet, group="red")
     ws = windows("cam1", 40, fleet=fleet)
     got: list[mqtt.MQTTMessage] = []
-    crashed = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.effective_client_id, clean_session=False,
-                          manual_ack=True, protocol=mqtt.MQTTv311)  # fmt: skip
+    crashed = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=cfg.effective_client_id,
+        clean_session=False,
+        manual_ack=True,
+        protocol=mqtt.MQTTv311,
+    )
     subscribed = threading.Event()
     crashed.on_subscribe = lambda *a: subscribed.set()
     crashed.on_message = lambda c, u, m: got.append(m)
@@ -250,7 +305,9 @@ def test_redelivery_after_a_crash_between_commit_and_ack_is_stored_once(
     publisher.wait()
     assert wait_until(lambda: len(got) == len(ws), 10)
     with Store(db) as store:
-        assert store.add_windows(TelemetryWindow.model_validate_json(m.payload) for m in got).stored == len(ws)
+        assert store.add_windows(TelemetryWindow.model_validate_json(m.payload) for m in got).stored == len(
+            ws
+        )
     crashed.disconnect()  # no PUBACK was ever sent
     crashed.loop_stop()
 
@@ -271,7 +328,9 @@ def test_a_message_the_database_refuses_is_dead_lettered_alone(
     worker = start_worker(broker_url=broker.url, db_url=db_url, fleet=fleet, group="ref", batch_linger_s=0.2)
     ws = windows("cam1", 6, fleet=fleet)
     poison = ws[3].model_copy(update={"seq": 2**63})
-    publisher.send_all([tele(fleet, w) for w in ws[:3]] + [tele(fleet, poison)] + [tele(fleet, w) for w in ws[4:]])
+    publisher.send_all(
+        [tele(fleet, w) for w in ws[:3]] + [tele(fleet, poison)] + [tele(fleet, w) for w in ws[4:]]
+    )
     publisher.wait()
     assert wait_until(lambda: handled(worker) == 6, 20), worker.stats()
     s = worker.stats()
@@ -306,10 +365,17 @@ def fleet_windows() -> list[TelemetryWindow]:
 
 
 def test_shared_subscription_splits_the_load_between_two_workers(
-    db_url: str, broker: MosquittoBroker, publisher: Publisher, start_worker, fleet_windows: list[TelemetryWindow]
+    db_url: str,
+    broker: MosquittoBroker,
+    publisher: Publisher,
+    start_worker,
+    fleet_windows: list[TelemetryWindow],
 ) -> None:
     group = f"sh{abs(hash(db_url)) % 10**6}"
-    workers = [start_worker(broker_url=broker.url, db_url=db_url, fleet="shared", group=group, index=i) for i in (0, 1)]
+    workers = [
+        start_worker(broker_url=broker.url, db_url=db_url, fleet="shared", group=group, index=i)
+        for i in (0, 1)
+    ]
     publisher.send_all([tele("shared", w) for w in fleet_windows])
     publisher.wait()
     n = len(fleet_windows)
@@ -340,8 +406,9 @@ def writes_blocked(db_url: str) -> Iterator[None]:
     """Hold the database so that no worker can commit: a table lock (PostgreSQL), the write lock (SQLite)."""
     u = make_url(db_url)
     if u.get_backend_name() == "postgresql":
-        with psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database,
-                             options=u.query["options"]) as conn:  # fmt: skip
+        with psycopg.connect(
+            host=u.host, port=u.port, user=u.username, dbname=u.database, options=u.query["options"]
+        ) as conn:
             conn.execute("LOCK TABLE windows IN ACCESS EXCLUSIVE MODE")
             yield
     else:
@@ -349,17 +416,40 @@ def writes_blocked(db_url: str) -> Iterator[None]:
             yield
 
 
-def test_worker_killed_mid_stream_loses_nothing(db_url: str, broker: MosquittoBroker, publisher: Publisher, tmp_path: Path) -> None:
+def test_worker_killed_mid_stream_loses_nothing(
+    db_url: str, broker: MosquittoBroker, publisher: Publisher, tmp_path: Path
+) -> None:
     """Two worker processes under the CLI supervisor; one is SIGKILLed while it holds uncommitted
     messages (writes are blocked); the supervisor restarts it and nothing is lost or doubled."""
     fleet = f"kill{abs(hash(db_url)) % 10**6}"
     Store(db_url).close()
     stats = [tmp_path / "stats-0.json", tmp_path / "stats-1.json"]
-    cmd = [sys.executable, "-m", "edge_agent.cli", "ingest", "run", "--broker", broker.url, "--db", db_url,
-           "--fleet", fleet, "--workers", "2", "--stats-file", str(tmp_path / "stats-{index}.json")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_agent.cli",
+        "ingest",
+        "run",
+        "--broker",
+        broker.url,
+        "--db",
+        db_url,
+        "--fleet",
+        fleet,
+        "--workers",
+        "2",
+        "--stats-file",
+        str(tmp_path / "stats-{index}.json"),
+    ]
     # cwd: a stale edgefleet.egg-info in the checkout would shadow the installed entry points
-    sup = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                           cwd=tmp_path)
+    sup = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=tmp_path,
+    )
     try:
         assert wait_until(lambda: all(_stats(p).get("connects", 0) >= 1 for p in stats), 30), sup.stderr
         time.sleep(0.5)  # subscriptions acknowledged
@@ -391,7 +481,9 @@ def test_worker_killed_mid_stream_loses_nothing(db_url: str, broker: MosquittoBr
     assert "restarting" in err
 
 
-def test_database_outage_buffers_and_resumes_nothing_lost(broker: MosquittoBroker, publisher: Publisher, start_worker) -> None:
+def test_database_outage_buffers_and_resumes_nothing_lost(
+    broker: MosquittoBroker, publisher: Publisher, start_worker
+) -> None:
     """A private PostgreSQL stops for ~12 s while windows keep arriving; every one is stored once."""
     pg_bin = find_pg_bin()
     require(pg_bin is not None, "PostgreSQL server binaries (initdb, pg_ctl)")
@@ -401,10 +493,13 @@ def test_database_outage_buffers_and_resumes_nothing_lost(broker: MosquittoBroke
         pg.start()
         Store(pg.url).close()
         fleet = "outage"
-        worker = start_worker(broker_url=broker.url, db_url=pg.url, fleet=fleet, group="out", max_buffered=50,
-                              retry_max_s=1.0)  # fmt: skip
+        worker = start_worker(
+            broker_url=broker.url, db_url=pg.url, fleet=fleet, group="out", max_buffered=50, retry_max_s=1.0
+        )
         ws = [tiny_window(f"cam{d}", i, fleet=fleet) for i in range(360) for d in range(5)]  # 18 s at 100/s
-        sender = threading.Thread(target=publisher.send_all, args=([tele(fleet, w) for w in ws],), kwargs={"rate": 100})
+        sender = threading.Thread(
+            target=publisher.send_all, args=([tele(fleet, w) for w in ws],), kwargs={"rate": 100}
+        )
         sender.start()
         assert wait_until(lambda: worker.stats()["stored"] >= 200, 10)
         pg.stop()

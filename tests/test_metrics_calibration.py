@@ -44,7 +44,9 @@ def test_metrics_agree_with_scikit_learn(seed: int) -> None:
     np.testing.assert_array_equal(support, ss)
     rep = classification_report(probs, y, labels)
     assert rep["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
-    assert rep["macro_f1"] == pytest.approx(skm.f1_score(y, pred, labels=range(k), average="macro", zero_division=0))
+    assert rep["macro_f1"] == pytest.approx(
+        skm.f1_score(y, pred, labels=range(k), average="macro", zero_division=0)
+    )
     assert rep["nll"] == pytest.approx(skm.log_loss(y, probs, labels=range(k)), rel=1e-6)
     assert rep["per_class"]["c0"]["support"] == int((y == 0).sum())
 

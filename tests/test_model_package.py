@@ -28,7 +28,9 @@ def test_pretrained_package_is_complete(pretrained_package: Path) -> None:
     int8_in = m.artifacts["tflite-int8"].input
     assert int8_in.dtype == "int8" and int8_in.scale and int8_in.layout == "NHWC"
     for key, art in m.artifacts.items():
-        assert art.file in m.files and m.files[art.file].size == (pretrained_package / art.file).stat().st_size
+        assert (
+            art.file in m.files and m.files[art.file].size == (pretrained_package / art.file).stat().st_size
+        )
         assert art.top1_agreement is not None
         if art.precision == "fp32":
             assert art.top1_agreement >= 0.99, key  # same network, float rounding only
@@ -91,7 +93,9 @@ def test_tampered_artifact_is_rejected_with_path_and_check(pretrained_package: P
         ),
     ],
 )
-def test_broken_packages_fail_with_a_clear_error(pretrained_package: Path, tmp_path: Path, damage, message: str) -> None:
+def test_broken_packages_fail_with_a_clear_error(
+    pretrained_package: Path, tmp_path: Path, damage, message: str
+) -> None:
     pkg = _copy(pretrained_package, tmp_path)
     damage(pkg)
     with pytest.raises(PackageError, match=message):

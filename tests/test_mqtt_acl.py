@@ -30,7 +30,9 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, mosquitto_binary: str, pk
     b.stop()
 
 
-def test_device_cannot_write_another_devices_topics_or_release_hints(deployed: DeployedBroker, pki: Path) -> None:
+def test_device_cannot_write_another_devices_topics_or_release_hints(
+    deployed: DeployedBroker, pki: Path
+) -> None:
     trainer = TlsClient(deployed.port, pki, "trainer", "service", subscribe="ef/v1/#")
     a = TlsClient(deployed.port, pki, "dev-a")
     try:
@@ -70,10 +72,16 @@ def test_device_reads_only_its_commands_and_release_hints(deployed: DeployedBrok
 def _handshake(port: int, ca: Path, cert: Path | None = None, key: Path | None = None) -> str:
     """Connect and wait for CONNACK; returns "connected" or why not."""
     c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    c.tls_set(ca_certs=str(ca), certfile=str(cert) if cert else None, keyfile=str(key) if key else None,
-              cert_reqs=ssl.CERT_REQUIRED)  # fmt: skip
+    c.tls_set(
+        ca_certs=str(ca),
+        certfile=str(cert) if cert else None,
+        keyfile=str(key) if key else None,
+        cert_reqs=ssl.CERT_REQUIRED,
+    )
     result: list[str] = []
-    c.on_connect = lambda cl, u, f, rc, p: result.append("connected" if not rc.is_failure else f"refused {rc}")
+    c.on_connect = lambda cl, u, f, rc, p: result.append(
+        "connected" if not rc.is_failure else f"refused {rc}"
+    )
     try:
         c.connect("127.0.0.1", port, keepalive=5)
         for _ in range(40):
@@ -86,13 +94,23 @@ def _handshake(port: int, ca: Path, cert: Path | None = None, key: Path | None =
     return result[0] if result else "dropped"
 
 
-def test_clients_without_a_fleet_certificate_are_refused(deployed: DeployedBroker, pki: Path, tmp_path: Path) -> None:
-    assert _handshake(deployed.port, pki / "ca.crt", pki / "device" / "dev-a.crt", pki / "device" / "dev-a.key") == "connected"
+def test_clients_without_a_fleet_certificate_are_refused(
+    deployed: DeployedBroker, pki: Path, tmp_path: Path
+) -> None:
+    assert (
+        _handshake(deployed.port, pki / "ca.crt", pki / "device" / "dev-a.crt", pki / "device" / "dev-a.key")
+        == "connected"
+    )
     assert _handshake(deployed.port, pki / "ca.crt") != "connected"  # no client certificate at all
     rogue = tmp_path / "rogue"
     pki_mod.init_ca(rogue, name="Rogue CA")
     pki_mod.issue(rogue, "dev-a", kind="device")  # the right name, signed by the wrong CA
-    assert _handshake(deployed.port, pki / "ca.crt", rogue / "device" / "dev-a.crt", rogue / "device" / "dev-a.key") != "connected"
+    assert (
+        _handshake(
+            deployed.port, pki / "ca.crt", rogue / "device" / "dev-a.crt", rogue / "device" / "dev-a.key"
+        )
+        != "connected"
+    )
     plain = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)  # no TLS at all
     with pytest.raises((OSError, ConnectionError)):
         plain.connect("127.0.0.1", deployed.port, keepalive=5)
@@ -105,13 +123,22 @@ def test_pki_cli_issues_identities_with_private_keys_0600(tmp_path: Path) -> Non
     d = tmp_path / "pki"
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "edge_agent.cli", "pki", *args, "--dir", str(d)],
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "edge_agent.cli", "pki", *args, "--dir", str(d)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     assert run("init", "--broker-host", "broker.example").returncode == 0
     assert run("issue-device", "cam-07").returncode == 0
     assert run("issue-service", "trainer").returncode == 0
-    for key in (d / "ca.key", d / "server" / "broker.key", d / "device" / "cam-07.key", d / "service" / "trainer.key"):
+    for key in (
+        d / "ca.key",
+        d / "server" / "broker.key",
+        d / "device" / "cam-07.key",
+        d / "service" / "trainer.key",
+    ):
         assert key.stat().st_mode & 0o777 == 0o600, key
     from cryptography import x509
 

@@ -135,9 +135,16 @@ def test_birth_retained_online_then_offline_after_stop(broker: MosquittoBroker, 
     link = h.link()
     link.start()
     assert link.wait_connected(10)
-    assert wait_until(lambda: (retained(broker.url, h.status_topic, timeout=0.5) or {}).get("state") == "online", 10)
+    assert wait_until(
+        lambda: (retained(broker.url, h.status_topic, timeout=0.5) or {}).get("state") == "online", 10
+    )
     birth = retained(broker.url, h.status_topic)
-    assert birth is not None and birth["device"] == h.device and birth["session"] == 7 and birth["kind"] == "status"
+    assert (
+        birth is not None
+        and birth["device"] == h.device
+        and birth["session"] == 7
+        and birth["kind"] == "status"
+    )
     assert link.stop(flush_timeout=2)
     assert not link.connected
     assert (retained(broker.url, h.status_topic) or {}).get("state") == "offline"

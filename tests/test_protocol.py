@@ -19,7 +19,20 @@ def test_topics() -> None:
     assert p.device_topics("shop") == "ef/v1/shop/dev/+/#"
 
 
-@pytest.mark.parametrize("model", [p.Status, p.TelemetryWindow, p.Prediction, p.Command, p.ModelRef, p.FrameCounts, p.Histogram, p.LatencySummary, p.BackendChoice])
+@pytest.mark.parametrize(
+    "model",
+    [
+        p.Status,
+        p.TelemetryWindow,
+        p.Prediction,
+        p.Command,
+        p.ModelRef,
+        p.FrameCounts,
+        p.Histogram,
+        p.LatencySummary,
+        p.BackendChoice,
+    ],
+)
 def test_every_field_is_documented(model: type) -> None:
     for name in model.model_fields:
         assert f"`{name}`" in DOC, f"{model.__name__}.{name} is not documented in docs/protocol.md"

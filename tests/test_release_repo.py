@@ -37,7 +37,9 @@ def _client(server: ReleaseServer, root: Path, cache: Path) -> ReleaseRepository
 
 
 def test_init_keys_are_private_and_thresholds_hold(tmp_path: Path) -> None:
-    repo = ReleaseRepository.init(tmp_path / "repo", root_keys=3, root_threshold=2, offline_keys=tmp_path / "offline")
+    repo = ReleaseRepository.init(
+        tmp_path / "repo", root_keys=3, root_threshold=2, offline_keys=tmp_path / "offline"
+    )
     assert (tmp_path / "repo" / "keys").stat().st_mode & 0o777 == 0o700
     pems = list((tmp_path / "offline").glob("*.pem")) + list((tmp_path / "repo" / "keys").glob("*.pem"))
     assert len(pems) == 3 + 1 + 2 + 2  # root x3, targets; snapshot, timestamp; canary, stable
@@ -47,7 +49,10 @@ def test_init_keys_are_private_and_thresholds_hold(tmp_path: Path) -> None:
     assert root["signed"]["roles"]["root"]["threshold"] == 2 and len(root["signatures"]) == 3
     assert root["signed"]["consistent_snapshot"] is True
     targets = json.loads(repo.metadata_path("targets").read_bytes())["signed"]
-    assert {r["name"]: r["paths"] for r in targets["delegations"]["roles"]} == {"canary": ["canary/*/*"], "stable": ["stable/*/*"]}
+    assert {r["name"]: r["paths"] for r in targets["delegations"]["roles"]} == {
+        "canary": ["canary/*/*"],
+        "stable": ["stable/*/*"],
+    }
     with pytest.raises(ReleaseError, match="already exists"):
         ReleaseRepository.init(tmp_path / "repo")
 
@@ -59,7 +64,12 @@ def test_counters_promote_and_rollback_as_roll_forward(tmp_path: Path, packages:
     p3 = repo.promote("shop", "colour")  # canary (2.0.0) -> stable
     rb = repo.rollback("shop", "colour", "canary")  # canary back to 1.0.0's bytes
     assert [r.release for r in (r1, r2, p3, rb)] == [1, 2, 3, 4]
-    assert p3.channel == "stable" and p3.sha256 == r2.sha256 and p3.source_release == 2 and p3.action == "promote"
+    assert (
+        p3.channel == "stable"
+        and p3.sha256 == r2.sha256
+        and p3.source_release == 2
+        and p3.action == "promote"
+    )
     assert rb.sha256 == r1.sha256 and rb.package_sha256 == r1.package_sha256 and rb.action == "rollback"
     assert repo.current("canary", "shop", "colour").release == 4
     assert repo.rollback("shop", "colour", "canary", to_release=2).sha256 == r2.sha256
@@ -79,7 +89,9 @@ def test_counters_promote_and_rollback_as_roll_forward(tmp_path: Path, packages:
         c.close()
 
 
-def test_every_key_rotation_is_accepted_by_a_device_that_pinned_root_v1(tmp_path: Path, packages: dict[str, Path]) -> None:
+def test_every_key_rotation_is_accepted_by_a_device_that_pinned_root_v1(
+    tmp_path: Path, packages: dict[str, Path]
+) -> None:
     repo = ReleaseRepository.init(tmp_path / "repo")
     (tmp_path / "root.json").write_bytes(repo.root_bytes())
     repo.publish(packages["1.0.0"], channel="canary", fleet="shop")
@@ -90,7 +102,9 @@ def test_every_key_rotation_is_accepted_by_a_device_that_pinned_root_v1(tmp_path
             old = set(json.loads(repo.root_bytes())["signed"]["keys"]) | set(repo.keys.uris())
             new = repo.rotate_key(role)
             assert not set(new) & old
-            rec = repo.publish(packages["2.0.0" if role != "canary" else "3.0.0"], channel="canary", fleet="shop")
+            rec = repo.publish(
+                packages["2.0.0" if role != "canary" else "3.0.0"], channel="canary", fleet="shop"
+            )
             info = c.targetinfo("canary/shop/colour.tar")
             assert info is not None and parse_release_info(info.custom).release == rec.release, role
         assert c.trusted_root_version() == json.loads(repo.root_bytes())["signed"]["version"] == 5
@@ -99,8 +113,12 @@ def test_every_key_rotation_is_accepted_by_a_device_that_pinned_root_v1(tmp_path
         c.close()
 
 
-def test_signing_needs_private_keys_and_refuses_readable_ones(tmp_path: Path, packages: dict[str, Path]) -> None:
-    repo = ReleaseRepository.init(tmp_path / "repo", root_keys=3, root_threshold=2, offline_keys=tmp_path / "usb")
+def test_signing_needs_private_keys_and_refuses_readable_ones(
+    tmp_path: Path, packages: dict[str, Path]
+) -> None:
+    repo = ReleaseRepository.init(
+        tmp_path / "repo", root_keys=3, root_threshold=2, offline_keys=tmp_path / "usb"
+    )
     canary_key = next((tmp_path / "repo" / "keys").glob("canary-*.pem"))
     os.chmod(canary_key, 0o644)
     with pytest.raises(KeyStoreError, match="too open"):
@@ -131,7 +149,13 @@ def test_server_ranges_traversal_and_resumed_download(tmp_path: Path) -> None:
         with urllib.request.urlopen(req) as r:
             assert r.status == 206 and r.read() == blob[100:200]
             assert r.headers["Content-Range"] == f"bytes 100-199/{len(blob)}"
-        for bad in ("/../repository.json", "/metadata/../signers.json", "/keys/", "/signers.json", "/targets/%2e%2e/x"):
+        for bad in (
+            "/../repository.json",
+            "/metadata/../signers.json",
+            "/keys/",
+            "/signers.json",
+            "/targets/%2e%2e/x",
+        ):
             with pytest.raises(urllib.error.HTTPError) as exc:
                 urllib.request.urlopen(server.url + bad)
             assert exc.value.code in (400, 404), bad
@@ -166,16 +190,27 @@ def test_server_keeps_the_timestamp_fresh(tmp_path: Path) -> None:
 
 def test_release_cli(tmp_path: Path, packages: dict[str, Path]) -> None:
     def run(*args: str) -> str:
-        p = subprocess.run([sys.executable, "-m", "edge_agent.cli", "release", *args], capture_output=True, text=True, timeout=60)
+        p = subprocess.run(
+            [sys.executable, "-m", "edge_agent.cli", "release", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert p.returncode == 0, p.stderr
         return p.stdout
 
     repo = str(tmp_path / "repo")
     run("init", "--repo", repo, "--root-keys", "2", "--root-threshold", "2")
-    assert "release 1: colour 1.0.0 -> canary" in run("publish", str(packages["1.0.0"]), "--repo", repo, "--channel", "canary", "--fleet", "shop")
+    assert "release 1: colour 1.0.0 -> canary" in run(
+        "publish", str(packages["1.0.0"]), "--repo", repo, "--channel", "canary", "--fleet", "shop"
+    )
     run("publish", str(packages["2.0.0"]), "--repo", repo, "--channel", "canary", "--fleet", "shop")
-    assert "release 3: colour 2.0.0 -> stable" in run("promote", "--repo", repo, "--fleet", "shop", "--model", "colour")
-    assert "release 4: colour 1.0.0 -> canary" in run("rollback", "--repo", repo, "--fleet", "shop", "--model", "colour", "--channel", "canary")
+    assert "release 3: colour 2.0.0 -> stable" in run(
+        "promote", "--repo", repo, "--fleet", "shop", "--model", "colour"
+    )
+    assert "release 4: colour 1.0.0 -> canary" in run(
+        "rollback", "--repo", repo, "--fleet", "shop", "--model", "colour", "--channel", "canary"
+    )
     assert "new key" in run("rotate-key", "root", "--repo", repo)
     status = json.loads(run("status", "--repo", repo, "--json"))
     assert status["roles"]["root"]["version"] == 2 and status["roles"]["root"]["threshold"] == 2
@@ -183,6 +218,23 @@ def test_release_cli(tmp_path: Path, packages: dict[str, Path]) -> None:
     assert "rollback of release 1" in run("status", "--repo", repo)
     run("export-root", "--repo", repo, "--out", str(tmp_path / "root.json"))
     assert json.loads((tmp_path / "root.json").read_text())["signed"]["version"] == 2
-    bad = subprocess.run([sys.executable, "-m", "edge_agent.cli", "release", "publish", str(packages["1.0.0"]), "--repo", repo,
-                          "--channel", "nightly", "--fleet", "shop"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "release",
+            "publish",
+            str(packages["1.0.0"]),
+            "--repo",
+            repo,
+            "--channel",
+            "nightly",
+            "--fleet",
+            "shop",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "unknown channel 'nightly'" in bad.stderr

@@ -61,7 +61,9 @@ def test_drift_mode_samples_uniformly_including_confident_frames() -> None:
 
 def test_privacy_filter_blurs_faces_downscales_and_strips_metadata() -> None:
     astronaut = load_photos(["astronaut"])["astronaut"]  # 512x512 portrait with a face
-    assert detect_faces(cv2.resize(astronaut, (320, 320), interpolation=cv2.INTER_AREA)), "test photo should have a face"
+    assert detect_faces(cv2.resize(astronaut, (320, 320), interpolation=cv2.INTER_AREA)), (
+        "test photo should have a face"
+    )
     out = privacy_filter(astronaut, max_side=320)
     assert (out.width, out.height) == (320, 320) and out.faces >= 1
     decoded = cv2.imdecode(np.frombuffer(out.jpeg, np.uint8), cv2.IMREAD_COLOR)

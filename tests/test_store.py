@@ -18,12 +18,23 @@ from trainer.window_factory import model_ref, windows
 
 def manifest(version: str) -> ModelManifest:
     return ModelManifest(
-        name="efficientnet-lite0", version=version, created="2025-01-01T00:00:00Z", labels=["cat", "dog"],
+        name="efficientnet-lite0",
+        version=version,
+        created="2025-01-01T00:00:00Z",
+        labels=["cat", "dog"],
         preprocess=PreprocessSpec(),
-        artifacts={"onnx-fp32": Artifact(file="model.onnx", runtime="onnxruntime", precision="fp32",
-                                         input=TensorSpec(), output=TensorSpec(layout="NC"))},
-        files={"model.onnx": FileEntry(sha256="0" * 64, size=1)}, telemetry_edges=default_edges(2),
-    )  # fmt: skip
+        artifacts={
+            "onnx-fp32": Artifact(
+                file="model.onnx",
+                runtime="onnxruntime",
+                precision="fp32",
+                input=TensorSpec(),
+                output=TensorSpec(layout="NC"),
+            )
+        },
+        files={"model.onnx": FileEntry(sha256="0" * 64, size=1)},
+        telemetry_edges=default_edges(2),
+    )
 
 
 @pytest.fixture
@@ -101,7 +112,9 @@ def _rows(store: Store):
 
 def test_status_history_and_latest_status(store: Store) -> None:
     ref = model_ref()
-    online = Status(fleet="t", device="cam1", state="online", session=3, ts=100.0, model=ref, agent_version="0.1.0")
+    online = Status(
+        fleet="t", device="cam1", state="online", session=3, ts=100.0, model=ref, agent_version="0.1.0"
+    )
     offline = Status(fleet="t", device="cam1", state="offline", session=3, ts=200.0)
     r = store.add_statuses([offline, online, offline])  # out of order, with a duplicate
     assert (r.stored, r.duplicates) == (2, 1)
@@ -115,11 +128,14 @@ def test_status_history_and_latest_status(store: Store) -> None:
 def test_dead_letters_keep_reason_size_and_count(store: Store) -> None:
     big = b"x" * (DEAD_LETTER_KEEP_BYTES * 3)
     with store.write() as conn:
-        write_dead_letters(conn, [
-            Rejected("ef/v1/t/dev/a/tele", big, "oversized", "too big", 1.0),
-            Rejected("ef/v1/t/dev/a/tele", b"nope", "not_json", "not JSON", 2.0),
-            Rejected("ef/v1/t/dev/a/tele", b"nope", "not_json", "not JSON", 3.0),
-        ])  # fmt: skip
+        write_dead_letters(
+            conn,
+            [
+                Rejected("ef/v1/t/dev/a/tele", big, "oversized", "too big", 1.0),
+                Rejected("ef/v1/t/dev/a/tele", b"nope", "not_json", "not JSON", 2.0),
+                Rejected("ef/v1/t/dev/a/tele", b"nope", "not_json", "not JSON", 3.0),
+            ],
+        )
     with store.write() as conn:
         write_dead_letters(conn, [Rejected("ef/v1/t/dev/a/tele", b"nope", "not_json", "not JSON", 4.0)])
     by_reason = {d.reason: d for d in store.dead_letters()}
@@ -130,12 +146,30 @@ def test_dead_letters_keep_reason_size_and_count(store: Store) -> None:
 
 
 def test_labelling_queue(store: Store) -> None:
-    sid = store.add_sample(fleet="t", device="cam1", ts=1.0, consent_policy="blur-faces", sha256="a" * 64,
-                           image=b"\xff\xd8jpeg", provenance={"why": "low_confidence"})  # fmt: skip
+    sid = store.add_sample(
+        fleet="t",
+        device="cam1",
+        ts=1.0,
+        consent_policy="blur-faces",
+        sha256="a" * 64,
+        image=b"\xff\xd8jpeg",
+        provenance={"why": "low_confidence"},
+    )
     assert sid is not None
-    assert store.add_sample(fleet="t", device="cam1", ts=2.0, consent_policy="blur-faces", sha256="a" * 64,
-                            image=b"\xff\xd8jpeg") is None  # fmt: skip
-    other = store.add_sample(fleet="t", device="cam2", ts=3.0, consent_policy="none", sha256="b" * 64, path="/s/b.jpg")
+    assert (
+        store.add_sample(
+            fleet="t",
+            device="cam1",
+            ts=2.0,
+            consent_policy="blur-faces",
+            sha256="a" * 64,
+            image=b"\xff\xd8jpeg",
+        )
+        is None
+    )
+    other = store.add_sample(
+        fleet="t", device="cam2", ts=3.0, consent_policy="none", sha256="b" * 64, path="/s/b.jpg"
+    )
     assert [s.id for s in store.unlabelled_samples()] == [sid, other]
     store.add_label(sid, "cat", source="human", labeller="alice")
     assert [s.id for s in store.unlabelled_samples()] == [other]

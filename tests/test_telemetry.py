@@ -21,9 +21,16 @@ REF = ModelRef(name="m", version="1", sha256="0" * 64)
 def _random_window(seed: int, frames: int = 50, num_classes: int = 10) -> TelemetryWindow:
     rng = random.Random(seed)
     agg = TelemetryAggregator(
-        fleet="f", device=f"d{seed % 3}", session=1, model=REF, agent_version="t",
-        edges=default_edges(num_classes), now=float(seed), window_frames=frames, window_seconds=None,
-    )  # fmt: skip
+        fleet="f",
+        device=f"d{seed % 3}",
+        session=1,
+        model=REF,
+        agent_version="t",
+        edges=default_edges(num_classes),
+        now=float(seed),
+        window_frames=frames,
+        window_seconds=None,
+    )
     for _ in range(frames):
         p = np.array([rng.random() ** 4 for _ in range(num_classes)])
         (out,) = output_features(p / p.sum())
@@ -99,9 +106,16 @@ def test_merge_refuses_different_edges() -> None:
 
 def test_window_due_by_frames_or_seconds_and_sequence_numbers() -> None:
     agg = TelemetryAggregator(
-        fleet="f", device="d", session=3, model=REF, agent_version="t", edges=default_edges(5),
-        now=100.0, window_seconds=10.0, window_frames=3,
-    )  # fmt: skip
+        fleet="f",
+        device="d",
+        session=3,
+        model=REF,
+        agent_version="t",
+        edges=default_edges(5),
+        now=100.0,
+        window_seconds=10.0,
+        window_frames=3,
+    )
     assert not agg.is_due(105.0)
     assert agg.is_due(110.0)
     (o,) = output_features(np.array([0.2, 0.2, 0.2, 0.2, 0.2]))
@@ -150,9 +164,16 @@ def test_quantile_from_merged_latency_histogram() -> None:
 
 def test_confidence_mean_and_atc_count_are_exact() -> None:
     agg = TelemetryAggregator(
-        fleet="f", device="d", session=1, model=REF, agent_version="t", edges=default_edges(3),
-        now=0.0, window_seconds=10.0, atc_threshold=0.6,
-    )  # fmt: skip
+        fleet="f",
+        device="d",
+        session=1,
+        model=REF,
+        agent_version="t",
+        edges=default_edges(3),
+        now=0.0,
+        window_seconds=10.0,
+        atc_threshold=0.6,
+    )
     confs = [0.9, 0.5, 0.61, 0.35, 0.99]
     for c in confs:
         rest = (1 - c) / 2
@@ -162,6 +183,12 @@ def test_confidence_mean_and_atc_count_are_exact() -> None:
     assert w.confidence_mean == pytest.approx(sum(confs) / 5, abs=1e-6)
     assert w.atc_above == 3
     plain = TelemetryAggregator(
-        fleet="f", device="d", session=1, model=REF, agent_version="t", edges=default_edges(3), now=0.0,
-    )  # fmt: skip
+        fleet="f",
+        device="d",
+        session=1,
+        model=REF,
+        agent_version="t",
+        edges=default_edges(3),
+        now=0.0,
+    )
     assert plain.close(1.0).atc_above is None

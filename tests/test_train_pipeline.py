@@ -46,7 +46,9 @@ def test_training_learns_well_above_chance_for_torch_and_every_artifact(shapes_p
     rob = ev["robustness"]
     assert set(rob["models"]) == set(ev["models"]) and rob["severities"] == [1, 5]
     for m in rob["models"].values():  # severity 5 hurts more than severity 1 on average
-        assert np.mean([a[1] for a in m["accuracy"].values()]) < np.mean([a[0] for a in m["accuracy"].values()])
+        assert np.mean([a[1] for a in m["accuracy"].values()]) < np.mean(
+            [a[0] for a in m["accuracy"].values()]
+        )
     assert {"lighting", "background", "domain"} <= set(ev["models"]["tflite-int8"]["slices"])
 
 
@@ -57,7 +59,9 @@ def test_package_is_complete_verified_and_self_tests(shapes_package, shapes_uri,
     for name in ("card.html", "data_manifest.json"):
         assert name in m.files
     card = (pkg.root / "card.html").read_text()
-    assert len(re.findall(r'src="data:image/png;base64,', card)) == 4  # confusion, reliability, heatmap, slices
+    assert (
+        len(re.findall(r'src="data:image/png;base64,', card)) == 4
+    )  # confusion, reliability, heatmap, slices
     assert not re.search(r'src="(?!data:)', card), "the card must be self-contained"
     manifest = json.loads((pkg.root / "data_manifest.json").read_text())
     assert len(manifest["entries"]) == 240 and all(len(e["sha256"]) == 64 for e in manifest["entries"])
@@ -71,9 +75,17 @@ def _agent_window(pkg, artifact: str, frames: list[np.ndarray]):  # type: ignore
     """What a device running ``artifact`` reports for ``frames``: the agent's own pipeline and aggregator."""
     model = LoadedModel.load(pkg, artifact, BackendOptions(threads=1))
     agg = TelemetryAggregator(
-        fleet="f", device="d", session=1, model=model.ref, agent_version="t", edges=pkg.manifest.telemetry_edges,
-        now=0.0, window_seconds=None, window_frames=10_000, atc_threshold=pkg.manifest.reference.atc_threshold,
-    )  # fmt: skip
+        fleet="f",
+        device="d",
+        session=1,
+        model=model.ref,
+        agent_version="t",
+        edges=pkg.manifest.telemetry_edges,
+        now=0.0,
+        window_seconds=None,
+        window_frames=10_000,
+        atc_threshold=pkg.manifest.reference.atc_threshold,
+    )
     pipe = Pipeline(MemorySource(frames).start(), model).start()
     try:
         while True:
@@ -90,7 +102,9 @@ def _agent_window(pkg, artifact: str, frames: list[np.ndarray]):  # type: ignore
     return agg.close(1.0)
 
 
-def test_reference_histograms_equal_what_the_agent_reports_on_the_same_images(shapes_package, shapes_dataset) -> None:
+def test_reference_histograms_equal_what_the_agent_reports_on_the_same_images(
+    shapes_package, shapes_dataset
+) -> None:
     pkg = load_package(shapes_package.package.root)
     ref = pkg.manifest.reference
     held = shapes_dataset.split("val") + shapes_dataset.split("test")
@@ -108,10 +122,29 @@ def test_reference_histograms_equal_what_the_agent_reports_on_the_same_images(sh
     assert ref.accuracy == pytest.approx(shapes_package.evaluation["heldout_accuracy"][ref.artifact])
 
 
-def test_eval_command_reproduces_the_training_evaluation(shapes_package, shapes_uri, tmp_path, capsys) -> None:
+def test_eval_command_reproduces_the_training_evaluation(
+    shapes_package, shapes_uri, tmp_path, capsys
+) -> None:
     out = tmp_path / "eval.json"
     root = str(shapes_package.package.root)
-    assert edgefleet(["eval", "--package", root, "--data", shapes_uri, "--corruptions", "fog", "--robustness-images", "8", "--json", str(out)]) == 0
+    assert (
+        edgefleet(
+            [
+                "eval",
+                "--package",
+                root,
+                "--data",
+                shapes_uri,
+                "--corruptions",
+                "fog",
+                "--robustness-images",
+                "8",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ev = json.loads(out.read_text())
     trained = shapes_package.evaluation["models"]
     assert set(ev["models"]) == set(trained) - {"torch-fp32"}
@@ -127,9 +160,11 @@ def test_gate_failure_leaves_no_package_and_names_the_rule(
 ) -> None:
     out = tmp_path / "candidate"
     cfg = small_train_config(
-        feature_cache=str(feature_cache), formats=["onnx-fp32", "onnx-int8"], robustness={"enabled": False},
+        feature_cache=str(feature_cache),
+        formats=["onnx-fp32", "onnx-int8"],
+        robustness={"enabled": False},
         gate=GateRules(min_slice_gain={"lighting=dusk": 50.0}),
-    )  # fmt: skip
+    )
     with pytest.raises(GateError) as info:
         train_package(shapes_dataset, out, cfg, champion=shapes_package.package.root)
     assert info.value.failures and info.value.failures[0].startswith("min_slice_gain[lighting=dusk]")
@@ -137,7 +172,9 @@ def test_gate_failure_leaves_no_package_and_names_the_rule(
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_label_set_must_match_the_champion(shapes_package, shapes_dataset, small_train_config, tmp_path) -> None:
+def test_label_set_must_match_the_champion(
+    shapes_package, shapes_dataset, small_train_config, tmp_path
+) -> None:
     champion = tmp_path / "champion"
     shutil.copytree(shapes_package.package.root, champion)
     doc = json.loads((champion / "model.json").read_text())
@@ -186,8 +223,18 @@ def test_head_training_is_reproducible_and_resumes_from_checkpoints(tmp_path) ->
         torch.set_num_threads(1)
         model = build_classifier(3, seed=7)
         _, suffix = split(model, 0)
-        res = fit_suffix(suffix, x[:200], y[:200], x[200:], y[200:], cfg.model_copy(update={"epochs": epochs}),
-                         num_classes=3, checkpoint_dir=ckpt, fingerprint="fp", progress=False)  # fmt: skip
+        res = fit_suffix(
+            suffix,
+            x[:200],
+            y[:200],
+            x[200:],
+            y[200:],
+            cfg.model_copy(update={"epochs": epochs}),
+            num_classes=3,
+            checkpoint_dir=ckpt,
+            fingerprint="fp",
+            progress=False,
+        )
         return model._fc.weight.detach().clone(), res
 
     w1, r1 = run(12, None)
@@ -204,17 +251,43 @@ def test_head_training_is_reproducible_and_resumes_from_checkpoints(tmp_path) ->
 
 def test_train_command_writes_a_package_the_agent_runs(tmp_path, feature_cache, capsys) -> None:
     out = tmp_path / "pkg"
-    code = edgefleet([
-        "train", "--data", "builtin:shapes?n=20&classes=circle+square+star", "--out", str(out),
-        "--formats", "onnx-fp32", "--input-size", "96", "--no-robustness", "--epochs", "15", "--quiet",
-        "--feature-cache", str(feature_cache),
-    ])  # fmt: skip
+    code = edgefleet(
+        [
+            "train",
+            "--data",
+            "builtin:shapes?n=20&classes=circle+square+star",
+            "--out",
+            str(out),
+            "--formats",
+            "onnx-fp32",
+            "--input-size",
+            "96",
+            "--no-robustness",
+            "--epochs",
+            "15",
+            "--quiet",
+            "--feature-cache",
+            str(feature_cache),
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0, text
     assert "wrote" in text and "drift reference" in text and "gate pass" in text
     assert edgefleet(["agent", "selftest", "--package", str(out)]) == 0
     # the same command again refuses to overwrite (exit 2 with a message), keeping the package
-    assert edgefleet(["train", "--data", "builtin:shapes?n=20&classes=circle+square+star", "--out", str(out), "--quiet"]) == 2
+    assert (
+        edgefleet(
+            [
+                "train",
+                "--data",
+                "builtin:shapes?n=20&classes=circle+square+star",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert load_package(out).manifest.labels == ["circle", "square", "star"]
 
 
@@ -222,14 +295,36 @@ def test_train_flags_and_config_file_build_the_train_config(tmp_path) -> None:
     from edge_agent.cli import build_parser
     from trainer.cli import _train_config
 
-    (tmp_path / "train.yaml").write_text("name: shelf\nfit: {epochs: 7, lr: 0.01}\ngate: {max_slice_drop: 3.0}\n")
+    (tmp_path / "train.yaml").write_text(
+        "name: shelf\nfit: {epochs: 7, lr: 0.01}\ngate: {max_slice_drop: 3.0}\n"
+    )
     argv = [
-        "train", "--data", "builtin:shapes", "--out", "x", "--config", str(tmp_path / "train.yaml"), "--epochs", "9",
-        "--unfreeze", "1", "--max-ece", "-1", "--require-gain", "lighting=night:5", "--corruptions", "fog,snow",
-        "--formats", "onnx-fp32, onnx-int8",
-    ]  # fmt: skip
+        "train",
+        "--data",
+        "builtin:shapes",
+        "--out",
+        "x",
+        "--config",
+        str(tmp_path / "train.yaml"),
+        "--epochs",
+        "9",
+        "--unfreeze",
+        "1",
+        "--max-ece",
+        "-1",
+        "--require-gain",
+        "lighting=night:5",
+        "--corruptions",
+        "fog,snow",
+        "--formats",
+        "onnx-fp32, onnx-int8",
+    ]
     cfg = _train_config(build_parser(argv).parse_args(argv))
     assert cfg.name == "shelf" and cfg.fit.epochs == 9 and cfg.fit.lr == 0.01  # flags override the file
     assert cfg.unfreeze_blocks == 1 and cfg.formats == ["onnx-fp32", "onnx-int8"]
-    assert cfg.gate.max_ece is None and cfg.gate.max_slice_drop == 3.0 and cfg.gate.min_slice_gain == {"lighting=night": 5.0}
+    assert (
+        cfg.gate.max_ece is None
+        and cfg.gate.max_slice_drop == 3.0
+        and cfg.gate.min_slice_gain == {"lighting=night": 5.0}
+    )
     assert cfg.robustness.corruptions == ["fog", "snow"] and cfg.robustness.enabled

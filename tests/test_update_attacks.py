@@ -62,7 +62,9 @@ class Rig:
         return build_tiny_package(self.tmp / "pkgs" / version, version=version, behaviour=behaviour).root  # type: ignore[arg-type]
 
     def publish(self, package: Path, **kw: Any) -> ReleaseRecord:
-        rec = self.repo.publish(package, channel=kw.pop("channel", CHANNEL), fleet=kw.pop("fleet", FLEET), **kw)
+        rec = self.repo.publish(
+            package, channel=kw.pop("channel", CHANNEL), fleet=kw.pop("fleet", FLEET), **kw
+        )
         mirror(self.repo.path, self.served)
         return rec
 
@@ -83,7 +85,9 @@ class Rig:
 
     def wait_event(self, pred: Callable[[dict], bool], after: int, timeout: float = 30) -> dict:
         ev = wait_for(lambda: next((e for e in self.events()[after:] if pred(e)), None), timeout)
-        assert ev is not None, f"no such update event; got {[(e['state'], e.get('reason')) for e in self.events()[after:]]}\n{self.agent.log_tail()}"
+        assert ev is not None, (
+            f"no such update event; got {[(e['state'], e.get('reason')) for e in self.events()[after:]]}\n{self.agent.log_tail()}"
+        )
         return ev
 
     def state(self) -> dict:
@@ -91,7 +95,12 @@ class Rig:
 
     def serving(self, since: float, timeout: float = 15) -> dict:
         """The model of a telemetry window that started after ``since`` (and inferred frames)."""
-        w = wait_for(lambda: next((w for w in self.windows() if w["start"] > since and w["frames"]["inferred"] > 0), None), timeout)
+        w = wait_for(
+            lambda: next(
+                (w for w in self.windows() if w["start"] > since and w["frames"]["inferred"] > 0), None
+            ),
+            timeout,
+        )
         assert w is not None, f"no telemetry after {since}\n{self.agent.log_tail()}"
         return w["model"]
 
@@ -127,12 +136,29 @@ def rig(tmp_path_factory: pytest.TempPathFactory, mosquitto_binary: str, pki: Pa
     trainer = TlsClient(broker.port, pki, "trainer", "service", subscribe=f"ef/v1/{FLEET}/dev/{DEVICE}/#")
     state = tmp / "state"
     config = agent_yaml(
-        tmp / "agent.yaml", device=DEVICE, fleet=FLEET, state=state, package=factory.root, broker_url=broker.url,
-        repo_url=server.url, root=tmp / "root.json", tls=(pki / "ca.crt", pki / "device" / f"{DEVICE}.crt",
-        pki / "device" / f"{DEVICE}.key"),
-    )  # fmt: skip
+        tmp / "agent.yaml",
+        device=DEVICE,
+        fleet=FLEET,
+        state=state,
+        package=factory.root,
+        broker_url=broker.url,
+        repo_url=server.url,
+        root=tmp / "root.json",
+        tls=(pki / "ca.crt", pki / "device" / f"{DEVICE}.crt", pki / "device" / f"{DEVICE}.key"),
+    )
     agent = AgentProcess(config, tmp / "agent.log").start()
-    r = Rig(tmp, repo, served, server, trainer, agent, state / "update" / "state.json", state / "update" / "tuf", pki, broker.url)
+    r = Rig(
+        tmp,
+        repo,
+        served,
+        server,
+        trainer,
+        agent,
+        state / "update" / "state.json",
+        state / "update" / "tuf",
+        pki,
+        broker.url,
+    )
     r.packages["1.0.0"] = factory.root
     try:
         r.wait_event(lambda e: e["state"] == "booted", 0)
@@ -147,17 +173,41 @@ def rig(tmp_path_factory: pytest.TempPathFactory, mosquitto_binary: str, pki: Pa
 
 def test_a_release_goes_through_verify_selftest_swap_health_and_commit(rig: Rig) -> None:
     booted = rig.events()[0]
-    assert booted["state"] == "booted" and booted["slot"] == "factory" and booted["model"]["version"] == "1.0.0"
+    assert (
+        booted["state"] == "booted" and booted["slot"] == "factory" and booted["model"]["version"] == "1.0.0"
+    )
     n = len(rig.events())
     pki = rig.trainer_pki
     rig.server.root = rig.repo.path  # serve the repository itself while the CLI publishes and hints
     cli = subprocess.run(
-        [sys.executable, "-m", "edge_agent.cli", "release", "publish", str(rig.package()), "--repo", str(rig.repo.path),
-         "--channel", CHANNEL, "--fleet", FLEET, "--broker", rig.broker_url, "--ca", str(pki / "ca.crt"),
-         "--cert", str(pki / "service" / "trainer.crt"), "--key", str(pki / "service" / "trainer.key"),
-         "--url", rig.server.url],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "release",
+            "publish",
+            str(rig.package()),
+            "--repo",
+            str(rig.repo.path),
+            "--channel",
+            CHANNEL,
+            "--fleet",
+            FLEET,
+            "--broker",
+            rig.broker_url,
+            "--ca",
+            str(pki / "ca.crt"),
+            "--cert",
+            str(pki / "service" / "trainer.crt"),
+            "--key",
+            str(pki / "service" / "trainer.key"),
+            "--url",
+            rig.server.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cli.returncode == 0 and "hint sent" in cli.stdout, cli.stderr
     rec = rig.repo.releases()[-1]
     active = rig.wait_event(lambda e: e["state"] in ("active", "rejected", "rolled_back"), n)
@@ -185,8 +235,12 @@ def test_a_model_that_fails_its_health_window_is_rolled_back(rig: Rig) -> None:
     states = [e["state"] for e in rig.events()[n:]]
     assert states == ["downloading", "staged", "verified", "trial", "rolled_back"], states
     trial = next(e for e in rig.events()[n:] if e["state"] == "trial")
-    served_trial = [w for w in rig.windows() if trial["ts"] <= w["start"] <= ev["ts"] and w["frames"]["inferred"]]
-    assert served_trial and served_trial[0]["model"]["sha256"] == rec.package_sha256  # it really was swapped in
+    served_trial = [
+        w for w in rig.windows() if trial["ts"] <= w["start"] <= ev["ts"] and w["frames"]["inferred"]
+    ]
+    assert (
+        served_trial and served_trial[0]["model"]["sha256"] == rec.package_sha256
+    )  # it really was swapped in
     assert served_trial[0]["confidence_mean"] < 0.5
     assert rig.serving(ev["ts"])["sha256"] == before["package_sha256"]  # and swapped back out
     st = rig.state()
@@ -202,7 +256,9 @@ def test_tampered_artifact_bytes(rig: Rig) -> None:
     data[len(data) // 2] ^= 0xFF  # same length, one flipped byte
     blob.write_bytes(bytes(data))
     rig.expect_rejected(rec, "artifact_mismatch")
-    assert rec.sha256 not in rig.state()["rejected"], "tampering in transit is not the release's fault: it may be fetched again"
+    assert rec.sha256 not in rig.state()["rejected"], (
+        "tampering in transit is not the release's fault: it may be fetched again"
+    )
 
 
 def test_artifact_larger_than_its_metadata_says(rig: Rig) -> None:
@@ -235,8 +291,10 @@ def test_metadata_signed_by_an_unknown_key(rig: Rig) -> None:
     tf.hashes, tf.length = {"sha256": evil_rec.sha256}, evil_rec.length
     md.sign(CryptoSigner.generate_ed25519())  # replaces the real signature with the attacker's
     path.write_bytes(md.to_bytes())
-    shutil.copy(rig.tmp / "evil-repo" / "targets" / CHANNEL / FLEET / f"{evil_rec.sha256}.colour.tar",
-                rig.served / "targets" / CHANNEL / FLEET)  # fmt: skip
+    shutil.copy(
+        rig.tmp / "evil-repo" / "targets" / CHANNEL / FLEET / f"{evil_rec.sha256}.colour.tar",
+        rig.served / "targets" / CHANNEL / FLEET,
+    )
     rig.expect_rejected(rec, "bad_signature")
 
 
@@ -335,8 +393,21 @@ def test_root_rotation_signed_by_the_new_keys_alone_is_refused(rig: Rig) -> None
 
 def test_root_rotation_signed_by_old_and_new_keys_is_accepted(rig: Rig) -> None:
     trusted = rig.trusted_root()
-    cli = subprocess.run([sys.executable, "-m", "edge_agent.cli", "release", "rotate-key", "root", "--repo", str(rig.repo.path)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "release",
+            "rotate-key",
+            "root",
+            "--repo",
+            str(rig.repo.path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cli.returncode == 0, cli.stderr
     n = len(rig.events())
     rec = rig.publish(rig.package())
@@ -355,7 +426,11 @@ def test_fleet_rollback_is_a_roll_forward_onto_old_artifacts(rig: Rig) -> None:
     assert rb.release > rig.state()["max_release"] and rb.sha256 == first.sha256
     rig.hint(rb)
     ev = rig.wait_event(lambda e: e["state"] in ("active", "rejected", "rolled_back"), n)
-    assert ev["state"] == "active" and ev["release"] == rb.release and ev["model"]["sha256"] == first.package_sha256
+    assert (
+        ev["state"] == "active"
+        and ev["release"] == rb.release
+        and ev["model"]["sha256"] == first.package_sha256
+    )
     assert rig.serving(ev["ts"])["sha256"] == first.package_sha256
     # A second roll-forward onto what already runs is adopted without a download or a swap.
     n = len(rig.events())

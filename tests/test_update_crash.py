@@ -53,10 +53,18 @@ def test_sigkill_at_random_points_during_updates(broker: MosquittoBroker, tmp_pa
     factory = build_tiny_package(tmp_path / "pkgs" / "factory", version="1.0.0").root
     state = tmp_path / "state"
     config = agent_yaml(
-        tmp_path / "agent.yaml", device=DEVICE, fleet=FLEET, state=state, package=factory, broker_url=broker.url,
-        repo_url=server.url, root=tmp_path / "root.json", window_frames=8, fps=40,
+        tmp_path / "agent.yaml",
+        device=DEVICE,
+        fleet=FLEET,
+        state=state,
+        package=factory,
+        broker_url=broker.url,
+        repo_url=server.url,
+        root=tmp_path / "root.json",
+        window_frames=8,
+        fps=40,
         update={"poll_seconds": 0.3, "poll_on_start": True, "health_windows": 2, "latency_budget_ms": 100},
-    )  # fmt: skip
+    )
     sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{DEVICE}/update")
     agent = AgentProcess(config, tmp_path / "agent.log")
     published: list[ReleaseRecord] = []
@@ -68,8 +76,12 @@ def test_sigkill_at_random_points_during_updates(broker: MosquittoBroker, tmp_pa
 
     def publish_next(behaviour: str | None = None) -> None:
         i = len(published)
-        pkg = build_tiny_package(tmp_path / "pkgs" / f"v{i}", version=f"2.{i}.0", padding_bytes=200_000,
-                                 behaviour=behaviour or BEHAVIOURS[i % len(BEHAVIOURS)])  # type: ignore[arg-type]
+        pkg = build_tiny_package(
+            tmp_path / "pkgs" / f"v{i}",
+            version=f"2.{i}.0",
+            padding_bytes=200_000,
+            behaviour=behaviour or BEHAVIOURS[i % len(BEHAVIOURS)],
+        )  # type: ignore[arg-type]
         published.append(repo.publish(pkg.root, channel="canary", fleet=FLEET))
         mirror(repo.path, served)
 
@@ -79,7 +91,9 @@ def test_sigkill_at_random_points_during_updates(broker: MosquittoBroker, tmp_pa
         for cycle in range(CYCLES):
             session = cycle + 1
             agent.start()
-            booted = wait_for(lambda s=session: next((e for e in events(s) if e["state"] == "booted"), None), 30)
+            booted = wait_for(
+                lambda s=session: next((e for e in events(s) if e["state"] == "booted"), None), 30
+            )
             assert booted is not None, f"seed {seed} cycle {cycle}: no boot report\n{agent.log_tail()}"
             assert booted["model"]["sha256"] == expected_boot, f"seed {seed} cycle {cycle}: booted {booted}"
             phase = PHASES[cycle % len(PHASES)]
@@ -102,18 +116,31 @@ def test_sigkill_at_random_points_during_updates(broker: MosquittoBroker, tmp_pa
         final = published[-1]
         agent.start()
         session = CYCLES + 1
-        done = wait_for(lambda: next((e for e in events(session) if e["state"] == "active" and e["release"] == final.release), None), 40)
-        assert done is not None, f"seed {seed}: {[(e['state'], e.get('reason'), e.get('release')) for e in events(session)]}\n{agent.log_tail()}"
+        done = wait_for(
+            lambda: next(
+                (e for e in events(session) if e["state"] == "active" and e["release"] == final.release), None
+            ),
+            40,
+        )
+        assert done is not None, (
+            f"seed {seed}: {[(e['state'], e.get('reason'), e.get('release')) for e in events(session)]}\n{agent.log_tail()}"
+        )
         assert agent.stop() == 0
         st = _check_state(state_file, factory)
-        assert st.committed is not None and st.committed.release == final.release and st.max_release == final.release
+        assert (
+            st.committed is not None
+            and st.committed.release == final.release
+            and st.max_release == final.release
+        )
     finally:
         agent.kill()
         sub.close()
         server.stop()
     every = [json.loads(p) for p in sub.payloads()]
-    print(f"seed {seed}: {CYCLES} kills, last event before each kill: {killed_in}; "
-          f"{sum(e['state'] == 'active' for e in every)} commits, {sum(e['state'] == 'rolled_back' for e in every)} "
-          f"rollbacks, {sum(e['state'] == 'rejected' for e in every)} rejections, "
-          f"{server.stats()['by_status'].get('206', 0)} resumed downloads")  # fmt: skip
+    print(
+        f"seed {seed}: {CYCLES} kills, last event before each kill: {killed_in}; "
+        f"{sum(e['state'] == 'active' for e in every)} commits, {sum(e['state'] == 'rolled_back' for e in every)} "
+        f"rollbacks, {sum(e['state'] == 'rejected' for e in every)} rejections, "
+        f"{server.stats()['by_status'].get('206', 0)} resumed downloads"
+    )
     assert {"downloading", "trial"} <= set(killed_in), killed_in

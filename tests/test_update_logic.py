@@ -27,8 +27,15 @@ SHA = "ab" * 32
 
 def _staged(state: UpdateStateData, release: int, sha: str = SHA) -> None:
     slot = state.staging_slot()
-    state.begin_staging(slot, target="canary/f/m.tar", target_sha256=sha, release=release,
-                        package_sha256="cd" * 32, model="m", version=f"{release}.0")  # fmt: skip
+    state.begin_staging(
+        slot,
+        target="canary/f/m.tar",
+        target_sha256=sha,
+        release=release,
+        package_sha256="cd" * 32,
+        model="m",
+        version=f"{release}.0",
+    )
     state.mark_staged()
 
 
@@ -69,7 +76,9 @@ def test_interrupted_trial_is_resumed_once_then_given_up() -> None:
 
 
 def test_invariant_violations_are_named() -> None:
-    st = UpdateStateData(committed=Installed(slot="a", package_sha256="00" * 32, model="m", version="1", release=4))
+    st = UpdateStateData(
+        committed=Installed(slot="a", package_sha256="00" * 32, model="m", version="1", release=4)
+    )
     assert "committed release 4 above max_release 0" in st.problems()
     st.max_release = 4
     st.trial = Installed(slot="a", package_sha256="11" * 32, model="m", version="2", release=4)
@@ -86,8 +95,16 @@ def test_boot_prefers_committed_then_previous_then_factory(tmp_path: Path) -> No
     st = store.load()
     st.previous = st.committed
     st.committed = Installed(slot="a", package_sha256=v2.sha256, model="colour", version="2.0.0", release=1)
-    st.trial = Installed(slot="b", package_sha256=v3.sha256, model="colour", version="3.0.0", release=2,
-                         target="canary/f/colour.tar", target_sha256=SHA, started=1.0)  # fmt: skip
+    st.trial = Installed(
+        slot="b",
+        package_sha256=v3.sha256,
+        model="colour",
+        version="3.0.0",
+        release=2,
+        target="canary/f/colour.tar",
+        target_sha256=SHA,
+        started=1.0,
+    )
     st.max_release = 2
     store.save(st)
     boot = select_boot(store, factory.root)  # power cut during the trial of v3
@@ -101,19 +118,35 @@ def test_boot_prefers_committed_then_previous_then_factory(tmp_path: Path) -> No
     assert select_boot(store, factory.root).installed.slot == "factory"
 
 
-def _window(seq: int, start: float, *, inferred: int = 10, conf: float = 0.9, p50: float = 1.0,
-            events: dict[str, int] | None = None) -> TelemetryWindow:  # fmt: skip
+def _window(
+    seq: int,
+    start: float,
+    *,
+    inferred: int = 10,
+    conf: float = 0.9,
+    p50: float = 1.0,
+    events: dict[str, int] | None = None,
+) -> TelemetryWindow:
     return TelemetryWindow(
-        fleet="f", device="d", session=1, seq=seq, start=start, end=start + 1,
-        model=ModelRef(name="m", version="2", sha256="00" * 32), agent_version="x",
-        frames=FrameCounts(captured=inferred, inferred=inferred), events=events or {},
+        fleet="f",
+        device="d",
+        session=1,
+        seq=seq,
+        start=start,
+        end=start + 1,
+        model=ModelRef(name="m", version="2", sha256="00" * 32),
+        agent_version="x",
+        frames=FrameCounts(captured=inferred, inferred=inferred),
+        events=events or {},
         latency_ms={"inference": LatencySummary(count=inferred, p50=p50)} if inferred else {},
         confidence_mean=conf if inferred else None,
-    )  # fmt: skip
+    )
 
 
 def test_health_window_commits_after_n_good_windows_and_ignores_windows_before_the_swap() -> None:
-    hw = HealthWindow(HealthPolicy(windows=2, latency_budget_ms=50, reference_confidence=0.9), swapped_at=10.0)
+    hw = HealthWindow(
+        HealthPolicy(windows=2, latency_budget_ms=50, reference_confidence=0.9), swapped_at=10.0
+    )
     assert hw.add(_window(0, 5.0, conf=0.01)).decision == "pending"  # before the swap: the old model's
     assert hw.add(_window(1, 10.5, inferred=0)).decision == "pending"  # no frames: inconclusive
     assert hw.add(_window(2, 11.0)).decision == "pending"
@@ -144,14 +177,28 @@ def test_corrupt_frames_from_the_camera_are_not_the_models_fault() -> None:
 
 
 def _info(**kw) -> ReleaseInfo:
-    base = dict(fleet="shop", channel="canary", model="colour", version="2.0.0", release=3, package_sha256=SHA,
-                formats={"onnx-int8": "onnxruntime"}, preprocess=preprocess_text({"size": [16, 16]}))  # fmt: skip
+    base = dict(
+        fleet="shop",
+        channel="canary",
+        model="colour",
+        version="2.0.0",
+        release=3,
+        package_sha256=SHA,
+        formats={"onnx-int8": "onnxruntime"},
+        preprocess=preprocess_text({"size": [16, 16]}),
+    )
     return ReleaseInfo(**(base | kw))
 
 
 def _device(**kw) -> DeviceProfile:
-    base = dict(fleet="shop", model="colour", agent_version="0.3.1", runtimes=frozenset({"onnxruntime"}),
-                hardware=frozenset({"x86_64"}), max_target_bytes=1000)  # fmt: skip
+    base = dict(
+        fleet="shop",
+        model="colour",
+        agent_version="0.3.1",
+        runtimes=frozenset({"onnxruntime"}),
+        hardware=frozenset({"x86_64"}),
+        max_target_bytes=1000,
+    )
     return DeviceProfile(**(base | kw))
 
 
@@ -164,13 +211,20 @@ def _device(**kw) -> DeviceProfile:
         ({"min_agent_version": "0.10"}, {}, 10, "agent_too_old"),
         ({"formats": {"tflite-int8": "litert"}}, {}, 10, "no_runnable_format"),
         ({}, {"artifact": "tflite-int8"}, 10, "no_runnable_format"),
-        ({"preprocess": preprocess_text({"size": [16, 16], "resize": "fisheye"})}, {}, 10, "preprocess_unsupported"),
+        (
+            {"preprocess": preprocess_text({"size": [16, 16], "resize": "fisheye"})},
+            {},
+            10,
+            "preprocess_unsupported",
+        ),
         ({"preprocess": preprocess_text({"gamma": 2.2})}, {}, 10, "preprocess_unsupported"),
         ({"hardware": ["aarch64"]}, {}, 10, "hardware_mismatch"),
         ({"package_format": "edgefleet.model/2"}, {}, 10, "package_format"),
     ],
 )
-def test_incompatible_releases_are_refused_before_download(info: dict, device: dict, length: int, reason: str) -> None:
+def test_incompatible_releases_are_refused_before_download(
+    info: dict, device: dict, length: int, reason: str
+) -> None:
     check_compatible(_info(), 10, _device())  # the baseline is compatible
     with pytest.raises(UpdateRejected) as exc:
         check_compatible(_info(**info), length, _device(**device))
@@ -228,7 +282,11 @@ def test_links_devices_and_oversize_archives_are_refused(tmp_path: Path) -> None
     with pytest.raises(ArchiveError, match="not a regular file"):
         unpack_archive(_tar(tmp_path / "l.tar", [(link, b"")]), tmp_path / "o1", max_bytes=1000)
     with pytest.raises(ArchiveError, match="exceeds"):
-        unpack_archive(_tar(tmp_path / "big.tar", [(tarfile.TarInfo("model.json"), b"x" * 2000)]), tmp_path / "o2", max_bytes=1000)
+        unpack_archive(
+            _tar(tmp_path / "big.tar", [(tarfile.TarInfo("model.json"), b"x" * 2000)]),
+            tmp_path / "o2",
+            max_bytes=1000,
+        )
     many = [(tarfile.TarInfo(f"f{i}"), b"") for i in range(5)]
     with pytest.raises(ArchiveError, match="more than 3 files"):
         unpack_archive(_tar(tmp_path / "many.tar", many), tmp_path / "o3", max_bytes=1000, max_files=3)
@@ -252,7 +310,9 @@ def test_every_reason_code_is_documented() -> None:
     root = Path(__file__).resolve().parents[1]
     doc = (root / "docs" / "protocol.md").read_text()
     code = "".join(p.read_text() for p in (root / "edge_agent" / "updater").glob("*.py"))
-    reasons = set(re.findall(r'(?:UpdateRejected\(|no\()\s*"([a-z_]+)"', code)) | set(re.findall(r'return "(health_[a-z]+)"', code))
+    reasons = set(re.findall(r'(?:UpdateRejected\(|no\()\s*"([a-z_]+)"', code)) | set(
+        re.findall(r'return "(health_[a-z]+)"', code)
+    )
     assert len(reasons) > 15
     missing = sorted(r for r in reasons if f"`{r}`" not in doc)
     assert not missing, f"reason codes missing from docs/protocol.md: {missing}"
@@ -264,15 +324,24 @@ def test_update_config_section(tmp_path: Path) -> None:
 
     cfg_file = tmp_path / "agent.yaml"
     base = "device_id: cam\nsource: {uri: 'synthetic:'}\nmodel: {package: pkg}\n"
-    cfg_file.write_text(base + "update: {repository: 'http://trainer:8080', root: keys/root.json, channel: canary}\n")
+    cfg_file.write_text(
+        base + "update: {repository: 'http://trainer:8080', root: keys/root.json, channel: canary}\n"
+    )
     cfg = load_config(cfg_file)
-    assert cfg.update is not None and cfg.update.root == tmp_path / "keys" / "root.json"  # relative to the file
+    assert (
+        cfg.update is not None and cfg.update.root == tmp_path / "keys" / "root.json"
+    )  # relative to the file
     assert (cfg.update.health_windows, cfg.update.poll_seconds, cfg.update.channel) == (3, 3600.0, "canary")
     assert load_config(_write(tmp_path / "none.yaml", base)).update is None  # no section: never updates
     with pytest.raises(ConfigError, match="update.repository: must look like http"):
         load_config(_write(tmp_path / "bad.yaml", base + "update: {repository: 'ftp://x', root: r.json}\n"))
     with pytest.raises(ConfigError, match="update.channel"):
-        load_config(_write(tmp_path / "bad2.yaml", base + "update: {repository: 'http://x', root: r.json, channel: 'a/#'}\n"))
+        load_config(
+            _write(
+                tmp_path / "bad2.yaml",
+                base + "update: {repository: 'http://x', root: r.json, channel: 'a/#'}\n",
+            )
+        )
 
 
 def _write(path: Path, text: str) -> Path:

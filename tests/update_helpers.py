@@ -40,8 +40,13 @@ class DeployedBroker(MosquittoBroker):
     """mosquitto running deploy/mosquitto/edgefleet.conf as shipped, with only paths and port rewritten."""
 
     def __init__(self, workdir: Path, pki: Path, binary: str) -> None:
-        tls = BrokerTLS(ca=pki / "ca.crt", cert=pki / "server" / "broker.crt", key=pki / "server" / "broker.key",
-                        require_certificate=True, use_identity_as_username=True)  # fmt: skip
+        tls = BrokerTLS(
+            ca=pki / "ca.crt",
+            cert=pki / "server" / "broker.crt",
+            key=pki / "server" / "broker.key",
+            require_certificate=True,
+            use_identity_as_username=True,
+        )
         super().__init__(workdir, tls=tls, binary=binary)
         self.pki = pki
 
@@ -68,15 +73,26 @@ class DeployedBroker(MosquittoBroker):
 class TlsClient:
     """A paho client with a client certificate that records what it receives."""
 
-    def __init__(self, url_port: int, pki: Path, name: str, kind: str = "device", *, subscribe: str | None = None,
-                 cert_dir: Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url_port: int,
+        pki: Path,
+        name: str,
+        kind: str = "device",
+        *,
+        subscribe: str | None = None,
+        cert_dir: Path | None = None,
+    ) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{uuid.uuid4().hex[:6]}",
-                                  protocol=mqtt.MQTTv311)  # fmt: skip
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"{name}-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv311
+        )
         d = cert_dir or pki / kind
-        self.client.tls_set(ca_certs=str(pki / "ca.crt"), certfile=str(d / f"{name}.crt"), keyfile=str(d / f"{name}.key"))
+        self.client.tls_set(
+            ca_certs=str(pki / "ca.crt"), certfile=str(d / f"{name}.crt"), keyfile=str(d / f"{name}.key")
+        )
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.connect("127.0.0.1", url_port, keepalive=10)
@@ -151,24 +167,44 @@ def mirror(repo_dir: Path, served: Path) -> None:
 
 
 def agent_yaml(
-    path: Path, *, device: str, fleet: str, state: Path, package: Path, broker_url: str, repo_url: str, root: Path,
-    tls: tuple[Path, Path, Path] | None = None, channel: str = "canary", window_frames: int = 10, fps: int = 30,
+    path: Path,
+    *,
+    device: str,
+    fleet: str,
+    state: Path,
+    package: Path,
+    broker_url: str,
+    repo_url: str,
+    root: Path,
+    tls: tuple[Path, Path, Path] | None = None,
+    channel: str = "canary",
+    window_frames: int = 10,
+    fps: int = 30,
     update: dict[str, Any] | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """Write an agent config with an ``update`` section."""
-    upd = {"repository": repo_url, "root": str(root), "channel": channel, "poll_seconds": 0, "poll_on_start": False,
-           "health_windows": 2, "latency_budget_ms": 50} | (update or {})  # fmt: skip
+    upd = {
+        "repository": repo_url,
+        "root": str(root),
+        "channel": channel,
+        "poll_seconds": 0,
+        "poll_on_start": False,
+        "health_windows": 2,
+        "latency_budget_ms": 50,
+    } | (update or {})
     mqtt_cfg: dict[str, Any] = {"url": broker_url, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0}
     if tls:
         mqtt_cfg |= {"ca": str(tls[0]), "cert": str(tls[1]), "key": str(tls[2])}
     cfg = {
-        "device_id": device, "fleet": fleet, "state_dir": str(state),
+        "device_id": device,
+        "fleet": fleet,
+        "state_dir": str(state),
         "source": {"uri": f"synthetic:?fps={fps}&width=160&height=120"},
         "model": {"package": str(package), "artifact": "onnx-fp32"},
         "mqtt": mqtt_cfg,
         "telemetry": {"window_seconds": None, "window_frames": window_frames},
         "spool": {"flush_timeout_s": 2},
         "update": upd,
-    }  # fmt: skip
+    }
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return path

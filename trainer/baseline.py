@@ -66,16 +66,26 @@ def atc_estimate_from_histogram(hist: Histogram, threshold: float) -> float | No
 
 
 def reference_stats(
-    package: ModelPackage, artifact: str, frames: Sequence[np.ndarray], labels: np.ndarray | None = None,
+    package: ModelPackage,
+    artifact: str,
+    frames: Sequence[np.ndarray],
+    labels: np.ndarray | None = None,
     threads: int = 1,
-) -> tuple[ReferenceStats, np.ndarray]:  # fmt: skip
+) -> tuple[ReferenceStats, np.ndarray]:
     """Reference statistics of ``artifact`` on held-out ``frames``; also returns the per-frame probabilities."""
     m = package.manifest
     art = m.artifacts[artifact]
     agg = TelemetryAggregator(
-        fleet="reference", device="trainer", session=0, model=package.ref(artifact), agent_version=agent_version,
-        edges=m.telemetry_edges, now=0.0, window_seconds=None, window_frames=len(frames) + 1,
-    )  # fmt: skip
+        fleet="reference",
+        device="trainer",
+        session=0,
+        model=package.ref(artifact),
+        agent_version=agent_version,
+        edges=m.telemetry_edges,
+        now=0.0,
+        window_seconds=None,
+        window_frames=len(frames) + 1,
+    )
     backend = load_backend(package, artifact, BackendOptions(threads=threads))
     pre = Preprocessor(m.preprocess, art.input)
     probs = []

@@ -45,7 +45,10 @@ def _e(x: object) -> str:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c if str(c).startswith('<') else _e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{c if str(c).startswith('<') else _e(c)}</td>" for c in r) + "</tr>"
+        for r in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -69,15 +72,28 @@ def confusion_figure(cm: Sequence[Sequence[int]], labels: Sequence[str], title: 
         for i in range(n):
             for j in range(n):
                 if a[i, j]:
-                    ax.text(j, i, str(a[i, j]), ha="center", va="center", fontsize=8, color="white" if a[i, j] > a.max() / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(a[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if a[i, j] > a.max() / 2 else "black",
+                    )
     return _png(fig)
 
 
-def reliability_figure(before: Mapping[str, Any], after: Mapping[str, Any], ece_before: float, ece_after: float) -> str:
+def reliability_figure(
+    before: Mapping[str, Any], after: Mapping[str, Any], ece_before: float, ece_after: float
+) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
-    for ax, r, title in ((axes[0], before, f"before (T=1): ECE {_pct(ece_before)}"), (axes[1], after, f"after: ECE {_pct(ece_after)}")):
+    for ax, r, title in (
+        (axes[0], before, f"before (T=1): ECE {_pct(ece_before)}"),
+        (axes[1], after, f"after: ECE {_pct(ece_after)}"),
+    ):
         edges = np.asarray(r["edges"])
         centres = (edges[:-1] + edges[1:]) / 2
         count = np.asarray(r["count"])
@@ -126,7 +142,9 @@ def slices_figure(slices: Mapping[str, Mapping[str, Mapping[str, float]]], title
     return _png(fig)
 
 
-def render_card(manifest: ModelManifest, evaluation: Mapping[str, Any], reference: ReferenceStats | None) -> str:
+def render_card(
+    manifest: ModelManifest, evaluation: Mapping[str, Any], reference: ReferenceStats | None
+) -> str:
     """The HTML text of the card."""
     ev = evaluation
     device = ev["device_artifact"]
@@ -143,31 +161,78 @@ def render_card(manifest: ModelManifest, evaluation: Mapping[str, Any], referenc
     rows = []
     for key, r in models.items():
         mca = rob["models"][key]["mean_corruption_accuracy"] if rob and key in rob["models"] else None
-        rows.append([key, r["images"], _pct(r["accuracy"]), _pct(ev["heldout_accuracy"].get(key)), _pct(r["macro_f1"]), _pct(r["ece"]), _pct(mca)])
-    parts.append(_table(["model", "test images", "accuracy", "held-out accuracy (val+test)", "macro F1", "ECE", "mean corruption acc."], rows))
+        rows.append(
+            [
+                key,
+                r["images"],
+                _pct(r["accuracy"]),
+                _pct(ev["heldout_accuracy"].get(key)),
+                _pct(r["macro_f1"]),
+                _pct(r["ece"]),
+                _pct(mca),
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "model",
+                "test images",
+                "accuracy",
+                "held-out accuracy (val+test)",
+                "macro F1",
+                "ECE",
+                "mean corruption acc.",
+            ],
+            rows,
+        )
+    )
     gate = ev.get("gate")
     if gate:
         parts.append("<h2>Gate</h2>")
         if ev.get("champion"):
             ch = ev["champion"]
-            parts.append(f"<p>champion: {_e(ch['name'])} {_e(ch['version'])} (test accuracy {_pct(ch['device']['accuracy'])})</p>")
-        parts.append(_table(
-            ["rule", "result", "detail"],
-            [[r["rule"], f"<span class='{'pass' if r['passed'] else 'fail'}'>{'pass' if r['passed'] else 'FAIL'}</span>", r["detail"]] for r in gate["rules"]],
-        ))  # fmt: skip
+            parts.append(
+                f"<p>champion: {_e(ch['name'])} {_e(ch['version'])} (test accuracy {_pct(ch['device']['accuracy'])})</p>"
+            )
+        parts.append(
+            _table(
+                ["rule", "result", "detail"],
+                [
+                    [
+                        r["rule"],
+                        f"<span class='{'pass' if r['passed'] else 'fail'}'>{'pass' if r['passed'] else 'FAIL'}</span>",
+                        r["detail"],
+                    ]
+                    for r in gate["rules"]
+                ],
+            )
+        )
     d = models[device]
-    parts += ["<h2>Confusion matrix</h2>", confusion_figure(d["confusion"], manifest.labels, f"{device}, test split")]
-    parts.append(_table(
-        ["class", "precision", "recall", "F1", "support"],
-        [[lab, _pct(c["precision"]), _pct(c["recall"]), _pct(c["f1"]), c["support"]] for lab, c in d["per_class"].items()],
-    ))  # fmt: skip
+    parts += [
+        "<h2>Confusion matrix</h2>",
+        confusion_figure(d["confusion"], manifest.labels, f"{device}, test split"),
+    ]
+    parts.append(
+        _table(
+            ["class", "precision", "recall", "F1", "support"],
+            [
+                [lab, _pct(c["precision"]), _pct(c["recall"]), _pct(c["f1"]), c["support"]]
+                for lab, c in d["per_class"].items()
+            ],
+        )
+    )
     cal = ev["calibration"]
     parts += [
         "<h2>Calibration</h2>",
         f"<p>Temperature {cal['temperature']:.3f} fitted on {cal['fitted_on']} ({cal['fit_images']} images) by NLL; "
         f"torch fp32 on the test split: ECE {_pct(cal['test']['ece_before'])} &rarr; {_pct(cal['test']['ece_after'])}, "
         f"NLL {cal['test']['nll_before']:.3f} &rarr; {cal['test']['nll_after']:.3f}.</p>",
-        reliability_figure(cal["reliability_before"], cal["reliability_after"], cal["test"]["ece_before"], cal["test"]["ece_after"]),
+        reliability_figure(
+            cal["reliability_before"],
+            cal["reliability_after"],
+            cal["test"]["ece_before"],
+            cal["test"]["ece_after"],
+        ),
     ]
     if rob:
         parts += [
@@ -183,25 +248,35 @@ def render_card(manifest: ModelManifest, evaluation: Mapping[str, Any], referenc
             f"<p>{reference.images} held-out images through {_e(reference.artifact)} with the edge preprocessing: "
             f"accuracy {_pct(reference.accuracy)}, mean confidence {_pct(reference.mean_confidence)}, "
             f"ATC threshold {reference.atc_threshold if reference.atc_threshold is not None else 'n/a'}.</p>",
-            _table(["class", "prior"], [[lab, _pct(p)] for lab, p in zip(manifest.labels, reference.class_prior)]),
+            _table(
+                ["class", "prior"], [[lab, _pct(p)] for lab, p in zip(manifest.labels, reference.class_prior)]
+            ),
         ]
     data = ev["dataset"]
     parts += [
         "<h2>Data</h2>",
         f"<p>{_e(data['origin'])}: {data['images']} images, {data['skipped']} skipped; split fractions "
         f"{_e(data['split_fractions'])} by content hash.</p>",
-        _table(["class", *data["per_split"]], [[lab, *(data["per_split"][s][lab] for s in data["per_split"])] for lab in manifest.labels]),
+        _table(
+            ["class", *data["per_split"]],
+            [[lab, *(data["per_split"][s][lab] for s in data["per_split"])] for lab in manifest.labels],
+        ),
         _table(["source", "images"], list(data["sources"].items())),
         _table(["licence / consent", "images"], list(data["licences"].items())),
     ]
     tr = ev.get("training", {})
     if tr:
-        parts += ["<h2>Training</h2>", _table(["setting", "value"], [[k, v] for k, v in tr.items() if not isinstance(v, (dict, list))])]
+        parts += [
+            "<h2>Training</h2>",
+            _table(["setting", "value"], [[k, v] for k, v in tr.items() if not isinstance(v, (dict, list))]),
+        ]
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def write_card(root: Path, manifest: ModelManifest, evaluation: Mapping[str, Any], reference: ReferenceStats | None) -> Path:
+def write_card(
+    root: Path, manifest: ModelManifest, evaluation: Mapping[str, Any], reference: ReferenceStats | None
+) -> Path:
     """Write ``card.html`` into the package directory ``root``."""
     import matplotlib
 

@@ -53,7 +53,9 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"  labels: {len(m.labels)}  preprocess: {m.preprocess.model_dump()}")
     for key, art in m.artifacts.items():
         size = m.files[art.file].size
-        print(f"  {key:12s} {art.runtime:12s} {art.precision:5s} {size / 1e6:6.1f} MB  agreement {art.top1_agreement}")
+        print(
+            f"  {key:12s} {art.runtime:12s} {art.precision:5s} {size / 1e6:6.1f} MB  agreement {art.top1_agreement}"
+        )
     print(f"  golden: {[g.expected_label for g in m.golden]}")
     sys.stdout.flush()
     return 0
@@ -66,9 +68,13 @@ def register_data(sub: argparse._SubParsersAction) -> None:
     dsub = p.add_subparsers(dest="data_cmd", required=True)
     c = dsub.add_parser("check", help="find corrupt files, leakage, imbalance and likely label errors")
     c.add_argument("data", help="ImageFolder directory or builtin:NAME")
-    c.add_argument("--package", help="current model package for the label-error check (default: a linear probe)")
+    c.add_argument(
+        "--package", help="current model package for the label-error check (default: a linear probe)"
+    )
     c.add_argument("--min-class-images", type=int, default=10)
-    c.add_argument("--disagreement", type=float, default=0.9, help="model confidence that flags a label (0..1)")
+    c.add_argument(
+        "--disagreement", type=float, default=0.9, help="model confidence that flags a label (0..1)"
+    )
     c.add_argument("--no-label-check", action="store_true")
     c.add_argument("--strict", action="store_true", help="warnings fail the check too")
     c.add_argument("--json", dest="json_out", help="also write the report as JSON here")
@@ -80,7 +86,9 @@ def register_data(sub: argparse._SubParsersAction) -> None:
     m = dsub.add_parser("manifest", help="print a dataset's manifest summary (and write the manifest)")
     m.add_argument("data")
     m.add_argument("--out", help="write the full manifest (per image sha256, split, source, licence) here")
-    m.add_argument("--licence", default="unspecified", help="licence/consent tag for images metadata.csv does not tag")
+    m.add_argument(
+        "--licence", default="unspecified", help="licence/consent tag for images metadata.csv does not tag"
+    )
     m.set_defaults(func=_data_manifest)
 
 
@@ -92,9 +100,12 @@ def _data_check(args: argparse.Namespace) -> int:
     from trainer.data.check import check_dataset
 
     report = check_dataset(
-        load_dataset(args.data), package=load_package(args.package) if args.package else None,
-        min_class_images=args.min_class_images, disagreement=args.disagreement, label_check=not args.no_label_check,
-    )  # fmt: skip
+        load_dataset(args.data),
+        package=load_package(args.package) if args.package else None,
+        min_class_images=args.min_class_images,
+        disagreement=args.disagreement,
+        label_check=not args.no_label_check,
+    )
     print(report.to_text())
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -107,7 +118,9 @@ def _data_generate(args: argparse.Namespace) -> int:
 
     ds = builtin_dataset(args.data)
     out = write_imagefolder(ds, args.out)
-    print(f"wrote {len(ds.samples)} images of {len(ds.labels)} classes to {out} (metadata.csv has the domains)")
+    print(
+        f"wrote {len(ds.samples)} images of {len(ds.labels)} classes to {out} (metadata.csv has the domains)"
+    )
     return 0
 
 
@@ -140,7 +153,9 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--unfreeze", type=int, dest="unfreeze_blocks", help="also train the last N blocks (0 = head only)")
+    p.add_argument(
+        "--unfreeze", type=int, dest="unfreeze_blocks", help="also train the last N blocks (0 = head only)"
+    )
     p.add_argument("--aug-views", type=int, help="augmented views per training image")
     p.add_argument("--input-size", type=int, help="model input side in pixels (multiple of 32)")
     p.add_argument("--formats", help="comma-separated: onnx-fp32,onnx-int8,tflite-fp32,tflite-int8")
@@ -150,12 +165,23 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corruptions", help="comma-separated subset of the corruptions")
     p.add_argument("--max-ece", type=float, help="gate: ECE limit (0..1); negative disables")
     p.add_argument("--max-int8-drop", type=float, help="gate: points int8 may lose against fp32")
-    p.add_argument("--max-slice-drop", type=float, help="gate: points any slice may lose against the champion")
-    p.add_argument("--max-accuracy-drop", type=float, help="gate: points overall accuracy may lose against the champion")
+    p.add_argument(
+        "--max-slice-drop", type=float, help="gate: points any slice may lose against the champion"
+    )
+    p.add_argument(
+        "--max-accuracy-drop", type=float, help="gate: points overall accuracy may lose against the champion"
+    )
     p.add_argument("--min-accuracy", type=float, help="gate: minimum test accuracy (0..1)")
-    p.add_argument("--require-gain", action="append", default=[], metavar="KEY=VALUE:POINTS",
-                   help="gate: the candidate must beat the champion on this slice by POINTS (repeatable)")  # fmt: skip
-    p.add_argument("--licence", default="unspecified", help="licence/consent tag for untagged images of a directory")
+    p.add_argument(
+        "--require-gain",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE:POINTS",
+        help="gate: the candidate must beat the champion on this slice by POINTS (repeatable)",
+    )
+    p.add_argument(
+        "--licence", default="unspecified", help="licence/consent tag for untagged images of a directory"
+    )
     p.add_argument("--feature-cache", help="directory to keep backbone features between runs")
     p.add_argument("--checkpoint-dir", help="write best.pt/last.pt here (and resume from last.pt)")
     p.add_argument("--threads", type=int)
@@ -173,7 +199,18 @@ def _train_config(args: argparse.Namespace) -> Any:
 
     base = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     cfg = TrainConfig.model_validate(base or {})
-    top = {k: getattr(args, k) for k in ("name", "version", "unfreeze_blocks", "aug_views", "input_size", "device_artifact", "threads")}
+    top = {
+        k: getattr(args, k)
+        for k in (
+            "name",
+            "version",
+            "unfreeze_blocks",
+            "aug_views",
+            "input_size",
+            "device_artifact",
+            "threads",
+        )
+    }
     update = {k: v for k, v in top.items() if v is not None}
     fit = {k: getattr(args, k) for k in ("epochs", "patience", "lr", "seed") if getattr(args, k) is not None}
     if fit:
@@ -207,7 +244,12 @@ def _train_config(args: argparse.Namespace) -> Any:
             update[k] = getattr(args, k)
     if args.quiet:
         update["progress"] = False
-    return TrainConfig.model_validate({**cfg.model_dump(), **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in update.items()}})
+    return TrainConfig.model_validate(
+        {
+            **cfg.model_dump(),
+            **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in update.items()},
+        }
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -233,15 +275,23 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     pkg = result.package
     ev = result.evaluation
-    print(f"wrote {pkg.root} ({pkg.manifest.name} {pkg.manifest.version}, sha256 {pkg.sha256[:12]}), card: {pkg.root / 'card.html'}")
+    print(
+        f"wrote {pkg.root} ({pkg.manifest.name} {pkg.manifest.version}, sha256 {pkg.sha256[:12]}), card: {pkg.root / 'card.html'}"
+    )
     _print_models(ev)
     cal = ev["calibration"]
-    print(f"temperature {cal['temperature']:.3f} (fitted on val): test ECE {cal['test']['ece_before']:.2%} -> {cal['test']['ece_after']:.2%}")
+    print(
+        f"temperature {cal['temperature']:.3f} (fitted on val): test ECE {cal['test']['ece_before']:.2%} -> {cal['test']['ece_after']:.2%}"
+    )
     ref = result.reference
-    print(f"drift reference: {ref.images} held-out images via {ref.artifact}, ATC threshold {ref.atc_threshold:.4f}, accuracy {ref.accuracy:.1%}")
+    print(
+        f"drift reference: {ref.images} held-out images via {ref.artifact}, ATC threshold {ref.atc_threshold:.4f}, accuracy {ref.accuracy:.1%}"
+    )
     _print_gate(ev)
     t = result.timings
-    print(f"time: features {t['features_s']:.1f} s, training {t['train_s']:.1f} s, export+evaluation {t['export_total_s']:.1f} s, total {t['total_s']:.1f} s")
+    print(
+        f"time: features {t['features_s']:.1f} s, training {t['train_s']:.1f} s, export+evaluation {t['export_total_s']:.1f} s, total {t['total_s']:.1f} s"
+    )
     print(f"check it: edgefleet agent selftest --package {pkg.root}")
     return 0
 
@@ -271,7 +321,12 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="ImageFolder directory or builtin:NAME[?options]")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--artifacts", help="comma-separated subset (default: all)")
-    p.add_argument("--corruptions", nargs="?", const="all", help="also measure robustness (all, or a comma-separated list)")
+    p.add_argument(
+        "--corruptions",
+        nargs="?",
+        const="all",
+        help="also measure robustness (all, or a comma-separated list)",
+    )
     p.add_argument("--robustness-images", type=int, default=40)
     p.add_argument("--json", dest="json_out", help="write the full evaluation here")
     p.add_argument("--threads", type=int)
@@ -289,25 +344,45 @@ def _eval(args: argparse.Namespace) -> int:
     pkg = load_package(args.package)
     corruptions = None
     if args.corruptions:
-        corruptions = list(CORRUPTIONS) if args.corruptions == "all" else [c.strip() for c in args.corruptions.split(",")]
+        corruptions = (
+            list(CORRUPTIONS)
+            if args.corruptions == "all"
+            else [c.strip() for c in args.corruptions.split(",")]
+        )
         unknown = [c for c in corruptions if c not in CORRUPTIONS]
         if unknown:
-            print(f"edgefleet: error: unknown corruption(s) {unknown} (known: {', '.join(CORRUPTIONS)})", file=sys.stderr)
+            print(
+                f"edgefleet: error: unknown corruption(s) {unknown} (known: {', '.join(CORRUPTIONS)})",
+                file=sys.stderr,
+            )
             return 2
     ev = evaluate_package(
-        pkg, load_dataset(args.data), split=args.split, artifacts=args.artifacts.split(",") if args.artifacts else None,
-        corruptions=corruptions, robustness_images=args.robustness_images, threads=args.threads, progress=True,
-    )  # fmt: skip
-    print(f"{pkg.manifest.name} {pkg.manifest.version} on {ev['data']} ({ev['split']} split, {ev['images']} images)")
+        pkg,
+        load_dataset(args.data),
+        split=args.split,
+        artifacts=args.artifacts.split(",") if args.artifacts else None,
+        corruptions=corruptions,
+        robustness_images=args.robustness_images,
+        threads=args.threads,
+        progress=True,
+    )
+    print(
+        f"{pkg.manifest.name} {pkg.manifest.version} on {ev['data']} ({ev['split']} split, {ev['images']} images)"
+    )
     _print_models(ev)
     for key, r in ev["models"].items():
         for sk, vals in r["slices"].items():
-            print(f"  {key} by {sk}: " + ", ".join(f"{v} {s['accuracy']:.0%} (n={s['images']})" for v, s in vals.items()))
+            print(
+                f"  {key} by {sk}: "
+                + ", ".join(f"{v} {s['accuracy']:.0%} (n={s['images']})" for v, s in vals.items())
+            )
     if "robustness" in ev:
         rob = ev["robustness"]
         for key, m in rob["models"].items():
             worst = min(m["accuracy"].items(), key=lambda kv: kv[1][-1])
-            print(f"  {key}: mean corruption accuracy {m['mean_corruption_accuracy']:.1%}, worst at severity 5: {worst[0]} {worst[1][-1]:.0%}")
+            print(
+                f"  {key}: mean corruption accuracy {m['mean_corruption_accuracy']:.1%}, worst at severity 5: {worst[0]} {worst[1][-1]:.0%}"
+            )
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(ev, f, indent=1)

@@ -137,9 +137,12 @@ def _clipped_zoom(img: np.ndarray, z: float) -> np.ndarray:
 
 def zoom_blur(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     zooms = [
-        np.arange(1, 1.11, 0.01), np.arange(1, 1.16, 0.01), np.arange(1, 1.21, 0.02),
-        np.arange(1, 1.26, 0.02), np.arange(1, 1.31, 0.03),
-    ][severity - 1]  # fmt: skip
+        np.arange(1, 1.11, 0.01),
+        np.arange(1, 1.16, 0.01),
+        np.arange(1, 1.21, 0.02),
+        np.arange(1, 1.26, 0.02),
+        np.arange(1, 1.31, 0.03),
+    ][severity - 1]
     f = _f(x)
     out = f.copy()
     for z in zooms:
@@ -164,8 +167,12 @@ def plasma_fractal(mapsize: int, wibbledecay: float, rng: np.random.Generator) -
         a[step // 2 : mapsize : step, step // 2 : mapsize : step] = wibbled(sq)
         dr = a[step // 2 : mapsize : step, step // 2 : mapsize : step]
         ul = a[0:mapsize:step, 0:mapsize:step]
-        a[0:mapsize:step, step // 2 : mapsize : step] = wibbled(dr + np.roll(dr, 1, axis=0) + ul + np.roll(ul, -1, axis=1))
-        a[step // 2 : mapsize : step, 0:mapsize:step] = wibbled(dr + np.roll(dr, 1, axis=1) + ul + np.roll(ul, -1, axis=0))
+        a[0:mapsize:step, step // 2 : mapsize : step] = wibbled(
+            dr + np.roll(dr, 1, axis=0) + ul + np.roll(ul, -1, axis=1)
+        )
+        a[step // 2 : mapsize : step, 0:mapsize:step] = wibbled(
+            dr + np.roll(dr, 1, axis=1) + ul + np.roll(ul, -1, axis=0)
+        )
         step //= 2
         wibble /= wibbledecay
     a -= a.min()
@@ -188,13 +195,16 @@ def fog(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
 
 def snow(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     loc, scale, zoom, thresh, radius, sigma, blend = [
-        (0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7), (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
-        (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65), (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55),
-    ][severity - 1]  # fmt: skip
+        (0.1, 0.3, 3, 0.5, 10, 4, 0.8),
+        (0.2, 0.3, 2, 0.5, 12, 4, 0.7),
+        (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
+        (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
+        (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55),
+    ][severity - 1]
     s = _scale(x)
     f = _f(x)
     h, w = f.shape[:2]
-    layer = (rng.standard_normal((h, w), dtype=np.float32) * np.float32(scale) + np.float32(loc))
+    layer = rng.standard_normal((h, w), dtype=np.float32) * np.float32(scale) + np.float32(loc)
     layer = _clipped_zoom(layer, zoom * s)
     layer[layer < thresh] = 0
     layer8 = (np.clip(layer, 0, 1) * 255).astype(np.uint8)
@@ -233,9 +243,12 @@ def _smooth_uniform(h: int, w: int, sigma: float, rng: np.random.Generator) -> n
 
 def elastic_transform(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     alpha, sigma, affine = [
-        (244 * 2, 244 * 0.7, 244 * 0.1), (244 * 2, 244 * 0.08, 244 * 0.2), (244 * 0.05, 244 * 0.01, 244 * 0.02),
-        (244 * 0.07, 244 * 0.01, 244 * 0.02), (244 * 0.12, 244 * 0.01, 244 * 0.02),
-    ][severity - 1]  # fmt: skip  (the reference's 244 stands for its 224-pixel image size)
+        (244 * 2, 244 * 0.7, 244 * 0.1),
+        (244 * 2, 244 * 0.08, 244 * 0.2),
+        (244 * 0.05, 244 * 0.01, 244 * 0.02),
+        (244 * 0.07, 244 * 0.01, 244 * 0.02),
+        (244 * 0.12, 244 * 0.01, 244 * 0.02),
+    ][severity - 1]  # (the reference's 244 stands for its 224-pixel image size)
     s = _scale(x)
     alpha, sigma, affine = alpha * s, sigma * s, affine * s
     f = _f(x)

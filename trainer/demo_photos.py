@@ -85,26 +85,46 @@ def main() -> int:
     with MosquittoBroker(BUILD / "demo" / "broker") as broker:
         print(f"private broker at {broker.url}")
         monitor = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-monitor")
-        monitor.on_message = lambda c, u, m: received.append(_describe(m.topic, m.payload, labels)) or (
-            print(received[-1], flush=True)
+        monitor.on_message = lambda c, u, m: (
+            received.append(_describe(m.topic, m.payload, labels)) or (print(received[-1], flush=True))
         )
         monitor.on_connect = lambda c, u, f, rc, p: (c.subscribe("ef/v1/demo/#", qos=1), done.set())
         monitor.connect("127.0.0.1", broker.port)
         monitor.loop_start()
         done.wait(5)
         cmd = [
-            sys.executable, "-m", "edge_agent.cli", "agent", "run",
-            "--package", str(pkg_dir), "--source", f"dir:{photos_dir}", "--broker", broker.url,
-            "--device-id", "demo-cam-01", "--fleet", "demo", "--artifact", "tflite-int8",
-            "--state-dir", str(BUILD / "demo" / "state"), "--publish-predictions", "--window-seconds", "60",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "agent",
+            "run",
+            "--package",
+            str(pkg_dir),
+            "--source",
+            f"dir:{photos_dir}",
+            "--broker",
+            broker.url,
+            "--device-id",
+            "demo-cam-01",
+            "--fleet",
+            "demo",
+            "--artifact",
+            "tflite-int8",
+            "--state-dir",
+            str(BUILD / "demo" / "state"),
+            "--publish-predictions",
+            "--window-seconds",
+            "60",
+        ]
         print("$ edgefleet " + " ".join(cmd[3:]), flush=True)
         t0 = time.time()
         rc = subprocess.call(cmd)
         time.sleep(0.5)
         monitor.loop_stop()
         monitor.disconnect()
-    print(f"agent exited with {rc} after {time.time() - t0:.1f} s; the monitor received {len(received)} messages")
+    print(
+        f"agent exited with {rc} after {time.time() - t0:.1f} s; the monitor received {len(received)} messages"
+    )
     print(f"model package: {pkg_dir} (model.json, ONNX and TFLite fp32/int8)")
     return rc
 

@@ -30,13 +30,17 @@ MAX_SLICE_VALUES = 20
 class ArtifactRunner:
     """One package artifact through the edge preprocessing and runtime, in batches."""
 
-    def __init__(self, package: ModelPackage, key: str, *, threads: int | None = None, batch: int = 16) -> None:
+    def __init__(
+        self, package: ModelPackage, key: str, *, threads: int | None = None, batch: int = 16
+    ) -> None:
         m = package.manifest
         self.key = key
         self.output_kind = m.output_kind
         self.temperature = m.temperature
         self.batch = batch
-        self.backend = load_backend(package, key, BackendOptions(threads=threads or max(1, os.cpu_count() or 1), batch=batch))
+        self.backend = load_backend(
+            package, key, BackendOptions(threads=threads or max(1, os.cpu_count() or 1), batch=batch)
+        )
         self.pre = Preprocessor(m.preprocess, m.artifacts[key].input)
 
     def __call__(self, frames: Sequence[np.ndarray]) -> np.ndarray:
@@ -80,20 +84,27 @@ def slice_keys(metas: Sequence[Mapping[str, str]]) -> list[str]:
     return sorted(k for k, v in values.items() if 2 <= len(v) <= MAX_SLICE_VALUES)
 
 
-def slices(probs: np.ndarray, y: np.ndarray, metas: Sequence[Mapping[str, str]]) -> dict[str, dict[str, dict[str, float]]]:
+def slices(
+    probs: np.ndarray, y: np.ndarray, metas: Sequence[Mapping[str, str]]
+) -> dict[str, dict[str, dict[str, float]]]:
     """Accuracy and image count per value of every sliceable metadata key."""
     pred = probs.argmax(1)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for key in slice_keys(metas):
         vals = np.array([m.get(key, "(none)") for m in metas])
         out[key] = {
-            str(v): {"images": int((vals == v).sum()), "accuracy": float((pred[vals == v] == y[vals == v]).mean())}
+            str(v): {
+                "images": int((vals == v).sum()),
+                "accuracy": float((pred[vals == v] == y[vals == v]).mean()),
+            }
             for v in sorted(set(vals.tolist()))
         }
     return out
 
 
-def report(probs: np.ndarray, y: np.ndarray, labels: Sequence[str], metas: Sequence[Mapping[str, str]]) -> dict[str, object]:
+def report(
+    probs: np.ndarray, y: np.ndarray, labels: Sequence[str], metas: Sequence[Mapping[str, str]]
+) -> dict[str, object]:
     """Classification report plus per-slice accuracy."""
     r = classification_report(probs, y, labels)
     r["slices"] = slices(probs, y, metas)
@@ -101,10 +112,15 @@ def report(probs: np.ndarray, y: np.ndarray, labels: Sequence[str], metas: Seque
 
 
 def robustness(
-    runners: Mapping[str, Runner], frames: Sequence[np.ndarray], y: np.ndarray, *,
-    corruptions: Sequence[str] = tuple(CORRUPTIONS), severities: Sequence[int] = SEVERITIES, seed: int = 0,
+    runners: Mapping[str, Runner],
+    frames: Sequence[np.ndarray],
+    y: np.ndarray,
+    *,
+    corruptions: Sequence[str] = tuple(CORRUPTIONS),
+    severities: Sequence[int] = SEVERITIES,
+    seed: int = 0,
     progress: bool = False,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Accuracy of every runner per corruption and severity, on the same corrupted frames."""
     from tqdm import tqdm
 
@@ -115,7 +131,10 @@ def robustness(
             for name in runners:
                 acc[name][cname] = []
             for s in severities:
-                bad = [corrupt(f, cname, s, np.random.default_rng([seed, ci, s, i])) for i, f in enumerate(frames)]
+                bad = [
+                    corrupt(f, cname, s, np.random.default_rng([seed, ci, s, i]))
+                    for i, f in enumerate(frames)
+                ]
                 for name, run in runners.items():
                     acc[name][cname].append(float((run(bad).argmax(1) == y).mean()))
                 bar.update(1)
@@ -124,7 +143,10 @@ def robustness(
         "corruptions": list(corruptions),
         "severities": list(severities),
         "models": {
-            name: {"accuracy": a, "mean_corruption_accuracy": float(np.mean([v for vs in a.values() for v in vs]))}
+            name: {
+                "accuracy": a,
+                "mean_corruption_accuracy": float(np.mean([v for vs in a.values() for v in vs])),
+            }
             for name, a in acc.items()
         },
     }
@@ -163,10 +185,18 @@ def class_balance(y: np.ndarray, labels: Sequence[str]) -> dict[str, int]:
 
 
 def evaluate_package(
-    package: ModelPackage, dataset: Any, *, split: str = "test", artifacts: Sequence[str] | None = None,
-    corruptions: Sequence[str] | None = None, severities: Sequence[int] = SEVERITIES, robustness_images: int = 40,
-    threads: int | None = None, seed: int = 0, progress: bool = False,
-) -> dict[str, Any]:  # fmt: skip
+    package: ModelPackage,
+    dataset: Any,
+    *,
+    split: str = "test",
+    artifacts: Sequence[str] | None = None,
+    corruptions: Sequence[str] | None = None,
+    severities: Sequence[int] = SEVERITIES,
+    robustness_images: int = 40,
+    threads: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Every (or the named) artifact of ``package`` on a dataset split (``all`` = every sample)."""
     from trainer.errors import DataError
 
@@ -177,24 +207,39 @@ def evaluate_package(
     cols = label_positions(dataset.labels, m.labels)
     y = cols[dataset.index(samples)]
     frames = [s.frame() for s in samples]
-    metas = [{**s.meta, **({"source": s.source} if len({x.source for x in samples}) > 1 else {})} for s in samples]
+    metas = [
+        {**s.meta, **({"source": s.source} if len({x.source for x in samples}) > 1 else {})} for s in samples
+    ]
     keys = list(artifacts or m.artifacts)
     unknown = [k for k in keys if k not in m.artifacts]
     if unknown:
         raise DataError(f"{package.root}: no artifact(s) {unknown} (has: {list(m.artifacts)})")
     runners = {k: ArtifactRunner(package, k, threads=threads) for k in keys}
     out: dict[str, Any] = {
-        "package": {"name": m.name, "version": m.version, "sha256": package.sha256, "temperature": m.temperature},
-        "data": dataset.origin, "split": split, "images": len(samples), "labels": list(m.labels),
-    }  # fmt: skip
+        "package": {
+            "name": m.name,
+            "version": m.version,
+            "sha256": package.sha256,
+            "temperature": m.temperature,
+        },
+        "data": dataset.origin,
+        "split": split,
+        "images": len(samples),
+        "labels": list(m.labels),
+    }
     try:
         out["models"] = {k: report(run(frames), y, m.labels, metas) for k, run in runners.items()}
         if corruptions:
             idx = stratified(y, robustness_images, seed)
             out["robustness"] = robustness(
-                runners, [frames[i] for i in idx], y[idx], corruptions=corruptions, severities=severities, seed=seed,
+                runners,
+                [frames[i] for i in idx],
+                y[idx],
+                corruptions=corruptions,
+                severities=severities,
+                seed=seed,
                 progress=progress,
-            )  # fmt: skip
+            )
     finally:
         for run in runners.values():
             run.close()

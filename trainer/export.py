@@ -311,7 +311,11 @@ def export_package(
                 _export_onnx_fp32(model, spec.preprocess, tmp / "model_fp32.onnx")
             if "onnx-fp32" in spec.formats:
                 artifacts["onnx-fp32"] = Artifact(
-                    file="model_fp32.onnx", runtime="onnxruntime", precision="fp32", input=nchw_in, output=out_f
+                    file="model_fp32.onnx",
+                    runtime="onnxruntime",
+                    precision="fp32",
+                    input=nchw_in,
+                    output=out_f,
                 )
             if "onnx-int8" in spec.formats:
                 with steps.step("onnx int8 (static QDQ)"):
@@ -385,7 +389,11 @@ def export_package(
                 top1, _ = _artifact_top1(draft, key, check_frames, spec.output_kind, spec.temperature)
                 per_artifact_top1[key] = top1
                 agreement[key] = float(np.mean(top1 == ref_top1))
-                decisive[key] = float(np.mean(top1[confident] == ref_top1[confident])) if confident.any() else float("nan")
+                decisive[key] = (
+                    float(np.mean(top1[confident] == ref_top1[confident]))
+                    if confident.any()
+                    else float("nan")
+                )
                 artifacts[key].top1_agreement = round(agreement[key], 4)
                 artifacts[key].agreement_images = len(check_frames)
                 if confident.any():
@@ -399,7 +407,9 @@ def export_package(
             golden = _choose_golden(model, draft, spec, golden_frames, tmp)
             if not golden:
                 raise ExportError("no golden input is classified identically by torch and every artifact")
-        manifest = manifest.model_copy(update={"artifacts": artifacts, "golden": golden, "files": _hash_files(tmp)})
+        manifest = manifest.model_copy(
+            update={"artifacts": artifacts, "golden": golden, "files": _hash_files(tmp)}
+        )
         write_manifest(tmp, manifest)
         if before_commit is not None:
             extra = before_commit(load_package(tmp))
@@ -419,7 +429,9 @@ def _choose_golden(
     model: torch.nn.Module, draft: ModelPackage, spec: ExportSpec, frames: Sequence[np.ndarray], root: Path
 ) -> list[GoldenInput]:
     """The most confident frames on which torch and every artifact agree, saved as PNG files."""
-    ref = to_probabilities(_torch_logits(model, _float_nchw(frames, spec.preprocess)), spec.output_kind, spec.temperature)
+    ref = to_probabilities(
+        _torch_logits(model, _float_nchw(frames, spec.preprocess)), spec.output_kind, spec.temperature
+    )
     ok = np.ones(len(frames), dtype=bool)
     for key in draft.manifest.artifacts:
         top1, _ = _artifact_top1(draft, key, frames, spec.output_kind, spec.temperature)

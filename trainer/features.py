@@ -48,9 +48,14 @@ class FeatureExtractor:
     """Runs a frozen torch module on preprocessed frames, through ONNX Runtime when it matches torch."""
 
     def __init__(
-        self, prefix: torch.nn.Module, spec: PreprocessSpec, *, threads: int | None = None,
-        batch: int = 32, runtime: str = "onnxruntime",
-    ) -> None:  # fmt: skip
+        self,
+        prefix: torch.nn.Module,
+        spec: PreprocessSpec,
+        *,
+        threads: int | None = None,
+        batch: int = 32,
+        runtime: str = "onnxruntime",
+    ) -> None:
         self.prefix = prefix.eval()
         self.spec = spec
         self.batch = batch
@@ -70,9 +75,15 @@ class FeatureExtractor:
         with warnings.catch_warnings():  # the exporter's constant-folding notes are not actionable
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                self.prefix, (torch.zeros(1, 3, h, w),), buf, input_names=["x"], output_names=["y"],  # type: ignore[arg-type]
-                dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False,
-            )  # fmt: skip
+                self.prefix,
+                (torch.zeros(1, 3, h, w),),
+                buf,  # type: ignore[arg-type]
+                input_names=["x"],
+                output_names=["y"],
+                dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+                opset_version=17,
+                dynamo=False,
+            )
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.log_severity_level = 3
@@ -94,7 +105,9 @@ class FeatureExtractor:
         with torch.inference_mode():
             return self.prefix(torch.from_numpy(x)).numpy()
 
-    def __call__(self, frames: Sequence[np.ndarray], progress: Callable[[int], None] | None = None) -> np.ndarray:
+    def __call__(
+        self, frames: Sequence[np.ndarray], progress: Callable[[int], None] | None = None
+    ) -> np.ndarray:
         """Prefix outputs for BGR camera frames (preprocessed exactly as on a device)."""
         outs = []
         for i in range(0, len(frames), self.batch):

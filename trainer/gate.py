@@ -90,8 +90,15 @@ def mcnemar_worse_p(worse: int, better: int) -> float:
     return sum(math.comb(n, i) for i in range(worse, n + 1)) / 2.0**n
 
 
-def _drop_rule(report: GateReport, rule: str, drop: float, limit: float, pair: tuple[int, int] | None,
-               alpha: float | None, text: str) -> None:  # fmt: skip
+def _drop_rule(
+    report: GateReport,
+    rule: str,
+    drop: float,
+    limit: float,
+    pair: tuple[int, int] | None,
+    alpha: float | None,
+    text: str,
+) -> None:
     """Fail when ``drop`` (points) exceeds ``limit`` and, with discordant counts, is significant."""
     if drop <= limit:
         report.add(rule, True, text)
@@ -100,14 +107,20 @@ def _drop_rule(report: GateReport, rule: str, drop: float, limit: float, pair: t
         report.add(rule, False, text)
         return
     p = mcnemar_worse_p(*pair)
-    report.add(rule, p >= alpha, f"{text}; {pair[0]} images lost, {pair[1]} gained: McNemar p={p:.3g} "
-               f"({'within noise' if p >= alpha else 'significant'} at {alpha})")  # fmt: skip
+    report.add(
+        rule,
+        p >= alpha,
+        f"{text}; {pair[0]} images lost, {pair[1]} gained: McNemar p={p:.3g} "
+        f"({'within noise' if p >= alpha else 'significant'} at {alpha})",
+    )
 
 
 def check_gate(
-    candidate: Mapping[str, Any], champion: Mapping[str, Any] | None, rules: GateRules,
+    candidate: Mapping[str, Any],
+    champion: Mapping[str, Any] | None,
+    rules: GateRules,
     discordant: Mapping[str, tuple[int, int]] | None = None,
-) -> GateReport:  # fmt: skip
+) -> GateReport:
     """Judge ``candidate`` (and ``champion``, when given) evaluations with ``rules``.
 
     ``candidate`` needs ``device`` (the device artifact's test report with ``accuracy``, ``ece`` and
@@ -121,31 +134,47 @@ def check_gate(
     dev = candidate["device"]
     if rules.min_accuracy is not None:
         acc = dev["accuracy"]
-        report.add("min_accuracy", acc >= rules.min_accuracy, f"{_pts(acc)} (limit {_pts(rules.min_accuracy)})")
+        report.add(
+            "min_accuracy", acc >= rules.min_accuracy, f"{_pts(acc)} (limit {_pts(rules.min_accuracy)})"
+        )
     if rules.max_ece is not None:
         e, n = dev["ece"], dev["images"]
         if n < rules.min_ece_images:
-            report.add("max_ece", True, f"not judged: ECE {_pts(e)} on {n} test images < {rules.min_ece_images}")
+            report.add(
+                "max_ece", True, f"not judged: ECE {_pts(e)} on {n} test images < {rules.min_ece_images}"
+            )
         else:
-            report.add("max_ece", e <= rules.max_ece, f"ECE {_pts(e)} (limit {_pts(rules.max_ece)}, {n} test images)")
+            report.add(
+                "max_ece", e <= rules.max_ece, f"ECE {_pts(e)} (limit {_pts(rules.max_ece)}, {n} test images)"
+            )
     if rules.max_int8_drop is not None:
         held = candidate["heldout_accuracy"]
         fp32 = held["torch-fp32"]
         for key in candidate["int8"]:
             drop = 100 * (fp32 - held[key])
             _drop_rule(
-                report, f"max_int8_drop[{key}]", drop, rules.max_int8_drop, pairs.get(f"int8[{key}]"), alpha,
+                report,
+                f"max_int8_drop[{key}]",
+                drop,
+                rules.max_int8_drop,
+                pairs.get(f"int8[{key}]"),
+                alpha,
                 f"{_pts(held[key])} vs torch fp32 {_pts(fp32)} ({-drop:+.1f} points, limit -{rules.max_int8_drop:.1f})",
-            )  # fmt: skip
+            )
     if champion is None:
         return report
     champ = champion["device"]
     if rules.max_accuracy_drop is not None:
         d = 100 * (dev["accuracy"] - champ["accuracy"])
         _drop_rule(
-            report, "max_accuracy_drop", -d, rules.max_accuracy_drop, pairs.get("overall"), alpha,
+            report,
+            "max_accuracy_drop",
+            -d,
+            rules.max_accuracy_drop,
+            pairs.get("overall"),
+            alpha,
             f"{_pts(dev['accuracy'])} vs champion {_pts(champ['accuracy'])} ({d:+.1f} points, limit -{rules.max_accuracy_drop:.1f})",
-        )  # fmt: skip
+        )
     cand_slices, champ_slices = dev.get("slices", {}), champ.get("slices", {})
     for key, values in cand_slices.items():
         for value, s in values.items():
@@ -157,18 +186,28 @@ def check_gate(
             gain = rules.min_slice_gain.get(name)
             if gain is not None:
                 report.add(
-                    f"min_slice_gain[{name}]", d >= gain,
+                    f"min_slice_gain[{name}]",
+                    d >= gain,
                     f"{_pts(s['accuracy'])} vs champion {_pts(other['accuracy'])} ({d:+.1f} points, need +{gain:.1f}; {s['images']} images)",
-                )  # fmt: skip
+                )
             if rules.max_slice_drop is None:
                 continue
             if s["images"] < rules.min_slice_images:
-                report.add(f"max_slice_drop[{name}]", True, f"not judged: {s['images']} images < {rules.min_slice_images}")
+                report.add(
+                    f"max_slice_drop[{name}]",
+                    True,
+                    f"not judged: {s['images']} images < {rules.min_slice_images}",
+                )
                 continue
             _drop_rule(
-                report, f"max_slice_drop[{name}]", -d, rules.max_slice_drop, pairs.get(f"slice[{name}]"), alpha,
+                report,
+                f"max_slice_drop[{name}]",
+                -d,
+                rules.max_slice_drop,
+                pairs.get(f"slice[{name}]"),
+                alpha,
                 f"{_pts(s['accuracy'])} vs champion {_pts(other['accuracy'])} ({d:+.1f} points, limit -{rules.max_slice_drop:.1f})",
-            )  # fmt: skip
+            )
     for name in rules.min_slice_gain:
         key, _, value = name.partition("=")
         if value not in cand_slices.get(key, {}) or value not in champ_slices.get(key, {}):

@@ -276,24 +276,39 @@ class IngestWorker:
         )
         url = urlsplit(c.broker_url)
         if url.scheme == "mqtts" or c.ca:
-            client.tls_set(ca_certs=str(c.ca) if c.ca else None, certfile=str(c.cert) if c.cert else None,
-                           keyfile=str(c.key) if c.key else None)  # fmt: skip
+            client.tls_set(
+                ca_certs=str(c.ca) if c.ca else None,
+                certfile=str(c.cert) if c.cert else None,
+                keyfile=str(c.key) if c.key else None,
+            )
         client.reconnect_delay_set(c.reconnect_min_s, c.reconnect_max_s)  # type: ignore[arg-type]
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
-        self._host, self._port = url.hostname or "127.0.0.1", url.port or (8883 if url.scheme == "mqtts" else 1883)
+        self._host, self._port = (
+            url.hostname or "127.0.0.1",
+            url.port or (8883 if url.scheme == "mqtts" else 1883),
+        )
         return client
 
     def start(self) -> IngestWorker:
         """Connect (retrying in the background) and start the writer thread."""
-        self._writer = threading.Thread(target=self._write_loop, name=f"ingest-writer-{self.client_id}", daemon=True)
+        self._writer = threading.Thread(
+            target=self._write_loop, name=f"ingest-writer-{self.client_id}", daemon=True
+        )
         self._writer.start()
         self.client.connect_async(self._host, self._port, keepalive=self.config.keepalive_s)
         self.client.loop_start()
-        log.info("ingest %s: %s -> %s (%s)", self.client_id, self.config.broker_url, self.store.dialect,
-                 ", ".join(subscription(self.config.group, self.config.fleet, k, self.config.shared) for k in self.kinds))  # fmt: skip
+        log.info(
+            "ingest %s: %s -> %s (%s)",
+            self.client_id,
+            self.config.broker_url,
+            self.store.dialect,
+            ", ".join(
+                subscription(self.config.group, self.config.fleet, k, self.config.shared) for k in self.kinds
+            ),
+        )
         return self
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
@@ -344,7 +359,12 @@ class IngestWorker:
             self._gen += 1
             self._stats.connects += 1
         # Subscribing again is harmless in a kept session and required when the broker lost it.
-        client.subscribe([(subscription(self.config.group, self.config.fleet, k, self.config.shared), 1) for k in self.kinds])
+        client.subscribe(
+            [
+                (subscription(self.config.group, self.config.fleet, k, self.config.shared), 1)
+                for k in self.kinds
+            ]
+        )
         log.info("ingest %s: connected (session present: %s)", self.client_id, flags.session_present)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, reason_codes: Any, _p: Any) -> None:
@@ -376,7 +396,9 @@ class IngestWorker:
             topic = msg.topic
         except UnicodeDecodeError:  # brokers should refuse these; dead-letter it rather than crash the loop
             topic = bytes(getattr(msg, "_topic", b"")).decode("utf-8", "replace")
-        self._buffer.put(_Inbound(msg.mid, msg.qos, topic, bytes(msg.payload), msg.dup, self._gen, now), self._closing)
+        self._buffer.put(
+            _Inbound(msg.mid, msg.qos, topic, bytes(msg.payload), msg.dup, self._gen, now), self._closing
+        )
 
     # -- writer thread ---------------------------------------------------------------------------
     def _write_loop(self) -> None:
@@ -390,11 +412,17 @@ class IngestWorker:
             try:
                 self._process(batch)
             except _Abandoned:
-                log.warning("ingest %s: stopping with %d messages uncommitted (database unreachable); "
-                            "the broker redelivers them", self.client_id, len(batch) + len(self._buffer))  # fmt: skip
+                log.warning(
+                    "ingest %s: stopping with %d messages uncommitted (database unreachable); "
+                    "the broker redelivers them",
+                    self.client_id,
+                    len(batch) + len(self._buffer),
+                )
                 return
             except Exception as exc:  # a bug: stop writing; the unacknowledged messages are redelivered
-                log.exception("ingest %s: unexpected error; worker stops, batch left unacknowledged", self.client_id)
+                log.exception(
+                    "ingest %s: unexpected error; worker stops, batch left unacknowledged", self.client_id
+                )
                 self.failed = exc
                 return
 
@@ -424,7 +452,9 @@ class IngestWorker:
             s.last_committed_at = time.time()
         self._ack(batch)
 
-    def _write_all(self, conn: Connection, accepted: Sequence[Accepted], rejected: Sequence[Rejected]) -> WriteResult:
+    def _write_all(
+        self, conn: Connection, accepted: Sequence[Accepted], rejected: Sequence[Rejected]
+    ) -> WriteResult:
         by_kind: dict[str, list[Received[Any]]] = {}
         for a in accepted:
             by_kind.setdefault(a.kind, []).append(a.item)
@@ -452,8 +482,13 @@ class IngestWorker:
                 if self._abandon.is_set():
                     raise _Abandoned from exc
                 delay = self._backoff.next()
-                log.warning("ingest %s: database unavailable (%s); retrying in %.1f s with %d buffered",
-                            self.client_id, _short(exc), delay, len(self._buffer))  # fmt: skip
+                log.warning(
+                    "ingest %s: database unavailable (%s); retrying in %.1f s with %d buffered",
+                    self.client_id,
+                    _short(exc),
+                    delay,
+                    len(self._buffer),
+                )
                 self._abandon.wait(delay)
 
     def _write_one_by_one(
@@ -466,9 +501,13 @@ class IngestWorker:
             try:
                 result.add(self._commit(functools.partial(self._write_all, accepted=[a], rejected=[])))
             except _Refused as exc:
-                log.warning("ingest %s: database refused a %s message: %s", self.client_id, a.kind, _short(exc.error))
+                log.warning(
+                    "ingest %s: database refused a %s message: %s", self.client_id, a.kind, _short(exc.error)
+                )
                 it = a.item
-                rejected.append(Rejected(a.topic, it.raw.encode(), "db_rejected", _short(exc.error), it.received_at))
+                rejected.append(
+                    Rejected(a.topic, it.raw.encode(), "db_rejected", _short(exc.error), it.received_at)
+                )
         self._commit(lambda conn: self._write_all(conn, [], rejected))
         return result, rejected
 

@@ -63,11 +63,20 @@ def _config(args: argparse.Namespace) -> Any:
     if args.client_id and args.workers > 1:
         raise SystemExit("--client-id names one worker; use --group/--index with --workers")
     return IngestConfig(
-        broker_url=args.broker, db_url=args.db, fleet=args.fleet, group=args.group, index=args.index,
-        client_id=args.client_id, kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
-        batch_max=args.batch_max, batch_linger_s=args.batch_linger, max_buffered=args.max_buffered,
-        ca=args.ca, cert=args.cert, key=args.key,
-    )  # fmt: skip
+        broker_url=args.broker,
+        db_url=args.db,
+        fleet=args.fleet,
+        group=args.group,
+        index=args.index,
+        client_id=args.client_id,
+        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+        batch_max=args.batch_max,
+        batch_linger_s=args.batch_linger,
+        max_buffered=args.max_buffered,
+        ca=args.ca,
+        cert=args.cert,
+        key=args.key,
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -77,8 +86,11 @@ def _run(args: argparse.Namespace) -> int:
     Store(config.db_url).close()  # create the schema once, before workers race to do it
     if args.workers == 1:
         return run_worker(config, args.stats_file, args.stats_interval)
-    return _supervise([replace(config, index=config.index + i) for i in range(args.workers)],
-                      args.stats_file, args.stats_interval)  # fmt: skip
+    return _supervise(
+        [replace(config, index=config.index + i) for i in range(args.workers)],
+        args.stats_file,
+        args.stats_interval,
+    )
 
 
 def _write_stats(path: str | None, index: int, stats: dict[str, Any]) -> None:
@@ -108,14 +120,19 @@ def run_worker(config: Any, stats_file: str | None = None, stats_interval: float
             last_log = time.monotonic()
             log.info("ingest %s: %s", worker.client_id, json.dumps({k: v for k, v in stats.items() if v}))
     final = worker.stop()
-    _write_stats(stats_file, config.index, {**ident, **final, "process_cpu_s": time.process_time(), "stopped": True})
+    _write_stats(
+        stats_file, config.index, {**ident, **final, "process_cpu_s": time.process_time(), "stopped": True}
+    )
     log.info("ingest %s stopped: %s", worker.client_id, json.dumps(final))
     return 1 if worker.failed is not None else 0
 
 
 def _child(config: Any, stats_file: str | None, stats_interval: float, verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     sys.exit(run_worker(config, stats_file, stats_interval))
 
 
@@ -128,7 +145,9 @@ def _supervise(configs: list[Any], stats_file: str | None, stats_interval: float
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
 
     def spawn(cfg: Any) -> Any:
-        p = ctx.Process(target=_child, args=(cfg, stats_file, stats_interval, verbose), name=f"ingest-{cfg.index}")
+        p = ctx.Process(
+            target=_child, args=(cfg, stats_file, stats_interval, verbose), name=f"ingest-{cfg.index}"
+        )
         p.start()
         return p
 
@@ -136,7 +155,12 @@ def _supervise(configs: list[Any], stats_file: str | None, stats_interval: float
     while not stop.wait(0.5):
         for index, (cfg, p) in list(procs.items()):
             if not p.is_alive():
-                log.warning("ingest worker %d exited with %s; restarting in %.0f s", index, p.exitcode, RESTART_DELAY_S)
+                log.warning(
+                    "ingest worker %d exited with %s; restarting in %.0f s",
+                    index,
+                    p.exitcode,
+                    RESTART_DELAY_S,
+                )
                 time.sleep(RESTART_DELAY_S)
                 procs[index] = (cfg, spawn(cfg))
     for _, p in procs.values():
@@ -163,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgefleet")
     register(parser.add_subparsers(dest="group", required=True))
     args = parser.parse_args(["ingest", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     return int(args.func(args) or 0)
 
 

@@ -121,7 +121,9 @@ def classify(
         wrong = next((e for e in errors if e["loc"] == ("kind",)), None)
         first = wrong or errors[0]
         loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-        return reject("wrong_kind" if wrong else "invalid", f"invalid {kind.model.__name__} at {loc}: {first['msg']}")
+        return reject(
+            "wrong_kind" if wrong else "invalid", f"invalid {kind.model.__name__} at {loc}: {first['msg']}"
+        )
     got_fleet, got_device = getattr(msg, "fleet", fleet), getattr(msg, "device", device)
     if got_fleet != fleet or got_device != device:
         return reject("topic_mismatch", f"payload names {got_fleet}/{got_device}, topic {fleet}/{device}")

@@ -75,7 +75,12 @@ def classification_report(probs: np.ndarray, y_true: np.ndarray, labels: Sequenc
         "nll": nll(probs, y_true),
         "mean_confidence": float(probs.max(1).mean()),
         "per_class": {
-            lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]), "support": int(support[i])}
+            lab: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, lab in enumerate(labels)
         },
         "confusion": cm.tolist(),

@@ -51,7 +51,9 @@ def load_photos(names: list[str] | None = None) -> dict[str, np.ndarray]:
     return out
 
 
-def camera_frames(photos: dict[str, np.ndarray], count: int, seed: int, min_scale: float = 0.45) -> list[np.ndarray]:
+def camera_frames(
+    photos: dict[str, np.ndarray], count: int, seed: int, min_scale: float = 0.45
+) -> list[np.ndarray]:
     """``count`` camera-like frames: random crops (4:3), flips and mild exposure changes of the photos.
 
     Deterministic for a seed; different seeds give disjoint-looking frames, used to keep calibration

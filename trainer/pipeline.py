@@ -73,7 +73,9 @@ class TrainConfig(BaseModel):
     aug_views: int = Field(default=2, ge=0, le=16)
     """Augmented views per training image (besides the clean one), each cached once."""
     fit: FitConfig = Field(default_factory=FitConfig)
-    formats: list[str] = Field(default_factory=lambda: ["onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"])
+    formats: list[str] = Field(
+        default_factory=lambda: ["onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"]
+    )
     device_artifact: str | None = None
     """Artifact devices run (reference statistics and gate); default: the first int8 artifact."""
     calibration_images: int = Field(default=128, ge=8)
@@ -89,7 +91,9 @@ class TrainConfig(BaseModel):
         from trainer.pretrained import LITE0_PREPROCESS
 
         s = self.input_size
-        return LITE0_PREPROCESS.model_copy(update={"size": (s, s), "resize": self.resize, "crop_fraction": self.crop_fraction})
+        return LITE0_PREPROCESS.model_copy(
+            update={"size": (s, s), "resize": self.resize, "crop_fraction": self.crop_fraction}
+        )
 
 
 @dataclass
@@ -105,7 +109,9 @@ def _frames(samples: Sequence[Sample]) -> list[np.ndarray]:
     return [s.frame() for s in samples]
 
 
-def _features(extractor: Any, cache: Any, samples: Sequence[Sample], views: int, seed: int, progress: bool) -> np.ndarray:
+def _features(
+    extractor: Any, cache: Any, samples: Sequence[Sample], views: int, seed: int, progress: bool
+) -> np.ndarray:
     """Prefix outputs for every sample and view 0..views (view 0 = the clean frame), cached."""
     from tqdm import tqdm
 
@@ -113,10 +119,14 @@ def _features(extractor: Any, cache: Any, samples: Sequence[Sample], views: int,
 
     keys = [(s, v) for s in samples for v in range(views + 1)]
     todo = [(s, v) for s, v in keys if cache.get(s.sha256, v) is None]
-    with tqdm(total=len(todo), desc="features", unit="img", disable=not progress or not todo, leave=False) as bar:
+    with tqdm(
+        total=len(todo), desc="features", unit="img", disable=not progress or not todo, leave=False
+    ) as bar:
         for i in range(0, len(todo), extractor.batch):
             chunk = todo[i : i + extractor.batch]
-            frames = [s.frame() if v == 0 else augment(s.frame(), view_rng(seed, s.sha256, v)) for s, v in chunk]
+            frames = [
+                s.frame() if v == 0 else augment(s.frame(), view_rng(seed, s.sha256, v)) for s, v in chunk
+            ]
             for (s, v), f in zip(chunk, extractor(frames)):
                 cache.put(s.sha256, v, f)
             bar.update(len(chunk))
@@ -142,7 +152,9 @@ def _device_artifact(config: TrainConfig) -> str:
         raise ConfigError(f"unknown or no formats {unknown} (known: {', '.join(ALL_FORMATS)})")
     if config.device_artifact:
         if config.device_artifact not in config.formats:
-            raise ConfigError(f"device_artifact {config.device_artifact!r} is not among the formats {config.formats}")
+            raise ConfigError(
+                f"device_artifact {config.device_artifact!r} is not among the formats {config.formats}"
+            )
         return config.device_artifact
     return next(k for k in _DEVICE_PREFERENCE if k in config.formats)
 
@@ -152,7 +164,10 @@ def _check_champion(champion: str | Path | ModelPackage | None, labels: Sequence
         return None
     pkg = champion if isinstance(champion, ModelPackage) else load_package(champion)
     if list(pkg.manifest.labels) != list(labels):
-        extra, missing = sorted(set(labels) - set(pkg.manifest.labels)), sorted(set(pkg.manifest.labels) - set(labels))
+        extra, missing = (
+            sorted(set(labels) - set(pkg.manifest.labels)),
+            sorted(set(pkg.manifest.labels) - set(labels)),
+        )
         why = f"new {extra}, missing {missing}" if extra or missing else "same names in a different order"
         raise LabelMismatchError(
             f"the data's labels differ from champion {pkg.manifest.name} {pkg.manifest.version} ({why}); a candidate "
@@ -177,9 +192,13 @@ def _dataset_fingerprint(samples: Sequence[Sample]) -> str:
 
 
 def train_package(
-    data: Dataset | str | Path, out_dir: str | Path, config: TrainConfig | None = None, *,
-    champion: str | Path | ModelPackage | None = None, overwrite: bool = False,
-) -> TrainResult:  # fmt: skip
+    data: Dataset | str | Path,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    champion: str | Path | ModelPackage | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
     """Train on ``data`` and write a verified, evaluated, gated package to ``out_dir``."""
     import torch
 
@@ -224,7 +243,8 @@ def train_package(
         prefix, suffix = split(model, config.unfreeze_blocks)
         extractor = FeatureExtractor(prefix, spec, threads=threads)
         cache = FeatureCache(
-            prefix_fingerprint(config.unfreeze_blocks, spec, f"{AUGMENT_VERSION}:seed{config.fit.seed}"), config.feature_cache
+            prefix_fingerprint(config.unfreeze_blocks, spec, f"{AUGMENT_VERSION}:seed{config.fit.seed}"),
+            config.feature_cache,
         )
         x_train = _features(extractor, cache, train_s, config.aug_views, config.fit.seed, config.progress)
         x_val = _features(extractor, cache, val_s, 0, config.fit.seed, config.progress)
@@ -234,14 +254,25 @@ def train_package(
         steps.note(f"features via {extractor.runtime}: {cache.misses} computed, {cache.hits} from cache")
 
     # 2. the suffix
-    with steps.step(f"train (head{f' + last {config.unfreeze_blocks} blocks' if config.unfreeze_blocks else ''})"):
+    with steps.step(
+        f"train (head{f' + last {config.unfreeze_blocks} blocks' if config.unfreeze_blocks else ''})"
+    ):
         fit = fit_suffix(
-            suffix, x_train, y_train_views, x_val, y_val, config.fit, num_classes=len(labels),
-            checkpoint_dir=config.checkpoint_dir, progress=config.progress,
+            suffix,
+            x_train,
+            y_train_views,
+            x_val,
+            y_val,
+            config.fit,
+            num_classes=len(labels),
+            checkpoint_dir=config.checkpoint_dir,
+            progress=config.progress,
             fingerprint=f"{cache.fingerprint}:{_dataset_fingerprint(train_s)}:{_dataset_fingerprint(val_s)}:{config.aug_views}",
-        )  # fmt: skip
+        )
         timings["train_s"] = fit.seconds
-        steps.note(f"best epoch {fit.best_epoch + 1} of {fit.epochs_run}: val accuracy {fit.best_val_accuracy:.1%}")
+        steps.note(
+            f"best epoch {fit.best_epoch + 1} of {fit.epochs_run}: val accuracy {fit.best_val_accuracy:.1%}"
+        )
 
     # 3. temperature on validation; ECE before/after on test
     temperature, calibration, p_val, p_test = _calibrate(
@@ -251,14 +282,18 @@ def train_package(
         f"temperature {temperature:.3f}: test ECE {calibration['test']['ece_before']:.2%} -> {calibration['test']['ece_after']:.2%}"
     )
     heldout_y = np.concatenate([y_val, y_test])
-    test_meta = [{**s.meta, **({"source": s.source} if len({x.source for x in test_s}) > 1 else {})} for s in test_s]
+    test_meta = [
+        {**s.meta, **({"source": s.source} if len({x.source for x in test_s}) > 1 else {})} for s in test_s
+    ]
     manifest = dataset.manifest()
     evaluation: dict[str, Any] = {
         "dataset": manifest.summary(),
         "device_artifact": device,
         "calibration": calibration,
         "models": {"torch-fp32": report(p_test, y_test, labels, test_meta)},
-        "heldout_accuracy": {"torch-fp32": float((np.concatenate([p_val, p_test]).argmax(1) == heldout_y).mean())},
+        "heldout_accuracy": {
+            "torch-fp32": float((np.concatenate([p_val, p_test]).argmax(1) == heldout_y).mean())
+        },
         "training": _training_summary(config, fit, extractor.runtime, cache, len(x_train), threads),
     }
 
@@ -270,25 +305,40 @@ def train_package(
 
     def before_commit(draft: ModelPackage) -> dict[str, Any]:
         t_eval = time.perf_counter()
-        held_pred = _evaluate_artifacts(draft, evaluation, held, labels, p_test, torch_runner, config, device, threads)
+        held_pred = _evaluate_artifacts(
+            draft, evaluation, held, labels, p_test, torch_runner, config, device, threads
+        )
         held_pred["torch-fp32"] = np.concatenate([p_val, p_test]).argmax(1)
         timings["evaluate_s"] = time.perf_counter() - t_eval
         t_ref = time.perf_counter()
         reference, _ = reference_stats(draft, device, held.frames, held.y, threads=1)
         timings["reference_s"] = time.perf_counter() - t_ref
         evaluation["reference_data"] = {
-            "splits": ["val", "test"], "images": len(held.frames), "artifact": device,
-            "accuracy": reference.accuracy, "atc_threshold": reference.atc_threshold,
-        }  # fmt: skip
-        champion_eval, champion_pred = _champion_report(champ, device, held, labels, threads) if champ else (None, None)
+            "splits": ["val", "test"],
+            "images": len(held.frames),
+            "artifact": device,
+            "accuracy": reference.accuracy,
+            "atc_threshold": reference.atc_threshold,
+        }
+        champion_eval, champion_pred = (
+            _champion_report(champ, device, held, labels, threads) if champ else (None, None)
+        )
         if champion_eval is not None:
             evaluation["champion"] = champion_eval
         int8 = [k for k, a in draft.manifest.artifacts.items() if a.precision == "int8"]
-        pairs = _paired_counts(held, held_pred, int8, device, champion_pred, evaluation["models"][device]["slices"])
+        pairs = _paired_counts(
+            held, held_pred, int8, device, champion_pred, evaluation["models"][device]["slices"]
+        )
         gate = check_gate(
-            {"device": evaluation["models"][device], "heldout_accuracy": evaluation["heldout_accuracy"], "int8": int8},
-            champion_eval, config.gate, pairs,
-        )  # fmt: skip
+            {
+                "device": evaluation["models"][device],
+                "heldout_accuracy": evaluation["heldout_accuracy"],
+                "int8": int8,
+            },
+            champion_eval,
+            config.gate,
+            pairs,
+        )
         evaluation["gate"] = {**gate.as_dict(), "rules_config": config.gate.model_dump(), "discordant": pairs}
         timings["total_s"] = time.perf_counter() - t_start
         evaluation["timings_s"] = dict(timings)
@@ -300,38 +350,66 @@ def train_package(
         return {"reference": reference.model_dump(mode="json"), "evaluation": _jsonable(evaluation)}
 
     spec_export = ExportSpec(
-        name=config.name, version=config.version, labels=labels, preprocess=spec, temperature=temperature,
-        formats=config.formats, golden_count=min(len(labels), 8),
+        name=config.name,
+        version=config.version,
+        labels=labels,
+        preprocess=spec,
+        temperature=temperature,
+        formats=config.formats,
+        golden_count=min(len(labels), 8),
         provenance={
-            "trainer": "edgefleet train", "dataset": dataset.origin,
+            "trainer": "edgefleet train",
+            "dataset": dataset.origin,
             "dataset_manifest_sha256": hashlib.sha256(manifest.model_dump_json().encode()).hexdigest(),
             "config": config.model_dump(mode="json", exclude={"progress"}),
-            "calibration": f"{len(calib)} training images", **({"champion": champ.sha256} if champ else {}),
+            "calibration": f"{len(calib)} training images",
+            **({"champion": champ.sha256} if champ else {}),
         },
-    )  # fmt: skip
+    )
     with steps.step(f"export {', '.join(config.formats)} + evaluate + reference + gate + card"):
         t = time.perf_counter()
         report_ = export_package(
-            model, spec_export, calib, out_dir, check_frames=held.frames[: held.n_val], golden_frames=held.frames,
-            before_commit=before_commit, overwrite=overwrite, progress=config.progress,
-        )  # fmt: skip
+            model,
+            spec_export,
+            calib,
+            out_dir,
+            check_frames=held.frames[: held.n_val],
+            golden_frames=held.frames,
+            before_commit=before_commit,
+            overwrite=overwrite,
+            progress=config.progress,
+        )
         timings["export_total_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
     pkg = report_.package
     return TrainResult(pkg, pkg.manifest.evaluation or {}, result["reference"], fit, timings)
 
 
-def _training_summary(config: TrainConfig, fit: FitResult, runtime: str, cache: Any, views: int, threads: int) -> dict[str, Any]:
+def _training_summary(
+    config: TrainConfig, fit: FitResult, runtime: str, cache: Any, views: int, threads: int
+) -> dict[str, Any]:
     """How the model was trained (for model.json and the card)."""
     f = config.fit
     return {
-        "backbone": "efficientnet-lite0 (ImageNet)", "unfreeze_blocks": config.unfreeze_blocks,
-        "aug_views": config.aug_views, "input_size": config.input_size, "train_views": views,
-        "epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch + 1, "best_val_nll": fit.best_val_nll,
-        "best_val_accuracy": fit.best_val_accuracy, "seed": f.seed, "lr": f.lr, "weight_decay": f.weight_decay,
-        "class_balanced": f.balance, "threads": threads, "features_runtime": runtime,
-        "features_computed": cache.misses, "features_cached": cache.hits, "history": fit.history,
-    }  # fmt: skip
+        "backbone": "efficientnet-lite0 (ImageNet)",
+        "unfreeze_blocks": config.unfreeze_blocks,
+        "aug_views": config.aug_views,
+        "input_size": config.input_size,
+        "train_views": views,
+        "epochs_run": fit.epochs_run,
+        "best_epoch": fit.best_epoch + 1,
+        "best_val_nll": fit.best_val_nll,
+        "best_val_accuracy": fit.best_val_accuracy,
+        "seed": f.seed,
+        "lr": f.lr,
+        "weight_decay": f.weight_decay,
+        "class_balanced": f.balance,
+        "threads": threads,
+        "features_runtime": runtime,
+        "features_computed": cache.misses,
+        "features_cached": cache.hits,
+        "history": fit.history,
+    }
 
 
 @dataclass
@@ -367,20 +445,37 @@ def _calibrate(
 
     def scores(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
         raw, cal = probs(logits, 1.0), probs(logits, t)
-        return {"ece_before": ece(raw, y), "ece_after": ece(cal, y), "nll_before": nll(raw, y), "nll_after": nll(cal, y)}
+        return {
+            "ece_before": ece(raw, y),
+            "ece_after": ece(cal, y),
+            "nll_before": nll(raw, y),
+            "nll_after": nll(cal, y),
+        }
 
     report = {
-        "temperature": t, "fitted_on": "val", "fit_images": len(y_val), "bins": 15,
-        "val": scores(logits_val, y_val), "test": scores(logits_test, y_test),
-        "reliability_before": reliability(probs(logits_test, 1.0), y_test), "reliability_after": reliability(probs(logits_test, t), y_test),
-    }  # fmt: skip
+        "temperature": t,
+        "fitted_on": "val",
+        "fit_images": len(y_val),
+        "bins": 15,
+        "val": scores(logits_val, y_val),
+        "test": scores(logits_test, y_test),
+        "reliability_before": reliability(probs(logits_test, 1.0), y_test),
+        "reliability_after": reliability(probs(logits_test, t), y_test),
+    }
     return t, report, probs(logits_val, t), probs(logits_test, t)
 
 
 def _evaluate_artifacts(
-    draft: ModelPackage, evaluation: dict[str, Any], held: _Heldout, labels: list[str], p_test_torch: np.ndarray,
-    torch_runner: Any, config: TrainConfig, device: str, threads: int,
-) -> dict[str, np.ndarray]:  # fmt: skip
+    draft: ModelPackage,
+    evaluation: dict[str, Any],
+    held: _Heldout,
+    labels: list[str],
+    p_test_torch: np.ndarray,
+    torch_runner: Any,
+    config: TrainConfig,
+    device: str,
+    threads: int,
+) -> dict[str, np.ndarray]:
     """Every artifact on the held-out frames (reports on test, accuracy on val+test) and robustness;
     fills ``evaluation`` and returns each artifact's held-out predictions."""
     from trainer.evaluate import ArtifactRunner, Runner, report, robustness, stratified
@@ -396,8 +491,10 @@ def _evaluate_artifacts(
             evaluation["heldout_accuracy"][key] = float((pred[key] == held.y).mean())
         fp32 = evaluation["heldout_accuracy"]["torch-fp32"]
         evaluation["int8_minus_fp32_points"] = {  # held-out accuracy of each int8 artifact minus torch fp32's
-            k: 100 * (evaluation["heldout_accuracy"][k] - fp32) for k, a in draft.manifest.artifacts.items() if a.precision == "int8"
-        }  # fmt: skip
+            k: 100 * (evaluation["heldout_accuracy"][k] - fp32)
+            for k, a in draft.manifest.artifacts.items()
+            if a.precision == "int8"
+        }
         rc = config.robustness
         if rc.enabled:
             idx = stratified(held.y_test, rc.images, seed=config.fit.seed)
@@ -405,9 +502,14 @@ def _evaluate_artifacts(
             if rc.models == "device":
                 chosen = {"torch-fp32": torch_runner, device: runners[device]}
             evaluation["robustness"] = robustness(
-                chosen, [held.test_frames[i] for i in idx], held.y_test[idx], corruptions=rc.corruptions,
-                severities=rc.severities, seed=config.fit.seed, progress=config.progress,
-            )  # fmt: skip
+                chosen,
+                [held.test_frames[i] for i in idx],
+                held.y_test[idx],
+                corruptions=rc.corruptions,
+                severities=rc.severities,
+                seed=config.fit.seed,
+                progress=config.progress,
+            )
     finally:
         for run in runners.values():
             run.close()
@@ -428,15 +530,22 @@ def _champion_report(
         run.close()
     m = champ.manifest
     return {
-        "name": m.name, "version": m.version, "sha256": champ.sha256, "artifact": key,
+        "name": m.name,
+        "version": m.version,
+        "sha256": champ.sha256,
+        "artifact": key,
         "device": report(p, held.y_test, labels, held.test_meta),
-    }, p.argmax(1)  # fmt: skip
+    }, p.argmax(1)
 
 
 def _paired_counts(
-    held: _Heldout, pred: dict[str, np.ndarray], int8: list[str], device: str, champion_pred: np.ndarray | None,
+    held: _Heldout,
+    pred: dict[str, np.ndarray],
+    int8: list[str],
+    device: str,
+    champion_pred: np.ndarray | None,
     slices: dict[str, Any],
-) -> dict[str, tuple[int, int]]:  # fmt: skip
+) -> dict[str, tuple[int, int]]:
     """Discordant counts for the gate: int8 vs torch fp32 (held-out), candidate vs champion (test, per slice)."""
     ok = {k: v == held.y for k, v in pred.items()}
     pairs = {f"int8[{k}]": _discordant(ok["torch-fp32"], ok[k]) for k in int8}

@@ -45,7 +45,9 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def init_ca(directory: str | Path, name: str = "EdgeFleet CA", days: int = 3650, overwrite: bool = False) -> CertFiles:
+def init_ca(
+    directory: str | Path, name: str = "EdgeFleet CA", days: int = 3650, overwrite: bool = False
+) -> CertFiles:
     """Create a self-signed CA in ``directory`` (refuses to replace an existing one)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,9 @@ def register_pki(sub: argparse._SubParsersAction) -> None:
     ps = p.add_subparsers(dest="pki_cmd", required=True)
     i = ps.add_parser("init", help="create a CA and the broker's server certificate")
     i.add_argument("--dir", default="pki")
-    i.add_argument("--broker-host", action="append", default=[], help="DNS name or IP of the broker (repeatable)")
+    i.add_argument(
+        "--broker-host", action="append", default=[], help="DNS name or IP of the broker (repeatable)"
+    )
     i.add_argument("--days", type=int, default=3650)
     i.set_defaults(func=_init)
     d = ps.add_parser("issue-device", help="a client certificate whose CN is the device id")
@@ -58,14 +60,20 @@ def _issue(args: argparse.Namespace) -> int:
     from trainer import pki
 
     if not _NAME.match(args.id):
-        raise ConfigError(f"{args.id!r}: names are letters, digits, '_', '.', '-' (at most 64; no MQTT wildcards)")
+        raise ConfigError(
+            f"{args.id!r}: names are letters, digits, '_', '.', '-' (at most 64; no MQTT wildcards)"
+        )
     other = "service" if args.kind == "device" else "device"
     if (Path(args.dir) / other / f"{args.id}.crt").exists():
-        raise ConfigError(f"{args.id!r} is already a {other} identity; a name is one identity and one ACL user")
+        raise ConfigError(
+            f"{args.id!r} is already a {other} identity; a name is one identity and one ACL user"
+        )
     if not (Path(args.dir) / pki.CA_KEY).exists():
         raise ConfigError(f"{args.dir}: no CA here (run `edgefleet pki init --dir {args.dir}` first)")
     files = pki.issue(args.dir, args.id, kind=args.kind, days=args.days)
     print(f"{args.kind} {args.id}: {files.cert} {files.key} (CA {files.ca})")
     if args.kind == "device":
-        print(f"agent config: mqtt: {{url: 'mqtts://BROKER:8883', ca: {files.ca}, cert: {files.cert}, key: {files.key}}}")
+        print(
+            f"agent config: mqtt: {{url: 'mqtts://BROKER:8883', ca: {files.ca}, cert: {files.cert}, key: {files.key}}}"
+        )
     return 0

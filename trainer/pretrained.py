@@ -48,7 +48,9 @@ def load_lite0(num_classes: int = 1000) -> torch.nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a banner
-        model = EfficientNet.from_pretrained(MODEL_NAME, weights_path=str(weights_path()), num_classes=num_classes)
+        model = EfficientNet.from_pretrained(
+            MODEL_NAME, weights_path=str(weights_path()), num_classes=num_classes
+        )
     return model.eval()
 
 

@@ -87,10 +87,18 @@ def _load(params: list[torch.nn.Parameter], state: list[torch.Tensor]) -> None:
 
 
 def fit_suffix(
-    suffix: Suffix, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-    config: FitConfig, *, num_classes: int, checkpoint_dir: str | Path | None = None, fingerprint: str = "",
+    suffix: Suffix,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    config: FitConfig,
+    *,
+    num_classes: int,
+    checkpoint_dir: str | Path | None = None,
+    fingerprint: str = "",
     progress: bool = True,
-) -> FitResult:  # fmt: skip
+) -> FitResult:
     """Train ``suffix`` in place; returns the history with the best epoch's weights loaded."""
     from tqdm import tqdm
 
@@ -116,7 +124,9 @@ def fit_suffix(
     resumed_from = None
     if ckpt is not None and (ckpt / "last.pt").is_file():
         saved = torch.load(ckpt / "last.pt", weights_only=False)
-        same = {k: v for k, v in saved.get("config", {}).items() if k != "epochs"} == config.model_dump(exclude={"epochs"})
+        same = {k: v for k, v in saved.get("config", {}).items() if k != "epochs"} == config.model_dump(
+            exclude={"epochs"}
+        )
         if saved.get("fingerprint") == fingerprint and same:  # more epochs may be asked for
             _load(params, saved["params"])
             opt.load_state_dict(saved["optimizer"])
@@ -144,27 +154,42 @@ def fit_suffix(
         logp = z - np.log(np.exp(z).sum(1, keepdims=True))
         val_nll = float(-logp[np.arange(len(yv)), yv].mean())
         val_acc = float((logits.argmax(1) == yv).mean())
-        history.append({"epoch": epoch, "train_loss": total / len(perm), "val_nll": val_nll, "val_accuracy": val_acc})
+        history.append(
+            {"epoch": epoch, "train_loss": total / len(perm), "val_nll": val_nll, "val_accuracy": val_acc}
+        )
         bar.set_postfix(loss=f"{total / len(perm):.3f}", val_nll=f"{val_nll:.3f}", val_acc=f"{val_acc:.3f}")
         if val_nll < best.nll - 1e-4:
             best = _Best(val_nll, val_acc, epoch, _state(params))
             if ckpt is not None:
                 _save(ckpt / "best.pt", {"epoch": epoch, "params": best.state, "fingerprint": fingerprint})
         if ckpt is not None:
-            _save(ckpt / "last.pt", {
-                "epoch": epoch, "params": _state(params), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": history, "best": best.__dict__, "fingerprint": fingerprint,
-                "config": config.model_dump(),
-            })  # fmt: skip
+            _save(
+                ckpt / "last.pt",
+                {
+                    "epoch": epoch,
+                    "params": _state(params),
+                    "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                    "best": best.__dict__,
+                    "fingerprint": fingerprint,
+                    "config": config.model_dump(),
+                },
+            )
     bar.close()
     if config.restore_best:
         _load(params, best.state)
     suffix.eval()
     return FitResult(
-        best_epoch=best.epoch, epochs_run=len(history), best_val_nll=best.nll,
-        best_val_accuracy=best.acc, seconds=time.perf_counter() - t0, history=history,
+        best_epoch=best.epoch,
+        epochs_run=len(history),
+        best_val_nll=best.nll,
+        best_val_accuracy=best.acc,
+        seconds=time.perf_counter() - t0,
+        history=history,
         resumed_from=resumed_from,
-    )  # fmt: skip
+    )
 
 
 def _save(path: Path, obj: dict[str, Any]) -> None:

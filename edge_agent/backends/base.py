@@ -90,4 +90,6 @@ def load_backend(package: ModelPackage, artifact: str, options: BackendOptions |
     except BackendError:
         raise
     except Exception as exc:  # runtimes raise their own types for corrupt or unsupported models
-        raise BackendError(f"{package.artifact_path(artifact)}: {art.runtime} cannot load it: {exc}") from None
+        raise BackendError(
+            f"{package.artifact_path(artifact)}: {art.runtime} cannot load it: {exc}"
+        ) from None

@@ -43,7 +43,9 @@ def time_artifacts(
     for key in keys or runnable_artifacts(package):
         try:
             backend = load_backend(package, key, options)
-            x = Preprocessor(package.manifest.preprocess, package.manifest.artifacts[key].input).to_tensor(image)
+            x = Preprocessor(package.manifest.preprocess, package.manifest.artifacts[key].input).to_tensor(
+                image
+            )
             if options.batch > 1:
                 x = np.concatenate([x] * options.batch)
             for _ in range(2):
@@ -63,9 +65,17 @@ def time_artifacts(
 
 def _time_in_child(package: ModelPackage, options: BackendOptions, seconds: float) -> dict[str, float | str]:
     cmd = [
-        sys.executable, "-m", "edge_agent.backends.select", str(package.root),
-        "--threads", str(options.threads), "--batch", str(options.batch), "--seconds", str(seconds),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "edge_agent.backends.select",
+        str(package.root),
+        "--threads",
+        str(options.threads),
+        "--batch",
+        str(options.batch),
+        "--seconds",
+        str(seconds),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise BackendError(f"timing artifacts of {package.root} failed: {proc.stderr.strip()[-500:]}")
@@ -83,13 +93,19 @@ def choose_artifact(
     arts = package.manifest.artifacts
     if requested != "auto":
         if requested not in arts:
-            raise BackendError(f"{package.root}: config forces artifact {requested!r}, package has {sorted(arts)}")
+            raise BackendError(
+                f"{package.root}: config forces artifact {requested!r}, package has {sorted(arts)}"
+            )
         if not runtime_available(arts[requested].runtime):
-            raise BackendError(f"artifact {requested!r} needs runtime {arts[requested].runtime!r}, not installed")
+            raise BackendError(
+                f"artifact {requested!r} needs runtime {arts[requested].runtime!r}, not installed"
+            )
         return BackendChoice(artifact=requested, runtime=arts[requested].runtime, forced=True)
     if not runnable_artifacts(package):
         runtimes = sorted({a.runtime for a in arts.values()})
-        raise BackendError(f"{package.root}: no installed runtime can run this package (needs one of {runtimes})")
+        raise BackendError(
+            f"{package.root}: no installed runtime can run this package (needs one of {runtimes})"
+        )
     key = f"{package.sha256}:{options.threads}:{options.batch}"
     cached = state.cached_choice(key) if state else None
     if cached and cached.get("artifact") in arts:
@@ -106,9 +122,11 @@ def choose_artifact(
     choice = BackendChoice(artifact=best, runtime=arts[best].runtime, timings_ms=fast)
     log.info(
         "timed %d artifacts in %.1f s: %s; chose %s",
-        len(timings), time.perf_counter() - t0,
-        ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(fast.items(), key=lambda kv: kv[1])), best,
-    )  # fmt: skip
+        len(timings),
+        time.perf_counter() - t0,
+        ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(fast.items(), key=lambda kv: kv[1])),
+        best,
+    )
     if state:
         state.store_choice(key, choice.model_dump())
     return choice

@@ -198,7 +198,9 @@ class FrameSource(ABC):
                     self._count("open_failures")
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     delay = self._backoff.next()
-                    log.warning("source %s unavailable (%s); retrying in %.1f s", self.uri, self.last_error, delay)
+                    log.warning(
+                        "source %s unavailable (%s); retrying in %.1f s", self.uri, self.last_error, delay
+                    )
                     self._wait(delay)
                     continue
             t0 = time.perf_counter()
@@ -214,11 +216,18 @@ class FrameSource(ABC):
                 self._count("reconnects")
                 self._wait(self._backoff.next())
                 continue
-            if image is None or not isinstance(image, np.ndarray) or image.size == 0 or image.ndim not in (2, 3):
+            if (
+                image is None
+                or not isinstance(image, np.ndarray)
+                or image.size == 0
+                or image.ndim not in (2, 3)
+            ):
                 self._count("corrupt")
                 corrupt_in_a_row += 1
                 if self.live and corrupt_in_a_row >= _MAX_CORRUPT_IN_A_ROW:
-                    log.warning("source %s: %d corrupt frames in a row; reopening", self.uri, corrupt_in_a_row)
+                    log.warning(
+                        "source %s: %d corrupt frames in a row; reopening", self.uri, corrupt_in_a_row
+                    )
                     self._safe_release()
                     opened = False
                     self._count("reconnects")

@@ -30,20 +30,39 @@ def open_source(
             raise SourceError(f"{uri}: camera index must be an integer, e.g. camera:0") from None
         from edge_agent.sources.video import VideoCaptureSource
 
-        return VideoCaptureSource(uri, index, width=width, height=height, fps=fps, reconnect_min_s=reconnect_min_s, reconnect_max_s=reconnect_max_s)
+        return VideoCaptureSource(
+            uri,
+            index,
+            width=width,
+            height=height,
+            fps=fps,
+            reconnect_min_s=reconnect_min_s,
+            reconnect_max_s=reconnect_max_s,
+        )
     if scheme in ("rtsp", "rtsps", "http", "https"):
         if not urlsplit(uri).hostname:
             raise SourceError(f"{uri}: stream URL has no host")
         from edge_agent.sources.video import VideoCaptureSource
 
-        return VideoCaptureSource(uri, uri, fps=fps, reconnect_min_s=reconnect_min_s, reconnect_max_s=reconnect_max_s)
+        return VideoCaptureSource(
+            uri, uri, fps=fps, reconnect_min_s=reconnect_min_s, reconnect_max_s=reconnect_max_s
+        )
     if scheme == "file":
         path = Path(rest)
         if not path.is_file():
             raise SourceError(f"{uri}: video file {path} not found")
         from edge_agent.sources.video import VideoCaptureSource
 
-        return VideoCaptureSource(uri, str(path), is_file=True, loop=loop, realtime=bool(realtime), fps=fps, reconnect_min_s=reconnect_min_s, reconnect_max_s=reconnect_max_s)
+        return VideoCaptureSource(
+            uri,
+            str(path),
+            is_file=True,
+            loop=loop,
+            realtime=bool(realtime),
+            fps=fps,
+            reconnect_min_s=reconnect_min_s,
+            reconnect_max_s=reconnect_max_s,
+        )
     if scheme == "dir":
         from edge_agent.sources.directory import DirectorySource
 
@@ -55,7 +74,9 @@ def open_source(
         known = {"fps", "width", "height", "frames", "corrupt_every", "seed"}
         unknown = set(query) - known
         if unknown:
-            raise SourceError(f"{uri}: unknown synthetic parameter(s) {sorted(unknown)} (known: {sorted(known)})")
+            raise SourceError(
+                f"{uri}: unknown synthetic parameter(s) {sorted(unknown)} (known: {sorted(known)})"
+            )
         try:
             return SyntheticSource(
                 uri,
@@ -68,4 +89,6 @@ def open_source(
             )
         except ValueError as exc:
             raise SourceError(f"{uri}: bad synthetic parameter ({exc})") from None
-    raise SourceError(f"{uri}: unknown source scheme {scheme!r} (camera:N, rtsp://, http(s)://, file:, dir:, synthetic:)")
+    raise SourceError(
+        f"{uri}: unknown source scheme {scheme!r} (camera:N, rtsp://, http(s)://, file:, dir:, synthetic:)"
+    )

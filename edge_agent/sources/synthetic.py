@@ -40,7 +40,11 @@ class SyntheticSource(FrameSource):
         self._next_due = 0.0
         yy, xx = np.mgrid[0:height, 0:width]
         self._base = np.stack(
-            [(xx * 255 // max(1, width - 1)), (yy * 255 // max(1, height - 1)), ((xx + yy) * 127 // max(1, width + height))],
+            [
+                (xx * 255 // max(1, width - 1)),
+                (yy * 255 // max(1, height - 1)),
+                ((xx + yy) * 127 // max(1, width + height)),
+            ],
             axis=-1,
         ).astype(np.uint8)
 

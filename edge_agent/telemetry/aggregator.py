@@ -192,7 +192,11 @@ class TelemetryAggregator:
         return window
 
     def switch_model(
-        self, model: ModelRef, edges: Mapping[str, list[float]], now: float, atc_threshold: float | None = None
+        self,
+        model: ModelRef,
+        edges: Mapping[str, list[float]],
+        now: float,
+        atc_threshold: float | None = None,
     ) -> TelemetryWindow:
         """Close the window of the old model and continue with a new one (a window has one model)."""
         window = self.close(now)

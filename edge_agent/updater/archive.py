@@ -57,7 +57,9 @@ def _safe_name(name: str) -> PurePosixPath:
     return p
 
 
-def unpack_archive(archive: str | Path, dest: str | Path, *, max_bytes: int, max_files: int = MAX_FILES) -> list[str]:
+def unpack_archive(
+    archive: str | Path, dest: str | Path, *, max_bytes: int, max_files: int = MAX_FILES
+) -> list[str]:
     """Extract ``archive`` into the new directory ``dest``; every file is fsynced. Returns the names."""
     dest = Path(dest)
     dest.mkdir(parents=True)

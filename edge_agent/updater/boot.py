@@ -36,7 +36,9 @@ def _factory(path: Path) -> tuple[ModelPackage, Installed]:
     return pkg, Installed(slot="factory", package_sha256=pkg.sha256, model=m.name, version=m.version)
 
 
-def select_boot(store: UpdateStore, factory_path: Path, *, max_attempts: int = 2, now: float | None = None) -> Boot:
+def select_boot(
+    store: UpdateStore, factory_path: Path, *, max_attempts: int = 2, now: float | None = None
+) -> Boot:
     """Choose, verify and persist the model to boot; raises PackageError if not even the factory one verifies."""
     now = time.time() if now is None else now
     state = store.load()
@@ -49,7 +51,9 @@ def select_boot(store: UpdateStore, factory_path: Path, *, max_attempts: int = 2
         try:
             pkg = load_package(store.slot_dir(cand.slot))
             if pkg.sha256 != cand.package_sha256:
-                raise PackageError(f"model.json sha256 {pkg.sha256[:12]}... is not the recorded {cand.package_sha256[:12]}...")
+                raise PackageError(
+                    f"model.json sha256 {pkg.sha256[:12]}... is not the recorded {cand.package_sha256[:12]}..."
+                )
             chosen = (pkg, cand)
             break
         except PackageError as exc:

@@ -51,20 +51,34 @@ def check_compatible(info: ReleaseInfo, length: int, device: DeviceProfile) -> N
     if info.model != device.model:
         raise no("wrong_model", f"release is model {info.model!r}, this device follows {device.model!r}")
     if length > device.max_target_bytes:
-        raise no("too_large", f"target is {length} bytes, the device accepts at most {device.max_target_bytes}")
+        raise no(
+            "too_large", f"target is {length} bytes, the device accepts at most {device.max_target_bytes}"
+        )
     if version_tuple(device.agent_version) < version_tuple(info.min_agent_version):
-        raise no("agent_too_old", f"release needs agent >= {info.min_agent_version}, this is {device.agent_version}")
+        raise no(
+            "agent_too_old",
+            f"release needs agent >= {info.min_agent_version}, this is {device.agent_version}",
+        )
     if info.package_format != PACKAGE_FORMAT:
-        raise no("package_format", f"package format {info.package_format!r}, this agent reads {PACKAGE_FORMAT!r}")
+        raise no(
+            "package_format", f"package format {info.package_format!r}, this agent reads {PACKAGE_FORMAT!r}"
+        )
     if device.artifact != "auto":
         runtime = info.formats.get(device.artifact)
         if runtime is None:
-            raise no("no_runnable_format", f"device runs {device.artifact!r}; release has {sorted(info.formats)}")
+            raise no(
+                "no_runnable_format", f"device runs {device.artifact!r}; release has {sorted(info.formats)}"
+            )
         if runtime not in device.runtimes:
-            raise no("no_runnable_format", f"artifact {device.artifact!r} needs {runtime!r}, not installed here")
+            raise no(
+                "no_runnable_format", f"artifact {device.artifact!r} needs {runtime!r}, not installed here"
+            )
     elif not set(info.formats.values()) & device.runtimes:
-        raise no("no_runnable_format", f"release needs one of {sorted(set(info.formats.values()))}; "
-                 f"installed: {sorted(device.runtimes)}")  # fmt: skip
+        raise no(
+            "no_runnable_format",
+            f"release needs one of {sorted(set(info.formats.values()))}; "
+            f"installed: {sorted(device.runtimes)}",
+        )
     try:
         PreprocessSpec.model_validate_json(info.preprocess)
     except ValidationError as exc:
@@ -72,4 +86,7 @@ def check_compatible(info: ReleaseInfo, length: int, device: DeviceProfile) -> N
         loc = ".".join(str(p) for p in first["loc"])
         raise no("preprocess_unsupported", f"preprocess.{loc}: {first['msg']}") from None
     if info.hardware and not set(info.hardware) & device.hardware:
-        raise no("hardware_mismatch", f"release supports {sorted(info.hardware)}; device is {sorted(device.hardware)}")
+        raise no(
+            "hardware_mismatch",
+            f"release supports {sorted(info.hardware)}; device is {sorted(device.hardware)}",
+        )

@@ -46,7 +46,9 @@ class HttpFetcher(FetcherInterface):
     def _request(self, url: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
         self.requests += 1
         try:
-            return self._pool.request("GET", url, headers=headers, preload_content=False, timeout=self.timeout)
+            return self._pool.request(
+                "GET", url, headers=headers, preload_content=False, timeout=self.timeout
+            )
         except urllib3.exceptions.MaxRetryError as exc:
             if isinstance(exc.reason, urllib3.exceptions.TimeoutError):
                 raise tuf_exc.SlowRetrievalError(str(exc)) from exc

@@ -80,12 +80,23 @@ class HealthWindow:
         failures = sum(w.events.get(e, 0) for e in MODEL_FAILURE_EVENTS)
         if failures > p.max_model_failures:
             kinds = {e: w.events[e] for e in MODEL_FAILURE_EVENTS if w.events.get(e)}
-            return "health_failures", f"window {w.seq}: {failures} frame failures {kinds} (allowed {p.max_model_failures})"
+            return (
+                "health_failures",
+                f"window {w.seq}: {failures} frame failures {kinds} (allowed {p.max_model_failures})",
+            )
         if w.frames.inferred == 0:
             return None
         lat = w.latency_ms.get("inference")
-        if p.latency_budget_ms is not None and lat is not None and lat.p50 is not None and lat.p50 > p.latency_budget_ms:
-            return "health_latency", f"window {w.seq}: median inference {lat.p50:.1f} ms > budget {p.latency_budget_ms:.1f} ms"
+        if (
+            p.latency_budget_ms is not None
+            and lat is not None
+            and lat.p50 is not None
+            and lat.p50 > p.latency_budget_ms
+        ):
+            return (
+                "health_latency",
+                f"window {w.seq}: median inference {lat.p50:.1f} ms > budget {p.latency_budget_ms:.1f} ms",
+            )
         conf = mean_confidence(w)
         if p.reference_confidence is not None and conf is not None:
             floor = p.min_confidence_ratio * p.reference_confidence

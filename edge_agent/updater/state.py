@@ -122,15 +122,30 @@ class UpdateStateData(BaseModel):
         if self.committed is None:
             self.committed = factory
 
-    def begin_staging(self, slot: WritableSlot, *, target: str, target_sha256: str, release: int,
-                      package_sha256: str, model: str, version: str) -> None:  # fmt: skip
+    def begin_staging(
+        self,
+        slot: WritableSlot,
+        *,
+        target: str,
+        target_sha256: str,
+        release: int,
+        package_sha256: str,
+        model: str,
+        version: str,
+    ) -> None:
         """Claim ``slot`` for a new release; whatever it held (an old fallback) is forgotten first."""
         if self.previous is not None and self.previous.slot == slot:
             self.previous = None
         self.staging = Staging(
-            slot=slot, phase="writing", target=target, target_sha256=target_sha256, release=release,
-            package_sha256=package_sha256, model=model, version=version,
-        )  # fmt: skip
+            slot=slot,
+            phase="writing",
+            target=target,
+            target_sha256=target_sha256,
+            release=release,
+            package_sha256=package_sha256,
+            model=model,
+            version=version,
+        )
 
     def mark_staged(self) -> None:
         assert self.staging is not None
@@ -141,9 +156,15 @@ class UpdateStateData(BaseModel):
         s = self.staging
         assert s is not None and s.phase == "staged"
         self.trial = Installed(
-            slot=s.slot, package_sha256=s.package_sha256, model=s.model, version=s.version,
-            release=s.release, target=s.target, target_sha256=s.target_sha256, started=now,
-        )  # fmt: skip
+            slot=s.slot,
+            package_sha256=s.package_sha256,
+            model=s.model,
+            version=s.version,
+            release=s.release,
+            target=s.target,
+            target_sha256=s.target_sha256,
+            started=now,
+        )
         self.staging = None
         self.max_release = max(self.max_release, s.release)
         self.attempts[s.target_sha256] = self.attempts.get(s.target_sha256, 0) + 1
@@ -176,7 +197,9 @@ class UpdateStateData(BaseModel):
         self.rejected[target_sha256] = Rejection(release=release, reason=reason, ts=now)
         self.attempts.pop(target_sha256, None)
         if len(self.rejected) > MAX_REJECTED:
-            oldest = sorted(self.rejected, key=lambda k: self.rejected[k].ts)[: len(self.rejected) - MAX_REJECTED]
+            oldest = sorted(self.rejected, key=lambda k: self.rejected[k].ts)[
+                : len(self.rejected) - MAX_REJECTED
+            ]
             for k in oldest:
                 del self.rejected[k]
 
@@ -201,9 +224,17 @@ class UpdateStateData(BaseModel):
         self.trial = None
         if t.target_sha256 and self.attempts.get(t.target_sha256, 0) >= max_attempts:
             self.reject(t.target_sha256, t.release, "interrupted", now)
-        elif t.slot != "factory" and t.target and t.target_sha256:  # the slot still holds the verified package
+        elif (
+            t.slot != "factory" and t.target and t.target_sha256
+        ):  # the slot still holds the verified package
             self.staging = Staging(
-                slot=t.slot, phase="staged", target=t.target, target_sha256=t.target_sha256, release=t.release,
-                package_sha256=t.package_sha256, model=t.model, version=t.version,
-            )  # fmt: skip
+                slot=t.slot,
+                phase="staged",
+                target=t.target,
+                target_sha256=t.target_sha256,
+                release=t.release,
+                package_sha256=t.package_sha256,
+                model=t.model,
+                version=t.version,
+            )
         return t

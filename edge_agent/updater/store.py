@@ -50,7 +50,9 @@ class UpdateStore:
         try:
             return UpdateStateData.model_validate(json.loads(raw))
         except (ValueError, ValidationError) as exc:  # JSONDecodeError is a ValueError
-            self.load_error = f"{self.state_path}: unreadable ({type(exc).__name__}); starting from the factory model"
+            self.load_error = (
+                f"{self.state_path}: unreadable ({type(exc).__name__}); starting from the factory model"
+            )
             log.error(self.load_error)
             return UpdateStateData()
 

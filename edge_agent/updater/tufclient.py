@@ -73,9 +73,13 @@ class ReleaseRepositoryClient:
         self._fetcher = HttpFetcher(self.timeout_s)
         try:
             self._updater = Updater(
-                str(self.cache_dir), self.metadata_url, target_base_url=self.targets_url, fetcher=self._fetcher,
-                config=UpdaterConfig(max_root_rotations=32, max_delegations=8), bootstrap=self.root_bytes,
-            )  # fmt: skip
+                str(self.cache_dir),
+                self.metadata_url,
+                target_base_url=self.targets_url,
+                fetcher=self._fetcher,
+                config=UpdaterConfig(max_root_rotations=32, max_delegations=8),
+                bootstrap=self.root_bytes,
+            )
             self._updater.refresh()
             return self._updater.get_targetinfo(path)
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:

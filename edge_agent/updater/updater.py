@@ -123,13 +123,18 @@ class Updater:
         self.channels = followed_channels(settings.channel)
         self.track_targets = [target_path(ch, identity.fleet, self.track) for ch in self.channels]
         self.hint_topics = frozenset(release_topic(identity.fleet, ch) for ch in self.channels)
-        self.repo = ReleaseRepositoryClient(settings.repository, settings.root, store.tuf, timeout_s=settings.http_timeout_s)
+        self.repo = ReleaseRepositoryClient(
+            settings.repository, settings.root, store.tuf, timeout_s=settings.http_timeout_s
+        )
         self.profile = DeviceProfile(
-            fleet=identity.fleet, model=self.track, agent_version=__version__,
-            runtimes=frozenset(available_runtimes()), artifact=identity.artifact,
+            fleet=identity.fleet,
+            model=self.track,
+            agent_version=__version__,
+            runtimes=frozenset(available_runtimes()),
+            artifact=identity.artifact,
             hardware=frozenset(settings.hardware if settings.hardware is not None else [platform.machine()]),
             max_target_bytes=settings.max_target_bytes,
-        )  # fmt: skip
+        )
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -174,7 +179,9 @@ class Updater:
         hint = parse_message(topic, payload, ReleaseHint)
         assert isinstance(hint, ReleaseHint)
         if hint.fleet != self.identity.fleet or hint.channel not in self.channels:
-            raise MessageError(f"{topic}: hint for {hint.fleet}/{hint.channel} on this device's channel topic")
+            raise MessageError(
+                f"{topic}: hint for {hint.fleet}/{hint.channel} on this device's channel topic"
+            )
         self._queue.put(("hint", hint))
 
     def on_window(self, window: TelemetryWindow) -> None:
@@ -197,7 +204,9 @@ class Updater:
     # -- the thread ------------------------------------------------------------------------------
     def _run(self) -> None:
         s = self.settings
-        next_poll = time.monotonic() if s.poll_on_start else time.monotonic() + (s.poll_seconds or float("inf"))
+        next_poll = (
+            time.monotonic() if s.poll_on_start else time.monotonic() + (s.poll_seconds or float("inf"))
+        )
         if not s.poll_seconds and not s.poll_on_start:
             next_poll = float("inf")
         while not self._stop.is_set():
@@ -222,7 +231,9 @@ class Updater:
                 log.exception("updater step failed; the current model keeps serving")
 
     def _on_hint(self, hint: ReleaseHint) -> None:
-        if len(self.channels) > 1:  # auto: the best eligible release of every channel, not just the hinted one
+        if (
+            len(self.channels) > 1
+        ):  # auto: the best eligible release of every channel, not just the hinted one
             self._check(None, from_hint=False)
             return
         st = self.state
@@ -283,7 +294,9 @@ class Updater:
                 info = parse_release_info(tinfo.custom)
             except ReleaseInfoError:
                 return path  # let the normal check reject and report it
-            if info.channel != "stable" and (info.cohort is None or not in_cohort(self.identity.device, info.cohort)):
+            if info.channel != "stable" and (
+                info.cohort is None or not in_cohort(self.identity.device, info.cohort)
+            ):
                 continue
             if self.state.is_rejected(tinfo.hashes.get("sha256", "")):
                 continue
@@ -301,13 +314,22 @@ class Updater:
             if info.release > committed.release:  # a roll-forward onto what already runs
                 st.record_release(info.release)
                 self.store.save(st)
-                self._event("active", reason="already_running", info=info, target=tinfo.path,
-                            model=self._host.active.ref)  # fmt: skip
+                self._event(
+                    "active",
+                    reason="already_running",
+                    info=info,
+                    target=tinfo.path,
+                    model=self._host.active.ref,
+                )
             return
-        resumable = st.staging is not None and st.staging.target_sha256 == sha and st.staging.phase == "staged"
+        resumable = (
+            st.staging is not None and st.staging.target_sha256 == sha and st.staging.phase == "staged"
+        )
         if info.release < st.max_release or (info.release == st.max_release and not resumable):
-            raise UpdateRejected("release_rollback", f"release {info.release} is not above {st.max_release}, "
-                                 "the highest installed on this device")  # fmt: skip
+            raise UpdateRejected(
+                "release_rollback",
+                f"release {info.release} is not above {st.max_release}, the highest installed on this device",
+            )
         check_compatible(info, tinfo.length, self.profile)
         pkg = self._stage(tinfo, info, sha, resumable)
         loaded = self._verify(pkg, info)
@@ -320,8 +342,14 @@ class Updater:
             assert st.staging is not None
             try:
                 pkg = self._verified_slot_package(st.staging.slot, info)
-                self._event("staged", reason="already_staged", info=info, target=tinfo.path, slot=st.staging.slot,
-                            model=pkg.ref())  # fmt: skip
+                self._event(
+                    "staged",
+                    reason="already_staged",
+                    info=info,
+                    target=tinfo.path,
+                    slot=st.staging.slot,
+                    model=pkg.ref(),
+                )
                 return pkg
             except UpdateRejected:
                 st.drop_staging()
@@ -329,11 +357,23 @@ class Updater:
         slot = st.staging_slot()
         part = self.store.partial(sha)
         have = part.stat().st_size if part.exists() else 0
-        self._event("downloading", info=info, target=tinfo.path, slot=slot,
-                    detail=f"{tinfo.length} bytes" + (f", resuming at {have}" if have else ""))  # fmt: skip
+        self._event(
+            "downloading",
+            info=info,
+            target=tinfo.path,
+            slot=slot,
+            detail=f"{tinfo.length} bytes" + (f", resuming at {have}" if have else ""),
+        )
         self.repo.download(tinfo, part)
-        st.begin_staging(slot, target=tinfo.path, target_sha256=sha, release=info.release,
-                         package_sha256=info.package_sha256, model=info.model, version=info.version)  # fmt: skip
+        st.begin_staging(
+            slot,
+            target=tinfo.path,
+            target_sha256=sha,
+            release=info.release,
+            package_sha256=info.package_sha256,
+            model=info.model,
+            version=info.version,
+        )
         self.store.save(st)
         dest = self.store.clear_slot(slot)
         try:
@@ -354,10 +394,17 @@ class Updater:
             raise UpdateRejected("bad_package", str(exc), permanent=True) from None
         m = pkg.manifest
         if pkg.sha256 != info.package_sha256:
-            raise UpdateRejected("bad_package", f"package sha256 {pkg.sha256[:12]}... is not the signed "
-                                 f"{info.package_sha256[:12]}...", permanent=True)  # fmt: skip
-        if (m.name, m.version) != (info.model, info.version) or preprocess_text(m.preprocess.model_dump(mode="json")) != info.preprocess:
-            raise UpdateRejected("bad_package", "model.json disagrees with the signed release fields", permanent=True)
+            raise UpdateRejected(
+                "bad_package",
+                f"package sha256 {pkg.sha256[:12]}... is not the signed {info.package_sha256[:12]}...",
+                permanent=True,
+            )
+        if (m.name, m.version) != (info.model, info.version) or preprocess_text(
+            m.preprocess.model_dump(mode="json")
+        ) != info.preprocess:
+            raise UpdateRejected(
+                "bad_package", "model.json disagrees with the signed release fields", permanent=True
+            )
         return pkg
 
     def _verify(self, pkg: ModelPackage, info: ReleaseInfo) -> LoadedModel:
@@ -368,12 +415,19 @@ class Updater:
             loaded = LoadedModel.load(pkg, choice.artifact, ident.backend)
         except (EdgeFleetError, OSError, ValueError) as exc:
             raise UpdateRejected("selftest_failed", f"cannot load: {exc}", permanent=True) from None
-        result = self_test(pkg, loaded.artifact, backend=loaded.backend, latency_budget_ms=self.settings.latency_budget_ms)
+        result = self_test(
+            pkg, loaded.artifact, backend=loaded.backend, latency_budget_ms=self.settings.latency_budget_ms
+        )
         if not result.passed:
             loaded.close()
             raise UpdateRejected("selftest_failed", f"{loaded.artifact}: {result.summary()}", permanent=True)
-        self._event("verified", info=info, model=loaded.ref, selftest_ms=result.latency_ms,
-                    detail=f"{loaded.artifact}: {result.summary()}")  # fmt: skip
+        self._event(
+            "verified",
+            info=info,
+            model=loaded.ref,
+            selftest_ms=result.latency_ms,
+            detail=f"{loaded.artifact}: {result.summary()}",
+        )
         return loaded
 
     def _start_trial(self, loaded: LoadedModel, info: ReleaseInfo) -> None:
@@ -383,10 +437,12 @@ class Updater:
         self.store.save(st)  # persisted before the swap: a crash from here on boots the committed model
         ref = loaded.package.manifest.reference
         policy = HealthPolicy(
-            windows=self.settings.health_windows, max_model_failures=self.settings.max_model_failures,
-            latency_budget_ms=self.settings.latency_budget_ms, min_confidence_ratio=self.settings.min_confidence_ratio,
+            windows=self.settings.health_windows,
+            max_model_failures=self.settings.max_model_failures,
+            latency_budget_ms=self.settings.latency_budget_ms,
+            min_confidence_ratio=self.settings.min_confidence_ratio,
             reference_confidence=ref.mean_confidence if ref is not None else None,
-        )  # fmt: skip
+        )
         previous = self._host.swap(loaded)
         self._trial = _Trial(loaded, previous, HealthWindow(policy, now), info)
         self._event("trial", info=info, target=trial.target, slot=trial.slot, model=loaded.ref, windows=0)
@@ -410,8 +466,14 @@ class Updater:
         inst = self.state.commit()
         self.store.save(self.state)
         self._trial = None
-        self._event("active", info=t.info, target=inst.target, slot=inst.slot, model=t.model.ref,
-                    windows=t.health.passed)  # fmt: skip
+        self._event(
+            "active",
+            info=t.info,
+            target=inst.target,
+            slot=inst.slot,
+            model=t.model.ref,
+            windows=t.health.passed,
+        )
         log.info("committed %s %s (release %d)", t.info.model, t.info.version, t.info.release)
 
     def _rollback(self, reason: str, detail: str, windows: int) -> None:
@@ -421,12 +483,22 @@ class Updater:
         inst = self.state.rollback(reason, time.time())
         self.store.save(self.state)
         self._trial = None
-        self._event("rolled_back", reason=reason, detail=detail, info=t.info, target=inst.target, slot=inst.slot,
-                    model=t.model.ref, windows=windows)  # fmt: skip
+        self._event(
+            "rolled_back",
+            reason=reason,
+            detail=detail,
+            info=t.info,
+            target=inst.target,
+            slot=inst.slot,
+            model=t.model.ref,
+            windows=windows,
+        )
         log.warning("rolled back %s %s: %s", t.info.model, t.info.version, detail)
 
     # -- reporting -------------------------------------------------------------------------------
-    def _rejected(self, r: UpdateRejected, path: str, info: ReleaseInfo | None, sha: str | None, *, always: bool) -> None:
+    def _rejected(
+        self, r: UpdateRejected, path: str, info: ReleaseInfo | None, sha: str | None, *, always: bool
+    ) -> None:
         st = self.state
         if st.staging is not None and (sha is None or st.staging.target_sha256 == sha) and r.permanent:
             st.drop_staging()
@@ -446,23 +518,53 @@ class Updater:
         if b.fallbacks:
             parts.append("fell back: " + "; ".join(b.fallbacks))
         reason = "fallback" if b.fallbacks else None
-        self._event("booted", reason=reason, detail="; ".join(parts), slot=b.installed.slot,
-                    model=b.package.ref(), release=b.installed.release, version=b.installed.version)  # fmt: skip
+        self._event(
+            "booted",
+            reason=reason,
+            detail="; ".join(parts),
+            slot=b.installed.slot,
+            model=b.package.ref(),
+            release=b.installed.release,
+            version=b.installed.version,
+        )
         if b.interrupted is not None:
             i = b.interrupted
             given_up = i.target_sha256 is not None and self.state.is_rejected(i.target_sha256)
-            self._event("rolled_back", reason="interrupted", target=i.target, slot=i.slot, release=i.release,
-                        version=i.version, detail="the trial never committed (restart or power cut)"
-                        + ("; given up after repeated interruptions" if given_up else "; it may be tried again"))  # fmt: skip
+            self._event(
+                "rolled_back",
+                reason="interrupted",
+                target=i.target,
+                slot=i.slot,
+                release=i.release,
+                version=i.version,
+                detail="the trial never committed (restart or power cut)"
+                + ("; given up after repeated interruptions" if given_up else "; it may be tried again"),
+            )
 
-    def _event(self, state: str, *, info: ReleaseInfo | None = None, model: ModelRef | None = None,
-               release: int | None = None, version: str | None = None, **fields: Any) -> None:  # fmt: skip
+    def _event(
+        self,
+        state: str,
+        *,
+        info: ReleaseInfo | None = None,
+        model: ModelRef | None = None,
+        release: int | None = None,
+        version: str | None = None,
+        **fields: Any,
+    ) -> None:
         ev = UpdateEvent(
-            fleet=self.identity.fleet, device=self.identity.device, session=self.identity.session, seq=self._seq,
-            ts=time.time(), state=state,  # type: ignore[arg-type]
-            release=info.release if info else release, version=info.version if info else version,
-            model=model, serving=self._host.active.ref, max_release=self.state.max_release, **fields,
-        )  # fmt: skip
+            fleet=self.identity.fleet,
+            device=self.identity.device,
+            session=self.identity.session,
+            seq=self._seq,
+            ts=time.time(),
+            state=state,  # type: ignore[arg-type]
+            release=info.release if info else release,
+            version=info.version if info else version,
+            model=model,
+            serving=self._host.active.ref,
+            max_release=self.state.max_release,
+            **fields,
+        )
         self._seq += 1
         try:
             self._publish(ev)

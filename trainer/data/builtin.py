@@ -71,18 +71,26 @@ def parse_builtin(uri: str) -> BuiltinSpec:
     if n < 1 or w < 32 or h < 32:
         raise DataError(f"{uri}: n must be >= 1 and size at least 32x32")
     classes = values("classes", CLASSES) or list(CLASSES)
-    lights, backs, sensors = values("lighting", LIGHTINGS), values("background", BACKGROUNDS), values("sensor", SENSORS)
+    lights, backs, sensors = (
+        values("lighting", LIGHTINGS),
+        values("background", BACKGROUNDS),
+        values("sensor", SENSORS),
+    )
     if lights is None and backs is None and sensors is None:
         domains: tuple[Domain, ...] = BASE_DOMAINS
     else:
         domains = tuple(
             Domain(li, b, s)
-            for li, b, s in itertools.product(lights or ["day", "dusk"], backs or ["belt", "shelf", "plain"], sensors or ["clean"])
+            for li, b, s in itertools.product(
+                lights or ["day", "dusk"], backs or ["belt", "shelf", "plain"], sensors or ["clean"]
+            )
         )
     return BuiltinSpec(name, n, seed, (w, h), tuple(classes), domains)
 
 
-def builtin_dataset(spec: BuiltinSpec | str = BuiltinSpec(), fractions: Sequence[float] = DEFAULT_FRACTIONS) -> Dataset:
+def builtin_dataset(
+    spec: BuiltinSpec | str = BuiltinSpec(), fractions: Sequence[float] = DEFAULT_FRACTIONS
+) -> Dataset:
     """Render the dataset in memory (about 5 ms per 320x240 frame)."""
     if isinstance(spec, str):
         spec = parse_builtin(spec)
@@ -93,7 +101,16 @@ def builtin_dataset(spec: BuiltinSpec | str = BuiltinSpec(), fractions: Sequence
             rng = np.random.default_rng([spec.seed, c, i])
             domain = spec.domains[int(rng.integers(len(spec.domains)))]
             frame = render_frame(cls, domain, rng, spec.size)
-            samples.append(sample_from_image(frame, cls, source=f"builtin:{spec.name}", licence=LICENCE, meta=domain.as_meta(), fractions=fractions))
+            samples.append(
+                sample_from_image(
+                    frame,
+                    cls,
+                    source=f"builtin:{spec.name}",
+                    licence=LICENCE,
+                    meta=domain.as_meta(),
+                    fractions=fractions,
+                )
+            )
     origin = f"builtin:{spec.name} (n={spec.per_class}, seed={spec.seed}, {len(spec.domains)} domains)"
     return Dataset(list(spec.classes), samples, origin=origin, fractions=tuple(fractions))  # type: ignore[arg-type]
 
@@ -111,7 +128,9 @@ def write_imagefolder(dataset: Dataset, out_dir: str | Path) -> Path:
         rel = f"{s.label}/{n:05d}.png"
         if not cv2.imwrite(str(out / rel), s.frame()):
             raise DataError(f"{out / rel}: cannot write")
-        rows.append({"file": rel, "source": s.source, "licence": s.licence, **{k: s.meta.get(k, "") for k in keys}})
+        rows.append(
+            {"file": rel, "source": s.source, "licence": s.licence, **{k: s.meta.get(k, "") for k in keys}}
+        )
     with open(out / METADATA, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["file", "source", "licence", *keys])
         writer.writeheader()
@@ -119,7 +138,9 @@ def write_imagefolder(dataset: Dataset, out_dir: str | Path) -> Path:
     return out
 
 
-def load_dataset(uri: str | Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, **folder_options: object) -> Dataset:
+def load_dataset(
+    uri: str | Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, **folder_options: object
+) -> Dataset:
     """``builtin:NAME?...`` or an ImageFolder directory."""
     text = str(uri)
     if text.startswith(PREFIX):

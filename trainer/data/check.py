@@ -52,7 +52,11 @@ class CheckReport:
         return self.count("blocking") > 0 or (strict and self.count("warning") > 0)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"origin": self.origin, "summary": self.summary, "findings": [f.__dict__ for f in self.findings]}
+        return {
+            "origin": self.origin,
+            "summary": self.summary,
+            "findings": [f.__dict__ for f in self.findings],
+        }
 
     def to_text(self, max_items: int = 10) -> str:
         s = self.summary
@@ -73,7 +77,9 @@ class CheckReport:
 # -- perceptual hashing ---------------------------------------------------------------------------
 def phash(image: np.ndarray) -> int:
     """64-bit DCT perceptual hash of a BGR image (robust to re-encoding, resizing and small edits)."""
-    g = cv2.resize(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+    g = cv2.resize(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), (32, 32), interpolation=cv2.INTER_AREA).astype(
+        np.float32
+    )
     d = cv2.dct(g)[:8, :8].flatten()
     bits = d > np.median(d[1:])
     return int(sum(1 << i for i, b in enumerate(bits) if b))
@@ -81,12 +87,18 @@ def phash(image: np.ndarray) -> int:
 
 def thumbnail(image: np.ndarray) -> np.ndarray:
     """Zero-mean, unit-norm 32x32 grey thumbnail (confirms perceptual-hash matches)."""
-    g = cv2.resize(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+    g = (
+        cv2.resize(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), (32, 32), interpolation=cv2.INTER_AREA)
+        .astype(np.float32)
+        .ravel()
+    )
     g -= g.mean()
     return g / max(float(np.linalg.norm(g)), 1e-6)
 
 
-def near_duplicates(hashes: Sequence[int], thumbs: np.ndarray, max_bits: int = 8, min_corr: float = 0.98) -> list[tuple[int, int, int]]:
+def near_duplicates(
+    hashes: Sequence[int], thumbs: np.ndarray, max_bits: int = 8, min_corr: float = 0.98
+) -> list[tuple[int, int, int]]:
     """Pairs (i, j, hamming distance) within ``max_bits`` whose thumbnails also correlate >= ``min_corr``.
 
     Re-encoded, resized or re-exposed copies correlate above 0.999; different scenes that merely share a
@@ -104,7 +116,9 @@ def near_duplicates(hashes: Sequence[int], thumbs: np.ndarray, max_bits: int = 8
 
 
 # -- label errors ---------------------------------------------------------------------------------
-def _probe_probabilities(features: np.ndarray, y: np.ndarray, num_classes: int, folds: int = 5, seed: int = 0) -> np.ndarray:
+def _probe_probabilities(
+    features: np.ndarray, y: np.ndarray, num_classes: int, folds: int = 5, seed: int = 0
+) -> np.ndarray:
     """Out-of-fold probabilities of a linear probe (full-batch Adam on standardised features), temperature-
     scaled on the out-of-fold logits: an uncalibrated probe is near 100% sure of everything."""
     import torch
@@ -132,7 +146,9 @@ def _probe_probabilities(features: np.ndarray, y: np.ndarray, num_classes: int, 
     return softmax(out, fit_temperature(out, y))
 
 
-def _probe(samples: Sequence[Sample], frames: Sequence[np.ndarray], y: np.ndarray, num_classes: int) -> np.ndarray:
+def _probe(
+    samples: Sequence[Sample], frames: Sequence[np.ndarray], y: np.ndarray, num_classes: int
+) -> np.ndarray:
     from trainer.features import FeatureExtractor
     from trainer.model import build_classifier, split
     from trainer.pretrained import LITE0_PREPROCESS
@@ -142,11 +158,16 @@ def _probe(samples: Sequence[Sample], frames: Sequence[np.ndarray], y: np.ndarra
     return _probe_probabilities(feats, y, num_classes)
 
 
-def _package_probabilities(package: ModelPackage, frames: Sequence[np.ndarray], labels: Sequence[str]) -> np.ndarray:
+def _package_probabilities(
+    package: ModelPackage, frames: Sequence[np.ndarray], labels: Sequence[str]
+) -> np.ndarray:
     from trainer.evaluate import ArtifactRunner, label_positions
 
     m = package.manifest
-    key = next((k for k in ("tflite-int8", "onnx-int8", "onnx-fp32", "tflite-fp32") if k in m.artifacts), next(iter(m.artifacts)))
+    key = next(
+        (k for k in ("tflite-int8", "onnx-int8", "onnx-fp32", "tflite-fp32") if k in m.artifacts),
+        next(iter(m.artifacts)),
+    )
     cols = label_positions(labels, m.labels)
     run = ArtifactRunner(package, key)
     try:
@@ -158,24 +179,46 @@ def _package_probabilities(package: ModelPackage, frames: Sequence[np.ndarray], 
 
 # -- the check ------------------------------------------------------------------------------------
 def check_dataset(
-    ds: Dataset, *, package: ModelPackage | None = None, min_class_images: int = 10, max_imbalance: float = 3.0,
-    near_dup_bits: int = 8, disagreement: float = 0.9, label_check: bool = True,
-) -> CheckReport:  # fmt: skip
+    ds: Dataset,
+    *,
+    package: ModelPackage | None = None,
+    min_class_images: int = 10,
+    max_imbalance: float = 3.0,
+    near_dup_bits: int = 8,
+    disagreement: float = 0.9,
+    label_check: bool = True,
+) -> CheckReport:
     """Run every check on ``ds``; ``package`` is the current model for the label-error check."""
     counts = ds.counts()
     per_class = {lab: sum(counts[s][lab] for s in SPLITS) for lab in ds.labels}
-    rep = CheckReport(ds.origin, {
-        "images": len(ds.samples), "classes": len(ds.labels), "per_class": per_class,
-        "per_split": {s: sum(counts[s].values()) for s in SPLITS}, "skipped": len(ds.skipped),
-        "licences": dict(Counter(s.licence for s in ds.samples)), "sources": dict(Counter(s.source for s in ds.samples)),
-    })  # fmt: skip
+    rep = CheckReport(
+        ds.origin,
+        {
+            "images": len(ds.samples),
+            "classes": len(ds.labels),
+            "per_class": per_class,
+            "per_split": {s: sum(counts[s].values()) for s in SPLITS},
+            "skipped": len(ds.skipped),
+            "licences": dict(Counter(s.licence for s in ds.samples)),
+            "sources": dict(Counter(s.source for s in ds.samples)),
+        },
+    )
     corrupt = [k for k in ds.skipped if k.corrupt]
     if corrupt:
-        rep.add("blocking", "corrupt", f"{len(corrupt)} file(s) cannot be read or decoded (they are skipped; fix or delete them)",
-                [f"{k.path}: {k.reason}" for k in corrupt])  # fmt: skip
+        rep.add(
+            "blocking",
+            "corrupt",
+            f"{len(corrupt)} file(s) cannot be read or decoded (they are skipped; fix or delete them)",
+            [f"{k.path}: {k.reason}" for k in corrupt],
+        )
     ignored = [k for k in ds.skipped if not k.corrupt]
     if ignored:
-        rep.add("info", "ignored", f"{len(ignored)} non-image file(s) ignored", [f"{k.path}: {k.reason}" for k in ignored])
+        rep.add(
+            "info",
+            "ignored",
+            f"{len(ignored)} non-image file(s) ignored",
+            [f"{k.path}: {k.reason}" for k in ignored],
+        )
     empty = [lab for lab, n in per_class.items() if n == 0]
     if empty:
         rep.add("blocking", "empty-class", f"{len(empty)} class folder(s) without usable images", empty)
@@ -183,18 +226,32 @@ def check_dataset(
         rep.add("blocking", "classes", "fewer than 2 classes with images: a classifier needs at least 2")
     tiny = [f"{lab}: {n}" for lab, n in per_class.items() if 0 < n < min_class_images]
     if tiny:
-        rep.add("blocking", "tiny-class", f"{len(tiny)} class(es) with fewer than {min_class_images} images", tiny)
+        rep.add(
+            "blocking", "tiny-class", f"{len(tiny)} class(es) with fewer than {min_class_images} images", tiny
+        )
     no_train = [lab for lab in ds.labels if per_class[lab] and counts["train"][lab] == 0]
     if no_train:
-        rep.add("blocking", "split", "class(es) without any training image after the content-hash split; add images", no_train)
+        rep.add(
+            "blocking",
+            "split",
+            "class(es) without any training image after the content-hash split; add images",
+            no_train,
+        )
     for s in ("val", "test"):
         missing = [lab for lab in ds.labels if per_class[lab] and counts[s][lab] == 0]
         if missing:
-            rep.add("warning", "split", f"class(es) without {s} images: their {s} metrics are undefined", missing)
+            rep.add(
+                "warning", "split", f"class(es) without {s} images: their {s} metrics are undefined", missing
+            )
     present = [n for n in per_class.values() if n]
     if present and max(present) > max_imbalance * min(present):
-        rep.add("warning", "imbalance", f"largest class has {max(present) / min(present):.1f}x the images of the smallest "
-                f"(training weights the loss by inverse class frequency)", [f"{k}: {v}" for k, v in per_class.items()])  # fmt: skip
+        rep.add(
+            "warning",
+            "imbalance",
+            f"largest class has {max(present) / min(present):.1f}x the images of the smallest "
+            f"(training weights the loss by inverse class frequency)",
+            [f"{k}: {v}" for k, v in per_class.items()],
+        )
 
     by_sha: dict[str, list[Sample]] = defaultdict(list)
     for sample in ds.samples:
@@ -202,11 +259,19 @@ def check_dataset(
     conflicts = [g for g in by_sha.values() if len({x.label for x in g}) > 1]
     dupes = [g for g in by_sha.values() if len(g) > 1 and len({x.label for x in g}) == 1]
     if conflicts:
-        rep.add("blocking", "duplicate-conflict", f"{len(conflicts)} identical image(s) under different labels",
-                [" = ".join(f"{s.name} ({s.label})" for s in g) for g in conflicts])  # fmt: skip
+        rep.add(
+            "blocking",
+            "duplicate-conflict",
+            f"{len(conflicts)} identical image(s) under different labels",
+            [" = ".join(f"{s.name} ({s.label})" for s in g) for g in conflicts],
+        )
     if dupes:
-        rep.add("warning", "duplicate", f"{len(dupes)} image(s) present more than once (same split, same label)",
-                [" = ".join(s.name for s in g) for g in dupes])  # fmt: skip
+        rep.add(
+            "warning",
+            "duplicate",
+            f"{len(dupes)} image(s) present more than once (same split, same label)",
+            [" = ".join(s.name for s in g) for g in dupes],
+        )
 
     frames = [s.frame() for s in ds.samples]
     hashes = [phash(f) for f in frames]
@@ -222,23 +287,47 @@ def check_dataset(
         elif a.label != b.label:
             near_conflicts.append(text)
     if leaks:
-        rep.add("blocking", "leakage", f"{len(leaks)} near-duplicate pair(s) across splits (remove one of each pair)", leaks)
+        rep.add(
+            "blocking",
+            "leakage",
+            f"{len(leaks)} near-duplicate pair(s) across splits (remove one of each pair)",
+            leaks,
+        )
     if near_conflicts:
-        rep.add("warning", "near-duplicate-conflict", f"{len(near_conflicts)} near-duplicate pair(s) with different labels", near_conflicts)
+        rep.add(
+            "warning",
+            "near-duplicate-conflict",
+            f"{len(near_conflicts)} near-duplicate pair(s) with different labels",
+            near_conflicts,
+        )
 
     if label_check and len(ds.samples) >= 10 and len(ds.labels) >= 2:
         y = ds.index(ds.samples)
         if package is not None:
-            probs, who = _package_probabilities(package, frames, ds.labels), f"{package.manifest.name} {package.manifest.version}"
+            probs, who = (
+                _package_probabilities(package, frames, ds.labels),
+                f"{package.manifest.name} {package.manifest.version}",
+            )
         else:
-            probs, who = _probe(ds.samples, frames, y, len(ds.labels)), "an out-of-fold linear probe on Lite0 features"
+            probs, who = (
+                _probe(ds.samples, frames, y, len(ds.labels)),
+                "an out-of-fold linear probe on Lite0 features",
+            )
         pred = probs.argmax(1)
         suspects = [
-            (float(probs[i, pred[i]]), f"{s.name}: labelled {s.label}, {who} says {ds.labels[pred[i]]} ({probs[i, pred[i]]:.0%}; "
-             f"{probs[i, y[i]]:.0%} for {s.label})")
-            for i, s in enumerate(ds.samples) if pred[i] != y[i] and probs[i, pred[i]] >= disagreement
-        ]  # fmt: skip
+            (
+                float(probs[i, pred[i]]),
+                f"{s.name}: labelled {s.label}, {who} says {ds.labels[pred[i]]} ({probs[i, pred[i]]:.0%}; "
+                f"{probs[i, y[i]]:.0%} for {s.label})",
+            )
+            for i, s in enumerate(ds.samples)
+            if pred[i] != y[i] and probs[i, pred[i]] >= disagreement
+        ]
         if suspects:
-            rep.add("warning", "label", f"{len(suspects)} image(s) whose label the model strongly disagrees with (check them)",
-                    [t for _, t in sorted(suspects, reverse=True)])  # fmt: skip
+            rep.add(
+                "warning",
+                "label",
+                f"{len(suspects)} image(s) whose label the model strongly disagrees with (check them)",
+                [t for _, t in sorted(suspects, reverse=True)],
+            )
     return rep

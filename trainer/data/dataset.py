@@ -54,7 +54,11 @@ def decode_image(data: bytes, max_side: int | None = None) -> np.ndarray | None:
         return None
     if max_side and max(img.shape[:2]) > max_side:
         s = max_side / max(img.shape[:2])
-        img = cv2.resize(img, (max(2, round(img.shape[1] * s)), max(2, round(img.shape[0] * s))), interpolation=cv2.INTER_AREA)
+        img = cv2.resize(
+            img,
+            (max(2, round(img.shape[1] * s)), max(2, round(img.shape[0] * s))),
+            interpolation=cv2.INTER_AREA,
+        )
     return img
 
 
@@ -90,9 +94,14 @@ class Sample:
 
 
 def sample_from_image(
-    image: np.ndarray, label: str, *, source: str, licence: str = "unspecified",
-    meta: Mapping[str, str] | None = None, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-) -> Sample:  # fmt: skip
+    image: np.ndarray,
+    label: str,
+    *,
+    source: str,
+    licence: str = "unspecified",
+    meta: Mapping[str, str] | None = None,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+) -> Sample:
     """An in-memory sample (a rendered frame or a labelled field sample) with its content split."""
     sha = image_sha256(image)
     return Sample(sha, label, split_of(sha, fractions), source, licence, dict(meta or {}), image=image)
@@ -179,8 +188,13 @@ class Dataset:
             split_fractions=self.fractions,
             entries=[
                 ManifestEntry(
-                    file=s.file, sha256=s.sha256, label=s.label, split=s.split, source=s.source,
-                    licence=s.licence, meta=dict(s.meta),
+                    file=s.file,
+                    sha256=s.sha256,
+                    label=s.label,
+                    split=s.split,
+                    source=s.source,
+                    licence=s.licence,
+                    meta=dict(s.meta),
                 )
                 for s in self.samples
             ],
@@ -201,9 +215,12 @@ class Dataset:
         seen = {s.sha256 for s in self.samples}
         extra = [s for s in other.samples if s.sha256 not in seen]
         return Dataset(
-            list(self.labels), self.samples + extra, f"{self.origin} + {other.origin}", self.fractions,
+            list(self.labels),
+            self.samples + extra,
+            f"{self.origin} + {other.origin}",
+            self.fractions,
             self.skipped + other.skipped,
-        )  # fmt: skip
+        )
 
     def require_trainable(self, min_train_per_class: int = 2, min_eval: int = 4) -> None:
         """Raise :class:`DataError` saying what to fix unless this dataset can be trained and evaluated."""
@@ -212,14 +229,18 @@ class Dataset:
         totals = {lab: sum(counts[s][lab] for s in SPLITS) for lab in self.labels}
         empty = [lab for lab, n in totals.items() if n == 0]
         if empty:
-            raise DataError(f"{where}: class(es) {empty} have no usable image; add images or remove the class folder")
+            raise DataError(
+                f"{where}: class(es) {empty} have no usable image; add images or remove the class folder"
+            )
         if len(self.labels) < 2:
             raise DataError(
                 f"{where}: only one class ({self.labels[0] if self.labels else 'none'}); a classifier needs at "
                 "least 2 class folders with images"
             )
         short = [
-            f"{lab} ({counts['train'][lab]} of {totals[lab]})" for lab in self.labels if counts["train"][lab] < min_train_per_class
+            f"{lab} ({counts['train'][lab]} of {totals[lab]})"
+            for lab in self.labels
+            if counts["train"][lab] < min_train_per_class
         ]
         if short:
             raise DataError(

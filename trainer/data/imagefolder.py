@@ -45,9 +45,13 @@ def _read_metadata(root: Path) -> dict[str, dict[str, str]]:
 
 
 def load_imagefolder(
-    root: str | Path, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, source: str | None = None,
-    licence: str = "unspecified", max_side: int | None = 640,
-) -> Dataset:  # fmt: skip
+    root: str | Path,
+    *,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    source: str | None = None,
+    licence: str = "unspecified",
+    max_side: int | None = 640,
+) -> Dataset:
     """Read and hash every image under ``root/<class>/``; corrupt files are listed in ``skipped``."""
     root = Path(root)
     if not root.is_dir():
@@ -70,7 +74,9 @@ def load_imagefolder(
                 continue
             rel = p.relative_to(root).as_posix()
             if p.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append(Skipped(rel, f"not an image file ({p.suffix or 'no extension'})", corrupt=False))
+                skipped.append(
+                    Skipped(rel, f"not an image file ({p.suffix or 'no extension'})", corrupt=False)
+                )
                 continue
             try:
                 data = p.read_bytes()
@@ -85,10 +91,15 @@ def load_imagefolder(
             meta = {k: v for k, v in row.items() if k not in _RESERVED and v != ""}
             samples.append(
                 Sample(
-                    sha, label, split_of(sha, fractions),
+                    sha,
+                    label,
+                    split_of(sha, fractions),
                     source=row.get("source") or source or f"folder:{root.name}",
                     licence=row.get("licence") or row.get("license") or licence,
-                    meta=meta, path=p, file=rel, max_side=max_side,
-                )  # fmt: skip
+                    meta=meta,
+                    path=p,
+                    file=rel,
+                    max_side=max_side,
+                )
             )
     return Dataset(labels, samples, origin=str(root), fractions=fractions, skipped=skipped)

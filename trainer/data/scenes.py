@@ -21,7 +21,16 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-CLASSES: tuple[str, ...] = ("circle", "ellipse", "triangle", "square", "rectangle", "pentagon", "hexagon", "star")
+CLASSES: tuple[str, ...] = (
+    "circle",
+    "ellipse",
+    "triangle",
+    "square",
+    "rectangle",
+    "pentagon",
+    "hexagon",
+    "star",
+)
 LIGHTINGS: tuple[str, ...] = ("day", "dusk", "night", "glare")
 BACKGROUNDS: tuple[str, ...] = ("belt", "shelf", "plain", "clutter", "tiles")
 SENSORS: tuple[str, ...] = ("clean", "noisy", "soft", "lowres")
@@ -50,7 +59,12 @@ class Domain:
 
     def as_meta(self) -> dict[str, str]:
         """Metadata keys for slicing evaluation (lighting, background, sensor, domain)."""
-        return {"lighting": self.lighting, "background": self.background, "sensor": self.sensor, "domain": self.name}
+        return {
+            "lighting": self.lighting,
+            "background": self.background,
+            "sensor": self.sensor,
+            "domain": self.name,
+        }
 
 
 BASE_DOMAINS: tuple[Domain, ...] = tuple(
@@ -79,14 +93,18 @@ def _background(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarr
         return g[..., None] * tint[None, None, :].astype(np.float32)
     if kind == "shelf":  # wooden planks with grain
         wood = np.array([0.25, 0.42, 0.62]) * rng.uniform(0.75, 1.15)  # BGR brown
-        grain = 0.08 * np.sin(xx * rng.uniform(0.05, 0.12) + 3 * _smooth_noise(h, w, rng, 4)) + 0.05 * _smooth_noise(h, w, rng, 12)
+        grain = 0.08 * np.sin(
+            xx * rng.uniform(0.05, 0.12) + 3 * _smooth_noise(h, w, rng, 4)
+        ) + 0.05 * _smooth_noise(h, w, rng, 12)
         plank = rng.uniform(50, 90)
-        seams = (np.abs(((yy + rng.uniform(0, plank)) % plank) - plank / 2) > plank / 2 - 2).astype(np.float32)
+        seams = (np.abs(((yy + rng.uniform(0, plank)) % plank) - plank / 2) > plank / 2 - 2).astype(
+            np.float32
+        )
         g = 1.0 + grain - 0.35 * seams
         return (g[..., None] * wood[None, None, :]).astype(np.float32)
     if kind == "plain":  # smooth gradient between two muted colours
         a, b = rng.uniform(0.35, 0.8, 3), rng.uniform(0.35, 0.8, 3)
-        t = (xx / w * rng.uniform(-1, 1) + yy / h * rng.uniform(-1, 1))
+        t = xx / w * rng.uniform(-1, 1) + yy / h * rng.uniform(-1, 1)
         t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
         return (a[None, None, :] * (1 - t[..., None]) + b[None, None, :] * t[..., None]).astype(np.float32)
     if kind == "clutter":  # many small coloured things: a busy new environment
@@ -98,13 +116,21 @@ def _background(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarr
             if rng.random() < 0.5:
                 cv2.rectangle(img, (x - s, y - s // 2), (x + s, y + s // 2), colour, -1)
             else:
-                cv2.line(img, (x, y), (x + int(rng.integers(-3 * s, 3 * s)), y + int(rng.integers(-3 * s, 3 * s))), colour, 2)
+                cv2.line(
+                    img,
+                    (x, y),
+                    (x + int(rng.integers(-3 * s, 3 * s)), y + int(rng.integers(-3 * s, 3 * s))),
+                    colour,
+                    2,
+                )
         return img
     if kind == "tiles":  # checkerboard floor tiles
         size = rng.uniform(20, 45)
         a, b = rng.uniform(0.2, 0.9, 3), rng.uniform(0.2, 0.9, 3)
         chk = ((np.floor(xx / size) + np.floor(yy / size)) % 2).astype(np.float32)
-        return (a[None, None, :] * (1 - chk[..., None]) + b[None, None, :] * chk[..., None]).astype(np.float32)
+        return (a[None, None, :] * (1 - chk[..., None]) + b[None, None, :] * chk[..., None]).astype(
+            np.float32
+        )
     raise ValueError(f"unknown background {kind!r}")
 
 
@@ -185,9 +211,18 @@ def _distractors(img: np.ndarray, rng: np.random.Generator) -> None:
         x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
         colour = tuple(float(c) for c in rng.uniform(0.5, 1.0, 3))
         if rng.random() < 0.5:
-            cv2.rectangle(img, (x, y), (x + int(rng.integers(8, 22)), y + int(rng.integers(4, 9))), colour, -1)
+            cv2.rectangle(
+                img, (x, y), (x + int(rng.integers(8, 22)), y + int(rng.integers(4, 9))), colour, -1
+            )
         else:
-            cv2.line(img, (x, y), (x + int(rng.integers(-30, 30)), y + int(rng.integers(-6, 6))), colour, 1, cv2.LINE_AA)
+            cv2.line(
+                img,
+                (x, y),
+                (x + int(rng.integers(-30, 30)), y + int(rng.integers(-6, 6))),
+                colour,
+                1,
+                cv2.LINE_AA,
+            )
 
 
 # -- lighting and sensor --------------------------------------------------------------------------
@@ -209,7 +244,9 @@ def _light(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
         cx, cy, s = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h, rng.uniform(0.35, 0.6) * min(h, w)
         spot = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))[..., None]
         out = img * rng.uniform(1.25, 1.5) + 0.6 * spot
-        return out * (1 - 0.5 * spot) + 0.5 * spot * out.mean(axis=2, keepdims=True)  # desaturated where it glares
+        return out * (1 - 0.5 * spot) + 0.5 * spot * out.mean(
+            axis=2, keepdims=True
+        )  # desaturated where it glares
     raise ValueError(f"unknown lighting {kind!r}")
 
 

@@ -53,8 +53,15 @@ class DriftConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     features: tuple[str, ...] = (
-        "confidence", "entropy", "margin", "brightness", "contrast", "log_laplacian_var", "saturation", CLASS_PRIOR,
-    )  # fmt: skip
+        "confidence",
+        "entropy",
+        "margin",
+        "brightness",
+        "contrast",
+        "log_laplacian_var",
+        "saturation",
+        CLASS_PRIOR,
+    )
     fdr: float = Field(default=0.001, gt=0, lt=1)
     """Benjamini-Hochberg false discovery rate across features and devices in one step."""
     reference_coverage: float | None = Field(default=0.999, gt=0.5, lt=1)
@@ -143,7 +150,7 @@ def _window_counts(window: TelemetryWindow, feature: str, num_classes: int) -> l
 
 def assess_window(
     key: str, window: TelemetryWindow, ref: ReferenceStats, cfg: DriftConfig, dispersion: float = 1.0
-) -> WindowAssessment | None:  # fmt: skip
+) -> WindowAssessment | None:
     """Per-feature tests of one window, its counts scaled to ``n / dispersion`` independent observations;
     None when it has too few frames to say anything."""
     n = window.frames.inferred
@@ -156,7 +163,9 @@ def assess_window(
         ref_counts = _reference_counts(ref, feature)
         counts = _window_counts(window, feature, len(ref.class_prior))
         if len(counts) != len(ref_counts):
-            raise ValueError(f"{key}: feature {feature} has {len(counts)} bins, the reference {len(ref_counts)}")
+            raise ValueError(
+                f"{key}: feature {feature} has {len(counts)} bins, the reference {len(ref_counts)}"
+            )
         if sum(counts) == 0:
             continue  # e.g. input statistics skipped in this window
         out.counts[feature] = counts
@@ -171,13 +180,17 @@ def assess_window(
             df=df,
             p_value=p,
             js=js_divergence(np.asarray(counts), np.asarray(ref_counts)),
-            threshold=max(cfg.js_floor, null_js_threshold(ref_counts, max(1, round(n_eff)), cfg.null_quantile)),
+            threshold=max(
+                cfg.js_floor, null_js_threshold(ref_counts, max(1, round(n_eff)), cfg.null_quantile)
+            ),
             psi=psi(np.asarray(counts), np.asarray(ref_counts)),
         )
     return out
 
 
-def pair_dispersion(previous: Mapping[str, Sequence[int]], current: Mapping[str, Sequence[int]]) -> float | None:
+def pair_dispersion(
+    previous: Mapping[str, Sequence[int]], current: Mapping[str, Sequence[int]]
+) -> float | None:
     """Overdispersion of two consecutive windows of one key: pooled chi-square / df of their two-sample
     tests. About 1 when frames are independent draws from one distribution, about k when each scene is
     seen for k frames (the variance of a window's histogram grows k-fold)."""
@@ -243,7 +256,9 @@ class DriftMonitor:
     def _key(self, key: str) -> _KeyState:
         return self._keys.setdefault(key, _KeyState(self.cfg.k_of_n[1], self.cfg.dispersion_pairs))
 
-    def step(self, windows: Mapping[str, TelemetryWindow], reference: ReferenceStats) -> tuple[list[WindowAssessment], list[Transition]]:
+    def step(
+        self, windows: Mapping[str, TelemetryWindow], reference: ReferenceStats
+    ) -> tuple[list[WindowAssessment], list[Transition]]:
         """Assess one step's windows (one per key, all of the same model) and update the states."""
         assessments = []
         for k, w in windows.items():

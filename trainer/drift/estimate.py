@@ -66,7 +66,9 @@ def _fit_below(edges: tuple[float, ...], counts: tuple[int, ...], target: float)
     return (lo + hi) / 2
 
 
-def estimate_accuracy(windows: Iterable[TelemetryWindow], reference: ReferenceStats | None = None) -> AccuracyEstimate:
+def estimate_accuracy(
+    windows: Iterable[TelemetryWindow], reference: ReferenceStats | None = None
+) -> AccuracyEstimate:
     """Frame-weighted ATC and average-confidence estimates over one or more windows of one model
     (and ATC-NE when the model's ``reference`` is given)."""
     frames = above = 0
@@ -87,7 +89,11 @@ def estimate_accuracy(windows: Iterable[TelemetryWindow], reference: ReferenceSt
             above += w.atc_above
         h = w.histograms.get("entropy")
         if h is not None:
-            entropy = np.asarray(h.counts, np.int64) if entropy is None else entropy + np.asarray(h.counts, np.int64)
+            entropy = (
+                np.asarray(h.counts, np.int64)
+                if entropy is None
+                else entropy + np.asarray(h.counts, np.int64)
+            )
             edges = h.edges
     if frames == 0:
         return AccuracyEstimate(0, None, None)

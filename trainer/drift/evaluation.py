@@ -28,7 +28,9 @@ WINDOWS_PER_DEVICE_WEEK = 7 * 24 * 60
 """One-minute windows in a week (10,080)."""
 
 
-def draw_frames(rng: np.random.Generator, pool_size: int, windows: int, window_frames: int, frames_per_scene: int = 1) -> np.ndarray:
+def draw_frames(
+    rng: np.random.Generator, pool_size: int, windows: int, window_frames: int, frames_per_scene: int = 1
+) -> np.ndarray:
     """Frame indices (``windows`` x ``window_frames``): scenes drawn with replacement, each seen for
     ``frames_per_scene`` consecutive frames (1: every frame a new scene; 5: an object stays 1 s at 5 fps)."""
     scenes = -(-window_frames // frames_per_scene)
@@ -61,13 +63,25 @@ class FalseAlarms:
         return self.flagged_windows / self.windows
 
     def as_dict(self) -> dict[str, float]:
-        return {**asdict(self), "device_weeks": self.device_weeks, "per_device_week": self.per_device_week, "flagged_rate": self.flagged_rate}
+        return {
+            **asdict(self),
+            "device_weeks": self.device_weeks,
+            "per_device_week": self.per_device_week,
+            "flagged_rate": self.flagged_rate,
+        }
 
 
 def false_alarms(
-    pool: FramePool, reference: ReferenceStats, *, devices: int, steps: int, cfg: DriftConfig | None = None,
-    rng: np.random.Generator, window_frames: int = WINDOW_FRAMES, frames_per_scene: int = 1,
-) -> FalseAlarms:  # fmt: skip
+    pool: FramePool,
+    reference: ReferenceStats,
+    *,
+    devices: int,
+    steps: int,
+    cfg: DriftConfig | None = None,
+    rng: np.random.Generator,
+    window_frames: int = WINDOW_FRAMES,
+    frames_per_scene: int = 1,
+) -> FalseAlarms:
     """``devices`` clean devices assessed together (BH across them) for ``steps`` windows each."""
     monitor = DriftMonitor(cfg)
     drift = warn = flagged = 0
@@ -94,7 +108,9 @@ class Detection:
     def rate_within(self) -> dict[int, float]:
         """Share of trials detected within k windows, for k = 1..max_windows."""
         n = len(self.delays)
-        return {k: sum(d is not None and d <= k for d in self.delays) / n for k in range(1, self.max_windows + 1)}
+        return {
+            k: sum(d is not None and d <= k for d in self.delays) / n for k in range(1, self.max_windows + 1)
+        }
 
     @property
     def median_delay(self) -> float | None:
@@ -105,10 +121,18 @@ class Detection:
 
 
 def detection_delays(
-    clean: FramePool, shifted: FramePool, reference: ReferenceStats, *, trials: int, cfg: DriftConfig | None = None,
-    rng: np.random.Generator, warmup: int = 5, max_windows: int = 6, window_frames: int = WINDOW_FRAMES,
+    clean: FramePool,
+    shifted: FramePool,
+    reference: ReferenceStats,
+    *,
+    trials: int,
+    cfg: DriftConfig | None = None,
+    rng: np.random.Generator,
+    warmup: int = 5,
+    max_windows: int = 6,
+    window_frames: int = WINDOW_FRAMES,
     frames_per_scene: int = 1,
-) -> Detection:  # fmt: skip
+) -> Detection:
     """Each trial: ``warmup`` clean windows (the device has been running: its dispersion is learnt), then
     shifted ones until ``drift`` (or ``max_windows``)."""
     delays: list[int | None] = []
@@ -155,8 +179,13 @@ def _estimates(windows: list[TelemetryWindow], reference: ReferenceStats) -> dic
 
 
 def estimation_errors(
-    pool: FramePool, reference: ReferenceStats, *, windows: int, rng: np.random.Generator, window_frames: int = WINDOW_FRAMES
-) -> EstimationError:  # fmt: skip
+    pool: FramePool,
+    reference: ReferenceStats,
+    *,
+    windows: int,
+    rng: np.random.Generator,
+    window_frames: int = WINDOW_FRAMES,
+) -> EstimationError:
     """Estimates over all of the pool's frames and over ``windows`` resampled windows."""
     errs: dict[str, list[float]] = {k: [] for k in ESTIMATES}
     for s in pool.windows(windows, rng, size=window_frames):
@@ -165,9 +194,12 @@ def estimation_errors(
                 errs[k].append(abs(v - s.true_accuracy))
     whole = pool.fast_window(np.arange(len(pool)))
     return EstimationError(
-        condition=pool.condition.name, frames=len(pool), accuracy=pool.accuracy, stream=_estimates([whole], reference),
+        condition=pool.condition.name,
+        frames=len(pool),
+        accuracy=pool.accuracy,
+        stream=_estimates([whole], reference),
         window_mae={k: float(np.mean(v)) if v else None for k, v in errs.items()},
-    )  # fmt: skip
+    )
 
 
 def mae_points(errors: Mapping[str, EstimationError]) -> dict[str, float | None]:

@@ -88,7 +88,15 @@ class Condition:
 
     @property
     def name(self) -> str:
-        parts = [f"{k}={v}" for k, v in (("lighting", self.lighting), ("background", self.background), ("sensor", self.sensor)) if v]
+        parts = [
+            f"{k}={v}"
+            for k, v in (
+                ("lighting", self.lighting),
+                ("background", self.background),
+                ("sensor", self.sensor),
+            )
+            if v
+        ]
         if self.corruption:
             parts.append(f"{self.corruption}@{self.severity}")
         return "+".join(parts) or "clean"
@@ -96,7 +104,9 @@ class Condition:
     def domain(self, rng: np.random.Generator) -> Domain:
         """A base domain drawn uniformly (as the built-in dataset does), with this condition's overrides."""
         base = BASE_DOMAINS[int(rng.integers(len(BASE_DOMAINS)))]
-        return Domain(self.lighting or base.lighting, self.background or base.background, self.sensor or base.sensor)
+        return Domain(
+            self.lighting or base.lighting, self.background or base.background, self.sensor or base.sensor
+        )
 
     def render(self, label: str, rng: np.random.Generator, size: tuple[int, int] = FRAME_SIZE) -> np.ndarray:
         """One BGR camera frame of an object of ``label`` in this condition."""
@@ -133,7 +143,9 @@ class FramePool:
         self.bins = {}
         for name in FEATURES:
             h = FixedHistogram(self.edges[name])
-            self.bins[name] = np.fromiter((h.bin_of(v) for v in self.values[name].tolist()), np.int32, len(self))
+            self.bins[name] = np.fromiter(
+                (h.bin_of(v) for v in self.values[name].tolist()), np.int32, len(self)
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -161,9 +173,15 @@ class FramePool:
         """Frames ``idx`` of this pool, optionally counted against another ATC threshold."""
         idx = np.asarray(idx)
         return FramePool(
-            self.condition, self.model, self.edges, self.atc_threshold if atc_threshold is None else atc_threshold,
-            self.num_classes, self.labels[idx], self.top1[idx], {k: v[idx] for k, v in self.values.items()},
-        )  # fmt: skip
+            self.condition,
+            self.model,
+            self.edges,
+            self.atc_threshold if atc_threshold is None else atc_threshold,
+            self.num_classes,
+            self.labels[idx],
+            self.top1[idx],
+            {k: v[idx] for k, v in self.values.items()},
+        )
 
     def reference(self, idx: np.ndarray | None = None) -> ReferenceStats:
         """The drift reference of frames ``idx`` (default: all), computed as ``trainer.baseline.reference_stats`` does."""
@@ -174,11 +192,14 @@ class FramePool:
         n = w.frames.inferred
         conf, correct = self.values["confidence"][idx], self.correct[idx]
         return ReferenceStats(
-            artifact=self.model.artifact or "unknown", images=n, histograms=w.histograms,
+            artifact=self.model.artifact or "unknown",
+            images=n,
+            histograms=w.histograms,
             class_prior=[w.class_counts.get(c, 0) / n for c in range(self.num_classes)],
-            mean_confidence=float(w.confidence_mean or 0.0), accuracy=float(correct.mean()),
+            mean_confidence=float(w.confidence_mean or 0.0),
+            accuracy=float(correct.mean()),
             atc_threshold=atc_threshold(conf, correct),
-        )  # fmt: skip
+        )
 
     def frame_result(self, i: int) -> FrameResult:
         """Frame ``i`` as the agent hands it to its aggregator (no latencies)."""
@@ -187,36 +208,73 @@ class FramePool:
         inputs = InputStatistics(v["brightness"], v["contrast"], v["log_laplacian_var"], v["saturation"])
         return FrameResult(output=out, inputs=inputs, latency_ms={})
 
-    def window(self, idx: Sequence[int] | np.ndarray, *, device: str = "sim", seq: int = 0, start: float = 0.0, seconds: float = 60.0) -> TelemetryWindow:
+    def window(
+        self,
+        idx: Sequence[int] | np.ndarray,
+        *,
+        device: str = "sim",
+        seq: int = 0,
+        start: float = 0.0,
+        seconds: float = 60.0,
+    ) -> TelemetryWindow:
         """The window of frames ``idx`` built by the agent's ``TelemetryAggregator``."""
         agg = TelemetryAggregator(
-            fleet="sim", device=device, session=1, model=self.model, agent_version=agent_version, edges=self.edges,
-            now=start, window_seconds=seconds, first_seq=seq, atc_threshold=self.atc_threshold,
-        )  # fmt: skip
+            fleet="sim",
+            device=device,
+            session=1,
+            model=self.model,
+            agent_version=agent_version,
+            edges=self.edges,
+            now=start,
+            window_seconds=seconds,
+            first_seq=seq,
+            atc_threshold=self.atc_threshold,
+        )
         for i in np.asarray(idx).tolist():
             agg.add(self.frame_result(i))
         agg.add_counts(captured=len(idx))
         return agg.close(start + seconds)
 
-    def fast_window(self, idx: np.ndarray, *, device: str = "sim", seq: int = 0, start: float = 0.0, seconds: float = 60.0) -> TelemetryWindow:
+    def fast_window(
+        self, idx: np.ndarray, *, device: str = "sim", seq: int = 0, start: float = 0.0, seconds: float = 60.0
+    ) -> TelemetryWindow:
         """The same window as :meth:`window` (latencies aside), vectorised."""
         n = len(idx)
         hists = {
-            name: Histogram(edges=self.edges[name], counts=np.bincount(self.bins[name][idx], minlength=len(self.edges[name]) - 1).tolist())
+            name: Histogram(
+                edges=self.edges[name],
+                counts=np.bincount(self.bins[name][idx], minlength=len(self.edges[name]) - 1).tolist(),
+            )
             for name in FEATURES
-        }  # fmt: skip
+        }
         classes = np.bincount(self.top1[idx])
         conf = self.values["confidence"][idx]
         return TelemetryWindow(
-            fleet="sim", device=device, session=1, seq=seq, start=start, end=start + seconds, model=self.model,
-            agent_version=agent_version, frames=FrameCounts(captured=n, inferred=n),
-            class_counts={int(c): int(k) for c, k in enumerate(classes) if k}, histograms=hists,
+            fleet="sim",
+            device=device,
+            session=1,
+            seq=seq,
+            start=start,
+            end=start + seconds,
+            model=self.model,
+            agent_version=agent_version,
+            frames=FrameCounts(captured=n, inferred=n),
+            class_counts={int(c): int(k) for c, k in enumerate(classes) if k},
+            histograms=hists,
             # the aggregator adds confidences one by one; cumsum keeps that order (np.sum would not)
             confidence_mean=round(float(np.cumsum(conf)[-1]) / n, 6) if n else None,
             atc_above=int((conf > self.atc_threshold).sum()) if self.atc_threshold is not None else None,
-        )  # fmt: skip
+        )
 
-    def windows(self, count: int, rng: np.random.Generator, *, size: int = WINDOW_FRAMES, device: str = "sim", first_seq: int = 0) -> list[SimWindow]:
+    def windows(
+        self,
+        count: int,
+        rng: np.random.Generator,
+        *,
+        size: int = WINDOW_FRAMES,
+        device: str = "sim",
+        first_seq: int = 0,
+    ) -> list[SimWindow]:
         """``count`` windows of ``size`` frames resampled with replacement, with their true accuracy."""
         correct = self.correct
         out = []
@@ -281,7 +339,21 @@ class Simulator:
         for i, (frame, label) in enumerate(self.frames(condition, frames, seed)):
             out, inputs = self.infer(frame)
             labels[i], top1[i] = label, out.top1
-            for name, v in (("confidence", out.confidence), ("entropy", out.entropy), ("margin", out.margin), *inputs.as_dict().items()):
+            for name, v in (
+                ("confidence", out.confidence),
+                ("entropy", out.entropy),
+                ("margin", out.margin),
+                *inputs.as_dict().items(),
+            ):
                 values[name][i] = v
         edges = {k: list(v) for k, v in m.telemetry_edges.items()}
-        return FramePool(condition, self.package.ref(self.artifact), edges, self.atc_threshold, len(m.labels), labels, top1, values)
+        return FramePool(
+            condition,
+            self.package.ref(self.artifact),
+            edges,
+            self.atc_threshold,
+            len(m.labels),
+            labels,
+            top1,
+            values,
+        )

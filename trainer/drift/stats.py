@@ -13,7 +13,9 @@ from scipy.stats import chi2
 _EPS = 1e-12
 
 
-def merge_sparse_bins(a: np.ndarray, b: np.ndarray, min_expected: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+def merge_sparse_bins(
+    a: np.ndarray, b: np.ndarray, min_expected: float = 5.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Merge adjacent bins until every merged bin's expected count (under homogeneity) is >= min_expected.
 
     The chi-square approximation needs it; merging neighbours keeps the ordinal structure of the feature.
@@ -43,7 +45,9 @@ def merge_sparse_bins(a: np.ndarray, b: np.ndarray, min_expected: float = 5.0) -
     return np.array(ma), np.array(mb)
 
 
-def chi2_homogeneity(window: Sequence[float] | np.ndarray, reference: Sequence[float] | np.ndarray) -> tuple[float, int, float]:
+def chi2_homogeneity(
+    window: Sequence[float] | np.ndarray, reference: Sequence[float] | np.ndarray
+) -> tuple[float, int, float]:
     """Chi-square test that two histograms come from one distribution: (statistic, df, p-value).
 
     A two-sample test (2xK contingency table), so the reference's own sampling noise is accounted for.
@@ -56,12 +60,16 @@ def chi2_homogeneity(window: Sequence[float] | np.ndarray, reference: Sequence[f
     col = a + b
     n = na + nb
     ea, eb = col * na / n, col * nb / n
-    stat = float((((a - ea) ** 2) / np.maximum(ea, _EPS)).sum() + (((b - eb) ** 2) / np.maximum(eb, _EPS)).sum())
+    stat = float(
+        (((a - ea) ** 2) / np.maximum(ea, _EPS)).sum() + (((b - eb) ** 2) / np.maximum(eb, _EPS)).sum()
+    )
     df = k - 1
     return stat, df, float(chdtrc(df, stat))
 
 
-def reference_robust_pvalue(stat: float, df: int, n_window: float, n_reference: float, coverage: float = 0.999) -> float:
+def reference_robust_pvalue(
+    stat: float, df: int, n_window: float, n_reference: float, coverage: float = 0.999
+) -> float:
     """P-value of a window-vs-reference chi-square statistic that holds for the *fixed* reference in use.
 
     The two-sample p-value is calibrated over draws of both the window and the reference. But one
@@ -124,7 +132,9 @@ def _null_js_quantile(ref_key: tuple[int, ...], n: int, q: float, draws: int, se
     return float(np.quantile(values, q))
 
 
-def null_js_threshold(reference: Sequence[int], n: int, q: float = 0.999, draws: int = 2000, seed: int = 0) -> float:
+def null_js_threshold(
+    reference: Sequence[int], n: int, q: float = 0.999, draws: int = 2000, seed: int = 0
+) -> float:
     """The ``q`` quantile of JS divergence between a size-``n`` window and the reference when nothing drifted.
 
     This is what makes the effect-size threshold depend on the window size: small windows differ from

@@ -15,8 +15,11 @@ def register_trainer(sub: argparse._SubParsersAction) -> None:
     tsub = p.add_subparsers(dest="trainer_cmd", required=True)
     s = tsub.add_parser("serve", help="run the service until SIGTERM")
     s.add_argument("--config", required=True, help="trainer YAML (see deploy/trainer.yaml)")
-    s.add_argument("--champion", help="the model package the fleet runs now (released to every device if it "
-                   "is not the stable release yet)")  # fmt: skip
+    s.add_argument(
+        "--champion",
+        help="the model package the fleet runs now (released to every device if it "
+        "is not the stable release yet)",
+    )
     s.set_defaults(func=_serve)
 
 
@@ -72,7 +75,9 @@ def _export(args: argparse.Namespace) -> int:
 
     with Store(args.db) as store:
         n = export_queue(store, Path(args.out), _labels_of(args.package), args.limit)
-    print(f"wrote {n} unlabelled samples to {args.out}; fill in the label column, then `edgefleet labels import`")
+    print(
+        f"wrote {n} unlabelled samples to {args.out}; fill in the label column, then `edgefleet labels import`"
+    )
     return 0
 
 
@@ -89,8 +94,11 @@ def _import(args: argparse.Namespace) -> int:
 def register_rollout(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rollout", help="staged rollouts: status, promote, abort")
     rsub = p.add_subparsers(dest="rollout_cmd", required=True)
-    for name, helptext in (("status", "rollouts and their state"), ("promote", "promote the running canary to stable"),
-                           ("abort", "roll the canary cohort back onto the champion")):  # fmt: skip
+    for name, helptext in (
+        ("status", "rollouts and their state"),
+        ("promote", "promote the running canary to stable"),
+        ("abort", "roll the canary cohort back onto the champion"),
+    ):
         r = rsub.add_parser(name, help=helptext)
         r.add_argument("--db", required=True)
         r.add_argument("--repo", required=True)
@@ -113,8 +121,18 @@ def _rollout(args: argparse.Namespace) -> int:
         rollouts = store.rollouts(args.fleet)
         if args.rollout_action == "status":
             for r in rollouts:
-                print(json.dumps({"id": r.id, "release_id": r.release_id, "cohort": r.cohort, "state": r.state,
-                                  "started_at": r.started_at, "updated_at": r.updated_at}))  # fmt: skip
+                print(
+                    json.dumps(
+                        {
+                            "id": r.id,
+                            "release_id": r.release_id,
+                            "cohort": r.cohort,
+                            "state": r.state,
+                            "started_at": r.started_at,
+                            "updated_at": r.updated_at,
+                        }
+                    )
+                )
             return 0
         active = [r for r in rollouts if r.state == "active" and (r.cohort or "").startswith("canary")]
         if not active:
@@ -132,10 +150,21 @@ def _rollout(args: argparse.Namespace) -> int:
 
             publisher = FleetPublisher(MqttSettings(url=args.broker), args.fleet)
         mgr = RolloutManager(store, repo, publisher, fleet=args.fleet, model=args.model, cfg=RolloutConfig())
-        mgr.active = ActiveRollout(active[-1].id, canary, canary.package_sha256, stable.package_sha256, canary.cohort,
-                                   active[-1].started_at, canary.version)  # fmt: skip
+        mgr.active = ActiveRollout(
+            active[-1].id,
+            canary,
+            canary.package_sha256,
+            stable.package_sha256,
+            canary.cohort,
+            active[-1].started_at,
+            canary.version,
+        )
         actor = getpass.getuser()
-        out = mgr.promote(args.reason, actor=actor) if args.rollout_action == "promote" else mgr.rollback(args.reason, actor=actor)
+        out = (
+            mgr.promote(args.reason, actor=actor)
+            if args.rollout_action == "promote"
+            else mgr.rollback(args.reason, actor=actor)
+        )
         print(f"{out.decision}: release {out.release.release} on {out.release.channel}")
         if publisher:
             publisher.close()
@@ -146,7 +175,9 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole fleet loop on this machine, with measured numbers")
     p.add_argument("--fast", action="store_true", help="a smaller version (CI)")
     p.add_argument("--workdir", default=None)
-    p.add_argument("--embedded-broker", action="store_true", help="use the embedded amqtt broker, not mosquitto")
+    p.add_argument(
+        "--embedded-broker", action="store_true", help="use the embedded amqtt broker, not mosquitto"
+    )
     p.set_defaults(func=_demo)
 
 

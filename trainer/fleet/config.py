@@ -84,5 +84,7 @@ def load_service_config(path: str | Path) -> TrainerServiceConfig:
     try:
         return TrainerServiceConfig.model_validate(data)
     except ValidationError as exc:
-        problems = ["{}: {}".format(".".join(str(x) for x in e["loc"]) or "<root>", e["msg"]) for e in exc.errors()]
+        problems = [
+            "{}: {}".format(".".join(str(x) for x in e["loc"]) or "<root>", e["msg"]) for e in exc.errors()
+        ]
         raise ConfigError(f"{p}: " + "; ".join(problems)) from None

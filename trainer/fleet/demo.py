@@ -72,8 +72,18 @@ class DemoSettings:
 
     @classmethod
     def fast(cls) -> DemoSettings:
-        return cls(devices=6, shifted_share=0.34, window_s=8.0, fps=4.0, per_class=40,
-                   input_size=128, min_labels=240, samples_per_window=12, settle_s=24.0, timeout_s=600.0)  # fmt: skip
+        return cls(
+            devices=6,
+            shifted_share=0.34,
+            window_s=8.0,
+            fps=4.0,
+            per_class=40,
+            input_size=128,
+            min_labels=240,
+            samples_per_window=12,
+            settle_s=24.0,
+            timeout_s=600.0,
+        )
 
 
 class PredictionTracker:
@@ -96,10 +106,17 @@ class PredictionTracker:
         with self.lock:
             self.records.append((p["ts"], p["device"], p["model_version"], p["labels"][0] == truth))
 
-    def accuracy(self, since: float, until: float, devices: set[str] | None = None, version: str | None = None) -> tuple[float | None, int]:
+    def accuracy(
+        self, since: float, until: float, devices: set[str] | None = None, version: str | None = None
+    ) -> tuple[float | None, int]:
         with self.lock:
-            hits = [ok for ts, d, v, ok in self.records if since <= ts < until and (devices is None or d in devices)
-                    and (version is None or v == version)]  # fmt: skip
+            hits = [
+                ok
+                for ts, d, v, ok in self.records
+                if since <= ts < until
+                and (devices is None or d in devices)
+                and (version is None or v == version)
+            ]
         return (sum(hits) / len(hits) if hits else None, len(hits))
 
     def running(self, version: str, since: float) -> set[str]:
@@ -124,15 +141,25 @@ def _start_broker(workdir: Path, embedded: bool = False) -> Any:
 
 def _train_v1(s: DemoSettings, work: Path, timeline: Timeline) -> ModelPackage:
     """The first model, trained in a child process like every retraining run (its log: v1/train.log)."""
-    spec = RetrainSpec(base_data=_base_data(s), out=str(work / "v1" / "package"), name="shapes", version="1.0.0",
-                       train=_train_overrides(s), result=str(work / "v1" / "result.json"))  # fmt: skip
+    spec = RetrainSpec(
+        base_data=_base_data(s),
+        out=str(work / "v1" / "package"),
+        name="shapes",
+        version="1.0.0",
+        train=_train_overrides(s),
+        result=str(work / "v1" / "result.json"),
+    )
     t0 = time.time()
     proc = start_job(spec, work / "v1")
     result = read_result(spec, proc.wait())
     if result["status"] != "ok":
         raise RuntimeError(f"training v1 failed: {result.get('error') or result.get('failures')}")
-    timeline.add("train", f"v1 trained on {_base_data(s)} in {time.time() - t0:.0f} s (held-out accuracy of the "
-                 f"int8 artifact: {result['heldout_accuracy']:.1%})", accuracy=result["heldout_accuracy"])  # fmt: skip
+    timeline.add(
+        "train",
+        f"v1 trained on {_base_data(s)} in {time.time() - t0:.0f} s (held-out accuracy of the "
+        f"int8 artifact: {result['heldout_accuracy']:.1%})",
+        accuracy=result["heldout_accuracy"],
+    )
     return load_package(result["package"])
 
 
@@ -142,11 +169,16 @@ def _base_data(s: DemoSettings) -> str:
 
 def _train_overrides(s: DemoSettings) -> dict[str, Any]:
     return {
-        "input_size": s.input_size, "aug_views": 1, "formats": ["onnx-fp32", "tflite-int8"], "device_artifact": "tflite-int8",
-        "robustness": {"enabled": False}, "progress": False, "feature_cache": str(ROOT / "build" / "feature-cache"),
+        "input_size": s.input_size,
+        "aug_views": 1,
+        "formats": ["onnx-fp32", "tflite-int8"],
+        "device_artifact": "tflite-int8",
+        "robustness": {"enabled": False},
+        "progress": False,
+        "feature_cache": str(ROOT / "build" / "feature-cache"),
         "gate": {"max_ece": None, "max_accuracy_drop": 3.0, "max_slice_drop": 5.0},
         **s.train,
-    }  # fmt: skip
+    }
 
 
 def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, Any]:
@@ -163,16 +195,26 @@ def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, A
         timeline.add("broker", f"{type(broker).__name__} at {broker.url}")
         v1 = _train_v1(s, workdir, timeline)
         cfg = TrainerServiceConfig(
-            fleet=fleet, mqtt=MqttSettings(url=broker.url, client_id="trainer"), db_url=f"sqlite:///{workdir / 'fleet.db'}",
+            fleet=fleet,
+            mqtt=MqttSettings(url=broker.url, client_id="trainer"),
+            db_url=f"sqlite:///{workdir / 'fleet.db'}",
             release=ReleaseServerSettings(repo=workdir / "repo", port=0),
             shared_subscription=getattr(broker, "shared_subscriptions", True),
-            training=TrainingSettings(base_data=_base_data(s), model="shapes", min_field_gain=3.0,
-                                      train=_train_overrides(s), work_dir=workdir / "trainer"),
-            drift=DriftConfig(min_window_frames=20), slot_s=s.window_s, grace_s=3.0, labeller="oracle",
+            training=TrainingSettings(
+                base_data=_base_data(s),
+                model="shapes",
+                min_field_gain=3.0,
+                train=_train_overrides(s),
+                work_dir=workdir / "trainer",
+            ),
+            drift=DriftConfig(min_window_frames=20),
+            slot_s=s.window_s,
+            grace_s=3.0,
+            labeller="oracle",
             sample_minutes=60,
             retrain=RetrainPolicyConfig(min_labels=s.min_labels, cooldown_s=60),
             rollout=RolloutConfig(canary_share=0.5, min_windows=4, margin_points=3.0),
-        )  # fmt: skip
+        )
         service = TrainerService(cfg, labeller=oracle_label, timeline=timeline).start()
         stack.callback(service.stop)
         factory = build_tiny_package(workdir / "factory", version="0.1.0", name="placeholder")
@@ -182,37 +224,79 @@ def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, A
         shifted = set(devices[: max(1, round(s.shifted_share * s.devices))])
         summary.update(devices=devices, shifted=sorted(shifted))
         schedule = ShiftSchedule()
-        configs = [device_config(d, fleet, workdir / "devices", factory.root, broker.url, repo_url=service.repo_url,
-                                 root=root, window_seconds=s.window_s, extra={
-                                     "update": {"repository": service.repo_url, "root": str(root), "channel": "auto",
-                                                "model": "shapes", "poll_seconds": 10, "health_windows": 2,
-                                                "latency_budget_ms": 400},
-                                     "sampling": {"enabled": True, "consent": "simulation", "per_window": s.samples_per_window,
-                                                  "max_per_hour": 3600}})  # fmt: skip
-                   for d in devices]
+        configs = [
+            device_config(
+                d,
+                fleet,
+                workdir / "devices",
+                factory.root,
+                broker.url,
+                repo_url=service.repo_url,
+                root=root,
+                window_seconds=s.window_s,
+                extra={
+                    "update": {
+                        "repository": service.repo_url,
+                        "root": str(root),
+                        "channel": "auto",
+                        "model": "shapes",
+                        "poll_seconds": 10,
+                        "health_windows": 2,
+                        "latency_budget_ms": 400,
+                    },
+                    "sampling": {
+                        "enabled": True,
+                        "consent": "simulation",
+                        "per_window": s.samples_per_window,
+                        "max_per_hour": 3600,
+                    },
+                },
+            )
+            for d in devices
+        ]
         tracker = PredictionTracker(broker.port, fleet)
         stack.callback(tracker.close)
         sim = FleetSimulator(configs, schedule, fps=s.fps).start()
         stack.callback(sim.stop)
-        timeline.add("fleet", f"{len(devices)} simulated cameras started on a placeholder model ({s.fps:g} fps, "
-                     f"{s.window_s:g} s windows)")  # fmt: skip
+        timeline.add(
+            "fleet",
+            f"{len(devices)} simulated cameras started on a placeholder model ({s.fps:g} fps, "
+            f"{s.window_s:g} s windows)",
+        )
         service.release_initial(v1)
         deadline = time.time() + s.timeout_s
-        _wait(lambda: tracker.running("1.0.0", time.time() - s.window_s) >= set(devices), deadline, "every device on v1")
+        _wait(
+            lambda: tracker.running("1.0.0", time.time() - s.window_s) >= set(devices),
+            deadline,
+            "every device on v1",
+        )
         t_v1 = time.time()
         timeline.add("fleet_on_v1", "every device runs v1")
         time.sleep(s.clean_windows * s.window_s)
         shift_at = time.time()
-        schedule.shifts.append(Shift(shift_at - sim.t0, frozenset(shifted), lighting=s.lighting, sensor=s.sensor))
-        timeline.add("shift", f"{'+'.join(p for p in (s.lighting, s.sensor) if p)} hits {', '.join(sorted(shifted))}")
-        _wait(lambda: service.champion is not None and service.champion.manifest.version != "1.0.0"
-              and tracker.running(service.champion.manifest.version, time.time() - s.window_s) >= set(devices),
-              deadline, "v2 on every device")  # fmt: skip
+        schedule.shifts.append(
+            Shift(shift_at - sim.t0, frozenset(shifted), lighting=s.lighting, sensor=s.sensor)
+        )
+        timeline.add(
+            "shift", f"{'+'.join(p for p in (s.lighting, s.sensor) if p)} hits {', '.join(sorted(shifted))}"
+        )
+        _wait(
+            lambda: (
+                service.champion is not None
+                and service.champion.manifest.version != "1.0.0"
+                and tracker.running(service.champion.manifest.version, time.time() - s.window_s)
+                >= set(devices)
+            ),
+            deadline,
+            "v2 on every device",
+        )
         t_v2 = time.time()
         v2 = service.champion.manifest.version  # type: ignore[union-attr]
         timeline.add("fleet_on_v2", f"every device runs {v2}")
         time.sleep(s.settle_s)
-        summary.update(_measure(service, tracker, timeline, shifted, set(devices), t_v1, shift_at, t_v2, time.time(), v2))
+        summary.update(
+            _measure(service, tracker, timeline, shifted, set(devices), t_v1, shift_at, t_v2, time.time(), v2)
+        )
         summary["service_errors"] = service.errors
     summary["timeline"] = timeline.to_json()
     (workdir / "demo.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -227,19 +311,36 @@ def _wait(pred: Any, deadline: float, what: str) -> None:
         time.sleep(1.0)
 
 
-def _measure(service: TrainerService, tracker: PredictionTracker, timeline: Timeline, shifted: set[str], everyone: set[str],
-             t_v1: float, shift_at: float, t_v2: float, t_end: float, v2: str) -> dict[str, Any]:  # fmt: skip
+def _measure(
+    service: TrainerService,
+    tracker: PredictionTracker,
+    timeline: Timeline,
+    shifted: set[str],
+    everyone: set[str],
+    t_v1: float,
+    shift_at: float,
+    t_v2: float,
+    t_end: float,
+    v2: str,
+) -> dict[str, Any]:
     others = everyone - shifted
     drift = timeline.first("drift", lambda e: e.details.get("device") in shifted)
     promoted = timeline.first("rollout_promoted")
-    phases = {"v1 before shift": (t_v1, shift_at), "v1 after shift": (shift_at, (drift.t if drift else shift_at) + 1e9),
-              f"{v2} everywhere": (t_v2, t_end)}  # fmt: skip
+    phases = {
+        "v1 before shift": (t_v1, shift_at),
+        "v1 after shift": (shift_at, (drift.t if drift else shift_at) + 1e9),
+        f"{v2} everywhere": (t_v2, t_end),
+    }
     retrain = timeline.first("retrain_started")
     if retrain:
         phases["v1 after shift"] = (shift_at, retrain.t)
     rows = []
     for name, (a, b) in phases.items():
-        row: dict[str, Any] = {"phase": name, "from_s": round(a - timeline.t0, 1), "to_s": round(b - timeline.t0, 1)}
+        row: dict[str, Any] = {
+            "phase": name,
+            "from_s": round(a - timeline.t0, 1),
+            "to_s": round(b - timeline.t0, 1),
+        }
         for group, devs in (("shifted", shifted), ("others", others)):
             acc, n = tracker.accuracy(a, b, devs)
             ws = [w for d in devs for w in service.store.windows(device=d, since=a, until=b)]
@@ -250,8 +351,11 @@ def _measure(service: TrainerService, tracker: PredictionTracker, timeline: Time
     windows_until = None
     if drift is not None:  # windows of that device that saw the shift, up to the one that set drift
         slot_end = drift.details["slot_start"] + service.cfg.slot_s
-        windows_until = sum(1 for w in service.store.windows(device=drift.details["device"], since=shift_at, ended=True)
-                            if w.end < slot_end)  # fmt: skip
+        windows_until = sum(
+            1
+            for w in service.store.windows(device=drift.details["device"], since=shift_at, ended=True)
+            if w.end < slot_end
+        )
     return {
         "phases": rows,
         "detection_delay_s": detect,
@@ -268,22 +372,30 @@ def _print_summary(s: dict[str, Any], workdir: Path) -> None:
         for group in ("shifted", "others"):
             g = row[group]
             fmt = lambda x: f"{x:.1%}" if isinstance(x, float) else "  n/a"  # noqa: E731
-            print(f"{row['phase']:22s} {group:8s} {fmt(g['true']):>9s} {fmt(g['atc']):>8s} {fmt(g['avg_conf']):>9s} {g['frames']:7d}")
+            print(
+                f"{row['phase']:22s} {group:8s} {fmt(g['true']):>9s} {fmt(g['atc']):>8s} {fmt(g['avg_conf']):>9s} {g['frames']:7d}"
+            )
     if s.get("detection_delay_s") is not None:
-        print(f"drift detected {s['detection_delay_s']:.0f} s after the shift, on the device's "
-              f"{s['detection_delay_windows']} window(s) since the shift (the rest is window length and slot grace)")  # fmt: skip
+        print(
+            f"drift detected {s['detection_delay_s']:.0f} s after the shift, on the device's "
+            f"{s['detection_delay_windows']} window(s) since the shift (the rest is window length and slot grace)"
+        )
     if s.get("time_to_recovery_s") is not None:
         print(f"time to recovery (shift -> retrained model on every device): {s['time_to_recovery_s']:.0f} s")
-    print(f"where to look: {workdir}/demo.json (timeline and numbers), {workdir}/fleet.db (store: windows, "
-          f"alerts, samples, labels, releases, audit log), {workdir}/repo (signed releases), "
-          f"{workdir}/trainer/retrain-*/package/card.html (model card of the retrained model)")  # fmt: skip
+    print(
+        f"where to look: {workdir}/demo.json (timeline and numbers), {workdir}/fleet.db (store: windows, "
+        f"alerts, samples, labels, releases, audit log), {workdir}/repo (signed releases), "
+        f"{workdir}/trainer/retrain-*/package/card.html (model card of the retrained model)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="edgefleet demo", description=__doc__)
     ap.add_argument("--fast", action="store_true", help="a smaller version (CI)")
     ap.add_argument("--workdir", default=str(ROOT / "build" / "demo-fleet"))
-    ap.add_argument("--embedded-broker", action="store_true", help="use the embedded amqtt broker, not mosquitto")
+    ap.add_argument(
+        "--embedded-broker", action="store_true", help="use the embedded amqtt broker, not mosquitto"
+    )
     args = ap.parse_args(argv)
     settings = DemoSettings.fast() if args.fast else DemoSettings()
     settings.embedded_broker = args.embedded_broker

@@ -39,12 +39,20 @@ def merge_to_window(windows: list[TelemetryWindow], device: str) -> TelemetryWin
     conf = sum((w.confidence_mean or 0.0) * w.frames.inferred for w in windows)
     atc = None if any(w.atc_above is None for w in windows) else sum(w.atc_above or 0 for w in windows)
     return TelemetryWindow(
-        fleet=first.fleet, device=device, session=first.session, seq=first.seq, start=s.start or first.start,
-        end=s.end or first.end, model=first.model, agent_version=first.agent_version,
-        frames=FrameCounts(**s.frames.model_dump()), class_counts=dict(s.class_counts),
+        fleet=first.fleet,
+        device=device,
+        session=first.session,
+        seq=first.seq,
+        start=s.start or first.start,
+        end=s.end or first.end,
+        model=first.model,
+        agent_version=first.agent_version,
+        frames=FrameCounts(**s.frames.model_dump()),
+        class_counts=dict(s.class_counts),
         histograms={k: Histogram(edges=h.edges, counts=h.counts) for k, h in s.histograms.items()},
-        confidence_mean=conf / inferred if inferred else None, atc_above=atc,
-    )  # fmt: skip
+        confidence_mean=conf / inferred if inferred else None,
+        atc_above=atc,
+    )
 
 
 @dataclass
@@ -65,8 +73,16 @@ class _DeviceTrack:
 class DriftService:
     """Feeds stored windows to per-model drift monitors, slot by slot."""
 
-    def __init__(self, store: Store, fleet: str, cfg: DriftConfig | None = None, *, slot_s: float = 60.0,
-                 grace_s: float = 15.0, start: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        fleet: str,
+        cfg: DriftConfig | None = None,
+        *,
+        slot_s: float = 60.0,
+        grace_s: float = 15.0,
+        start: float = 0.0,
+    ) -> None:
         self.store = store
         self.fleet = fleet
         self.cfg = cfg or DriftConfig()
@@ -145,10 +161,16 @@ class DriftService:
     @staticmethod
     def _matches(w: TelemetryWindow, ref: ReferenceStats, start: float) -> bool:
         """A window whose histograms use other bins than the reference is skipped, not the whole slot."""
-        bad = [f for f, h in w.histograms.items() if f in ref.histograms and h.edges != ref.histograms[f].edges]
+        bad = [
+            f for f, h in w.histograms.items() if f in ref.histograms and h.edges != ref.histograms[f].edges
+        ]
         if bad:
-            log.warning("slot %.0f, %s: histogram bins differ from the reference for %s: not assessed",
-                        start, w.device, ", ".join(bad))  # fmt: skip
+            log.warning(
+                "slot %.0f, %s: histogram bins differ from the reference for %s: not assessed",
+                start,
+                w.device,
+                ", ".join(bad),
+            )
         return not bad
 
     def health(self, sha: str, recent: int = 3) -> dict[str, DeviceHealth]:

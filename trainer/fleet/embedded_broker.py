@@ -35,11 +35,15 @@ class EmbeddedBroker:
         try:
             from amqtt.broker import Broker
         except ImportError as exc:  # the trainer extra installs it
-            raise RuntimeError("neither mosquitto nor amqtt is installed: apt-get install mosquitto, or "
-                               "pip install 'edgefleet[trainer]'") from exc  # fmt: skip
+            raise RuntimeError(
+                "neither mosquitto nor amqtt is installed: apt-get install mosquitto, or "
+                "pip install 'edgefleet[trainer]'"
+            ) from exc
         logging.getLogger("amqtt").setLevel(logging.WARNING)
         config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}", "max_connections": 1000}},
+            "listeners": {
+                "default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}", "max_connections": 1000}
+            },
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
         started = threading.Event()
@@ -63,7 +67,9 @@ class EmbeddedBroker:
         self._thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
         self._thread.start()
         if not started.wait(timeout) or errors:
-            raise RuntimeError(f"embedded MQTT broker did not start on port {self.port}: {errors[0] if errors else 'timeout'}")
+            raise RuntimeError(
+                f"embedded MQTT broker did not start on port {self.port}: {errors[0] if errors else 'timeout'}"
+            )
         return self
 
     def stop(self) -> None:

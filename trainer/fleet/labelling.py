@@ -50,7 +50,17 @@ def export_queue(store: Store, out_csv: Path, labels: Sequence[str], limit: int 
                 (images / name).write_bytes(s.image)
             top = prov.get("top") or []
             predicted = labels[top[0][0]] if top and 0 <= top[0][0] < len(labels) else ""
-            w.writerow([s.id, s.device, f"{s.ts:.3f}", prov.get("reason", ""), predicted, f"{images.name}/{name}", ""])
+            w.writerow(
+                [
+                    s.id,
+                    s.device,
+                    f"{s.ts:.3f}",
+                    prov.get("reason", ""),
+                    predicted,
+                    f"{images.name}/{name}",
+                    "",
+                ]
+            )
             n += 1
     return n
 
@@ -69,17 +79,23 @@ def import_labels(store: Store, csv_path: Path, labels: Sequence[str], labeller:
             if not label:
                 continue
             if label not in known:
-                raise LabelImportError(f"{csv_path}:{line}: unknown label {label!r} (labels: {', '.join(labels)})")
+                raise LabelImportError(
+                    f"{csv_path}:{line}: unknown label {label!r} (labels: {', '.join(labels)})"
+                )
             try:
                 rows.append((int(row["sample_id"]), label))
             except ValueError:
-                raise LabelImportError(f"{csv_path}:{line}: sample_id {row['sample_id']!r} is not a number") from None
+                raise LabelImportError(
+                    f"{csv_path}:{line}: sample_id {row['sample_id']!r} is not a number"
+                ) from None
     for sample_id, label in rows:  # validated first: a bad file stores nothing
         store.add_label(sample_id, label, source="human", labeller=labeller)
     return len(rows)
 
 
-def label_with(store: Store, labeller: Callable[[dict[str, Any]], str | None], name: str, limit: int | None = None) -> int:
+def label_with(
+    store: Store, labeller: Callable[[dict[str, Any]], str | None], name: str, limit: int | None = None
+) -> int:
     """Label the queue with a function of each sample's provenance (the simulator's oracle)."""
     n = 0
     for s in store.unlabelled_samples(limit):
@@ -96,8 +112,9 @@ class FieldData:
     devices: dict[str, int]
 
 
-def field_dataset(store: Store, labels: Sequence[str], *, since: float | None = None,
-                  devices: set[str] | None = None) -> FieldData:  # fmt: skip
+def field_dataset(
+    store: Store, labels: Sequence[str], *, since: float | None = None, devices: set[str] | None = None
+) -> FieldData:
     """Labelled field samples as a dataset (``origin=field`` slice), newest label per sample wins."""
     newest: dict[int, str] = {}
     for lab in store.labels():
@@ -105,12 +122,23 @@ def field_dataset(store: Store, labels: Sequence[str], *, since: float | None = 
     samples = []
     per_device: dict[str, int] = {}
     for s in store.samples(ids=list(newest)):
-        if (since is not None and s.ts < since) or (devices is not None and s.device not in devices) or s.image is None:
+        if (
+            (since is not None and s.ts < since)
+            or (devices is not None and s.device not in devices)
+            or s.image is None
+        ):
             continue
         img = cv2.imdecode(np.frombuffer(s.image, np.uint8), cv2.IMREAD_COLOR)
         if img is None or newest[s.id] not in labels:
             continue
-        samples.append(sample_from_image(img, newest[s.id], source=f"field:{s.device}", licence=s.consent_policy,
-                                         meta={"origin": "field", "device": s.device}))  # fmt: skip
+        samples.append(
+            sample_from_image(
+                img,
+                newest[s.id],
+                source=f"field:{s.device}",
+                licence=s.consent_policy,
+                meta={"origin": "field", "device": s.device},
+            )
+        )
         per_device[s.device] = per_device.get(s.device, 0) + 1
     return FieldData(Dataset(labels=list(labels), samples=samples, origin="field samples"), per_device)

@@ -56,21 +56,37 @@ def run(spec: RetrainSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"field_samples": 0, "field_devices": {}}
     if spec.db_url is not None:
         with Store(spec.db_url, create=False) as store:
-            field = field_dataset(store, base.labels, since=spec.field_since,
-                                  devices=set(spec.field_devices) if spec.field_devices else None)  # fmt: skip
+            field = field_dataset(
+                store,
+                base.labels,
+                since=spec.field_since,
+                devices=set(spec.field_devices) if spec.field_devices else None,
+            )
         data = base.combine(field.dataset)
         gate_rules["min_slice_gain"] = {"origin=field": spec.min_field_gain}
         out = {"field_samples": len(field.dataset.samples), "field_devices": field.devices}
-    cfg = TrainConfig.model_validate({**overrides, "name": spec.name, "version": spec.version,
-                                      "gate": GateRules.model_validate(gate_rules)})  # fmt: skip
+    cfg = TrainConfig.model_validate(
+        {
+            **overrides,
+            "name": spec.name,
+            "version": spec.version,
+            "gate": GateRules.model_validate(gate_rules),
+        }
+    )
     try:
         result = train_package(data, spec.out, cfg, champion=spec.champion)
     except GateError as exc:
         return {**out, "status": "gate_failed", "failures": list(exc.failures), "seconds": time.time() - t0}
     ev = result.evaluation
-    return {**out, "status": "ok", "package": str(result.package.root), "sha256": result.package.sha256,
-            "heldout_accuracy": ev["heldout_accuracy"].get(ev["device_artifact"]), "gate": ev.get("gate"),
-            "seconds": time.time() - t0}  # fmt: skip
+    return {
+        **out,
+        "status": "ok",
+        "package": str(result.package.root),
+        "sha256": result.package.sha256,
+        "heldout_accuracy": ev["heldout_accuracy"].get(ev["device_artifact"]),
+        "gate": ev.get("gate"),
+        "seconds": time.time() - t0,
+    }
 
 
 def start_job(spec: RetrainSpec, work: Path) -> subprocess.Popen[bytes]:
@@ -79,8 +95,12 @@ def start_job(spec: RetrainSpec, work: Path) -> subprocess.Popen[bytes]:
     (work / "spec.json").write_text(spec.model_dump_json(indent=1))
     log_file = open(work / "train.log", "wb")  # noqa: SIM115 - inherited by the child process
     try:
-        return subprocess.Popen([sys.executable, "-m", "trainer.fleet.retrain_job", str(work / "spec.json")],
-                                stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", "trainer.fleet.retrain_job", str(work / "spec.json")],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
     finally:
         log_file.close()
 
@@ -91,7 +111,10 @@ def read_result(spec: RetrainSpec, returncode: int | None) -> dict[str, Any]:
     try:
         return dict(json.loads(path.read_text()))
     except (FileNotFoundError, json.JSONDecodeError):
-        return {"status": "failed", "error": f"no result (exit code {returncode}); see {path.parent / 'train.log'}"}
+        return {
+            "status": "failed",
+            "error": f"no result (exit code {returncode}); see {path.parent / 'train.log'}",
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = run(spec)
     except Exception as exc:  # noqa: BLE001 - reported to the service as a failed run
-        res = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+        res = {
+            "status": "failed",
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc()[-4000:],
+        }
     Path(spec.result).write_text(json.dumps(res, indent=1, default=str))
     return {"ok": 0, "gate_failed": 3}.get(res["status"], 1)
 

@@ -52,10 +52,12 @@ def decide_retrain(
     k, n = cfg.drift_windows
     drifting = sorted(d for d, h in devices.items() if sum(h.recent_drift[-n:]) >= k)
     dropped = sorted(
-        d for d, h in devices.items()
-        if reference_accuracy is not None and h.estimated_accuracy is not None
+        d
+        for d, h in devices.items()
+        if reference_accuracy is not None
+        and h.estimated_accuracy is not None
         and (reference_accuracy - h.estimated_accuracy) * 100 >= cfg.accuracy_drop_points
-    )  # fmt: skip
+    )
     triggered = tuple(sorted(set(drifting) | set(dropped)))
     if not triggered:
         return RetrainDecision(False, "no persistent drift or accuracy drop")
@@ -65,7 +67,11 @@ def decide_retrain(
     if dropped:
         why.append(f"estimated accuracy down >= {cfg.accuracy_drop_points:g} points on {', '.join(dropped)}")
     if labels_available < cfg.min_labels:
-        return RetrainDecision(False, f"waiting for labels: {labels_available}/{cfg.min_labels} ({'; '.join(why)})", triggered)
+        return RetrainDecision(
+            False, f"waiting for labels: {labels_available}/{cfg.min_labels} ({'; '.join(why)})", triggered
+        )
     if last_run is not None and now - last_run < cfg.cooldown_s:
-        return RetrainDecision(False, f"cooldown: {cfg.cooldown_s - (now - last_run):.0f} s left ({'; '.join(why)})", triggered)
+        return RetrainDecision(
+            False, f"cooldown: {cfg.cooldown_s - (now - last_run):.0f} s left ({'; '.join(why)})", triggered
+        )
     return RetrainDecision(True, "; ".join(why), triggered)

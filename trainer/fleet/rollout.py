@@ -48,8 +48,18 @@ class RolloutOutcome:
 class RolloutManager:
     """Runs at most one canary at a time for one model of one fleet."""
 
-    def __init__(self, store: Store, repo: ReleaseRepository, publisher: FleetPublisher | None, *, fleet: str,
-                 model: str, cfg: RolloutConfig, repo_url: str | None = None, lookback_s: float = 120.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        repo: ReleaseRepository,
+        publisher: FleetPublisher | None,
+        *,
+        fleet: str,
+        model: str,
+        cfg: RolloutConfig,
+        repo_url: str | None = None,
+        lookback_s: float = 120.0,
+    ) -> None:
         self.store, self.repo, self.publisher = store, repo, publisher
         self.fleet, self.model, self.cfg, self.repo_url = fleet, model, cfg, repo_url
         self.active: ActiveRollout | None = None
@@ -64,24 +74,43 @@ class RolloutManager:
         """Publish a model to every device (the first release of a fleet)."""
         self.store.register_package(package, actor=actor)
         rec = self.repo.publish(package.root, channel="stable", fleet=self.fleet)
-        rid = self.store.record_release(fleet=self.fleet, channel="stable", model_sha256=package.sha256, actor=actor,
-                                        details={"release": rec.release, "version": package.manifest.version})  # fmt: skip
+        rid = self.store.record_release(
+            fleet=self.fleet,
+            channel="stable",
+            model_sha256=package.sha256,
+            actor=actor,
+            details={"release": rec.release, "version": package.manifest.version},
+        )
         self.store.record_rollout(release_id=rid, fleet=self.fleet, actor=actor, state="done", cohort="all")
         self._announce(rec)
         return rec
 
-    def start_canary(self, package: ModelPackage, champion_sha256: str, actor: str = "trainer") -> ActiveRollout:
+    def start_canary(
+        self, package: ModelPackage, champion_sha256: str, actor: str = "trainer"
+    ) -> ActiveRollout:
         """Publish ``package`` on the canary channel to the configured share of the fleet."""
         if self.active is not None:
             raise RuntimeError(f"a canary ({self.active.version}) is already running")
         cohort = Cohort.of_share(self.cfg.canary_share, self.fleet)
         self.store.register_package(package, actor=actor)
         rec = self.repo.publish(package.root, channel="canary", fleet=self.fleet, cohort=cohort)
-        rid = self.store.record_release(fleet=self.fleet, channel="canary", model_sha256=package.sha256, actor=actor,
-                                        details={"release": rec.release, "version": package.manifest.version,
-                                                 "cohort_bp": cohort.share_bp})  # fmt: skip
-        roll = self.store.record_rollout(release_id=rid, fleet=self.fleet, actor=actor, cohort=f"canary:{cohort.share_bp}bp")
-        self.active = ActiveRollout(roll, rec, package.sha256, champion_sha256, cohort, time.time(), package.manifest.version)
+        rid = self.store.record_release(
+            fleet=self.fleet,
+            channel="canary",
+            model_sha256=package.sha256,
+            actor=actor,
+            details={
+                "release": rec.release,
+                "version": package.manifest.version,
+                "cohort_bp": cohort.share_bp,
+            },
+        )
+        roll = self.store.record_rollout(
+            release_id=rid, fleet=self.fleet, actor=actor, cohort=f"canary:{cohort.share_bp}bp"
+        )
+        self.active = ActiveRollout(
+            roll, rec, package.sha256, champion_sha256, cohort, time.time(), package.manifest.version
+        )
         self._announce(rec)
         return self.active
 
@@ -96,26 +125,48 @@ class RolloutManager:
         by_hand = self._decided_elsewhere(a)
         if by_hand is not None:
             return by_hand
-        crashed = [e for e in self.store.update_events(since=a.started, state="rolled_back")
-                   if e.release == a.release.release]  # fmt: skip
+        crashed = [
+            e
+            for e in self.store.update_events(since=a.started, state="rolled_back")
+            if e.release == a.release.release
+        ]
         if crashed:
             devices = sorted({e.device for e in crashed})
-            return self.rollback(f"canary device(s) rolled back on their own: {', '.join(devices)}", actor="trainer")
-        def split(ws: list[TelemetryWindow]) -> tuple[list[TelemetryWindow], list[TelemetryWindow]]:
-            return [w for w in ws if in_cohort(w.device, a.cohort)], [w for w in ws if not in_cohort(w.device, a.cohort)]
+            return self.rollback(
+                f"canary device(s) rolled back on their own: {', '.join(devices)}", actor="trainer"
+            )
 
-        canary, _ = split(self.store.windows(fleet=self.fleet, model_sha256=a.candidate_sha256, since=a.started))
-        _, control = split(self.store.windows(fleet=self.fleet, model_sha256=a.champion_sha256, since=a.started))
-        canary_before, control_before = split(self.store.windows(
-            fleet=self.fleet, model_sha256=a.champion_sha256, since=a.started - self.lookback_s, until=a.started))
+        def split(ws: list[TelemetryWindow]) -> tuple[list[TelemetryWindow], list[TelemetryWindow]]:
+            return [w for w in ws if in_cohort(w.device, a.cohort)], [
+                w for w in ws if not in_cohort(w.device, a.cohort)
+            ]
+
+        canary, _ = split(
+            self.store.windows(fleet=self.fleet, model_sha256=a.candidate_sha256, since=a.started)
+        )
+        _, control = split(
+            self.store.windows(fleet=self.fleet, model_sha256=a.champion_sha256, since=a.started)
+        )
+        canary_before, control_before = split(
+            self.store.windows(
+                fleet=self.fleet,
+                model_sha256=a.champion_sha256,
+                since=a.started - self.lookback_s,
+                until=a.started,
+            )
+        )
         verdict = compare_canary(canary, control, self.cfg, canary_before, control_before)
         if verdict.decision == "promote":
             return self.promote("; ".join(verdict.reasons), actor="trainer", verdict=verdict)
         if verdict.decision == "rollback":
             return self.rollback("; ".join(verdict.reasons), actor="trainer", verdict=verdict)
         if verdict.canary_windows < self.cfg.min_windows and now - a.started > self.cfg.max_wait_s:
-            return self.rollback(f"only {verdict.canary_windows} canary window(s) {now - a.started:.0f} s after the "
-                                 "release: the canary devices are silent", actor="trainer", verdict=verdict)  # fmt: skip
+            return self.rollback(
+                f"only {verdict.canary_windows} canary window(s) {now - a.started:.0f} s after the "
+                "release: the canary devices are silent",
+                actor="trainer",
+                verdict=verdict,
+            )
         return None
 
     def _decided_elsewhere(self, a: ActiveRollout) -> RolloutOutcome | None:
@@ -132,8 +183,13 @@ class RolloutManager:
     def promote(self, reason: str, *, actor: str, verdict: CanaryVerdict | None = None) -> RolloutOutcome:
         a = self._require_active()
         rec = self.repo.promote(self.fleet, self.model)
-        rid = self.store.record_release(fleet=self.fleet, channel="stable", model_sha256=a.candidate_sha256, actor=actor,
-                                        details={"release": rec.release, "promoted_from": a.release.release})  # fmt: skip
+        rid = self.store.record_release(
+            fleet=self.fleet,
+            channel="stable",
+            model_sha256=a.candidate_sha256,
+            actor=actor,
+            details={"release": rec.release, "promoted_from": a.release.release},
+        )
         self.store.record_rollout(release_id=rid, fleet=self.fleet, actor=actor, state="done", cohort="all")
         self.store.set_rollout_state(a.rollout_id, "promoted", actor=actor, reason=reason)
         self._announce(rec)
@@ -143,10 +199,18 @@ class RolloutManager:
     def rollback(self, reason: str, *, actor: str, verdict: CanaryVerdict | None = None) -> RolloutOutcome:
         """Roll the canary cohort forward onto the champion's artifact (a new, higher release)."""
         a = self._require_active()
-        champion = max((r for r in self.repo.releases()
-                        if r.fleet == self.fleet and r.model == self.model and r.package_sha256 == a.champion_sha256),
-                       key=lambda r: r.release, default=None)  # fmt: skip
-        rec = self.repo.rollback(self.fleet, self.model, "canary", to_release=champion.release if champion else None)
+        champion = max(
+            (
+                r
+                for r in self.repo.releases()
+                if r.fleet == self.fleet and r.model == self.model and r.package_sha256 == a.champion_sha256
+            ),
+            key=lambda r: r.release,
+            default=None,
+        )
+        rec = self.repo.rollback(
+            self.fleet, self.model, "canary", to_release=champion.release if champion else None
+        )
         self.store.set_rollout_state(a.rollout_id, "rolled_back", actor=actor, reason=reason)
         self._announce(rec)
         self.active = None

@@ -67,7 +67,11 @@ def _acc(w: TelemetryWindow) -> float | None:
 
 
 def _p95(ws: Sequence[TelemetryWindow]) -> float | None:
-    values = [w.latency_ms["inference"].p90 for w in ws if "inference" in w.latency_ms and w.latency_ms["inference"].p90]
+    values = [
+        w.latency_ms["inference"].p90
+        for w in ws
+        if "inference" in w.latency_ms and w.latency_ms["inference"].p90
+    ]
     return float(np.percentile(values, 95)) if values else None
 
 
@@ -91,7 +95,9 @@ def _pooled_window_variance(cells: Sequence[Sequence[float]]) -> float | None:
     return ss / dof if dof else None
 
 
-def _paired(after: dict[str, list[float]], before: dict[str, list[float]], s2: float) -> tuple[float, float] | None:
+def _paired(
+    after: dict[str, list[float]], before: dict[str, list[float]], s2: float
+) -> tuple[float, float] | None:
     """Mean over devices of (after - before) and its variance: each device is compared with itself."""
     both = [d for d in after if d in before]
     if not both:
@@ -114,9 +120,12 @@ def decision_points(cfg: RolloutConfig) -> list[int]:
     return [*points, cfg.max_windows]
 
 
-def _effect(canary: Sequence[TelemetryWindow], control: Sequence[TelemetryWindow],
-            canary_before: Sequence[TelemetryWindow], control_before: Sequence[TelemetryWindow],
-            ) -> tuple[float, float, str] | None:  # fmt: skip
+def _effect(
+    canary: Sequence[TelemetryWindow],
+    control: Sequence[TelemetryWindow],
+    canary_before: Sequence[TelemetryWindow],
+    control_before: Sequence[TelemetryWindow],
+) -> tuple[float, float, str] | None:
     """(effect, its variance, which comparison) from the strongest comparison the windows support."""
     ca, co, cb, ob = (_per_device(ws) for ws in (canary, control, canary_before, control_before))
     s2 = _pooled_window_variance([c for g in (ca, co, cb, ob) for c in g.values()])
@@ -140,8 +149,10 @@ def compare_canary(
     control_before: Sequence[TelemetryWindow] = (),
 ) -> CanaryVerdict:
     """The decision for a canary, from its windows and the control group's, after and before it started."""
-    groups = {name: [a for w in ws if (a := _acc(w)) is not None]
-              for name, ws in (("ca", canary), ("co", control), ("cb", canary_before), ("ob", control_before))}  # fmt: skip
+    groups = {
+        name: [a for w in ws if (a := _acc(w)) is not None]
+        for name, ws in (("ca", canary), ("co", control), ("cb", canary_before), ("ob", control_before))
+    }
     ca, co = groups["ca"], groups["co"]
     v = CanaryVerdict("wait", canary_windows=len(ca), control_windows=len(co))
     v.canary_accuracy = float(np.mean(ca)) if ca else None
@@ -149,19 +160,34 @@ def compare_canary(
     frames = sum(w.frames.inferred + w.frames.failed for w in canary)
     failed = sum(w.frames.failed for w in canary)
     if frames and failed / frames > cfg.max_failure_rate:
-        v.decision, v.reasons = "rollback", [f"frame failure rate {failed / frames:.1%} > {cfg.max_failure_rate:.1%}"]
+        v.decision, v.reasons = (
+            "rollback",
+            [f"frame failure rate {failed / frames:.1%} > {cfg.max_failure_rate:.1%}"],
+        )
         return v
     lat_c, lat_o = _p95(canary), _p95(control)  # judged on min_windows: a swap's first window runs cold
-    if len(ca) >= cfg.min_windows and lat_c is not None and lat_o is not None and lat_c > cfg.max_latency_ratio * lat_o:
-        v.decision, v.reasons = "rollback", [f"p95 inference {lat_c:.1f} ms > {cfg.max_latency_ratio:g} x control {lat_o:.1f} ms"]
+    if (
+        len(ca) >= cfg.min_windows
+        and lat_c is not None
+        and lat_o is not None
+        and lat_c > cfg.max_latency_ratio * lat_o
+    ):
+        v.decision, v.reasons = (
+            "rollback",
+            [f"p95 inference {lat_c:.1f} ms > {cfg.max_latency_ratio:g} x control {lat_o:.1f} ms"],
+        )
         return v
     looks = decision_points(cfg)
     at = max((n for n in looks if n <= len(ca)), default=0)
-    scored = sorted((w for w in canary if _acc(w) is not None), key=lambda w: w.end)[:at]  # the same at every poll
+    scored = sorted((w for w in canary if _acc(w) is not None), key=lambda w: w.end)[
+        :at
+    ]  # the same at every poll
     effect_var_how = _effect(scored, control, canary_before, control_before) if at else None
     if len(ca) < cfg.min_windows or effect_var_how is None:
-        v.reasons = [f"waiting for windows: canary {len(ca)}/{cfg.min_windows}, before {len(groups['cb'])}, "
-                     f"control {len(co)}"]  # fmt: skip
+        v.reasons = [
+            f"waiting for windows: canary {len(ca)}/{cfg.min_windows}, before {len(groups['cb'])}, "
+            f"control {len(co)}"
+        ]
         return v
     effect, var, how = effect_var_how
     se = max(float(np.sqrt(var)), 1e-4)
@@ -172,9 +198,15 @@ def compare_canary(
     text = f"estimated accuracy effect {effect * 100:+.1f} points ({how}, {at} canary windows)"
     alpha = cfg.alpha / len(looks)
     if p_ni < alpha:
-        v.decision, v.reasons = "promote", [f"{text}: non-inferior within {cfg.margin_points:g} points, p={p_ni:.3g}"]
+        v.decision, v.reasons = (
+            "promote",
+            [f"{text}: non-inferior within {cfg.margin_points:g} points, p={p_ni:.3g}"],
+        )
     elif p_worse < alpha:
-        v.decision, v.reasons = "rollback", [f"{text}: worse by more than {cfg.margin_points:g} points, p={p_worse:.3g}"]
+        v.decision, v.reasons = (
+            "rollback",
+            [f"{text}: worse by more than {cfg.margin_points:g} points, p={p_worse:.3g}"],
+        )
     elif at >= cfg.max_windows:
         v.decision, v.reasons = "rollback", [f"{text}: inconclusive after {at} windows, p={p_ni:.3g}"]
     else:

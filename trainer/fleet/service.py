@@ -71,12 +71,17 @@ class Timeline:
             print(f"[{ev.t - self.t0:7.1f} s] {kind:18s} {message}", flush=True)
         return ev
 
-    def first(self, kind: str, pred: Callable[[TimelineEvent], bool] = lambda e: True) -> TimelineEvent | None:
+    def first(
+        self, kind: str, pred: Callable[[TimelineEvent], bool] = lambda e: True
+    ) -> TimelineEvent | None:
         with self._lock:
             return next((e for e in self.events if e.kind == kind and pred(e)), None)
 
     def to_json(self) -> list[dict[str, Any]]:
-        return [{"t": round(e.t - self.t0, 2), "kind": e.kind, "message": e.message, **e.details} for e in self.events]
+        return [
+            {"t": round(e.t - self.t0, 2), "kind": e.kind, "message": e.message, **e.details}
+            for e in self.events
+        ]
 
 
 @dataclass
@@ -91,18 +96,29 @@ class _Job:
 class TrainerService:
     """One fleet's trainer: start(), then it runs on its own threads until stop()."""
 
-    def __init__(self, cfg: TrainerServiceConfig, *, labeller: Callable[[dict[str, Any]], str | None] | None = None,
-                 timeline: Timeline | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: TrainerServiceConfig,
+        *,
+        labeller: Callable[[dict[str, Any]], str | None] | None = None,
+        timeline: Timeline | None = None,
+    ) -> None:
         self.cfg = cfg
         self.labeller = labeller
         self.timeline = timeline or Timeline()
         self.store = Store(cfg.db_url)
         repo_dir = cfg.release.repo
-        self.repo = ReleaseRepository(repo_dir) if (repo_dir / "repository.json").exists() else ReleaseRepository.init(repo_dir)
+        self.repo = (
+            ReleaseRepository(repo_dir)
+            if (repo_dir / "repository.json").exists()
+            else ReleaseRepository.init(repo_dir)
+        )
         self.server: ReleaseServer | None = None
         self.publisher: FleetPublisher | None = None
         self.workers: list[IngestWorker] = []
-        self.drift = DriftService(self.store, cfg.fleet, cfg.drift, slot_s=cfg.slot_s, grace_s=cfg.grace_s, start=time.time())
+        self.drift = DriftService(
+            self.store, cfg.fleet, cfg.drift, slot_s=cfg.slot_s, grace_s=cfg.grace_s, start=time.time()
+        )
         self.rollout: RolloutManager | None = None
         self.champion: ModelPackage | None = None
         self._champion_since = 0.0
@@ -122,16 +138,36 @@ class TrainerService:
     def start(self) -> TrainerService:
         c = self.cfg
         if not c.shared_subscription and c.ingest_workers > 1:
-            raise ValueError("ingest_workers > 1 needs shared_subscription: true (a broker with shared subscriptions)")
-        self.server = ReleaseServer(self.repo.path, host=c.release.host, port=c.release.port, repository=self.repo).start()
+            raise ValueError(
+                "ingest_workers > 1 needs shared_subscription: true (a broker with shared subscriptions)"
+            )
+        self.server = ReleaseServer(
+            self.repo.path, host=c.release.host, port=c.release.port, repository=self.repo
+        ).start()
         self.publisher = FleetPublisher(c.mqtt, c.fleet)
         for i in range(c.ingest_workers):
-            ic = IngestConfig(broker_url=c.mqtt.url, db_url=c.db_url, fleet=c.fleet, index=i, shared=c.shared_subscription,
-                              kinds=("tele", "status", "sample", "update"), ca=c.mqtt.ca, cert=c.mqtt.cert,
-                              key=c.mqtt.key)  # fmt: skip
+            ic = IngestConfig(
+                broker_url=c.mqtt.url,
+                db_url=c.db_url,
+                fleet=c.fleet,
+                index=i,
+                shared=c.shared_subscription,
+                kinds=("tele", "status", "sample", "update"),
+                ca=c.mqtt.ca,
+                cert=c.mqtt.cert,
+                key=c.mqtt.key,
+            )
             self.workers.append(IngestWorker(ic).start())
-        self.rollout = RolloutManager(self.store, self.repo, self.publisher, fleet=c.fleet, model=c.training.model,
-                                      cfg=c.rollout, repo_url=self.repo_url, lookback_s=10 * c.slot_s)  # fmt: skip
+        self.rollout = RolloutManager(
+            self.store,
+            self.repo,
+            self.publisher,
+            fleet=c.fleet,
+            model=c.training.model,
+            cfg=c.rollout,
+            repo_url=self.repo_url,
+            lookback_s=10 * c.slot_s,
+        )
         current = self.repo.current("stable", c.fleet, c.training.model)
         if current is not None:
             rec = self.store.model(current.package_sha256)
@@ -139,11 +175,18 @@ class TrainerService:
                 self.champion = load_package(rec.path)
                 self._champion_since = float(current.published)  # labels before it trained the champion
         if self.champion is None:
-            log.warning("fleet %s has no champion %s model in this store yet: drift and retraining start once one "
-                        "is released (edgefleet trainer serve --champion PKG)", c.fleet, c.training.model)  # fmt: skip
+            log.warning(
+                "fleet %s has no champion %s model in this store yet: drift and retraining start once one "
+                "is released (edgefleet trainer serve --champion PKG)",
+                c.fleet,
+                c.training.model,
+            )
         self._thread = threading.Thread(target=self._run, name="trainer-service", daemon=True)
         self._thread.start()
-        self.timeline.add("service", f"trainer for fleet {c.fleet}: releases at {self.repo_url}, {c.ingest_workers} ingest worker(s)")
+        self.timeline.add(
+            "service",
+            f"trainer for fleet {c.fleet}: releases at {self.repo_url}, {c.ingest_workers} ingest worker(s)",
+        )
         return self
 
     def stop(self) -> None:
@@ -180,8 +223,13 @@ class TrainerService:
         rec = self.rollout.release_stable(package)
         self.champion = package
         self._champion_since = time.time()
-        self.timeline.add("release", f"{package.manifest.name} {package.manifest.version} released to every device "
-                          f"(stable, release {rec.release})", version=package.manifest.version, release=rec.release)  # fmt: skip
+        self.timeline.add(
+            "release",
+            f"{package.manifest.name} {package.manifest.version} released to every device "
+            f"(stable, release {rec.release})",
+            version=package.manifest.version,
+            release=rec.release,
+        )
 
     # -- the control loop ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -217,13 +265,37 @@ class TrainerService:
         if outcome is not None:
             self._on_rollout(outcome)
 
-    def _alert(self, alert: str, message: str, *, severity: str = "warning", device: str | None = None,
-               model: ModelRef | None = None, **details: Any) -> None:  # fmt: skip
-        self.store.record_alert(kind=alert, message=message, severity=severity, fleet=self.cfg.fleet, device=device,
-                                details=details)  # fmt: skip
+    def _alert(
+        self,
+        alert: str,
+        message: str,
+        *,
+        severity: str = "warning",
+        device: str | None = None,
+        model: ModelRef | None = None,
+        **details: Any,
+    ) -> None:
+        self.store.record_alert(
+            kind=alert,
+            message=message,
+            severity=severity,
+            fleet=self.cfg.fleet,
+            device=device,
+            details=details,
+        )
         if self.publisher:
-            self.publisher.alert(Alert(fleet=self.cfg.fleet, alert=alert, severity=severity, message=message,  # type: ignore[arg-type]
-                                       device=device, model=model, ts=time.time(), details=details))  # fmt: skip
+            self.publisher.alert(
+                Alert(
+                    fleet=self.cfg.fleet,
+                    alert=alert,
+                    severity=severity,  # type: ignore[arg-type]
+                    message=message,
+                    device=device,
+                    model=model,
+                    ts=time.time(),
+                    details=details,
+                )
+            )
         self.timeline.add(alert, message, device=device, **details)
 
     def _on_drift(self, sha: str, t: Transition, slot_start: float) -> None:
@@ -231,14 +303,22 @@ class TrainerService:
         device = None if t.key == FLEET_KEY else t.key
         feats = ", ".join(t.flagged_features) or "-"
         if t.new == "drift":
-            self._alert("drift", f"{who} drifted from the reference (features: {feats})", device=device,
-                        features=t.flagged_features, score=round(t.score, 2), slot_start=slot_start)  # fmt: skip
+            self._alert(
+                "drift",
+                f"{who} drifted from the reference (features: {feats})",
+                device=device,
+                features=t.flagged_features,
+                score=round(t.score, 2),
+                slot_start=slot_start,
+            )
             if device and self.publisher:
                 self.publisher.command(device, "sample", minutes=self.cfg.sample_minutes)
         elif t.new == "ok" and t.old == "drift":
             self._alert("drift_cleared", f"{who} back within the reference", severity="info", device=device)
         elif t.new == "warning":
-            self.timeline.add("drift_warning", f"{who}: one window off the reference (features: {feats})", device=device)
+            self.timeline.add(
+                "drift_warning", f"{who}: one window off the reference (features: {feats})", device=device
+            )
 
     # -- retraining ------------------------------------------------------------------------------------
     def _retrain_step(self, now: float) -> None:
@@ -250,20 +330,29 @@ class TrainerService:
                 self._finish_job(job)
             except Exception as exc:  # noqa: BLE001 - reported, and the champion stays
                 log.exception("trainer service: handling the result of %s failed", job.version)
-                self._alert("retrain_failed", f"{job.version} finished but could not be released; the champion "
-                            f"stays: {type(exc).__name__}: {exc}", severity="critical", version=job.version)  # fmt: skip
+                self._alert(
+                    "retrain_failed",
+                    f"{job.version} finished but could not be released; the champion "
+                    f"stays: {type(exc).__name__}: {exc}",
+                    severity="critical",
+                    version=job.version,
+                )
             return
         if self.champion is None or (self.rollout and self.rollout.active):
             return
         health = self.drift.health(self.champion.sha256)
         ref = self.champion.manifest.reference
         # The drifted slice: labels from the devices that triggered (an empty trigger counts nothing).
-        d = decide_retrain(health, ref.accuracy if ref else None, 0, now, self._last_retrain, self.cfg.retrain)
+        d = decide_retrain(
+            health, ref.accuracy if ref else None, 0, now, self._last_retrain, self.cfg.retrain
+        )
         if not d.triggered_by:
             return
         labels = self.store.count_labelled_samples(since=self._champion_since, devices=d.triggered_by)
         self._report_labels(labels)
-        d = decide_retrain(health, ref.accuracy if ref else None, labels, now, self._last_retrain, self.cfg.retrain)
+        d = decide_retrain(
+            health, ref.accuracy if ref else None, labels, now, self._last_retrain, self.cfg.retrain
+        )
         if d.retrain:
             self._start_job(d.reason, list(d.triggered_by), now)
 
@@ -273,7 +362,9 @@ class TrainerService:
         quarter = min(4, labels * 4 // need)
         if quarter > self._labels_reported:
             self._labels_reported = quarter
-            self.timeline.add("labels", f"{labels} labelled samples from the drifted devices ({need} needed)", labels=labels)
+            self.timeline.add(
+                "labels", f"{labels} labelled samples from the drifted devices ({need} needed)", labels=labels
+            )
 
     def _next_version(self) -> str:
         """Candidates of one champion are N+1.0.0, N+1.1.0, ...: never reused, so a rejected one stays visible."""
@@ -293,52 +384,95 @@ class TrainerService:
         version = self._next_version()
         work = Path(t.work_dir) / f"retrain-{version}"
         spec = RetrainSpec(
-            base_data=t.base_data, db_url=self.cfg.db_url, field_since=self._champion_since, field_devices=devices,
+            base_data=t.base_data,
+            db_url=self.cfg.db_url,
+            field_since=self._champion_since,
+            field_devices=devices,
             out=str(work / "package"),
-            champion=str(self.champion.root), name=t.model, version=version, min_field_gain=t.min_field_gain,
-            train=t.train, result=str(work / "result.json"),
-        )  # fmt: skip
+            champion=str(self.champion.root),
+            name=t.model,
+            version=version,
+            min_field_gain=t.min_field_gain,
+            train=t.train,
+            result=str(work / "result.json"),
+        )
         self._job = _Job(start_job(spec, work), spec, now, version, reason)
         self._last_retrain = now
         self._labels_reported = 0
         labels = self.store.count_labelled_samples(since=self._champion_since, devices=devices)
-        self._alert("retrain_started", f"retraining {t.model} {version} on the original data + {labels} labelled "
-                    f"samples from {', '.join(devices)} ({reason})", severity="info", version=version, labels=labels)  # fmt: skip
+        self._alert(
+            "retrain_started",
+            f"retraining {t.model} {version} on the original data + {labels} labelled "
+            f"samples from {', '.join(devices)} ({reason})",
+            severity="info",
+            version=version,
+            labels=labels,
+        )
 
     def _finish_job(self, job: _Job) -> None:
         result = read_result(job.spec, job.proc.returncode)
         took = time.time() - job.started
         if result.get("status") == "ok":
             pkg = load_package(result["package"])
-            self.timeline.add("retrain_done", f"{pkg.manifest.name} {pkg.manifest.version} trained, evaluated and "
-                              f"gated in {took:.0f} s ({result.get('field_samples')} field samples)",
-                              version=pkg.manifest.version, seconds=round(took, 1))  # fmt: skip
+            self.timeline.add(
+                "retrain_done",
+                f"{pkg.manifest.name} {pkg.manifest.version} trained, evaluated and "
+                f"gated in {took:.0f} s ({result.get('field_samples')} field samples)",
+                version=pkg.manifest.version,
+                seconds=round(took, 1),
+            )
             assert self.rollout is not None and self.champion is not None
             a = self.rollout.start_canary(pkg, self.champion.sha256)
-            self._alert("canary_started", f"{pkg.manifest.version} on the canary channel for "
-                        f"{a.cohort.share_bp / 100:.0f}% of the fleet (release {a.release.release})",
-                        severity="info", version=pkg.manifest.version, release=a.release.release)  # fmt: skip
+            self._alert(
+                "canary_started",
+                f"{pkg.manifest.version} on the canary channel for "
+                f"{a.cohort.share_bp / 100:.0f}% of the fleet (release {a.release.release})",
+                severity="info",
+                version=pkg.manifest.version,
+                release=a.release.release,
+            )
         elif result.get("status") == "gate_failed":
-            self._alert("gate_failed", f"{job.version} failed the gate; the champion stays: "
-                        + "; ".join(result.get("failures", [])), version=job.version)  # fmt: skip
+            self._alert(
+                "gate_failed",
+                f"{job.version} failed the gate; the champion stays: "
+                + "; ".join(result.get("failures", [])),
+                version=job.version,
+            )
         else:
-            self._alert("retrain_failed", f"retraining {job.version} failed; the champion stays: {result.get('error')}",
-                        severity="critical", version=job.version)  # fmt: skip
+            self._alert(
+                "retrain_failed",
+                f"retraining {job.version} failed; the champion stays: {result.get('error')}",
+                severity="critical",
+                version=job.version,
+            )
 
     def _on_rollout(self, outcome: RolloutOutcome) -> None:
         v = outcome.verdict
         details: dict[str, Any] = {}
         if v is not None:
-            details = {"canary_accuracy": v.canary_accuracy, "control_accuracy": v.control_accuracy,
-                       "canary_windows": v.canary_windows, "control_windows": v.control_windows}  # fmt: skip
+            details = {
+                "canary_accuracy": v.canary_accuracy,
+                "control_accuracy": v.control_accuracy,
+                "canary_windows": v.canary_windows,
+                "control_windows": v.control_windows,
+            }
         if outcome.decision == "promote":
             sha = outcome.release.package_sha256
             rec = self.store.model(sha)
             assert rec is not None and rec.path
             self.champion = load_package(rec.path)
             self._champion_since = time.time()
-            self._alert("rollout_promoted", f"{self.champion.manifest.version} promoted to every device (release "
-                        f"{outcome.release.release}): {outcome.reasons[0]}", severity="info", **details)  # fmt: skip
+            self._alert(
+                "rollout_promoted",
+                f"{self.champion.manifest.version} promoted to every device (release "
+                f"{outcome.release.release}): {outcome.reasons[0]}",
+                severity="info",
+                **details,
+            )
         else:
-            self._alert("rollout_rolled_back", f"canary rolled back (release {outcome.release.release}): "
-                        f"{outcome.reasons[0]}", severity="critical", **details)  # fmt: skip
+            self._alert(
+                "rollout_rolled_back",
+                f"canary rolled back (release {outcome.release.release}): {outcome.reasons[0]}",
+                severity="critical",
+                **details,
+            )

@@ -86,13 +86,31 @@ class ShiftSchedule:
         return any(elapsed_s >= s.start_s and device in s.devices for s in self.shifts)
 
     def to_json(self) -> list[dict[str, Any]]:
-        return [{"start_s": s.start_s, "devices": sorted(s.devices), "lighting": s.lighting,
-                 "background": s.background, "sensor": s.sensor} for s in self.shifts]  # fmt: skip
+        return [
+            {
+                "start_s": s.start_s,
+                "devices": sorted(s.devices),
+                "lighting": s.lighting,
+                "background": s.background,
+                "sensor": s.sensor,
+            }
+            for s in self.shifts
+        ]
 
     @classmethod
     def from_json(cls, data: list[dict[str, Any]]) -> ShiftSchedule:
-        return cls([Shift(d["start_s"], frozenset(d["devices"]), d.get("lighting"), d.get("background"), d.get("sensor"))
-                    for d in data])  # fmt: skip
+        return cls(
+            [
+                Shift(
+                    d["start_s"],
+                    frozenset(d["devices"]),
+                    d.get("lighting"),
+                    d.get("background"),
+                    d.get("sensor"),
+                )
+                for d in data
+            ]
+        )
 
 
 class SimulatedCamera(FrameSource):
@@ -100,8 +118,15 @@ class SimulatedCamera(FrameSource):
 
     live = True
 
-    def __init__(self, device: str, session: int, schedule: ShiftSchedule, t0: float, fps: float = 2.0,
-                 size: tuple[int, int] = (320, 240)) -> None:  # fmt: skip
+    def __init__(
+        self,
+        device: str,
+        session: int,
+        schedule: ShiftSchedule,
+        t0: float,
+        fps: float = 2.0,
+        size: tuple[int, int] = (320, 240),
+    ) -> None:
         super().__init__(f"sim:{device}")
         self.device, self.session, self.schedule, self.t0 = device, session, schedule, t0
         self.period = 1.0 / fps
@@ -125,31 +150,55 @@ class SimulatedCamera(FrameSource):
 
 
 def device_config(
-    device: str, fleet: str, workdir: Path, factory_package: Path, broker_url: str, *,
-    repo_url: str | None = None, root: Path | None = None, window_seconds: float = 10.0,
-    sampling_consent: str | None = "simulation", extra: dict[str, Any] | None = None,
-) -> AgentConfig:  # fmt: skip
+    device: str,
+    fleet: str,
+    workdir: Path,
+    factory_package: Path,
+    broker_url: str,
+    *,
+    repo_url: str | None = None,
+    root: Path | None = None,
+    window_seconds: float = 10.0,
+    sampling_consent: str | None = "simulation",
+    extra: dict[str, Any] | None = None,
+) -> AgentConfig:
     """The agent config of one simulated device (update channel ``auto``: canary cohorts apply)."""
     data: dict[str, Any] = {
-        "device_id": device, "fleet": fleet, "state_dir": str(workdir / device),
+        "device_id": device,
+        "fleet": fleet,
+        "state_dir": str(workdir / device),
         "source": {"uri": f"sim:{device}"},
         "model": {"package": str(factory_package), "artifact": "auto"},
         "mqtt": {"url": broker_url, "reconnect_min_s": 0.2, "reconnect_max_s": 3.0},
         "telemetry": {"window_seconds": window_seconds, "publish_predictions": True},
         "spool": {"flush_timeout_s": 2.0},
-    }  # fmt: skip
+    }
     if sampling_consent:
-        data["sampling"] = {"enabled": True, "consent": sampling_consent, "per_window": 3, "max_per_hour": 3600}
+        data["sampling"] = {
+            "enabled": True,
+            "consent": sampling_consent,
+            "per_window": 3,
+            "max_per_hour": 3600,
+        }
     if repo_url and root:
-        data["update"] = {"repository": repo_url, "root": str(root), "channel": "auto", "poll_seconds": 15,
-                          "health_windows": 2, "latency_budget_ms": 400}  # fmt: skip
+        data["update"] = {
+            "repository": repo_url,
+            "root": str(root),
+            "channel": "auto",
+            "poll_seconds": 15,
+            "health_windows": 2,
+            "latency_budget_ms": 400,
+        }
     if extra:
         data.update(extra)
     return validate_config(data, f"simulated device {device}")
 
 
 def _run_agent(cfg: AgentConfig, schedule: ShiftSchedule, t0: float, fps: float, stop: Any) -> None:
-    agent = Agent(cfg, source_factory=lambda session: SimulatedCamera(cfg.device_id, session, schedule, t0, fps))
+    agent = Agent(
+        cfg, source_factory=lambda session: SimulatedCamera(cfg.device_id, session, schedule, t0, fps)
+    )
+
     def watch() -> None:
         stop.wait()
         agent.stop()
@@ -167,8 +216,14 @@ def _process_main(cfg_json: str, schedule_json: str, t0: float, fps: float, stop
 class FleetSimulator:
     """Starts and stops the simulated devices."""
 
-    def __init__(self, configs: Sequence[AgentConfig], schedule: ShiftSchedule, *, fps: float = 2.0,
-                 mode: str = "threads") -> None:  # fmt: skip
+    def __init__(
+        self,
+        configs: Sequence[AgentConfig],
+        schedule: ShiftSchedule,
+        *,
+        fps: float = 2.0,
+        mode: str = "threads",
+    ) -> None:
         if mode not in ("threads", "processes"):
             raise ValueError("mode must be threads or processes")
         self.configs = list(configs)
@@ -191,8 +246,12 @@ class FleetSimulator:
         if self.mode == "threads":
             self._stop = threading.Event()
             for cfg in self.configs:
-                t = threading.Thread(target=_run_agent, args=(cfg, self.schedule, self.t0, self.fps, self._stop),
-                                     name=f"sim-{cfg.device_id}", daemon=True)  # fmt: skip
+                t = threading.Thread(
+                    target=_run_agent,
+                    args=(cfg, self.schedule, self.t0, self.fps, self._stop),
+                    name=f"sim-{cfg.device_id}",
+                    daemon=True,
+                )
                 t.start()
                 self._workers.append(t)
         else:
@@ -200,8 +259,12 @@ class FleetSimulator:
             self._stop = ctx.Event()
             sched = json.dumps(self.schedule.to_json())
             for cfg in self.configs:
-                p = ctx.Process(target=_process_main, args=(cfg.model_dump_json(), sched, self.t0, self.fps, self._stop),
-                                name=f"sim-{cfg.device_id}", daemon=True)  # fmt: skip
+                p = ctx.Process(
+                    target=_process_main,
+                    args=(cfg.model_dump_json(), sched, self.t0, self.fps, self._stop),
+                    name=f"sim-{cfg.device_id}",
+                    daemon=True,
+                )
                 p.start()
                 self._workers.append(p)
         return self

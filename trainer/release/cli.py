@@ -26,7 +26,9 @@ def _add_broker(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("release hint (optional)")
     g.add_argument("--broker", help="send the retained hint to this broker (mqtt:// or mqtts://)")
     g.add_argument("--ca")
-    g.add_argument("--cert", help="the trainer's service certificate (the ACL lets only it write release topics)")
+    g.add_argument(
+        "--cert", help="the trainer's service certificate (the ACL lets only it write release topics)"
+    )
     g.add_argument("--key")
     g.add_argument("--url", help="repository URL named in the hint (default: the one given at init)")
 
@@ -40,7 +42,9 @@ def register_release(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--repo", required=True)
     i.add_argument("--root-keys", type=int, default=3)
     i.add_argument("--root-threshold", type=int, default=2)
-    i.add_argument("--offline-keys", help="directory for the root and top-level targets keys (default: REPO/keys)")
+    i.add_argument(
+        "--offline-keys", help="directory for the root and top-level targets keys (default: REPO/keys)"
+    )
     i.add_argument("--channels", default="canary,stable")
     i.add_argument("--timestamp-hours", type=float, default=24.0, help="timestamp lifetime")
     i.add_argument("--url", help="the URL devices will use (recorded for hints)")
@@ -53,7 +57,9 @@ def register_release(sub: argparse._SubParsersAction) -> None:
     pub.add_argument("--fleet", required=True)
     pub.add_argument("--min-agent-version", default="0")
     pub.add_argument("--hardware", default="", help="comma-separated hardware tags (empty: any device)")
-    pub.add_argument("--canary-share", type=float, help="canary only: share of the fleet (0..1) that takes it")
+    pub.add_argument(
+        "--canary-share", type=float, help="canary only: share of the fleet (0..1) that takes it"
+    )
     pub.add_argument("--cohort-salt", help="salt of the canary cohort hash (default: the fleet name)")
     _add_broker(pub)
     pub.set_defaults(func=_publish)
@@ -68,7 +74,9 @@ def register_release(sub: argparse._SubParsersAction) -> None:
     _add_broker(pr)
     pr.set_defaults(func=_promote)
 
-    rb = rs.add_parser("rollback", help="roll a channel forward onto an earlier artifact (new, higher counter)")
+    rb = rs.add_parser(
+        "rollback", help="roll a channel forward onto an earlier artifact (new, higher counter)"
+    )
     rb.add_argument("--repo", required=True)
     rb.add_argument("--fleet", required=True)
     rb.add_argument("--model", required=True)
@@ -113,8 +121,10 @@ def _repo(path: str):  # noqa: ANN202 - lazy import keeps `edgefleet --help` fas
 
 
 def _announce(args: argparse.Namespace, repo, record) -> None:  # noqa: ANN001
-    print(f"release {record.release}: {record.model} {record.version} -> {record.channel} for fleet {record.fleet} "
-          f"({record.action}) target {record.target} sha256 {record.sha256[:12]}... {record.length} bytes")  # fmt: skip
+    print(
+        f"release {record.release}: {record.model} {record.version} -> {record.channel} for fleet {record.fleet} "
+        f"({record.action}) target {record.target} sha256 {record.sha256[:12]}... {record.length} bytes"
+    )
     if args.broker:
         from trainer.release.hints import mqtt_settings, send_hint
 
@@ -129,11 +139,17 @@ def _init(args: argparse.Namespace) -> int:
     from trainer.release.repository import Expiry, ReleaseRepository
 
     repo = ReleaseRepository.init(
-        args.repo, root_keys=args.root_keys, root_threshold=args.root_threshold, offline_keys=args.offline_keys,
+        args.repo,
+        root_keys=args.root_keys,
+        root_threshold=args.root_threshold,
+        offline_keys=args.offline_keys,
         channels=tuple(c.strip() for c in args.channels.split(",") if c.strip()),
-        expiry=Expiry(timestamp=timedelta(hours=args.timestamp_hours)), url=args.url,
-    )  # fmt: skip
-    print(f"initialised {repo.path}: root {args.root_threshold}-of-{args.root_keys}, channels {', '.join(repo.channels)}")
+        expiry=Expiry(timestamp=timedelta(hours=args.timestamp_hours)),
+        url=args.url,
+    )
+    print(
+        f"initialised {repo.path}: root {args.root_threshold}-of-{args.root_keys}, channels {', '.join(repo.channels)}"
+    )
     offline, online = Path(repo.config["offline_keys"]), (repo.path / "keys").resolve()
     if offline == online:
         print(f"keys: {online} (mode 0600); move the root-* and targets-* keys offline (see docs/updates.md)")
@@ -146,17 +162,32 @@ def _init(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     repo = _repo(args.repo)
     hw = [h.strip() for h in args.hardware.split(",") if h.strip()]
-    cohort = Cohort.of_share(args.canary_share, args.cohort_salt or args.fleet) if args.canary_share is not None else None
-    rec = repo.publish(args.package, channel=args.channel, fleet=args.fleet,
-                       min_agent_version=args.min_agent_version, hardware=hw, cohort=cohort)  # fmt: skip
+    cohort = (
+        Cohort.of_share(args.canary_share, args.cohort_salt or args.fleet)
+        if args.canary_share is not None
+        else None
+    )
+    rec = repo.publish(
+        args.package,
+        channel=args.channel,
+        fleet=args.fleet,
+        min_agent_version=args.min_agent_version,
+        hardware=hw,
+        cohort=cohort,
+    )
     _announce(args, repo, rec)
     return 0
 
 
 def _promote(args: argparse.Namespace) -> int:
     repo = _repo(args.repo)
-    rec = repo.promote(args.fleet, args.model, from_channel=args.from_channel, to_channel=args.to_channel,
-                       release=args.release)  # fmt: skip
+    rec = repo.promote(
+        args.fleet,
+        args.model,
+        from_channel=args.from_channel,
+        to_channel=args.to_channel,
+        release=args.release,
+    )
     _announce(args, repo, rec)
     return 0
 
@@ -191,19 +222,32 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{role:10s} {r['version']:7d} {when:>12s} {r['threshold']:9d} {keys}")
     for ch, recs in st["channels"].items():
         for r in recs:
-            print(f"{ch:8s} {r['target']:40s} release {r['release']:4d} {r['model']} {r['version']} ({r['action']})")
+            print(
+                f"{ch:8s} {r['target']:40s} release {r['release']:4d} {r['model']} {r['version']} ({r['action']})"
+            )
     print("recent releases:")
     for r in st["ledger"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["published"]))
         src = f" of release {r['source_release']}" if r.get("source_release") else ""
-        print(f"  {r['release']:4d} {when} {r['channel']:7s} {r['fleet']}/{r['model']} {r['version']} {r['action']}{src}")
+        print(
+            f"  {r['release']:4d} {when} {r['channel']:7s} {r['fleet']}/{r['model']} {r['version']} {r['action']}{src}"
+        )
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     from trainer.release.server import main as serve_main
 
-    argv = ["--repo", args.repo, "--host", args.host, "--port", str(args.port), "--resign-interval", str(args.resign_interval)]
+    argv = [
+        "--repo",
+        args.repo,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--resign-interval",
+        str(args.resign_interval),
+    ]
     if args.rate_limit:
         argv += ["--rate-limit", str(args.rate_limit)]
     return serve_main(argv)

@@ -50,7 +50,13 @@ def send_hint(settings: MqttSettings, hint: ReleaseHint, timeout: float = 10.0) 
         client.loop_stop()
 
 
-def mqtt_settings(url: str, ca: str | None = None, cert: str | None = None, key: str | None = None) -> MqttSettings:
+def mqtt_settings(
+    url: str, ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> MqttSettings:
     """Broker settings from CLI flags."""
-    return MqttSettings(url=url, ca=Path(ca) if ca else None, cert=Path(cert) if cert else None,
-                        key=Path(key) if key else None)  # fmt: skip
+    return MqttSettings(
+        url=url,
+        ca=Path(ca) if ca else None,
+        cert=Path(cert) if cert else None,
+        key=Path(key) if key else None,
+    )

@@ -79,7 +79,7 @@ class KeyStore:
         if entry is None:
             return False
         uri = entry["uri"]
-        return not uri.startswith("file2:") or Path(uri[len("file2:"):]).exists()
+        return not uri.startswith("file2:") or Path(uri[len("file2:") :]).exists()
 
     def signer(self, key: Key) -> Signer:
         """The signer of public ``key`` (file keys are permission-checked first)."""
@@ -88,7 +88,7 @@ class KeyStore:
             raise KeyStoreError(f"no private key for keyid {key.keyid[:12]}... in {self.index}")
         uri = entry["uri"]
         if uri.startswith("file2:"):
-            check_private_file(Path(uri[len("file2:"):]))
+            check_private_file(Path(uri[len("file2:") :]))
         try:
             return Signer.from_priv_key_uri(uri, key)
         except Exception as exc:  # noqa: BLE001 - any backend failure is one clear error
@@ -102,7 +102,7 @@ class KeyStore:
             return
         uri = entry["uri"]
         if uri.startswith("file2:"):
-            path = Path(uri[len("file2:"):])
+            path = Path(uri[len("file2:") :])
             if path.exists():
                 retired = path.parent / "retired"
                 retired.mkdir(mode=0o700, exist_ok=True)

@@ -119,10 +119,19 @@ class ReleaseRecord(BaseModel):
     def hint(self, repository_url: str | None = None) -> ReleaseHint:
         """The retained MQTT hint announcing this release on ``release/{channel}``."""
         return ReleaseHint(
-            fleet=self.fleet, channel=self.channel, model=self.model, version=self.version, release=self.release,
-            target=self.target, sha256=self.sha256, length=self.length, package_sha256=self.package_sha256,
-            repository=repository_url, action=self.action, ts=self.published,
-        )  # fmt: skip
+            fleet=self.fleet,
+            channel=self.channel,
+            model=self.model,
+            version=self.version,
+            release=self.release,
+            target=self.target,
+            sha256=self.sha256,
+            length=self.length,
+            package_sha256=self.package_sha256,
+            repository=repository_url,
+            action=self.action,
+            ts=self.published,
+        )
 
 
 def _now() -> datetime:
@@ -185,8 +194,13 @@ class ReleaseRepository(Repository):
         (p / "keys").mkdir(mode=0o700, exist_ok=True)
         exp = expiry or Expiry()
         offline = Path(offline_keys).resolve() if offline_keys else (p / "keys").resolve()
-        config = {"format": "edgefleet.release-repo/1", "channels": list(channels), "expiry": exp.to_json(),
-                  "url": url, "offline_keys": str(offline)}  # fmt: skip
+        config = {
+            "format": "edgefleet.release-repo/1",
+            "channels": list(channels),
+            "expiry": exp.to_json(),
+            "url": url,
+            "offline_keys": str(offline),
+        }
         write_json_atomic(p / "repository.json", config)
         repo = cls(p)
         with repo._locked():
@@ -250,7 +264,9 @@ class ReleaseRepository(Repository):
         md.signed.expires = _now() + self.expiry.of(role)
         md.signatures.clear()
         previous_root = self.open(Root.type).signed if role == Root.type else None
-        for signer in self._signers(role, md, previous_root if isinstance(previous_root, Root) and previous_root.version else None):
+        for signer in self._signers(
+            role, md, previous_root if isinstance(previous_root, Root) and previous_root.version else None
+        ):
             md.sign(signer, append=True)
         self._check_threshold(role, md)
         self.write_metadata(role, md)
@@ -282,7 +298,11 @@ class ReleaseRepository(Repository):
             r = root.roles[role]
             return list(r.keyids), dict(root.keys), r.threshold
         targets = self.targets()
-        if targets.delegations is None or targets.delegations.roles is None or role not in targets.delegations.roles:
+        if (
+            targets.delegations is None
+            or targets.delegations.roles is None
+            or role not in targets.delegations.roles
+        ):
             raise ReleaseError(f"unknown channel {role!r} (channels: {', '.join(self.channels)})")
         d = targets.delegations.roles[role]
         return list(d.keyids), dict(targets.delegations.keys), d.threshold
@@ -320,7 +340,9 @@ class ReleaseRepository(Repository):
             else:
                 self.targets().verify_delegate(role, md.signed_bytes, md.signatures)
         except UnsignedMetadataError as exc:
-            raise ReleaseError(f"cannot sign {role}: {exc} (are its keys offline? see signers.json)") from None
+            raise ReleaseError(
+                f"cannot sign {role}: {exc} (are its keys offline? see signers.json)"
+            ) from None
 
     # -- locking -----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -379,11 +401,22 @@ class ReleaseRepository(Repository):
     @staticmethod
     def _record(info: ReleaseInfo, path: str, sha: str, length: int) -> ReleaseRecord:
         return ReleaseRecord(
-            release=info.release, channel=info.channel, fleet=info.fleet, model=info.model, version=info.version,
-            target=path, sha256=sha, length=length, package_sha256=info.package_sha256, action=info.action,
-            source_release=info.source_release, min_agent_version=info.min_agent_version, hardware=info.hardware,
-            published=info.published, cohort=info.cohort,
-        )  # fmt: skip
+            release=info.release,
+            channel=info.channel,
+            fleet=info.fleet,
+            model=info.model,
+            version=info.version,
+            target=path,
+            sha256=sha,
+            length=length,
+            package_sha256=info.package_sha256,
+            action=info.action,
+            source_release=info.source_release,
+            min_agent_version=info.min_agent_version,
+            hardware=info.hardware,
+            published=info.published,
+            cohort=info.cohort,
+        )
 
     def _check_channel(self, channel: str) -> None:
         if channel not in self.channels:
@@ -417,7 +450,9 @@ class ReleaseRepository(Repository):
         m = pkg.manifest
         for what, value in (("fleet", fleet), ("model name", m.name)):
             if not _NAME.match(value):
-                raise ReleaseError(f"{what} {value!r}: letters, digits, '_', '.', '-' only (it is a target path segment)")
+                raise ReleaseError(
+                    f"{what} {value!r}: letters, digits, '_', '.', '-' only (it is a target path segment)"
+                )
         with self._locked():
             tmp = self.path / "tmp"
             tmp.mkdir(exist_ok=True)
@@ -429,13 +464,20 @@ class ReleaseRepository(Repository):
             os.replace(archive, blob)
             fsync_dir(blob.parent)
             info = ReleaseInfo(
-                fleet=fleet, channel=channel, model=m.name, version=m.version,
+                fleet=fleet,
+                channel=channel,
+                model=m.name,
+                version=m.version,
                 release=release if release is not None else self.next_release(),
-                package_sha256=pkg.sha256, package_format=m.format,
+                package_sha256=pkg.sha256,
+                package_format=m.format,
                 formats={k: a.runtime for k, a in m.artifacts.items()},
-                preprocess=preprocess_text(m.preprocess.model_dump(mode="json")), min_agent_version=min_agent_version,
-                hardware=list(hardware), published=int(time.time()), cohort=cohort,
-            )  # fmt: skip
+                preprocess=preprocess_text(m.preprocess.model_dump(mode="json")),
+                min_agent_version=min_agent_version,
+                hardware=list(hardware),
+                published=int(time.time()),
+                cohort=cohort,
+            )
             return self._sign_release(info, path, sha, length)
 
     def _sign_release(self, info: ReleaseInfo, path: str, sha: str, length: int) -> ReleaseRecord:
@@ -449,7 +491,11 @@ class ReleaseRepository(Repository):
         return record
 
     def _republish(
-        self, source: ReleaseRecord, channel: str, action: Literal["promote", "rollback"], cohort: Cohort | None = None
+        self,
+        source: ReleaseRecord,
+        channel: str,
+        action: Literal["promote", "rollback"],
+        cohort: Cohort | None = None,
     ) -> ReleaseRecord:
         """Sign ``source``'s artifact into ``channel`` under a new counter (same bytes, same hash)."""
         old_blob = self.blob_path(source.target, source.sha256)
@@ -466,13 +512,22 @@ class ReleaseRepository(Repository):
             fsync_dir(blob.parent)
         m = _archived_manifest(old_blob)
         info = ReleaseInfo(
-            fleet=source.fleet, channel=channel, model=m.name, version=m.version, release=self.next_release(),
-            package_sha256=source.package_sha256, package_format=m.format,
+            fleet=source.fleet,
+            channel=channel,
+            model=m.name,
+            version=m.version,
+            release=self.next_release(),
+            package_sha256=source.package_sha256,
+            package_format=m.format,
             formats={k: a.runtime for k, a in m.artifacts.items()},
             preprocess=preprocess_text(m.preprocess.model_dump(mode="json")),
-            min_agent_version=source.min_agent_version, hardware=source.hardware, action=action,
-            source_release=source.release, published=int(time.time()), cohort=cohort,
-        )  # fmt: skip
+            min_agent_version=source.min_agent_version,
+            hardware=source.hardware,
+            action=action,
+            source_release=source.release,
+            published=int(time.time()),
+            cohort=cohort,
+        )
         return self._sign_release(info, path, source.sha256, source.length)
 
     def _find(self, fleet: str, model: str, release: int) -> ReleaseRecord:
@@ -482,18 +537,30 @@ class ReleaseRepository(Repository):
         raise ReleaseError(f"no release {release} of {model} for fleet {fleet}")
 
     def promote(
-        self, fleet: str, model: str, *, from_channel: str = "canary", to_channel: str = "stable", release: int | None = None
+        self,
+        fleet: str,
+        model: str,
+        *,
+        from_channel: str = "canary",
+        to_channel: str = "stable",
+        release: int | None = None,
     ) -> ReleaseRecord:
         """Offer ``from_channel``'s current release (or release ``release``) on ``to_channel`` under a new counter."""
         self._check_channel(from_channel)
         self._check_channel(to_channel)
         with self._locked():
-            source = self._find(fleet, model, release) if release is not None else self.current(from_channel, fleet, model)
+            source = (
+                self._find(fleet, model, release)
+                if release is not None
+                else self.current(from_channel, fleet, model)
+            )
             if source is None:
                 raise ReleaseError(f"channel {from_channel} has no release of {model} for fleet {fleet}")
             return self._republish(source, to_channel, "promote")
 
-    def rollback(self, fleet: str, model: str, channel: str, *, to_release: int | None = None) -> ReleaseRecord:
+    def rollback(
+        self, fleet: str, model: str, channel: str, *, to_release: int | None = None
+    ) -> ReleaseRecord:
         """Roll a channel forward onto an earlier artifact: a new release, with a higher counter, of old bytes.
 
         Without ``to_release`` the target is the newest earlier release (of any channel) whose package
@@ -506,12 +573,17 @@ class ReleaseRepository(Repository):
                 source = self._find(fleet, model, to_release)
             else:
                 if current is None:
-                    raise ReleaseError(f"channel {channel} has no release of {model} for fleet {fleet} to roll back")
+                    raise ReleaseError(
+                        f"channel {channel} has no release of {model} for fleet {fleet} to roll back"
+                    )
                 earlier = [
-                    r for r in self.releases()
-                    if r.fleet == fleet and r.model == model and r.release < current.release
+                    r
+                    for r in self.releases()
+                    if r.fleet == fleet
+                    and r.model == model
+                    and r.release < current.release
                     and r.package_sha256 != current.package_sha256
-                ]  # fmt: skip
+                ]
                 if not earlier:
                     raise ReleaseError(f"no earlier release of {model} for fleet {fleet} to roll back to")
                 source = max(earlier, key=lambda r: r.release)
@@ -618,10 +690,19 @@ class ReleaseRepository(Repository):
                 "expires": md.signed.expires.isoformat(),
                 "expires_in_s": round((md.signed.expires - _now()).total_seconds()),
                 "threshold": threshold,
-                "keys": {k[:12]: ("available here" if self.keys.has(k) else "offline / not here") for k in keyids},
+                "keys": {
+                    k[:12]: ("available here" if self.keys.has(k) else "offline / not here") for k in keyids
+                },
             }
-        channels = {ch: [r.model_dump() for r in self._signed_releases() if r.channel == ch] for ch in self.channels}
-        return {"path": str(self.path), "roles": roles, "channels": channels, "ledger": [r.model_dump() for r in self.releases()[-20:]]}
+        channels = {
+            ch: [r.model_dump() for r in self._signed_releases() if r.channel == ch] for ch in self.channels
+        }
+        return {
+            "path": str(self.path),
+            "roles": roles,
+            "channels": channels,
+            "ledger": [r.model_dump() for r in self.releases()[-20:]],
+        }
 
 
 def _archived_manifest(blob: Path) -> ModelManifest:

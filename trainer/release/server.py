@@ -154,8 +154,11 @@ class _Server(ThreadingHTTPServer):
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"requests": sum(self._status.values()), "bytes": self._bytes,
-                    "by_status": {str(k): v for k, v in sorted(self._status.items())}}  # fmt: skip
+            return {
+                "requests": sum(self._status.values()),
+                "bytes": self._bytes,
+                "by_status": {str(k): v for k, v in sorted(self._status.items())},
+            }
 
 
 class ReleaseServer:
@@ -207,7 +210,9 @@ class ReleaseServer:
         return self._httpd.stats()
 
     def start(self) -> ReleaseServer:
-        t = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="release-http", daemon=True)
+        t = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="release-http", daemon=True
+        )
         t.start()
         self._threads.append(t)
         if self.repository is not None and self.resign_interval_s > 0:
@@ -247,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--rate-limit", type=int, default=None, help="bytes per second per response")
-    ap.add_argument("--resign-interval", type=float, default=60.0, help="seconds between re-sign checks (0: off)")
+    ap.add_argument(
+        "--resign-interval", type=float, default=60.0, help="seconds between re-sign checks (0: off)"
+    )
     ap.add_argument("--no-resign", action="store_true", help="serve only (e.g. a copy without keys)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -256,8 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.release.repository import ReleaseRepository
 
         repo = ReleaseRepository(a.repo)
-    server = ReleaseServer(a.repo, host=a.host, port=a.port, rate_limit_bps=a.rate_limit, repository=repo,
-                           resign_interval_s=a.resign_interval).start()  # fmt: skip
+    server = ReleaseServer(
+        a.repo,
+        host=a.host,
+        port=a.port,
+        rate_limit_bps=a.rate_limit,
+        repository=repo,
+        resign_interval_s=a.resign_interval,
+    ).start()
     print(f"serving {os.path.abspath(a.repo)} at {server.url} (metadata/, targets/)", flush=True)
     try:
         while True:

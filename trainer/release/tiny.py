@@ -99,12 +99,15 @@ def _graph(behaviour: Behaviour, slow_steps: int) -> onnx.ModelProto:
         ]
         out = "slowed"
     graph = helper.make_graph(
-        nodes, "colour",
+        nodes,
+        "colour",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
         [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 3])],
         inits,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgefleet-tiny")
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgefleet-tiny"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
@@ -116,8 +119,17 @@ def _reference(pkg_dir: Path, manifest: ModelManifest, frames: int = 48) -> Refe
     backend = load_backend(pkg, ARTIFACT, BackendOptions())
     pre = Preprocessor(manifest.preprocess, manifest.artifacts[ARTIFACT].input)
     ref = pkg.ref(ARTIFACT)
-    agg = TelemetryAggregator(fleet="ref", device="ref", session=0, model=ref, agent_version="ref",
-                              edges=manifest.telemetry_edges, now=0.0, window_seconds=None, window_frames=10**9)  # fmt: skip
+    agg = TelemetryAggregator(
+        fleet="ref",
+        device="ref",
+        session=0,
+        model=ref,
+        agent_version="ref",
+        edges=manifest.telemetry_edges,
+        now=0.0,
+        window_seconds=None,
+        window_frames=10**9,
+    )
     src = open_source(f"synthetic:?fps=0&frames={frames}&width=160&height=120").start()
     try:
         while True:
@@ -127,7 +139,11 @@ def _reference(pkg_dir: Path, manifest: ModelManifest, frames: int = 48) -> Refe
             x, small = pre(f.image)
             probs = to_probabilities(backend.run(x), "logits", 1.0)
             (feat,) = output_features(probs)
-            agg.add(FrameResult(output=feat, inputs=input_statistics(small, manifest.preprocess.color), latency_ms={}))
+            agg.add(
+                FrameResult(
+                    output=feat, inputs=input_statistics(small, manifest.preprocess.color), latency_ms={}
+                )
+            )
     except EndOfStream:
         pass
     finally:
@@ -136,22 +152,44 @@ def _reference(pkg_dir: Path, manifest: ModelManifest, frames: int = 48) -> Refe
     w = agg.close(1.0)
     n = w.frames.inferred
     prior = [w.class_counts.get(c, 0) / n for c in range(len(LABELS))]
-    return ReferenceStats(artifact=ARTIFACT, images=n, histograms=w.histograms, class_prior=prior,
-                          mean_confidence=float(w.confidence_mean or 0.0))  # fmt: skip
+    return ReferenceStats(
+        artifact=ARTIFACT,
+        images=n,
+        histograms=w.histograms,
+        class_prior=prior,
+        mean_confidence=float(w.confidence_mean or 0.0),
+    )
 
 
-def _manifest(root: Path, name: str, version: str, behaviour: Behaviour, golden: list[GoldenInput]) -> ModelManifest:
-    files = {p.relative_to(root).as_posix(): FileEntry(sha256=sha256_file(p), size=p.stat().st_size)
-             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}  # fmt: skip
+def _manifest(
+    root: Path, name: str, version: str, behaviour: Behaviour, golden: list[GoldenInput]
+) -> ModelManifest:
+    files = {
+        p.relative_to(root).as_posix(): FileEntry(sha256=sha256_file(p), size=p.stat().st_size)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     return ModelManifest(
-        name=name, version=version, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        labels=LABELS, preprocess=PreprocessSpec(size=(SIZE, SIZE), resize="squash"),
+        name=name,
+        version=version,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        labels=LABELS,
+        preprocess=PreprocessSpec(size=(SIZE, SIZE), resize="squash"),
         temperature=200.0 if behaviour == "collapse" else 1.0,
-        artifacts={ARTIFACT: Artifact(file="model.onnx", runtime="onnxruntime", precision="fp32",
-                                      input=TensorSpec(name="input", layout="NCHW"), output=TensorSpec(layout="NC"))},
-        golden=golden, files=files, telemetry_edges=default_edges(len(LABELS)),
+        artifacts={
+            ARTIFACT: Artifact(
+                file="model.onnx",
+                runtime="onnxruntime",
+                precision="fp32",
+                input=TensorSpec(name="input", layout="NCHW"),
+                output=TensorSpec(layout="NC"),
+            )
+        },
+        golden=golden,
+        files=files,
+        telemetry_edges=default_edges(len(LABELS)),
         provenance={"builder": "trainer.release.tiny", "behaviour": behaviour},
-    )  # fmt: skip
+    )
 
 
 def build_tiny_package(
@@ -183,7 +221,11 @@ def build_tiny_package(
             img[..., 2 - c] = 230  # BGR on disk: channel 2 is red
             cv2.imwrite(str(tmp / "golden" / f"{label}.png"), img)
             expected = (c + 1) % 3 if behaviour == "wrong_golden" else c
-            golden.append(GoldenInput(file=f"golden/{label}.png", expected_top1=expected, expected_label=LABELS[expected]))
+            golden.append(
+                GoldenInput(
+                    file=f"golden/{label}.png", expected_top1=expected, expected_label=LABELS[expected]
+                )
+            )
         if padding_bytes:
             (tmp / "padding.bin").write_bytes(np.random.default_rng(0).bytes(padding_bytes))
         manifest = _manifest(tmp, name, version, behaviour, golden)

@@ -28,7 +28,24 @@ from trainer.store.schema import (
 from trainer.store.store import Store
 
 __all__ = [
-    "Alert", "AuditEntry", "Base", "DeadLetter", "Device", "Label", "ModelCheck", "ModelRecord", "Received",
-    "Rejected", "Release", "Rollout", "Sample", "StatusEvent", "Store", "UpdateEventRecord", "Window", "WriteResult",
-    "is_transient", "make_engine",
-]  # fmt: skip
+    "Alert",
+    "AuditEntry",
+    "Base",
+    "DeadLetter",
+    "Device",
+    "Label",
+    "ModelCheck",
+    "ModelRecord",
+    "Received",
+    "Rejected",
+    "Release",
+    "Rollout",
+    "Sample",
+    "StatusEvent",
+    "Store",
+    "UpdateEventRecord",
+    "Window",
+    "WriteResult",
+    "is_transient",
+    "make_engine",
+]

@@ -55,9 +55,14 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
         cur = dbapi_conn.cursor()
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
-                       "foreign_keys=ON", f"wal_autocheckpoint={SQLITE_CHECKPOINT_PAGES}",
-                       f"journal_size_limit={SQLITE_CHECKPOINT_PAGES * 4096}"):  # fmt: skip
+        for pragma in (
+            "journal_mode=WAL",
+            "synchronous=NORMAL",
+            f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+            "foreign_keys=ON",
+            f"wal_autocheckpoint={SQLITE_CHECKPOINT_PAGES}",
+            f"journal_size_limit={SQLITE_CHECKPOINT_PAGES * 4096}",
+        ):
             cur.execute(f"PRAGMA {pragma}")
         cur.close()
 
@@ -91,8 +96,14 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
-def bulk_insert(conn: Connection, table: str, columns: Sequence[str], conflict: Sequence[str],
-                rows: Sequence[Sequence[Any]], update_set: str | None = None) -> int:  # fmt: skip
+def bulk_insert(
+    conn: Connection,
+    table: str,
+    columns: Sequence[str],
+    conflict: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    update_set: str | None = None,
+) -> int:
     """Insert many rows; on a ``conflict`` key do nothing, or ``DO UPDATE SET update_set``.
 
     Returns the driver's row count (rows inserted, plus rows updated with ``update_set``). This is
@@ -113,13 +124,19 @@ def bulk_insert(conn: Connection, table: str, columns: Sequence[str], conflict: 
     )
     if conn.dialect.name == "postgresql":
         stage = q(f"_stage_{table}")
-        conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
-                             f"SELECT {cols} FROM {q(table)} WITH NO DATA")  # fmt: skip
+        conn.exec_driver_sql(
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
+            f"SELECT {cols} FROM {q(table)} WITH NO DATA"
+        )
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         with cursor.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
-        return int(conn.exec_driver_sql(f"INSERT INTO {q(table)} ({cols}) SELECT {cols} FROM {stage} {on_conflict}").rowcount)
+        return int(
+            conn.exec_driver_sql(
+                f"INSERT INTO {q(table)} ({cols}) SELECT {cols} FROM {stage} {on_conflict}"
+            ).rowcount
+        )
     marks = ", ".join(["?" if conn.dialect.paramstyle == "qmark" else "%s"] * len(columns))
     sql = f"INSERT INTO {q(table)} ({cols}) VALUES ({marks}) {on_conflict}"
     return int(conn.exec_driver_sql(sql, list(rows)).rowcount)

@@ -158,8 +158,11 @@ class ModelCheck:
         ask = {k: f for k, f in pairs.items() if k not in known and k not in out}
         if not ask:
             return out
-        first = dict(conn.execute(select(Device.device, Device.first_model_sha256)
-                                  .where(Device.device.in_({d for d, _ in ask}))).all())  # fmt: skip
+        first = dict(
+            conn.execute(
+                select(Device.device, Device.first_model_sha256).where(Device.device.in_({d for d, _ in ask}))
+            ).all()
+        )
         covered = conn.execute(
             select(Rollout.device, Rollout.fleet, Release.model_sha256)
             .join(Release, Release.id == Rollout.release_id)
@@ -177,7 +180,10 @@ class ModelCheck:
 
 
 def _model_alerts(
-    conn: Connection, seen: dict[tuple[str, str], tuple[str, ModelRef]], known: set[str], check: ModelCheck,
+    conn: Connection,
+    seen: dict[tuple[str, str], tuple[str, ModelRef]],
+    known: set[str],
+    check: ModelCheck,
     actor: str,
 ) -> int:
     """Raise unknown_model / model_not_sent alerts (once each) for the (device, sha) pairs just stored."""
@@ -195,18 +201,39 @@ def _model_alerts(
         if check.alerted(key):
             continue
         new = insert_alert(
-            conn, kind=kind, message=msg, fleet=fleet, device=device, actor=actor,
-            details={"model": ref.model_dump(exclude_none=True)}, dedupe_key=key,
-        )  # fmt: skip
+            conn,
+            kind=kind,
+            message=msg,
+            fleet=fleet,
+            device=device,
+            actor=actor,
+            details={"model": ref.model_dump(exclude_none=True)},
+            dedupe_key=key,
+        )
         check.alerting(key)
         raised += new is not None
     return raised
 
 
 WINDOW_COLUMNS = (
-    "fleet", "device", "session", "seq", "start", "end", "model_name", "model_version", "model_sha256", "artifact",
-    "frames_inferred", "frames_failed", "confidence_mean", "atc_above", "model_known", "payload", "received_at",
-)  # fmt: skip
+    "fleet",
+    "device",
+    "session",
+    "seq",
+    "start",
+    "end",
+    "model_name",
+    "model_version",
+    "model_sha256",
+    "artifact",
+    "frames_inferred",
+    "frames_failed",
+    "confidence_mean",
+    "atc_above",
+    "model_known",
+    "payload",
+    "received_at",
+)
 
 
 def write_windows(
@@ -229,11 +256,27 @@ def write_windows(
     for _, it in sorted(unique.items()):
         w = it.message
         m = w.model
-        rows.append((
-            w.fleet, w.device, w.session, w.seq, w.start, w.end, m.name, m.version, m.sha256, m.artifact,
-            w.frames.inferred, w.frames.failed, w.confidence_mean, w.atc_above, m.sha256 in known, it.raw,
-            it.received_at,
-        ))  # fmt: skip
+        rows.append(
+            (
+                w.fleet,
+                w.device,
+                w.session,
+                w.seq,
+                w.start,
+                w.end,
+                m.name,
+                m.version,
+                m.sha256,
+                m.artifact,
+                w.frames.inferred,
+                w.frames.failed,
+                w.confidence_mean,
+                w.atc_above,
+                m.sha256 in known,
+                it.raw,
+                it.received_at,
+            )
+        )
     stored = bulk_insert(conn, "windows", WINDOW_COLUMNS, ("device", "session", "seq"), rows)
     result = WriteResult(stored=stored, duplicates=len(items) - stored)
     if not stored:  # all seen before: their devices and alerts were handled then
@@ -252,19 +295,37 @@ def write_windows(
 
 
 _DEVICE_COLUMNS = (
-    "device", "fleet", "first_seen", "last_seen", "last_window_end", "session", "agent_version", "model_name",
-    "model_version", "model_sha256", "first_model_sha256",
-)  # fmt: skip
-_FOLLOW_NEWEST = ("last_window_end", "session", "agent_version", "model_name", "model_version", "model_sha256")
+    "device",
+    "fleet",
+    "first_seen",
+    "last_seen",
+    "last_window_end",
+    "session",
+    "agent_version",
+    "model_name",
+    "model_version",
+    "model_sha256",
+    "first_model_sha256",
+)
+_FOLLOW_NEWEST = (
+    "last_window_end",
+    "session",
+    "agent_version",
+    "model_name",
+    "model_version",
+    "model_sha256",
+)
 
 
 _NEWER = "devices.last_window_end IS NULL OR excluded.last_window_end >= devices.last_window_end"
-_DEVICE_UPDATE = ", ".join([
-    "fleet = excluded.fleet",
-    "last_seen = CASE WHEN excluded.last_seen > devices.last_seen THEN excluded.last_seen ELSE devices.last_seen END",
-    "first_model_sha256 = COALESCE(devices.first_model_sha256, excluded.first_model_sha256)",
-    *(f"{c} = CASE WHEN {_NEWER} THEN excluded.{c} ELSE devices.{c} END" for c in _FOLLOW_NEWEST),
-])  # fmt: skip
+_DEVICE_UPDATE = ", ".join(
+    [
+        "fleet = excluded.fleet",
+        "last_seen = CASE WHEN excluded.last_seen > devices.last_seen THEN excluded.last_seen ELSE devices.last_seen END",
+        "first_model_sha256 = COALESCE(devices.first_model_sha256, excluded.first_model_sha256)",
+        *(f"{c} = CASE WHEN {_NEWER} THEN excluded.{c} ELSE devices.{c} END" for c in _FOLLOW_NEWEST),
+    ]
+)
 """The devices upsert of a window batch, in plain SQL (the same text on SQLite and PostgreSQL)."""
 
 
@@ -287,8 +348,21 @@ def _upsert_devices_from_windows(conn: Connection, stored: Sequence[Received[Tel
     rows = []
     for dev, it in sorted(newest.items()):
         w, m = it.message, it.message.model
-        rows.append((dev, w.fleet, last_seen[dev], last_seen[dev], w.end, w.session, w.agent_version, m.name,
-                     m.version, m.sha256, first[dev].message.model.sha256))  # fmt: skip
+        rows.append(
+            (
+                dev,
+                w.fleet,
+                last_seen[dev],
+                last_seen[dev],
+                w.end,
+                w.session,
+                w.agent_version,
+                m.name,
+                m.version,
+                m.sha256,
+                first[dev].message.model.sha256,
+            )
+        )
     bulk_insert(conn, "devices", _DEVICE_COLUMNS, ("device",), rows, _DEVICE_UPDATE)
 
 
@@ -299,17 +373,31 @@ def write_statuses(
     if not items:
         return WriteResult()
     rows = [
-        {"fleet": s.fleet, "device": s.device, "session": s.session, "state": s.state, "ts": s.ts,
-         "model_sha256": s.model.sha256 if s.model else None, "payload": it.raw, "received_at": it.received_at}
+        {
+            "fleet": s.fleet,
+            "device": s.device,
+            "session": s.session,
+            "state": s.state,
+            "ts": s.ts,
+            "model_sha256": s.model.sha256 if s.model else None,
+            "payload": it.raw,
+            "received_at": it.received_at,
+        }
         for it in items
         for s in (it.message,)
-    ]  # fmt: skip
+    ]
     stmt = insert(conn, STATUS).on_conflict_do_nothing(index_elements=["device", "session", "state", "ts"])
     c = STATUS.c
     inserted = {tuple(r) for r in conn.execute(stmt.returning(c.device, c.session, c.state, c.ts), rows)}
-    stored = [it for it in items if (it.message.device, it.message.session, it.message.state, it.message.ts) in inserted]
+    stored = [
+        it
+        for it in items
+        if (it.message.device, it.message.session, it.message.state, it.message.ts) in inserted
+    ]
     # the same status twice in one batch: both keys are in ``inserted``; count it once
-    stored = list({(i.message.device, i.message.session, i.message.state, i.message.ts): i for i in stored}.values())
+    stored = list(
+        {(i.message.device, i.message.session, i.message.state, i.message.ts): i for i in stored}.values()
+    )
     result = WriteResult(stored=len(stored), duplicates=len(items) - len(stored))
     if not stored:
         return result
@@ -328,16 +416,26 @@ def write_statuses(
     set_ = {k: case((newer, ex[k]), else_=d[k]) for k in ("session", "state", "status_ts")}
     for k in ("agent_version", "model_name", "model_version", "model_sha256"):
         set_[k] = case((and_(newer, ex[k].is_not(None)), ex[k]), else_=d[k])
-    set_["first_model_sha256"] = case((d.first_model_sha256.is_(None), ex.first_model_sha256), else_=d.first_model_sha256)
+    set_["first_model_sha256"] = case(
+        (d.first_model_sha256.is_(None), ex.first_model_sha256), else_=d.first_model_sha256
+    )
     set_["last_seen"] = case((ex.last_seen > d.last_seen, ex.last_seen), else_=d.last_seen)
     for rows_ in passes:
         if rows_:
-            conn.execute(up.on_conflict_do_update(index_elements=["device"], set_=set_), [_device_row(i) for i in rows_])
-    seen = {(it.message.device, it.message.model.sha256): (it.message.fleet, it.message.model)
-            for it in stored if it.message.model is not None}  # fmt: skip
+            conn.execute(
+                up.on_conflict_do_update(index_elements=["device"], set_=set_),
+                [_device_row(i) for i in rows_],
+            )
+    seen = {
+        (it.message.device, it.message.model.sha256): (it.message.fleet, it.message.model)
+        for it in stored
+        if it.message.model is not None
+    }
     if seen:
         known = check.known(conn, {sha for _, sha in seen})
-        result.unknown_model = sum(1 for it in stored if it.message.model and it.message.model.sha256 not in known)
+        result.unknown_model = sum(
+            1 for it in stored if it.message.model and it.message.model.sha256 not in known
+        )
         result.alerts = _model_alerts(conn, seen, known, check, actor)
     return result
 
@@ -345,11 +443,19 @@ def write_statuses(
 def _device_row(it: Received[Status]) -> dict:
     s, m = it.message, it.message.model
     return {
-        "device": s.device, "fleet": s.fleet, "first_seen": it.received_at, "last_seen": it.received_at,
-        "session": s.session, "state": s.state, "status_ts": s.ts, "agent_version": s.agent_version,
-        "model_name": m.name if m else None, "model_version": m.version if m else None,
-        "model_sha256": m.sha256 if m else None, "first_model_sha256": m.sha256 if m else None,
-    }  # fmt: skip
+        "device": s.device,
+        "fleet": s.fleet,
+        "first_seen": it.received_at,
+        "last_seen": it.received_at,
+        "session": s.session,
+        "state": s.state,
+        "status_ts": s.ts,
+        "agent_version": s.agent_version,
+        "model_name": m.name if m else None,
+        "model_version": m.version if m else None,
+        "model_sha256": m.sha256 if m else None,
+        "first_model_sha256": m.sha256 if m else None,
+    }
 
 
 def write_dead_letters(conn: Connection, items: Sequence[Rejected]) -> int:
@@ -362,17 +468,26 @@ def write_dead_letters(conn: Connection, items: Sequence[Rejected]) -> int:
         row = rows.get((r.topic, sha))
         if row is None:
             rows[(r.topic, sha)] = {
-                "topic": r.topic, "payload": r.payload[:DEAD_LETTER_KEEP_BYTES], "payload_size": len(r.payload),
-                "payload_sha256": sha, "reason": r.reason, "detail": r.detail[:2000], "count": 1,
-                "first_received_at": r.received_at, "last_received_at": r.received_at,
-            }  # fmt: skip
+                "topic": r.topic,
+                "payload": r.payload[:DEAD_LETTER_KEEP_BYTES],
+                "payload_size": len(r.payload),
+                "payload_sha256": sha,
+                "reason": r.reason,
+                "detail": r.detail[:2000],
+                "count": 1,
+                "first_received_at": r.received_at,
+                "last_received_at": r.received_at,
+            }
         else:
             row["count"] += 1
             row["last_received_at"] = max(row["last_received_at"], r.received_at)
     stmt = insert(conn, DEAD)
     stmt = stmt.on_conflict_do_update(
         index_elements=["topic", "payload_sha256"],
-        set_={"count": DEAD.c["count"] + stmt.excluded["count"], "last_received_at": stmt.excluded.last_received_at},
+        set_={
+            "count": DEAD.c["count"] + stmt.excluded["count"],
+            "last_received_at": stmt.excluded.last_received_at,
+        },
     )
     conn.execute(stmt, list(rows.values()))
     return len(items)
@@ -386,12 +501,24 @@ def sample_image(sample: SampleMessage) -> bytes:
         raise ValueError(f"jpeg_b64 is not base64 ({exc})") from None
     digest = hashlib.sha256(image).hexdigest()
     if digest != sample.sha256:
-        raise ValueError(f"image sha256 {digest[:12]}... does not match the message's {sample.sha256[:12]}...")
+        raise ValueError(
+            f"image sha256 {digest[:12]}... does not match the message's {sample.sha256[:12]}..."
+        )
     return image
 
 
-_SAMPLE_COLUMNS = ("fleet", "device", "ts", "model_sha256", "consent_policy", "sha256", "content_type", "image",
-                   "provenance", "received_at")  # fmt: skip
+_SAMPLE_COLUMNS = (
+    "fleet",
+    "device",
+    "ts",
+    "model_sha256",
+    "consent_policy",
+    "sha256",
+    "content_type",
+    "image",
+    "provenance",
+    "received_at",
+)
 
 
 def write_samples(
@@ -407,14 +534,38 @@ def write_samples(
     for it in sorted(items, key=lambda i: (i.message.device, i.message.sha256)):
         s = it.message
         provenance = s.model_dump(mode="json", exclude={"jpeg_b64", "v", "kind", "fleet", "device", "sha256"})
-        rows.append((s.fleet, s.device, s.ts, s.model.sha256, s.consent, s.sha256, "image/jpeg", sample_image(s),
-                     json.dumps(provenance, separators=(",", ":")), it.received_at))  # fmt: skip
+        rows.append(
+            (
+                s.fleet,
+                s.device,
+                s.ts,
+                s.model.sha256,
+                s.consent,
+                s.sha256,
+                "image/jpeg",
+                sample_image(s),
+                json.dumps(provenance, separators=(",", ":")),
+                it.received_at,
+            )
+        )
     stored = bulk_insert(conn, "samples", _SAMPLE_COLUMNS, ("device", "sha256"), rows)
     return WriteResult(stored=stored, duplicates=len(items) - stored)
 
 
-_UPDATE_COLUMNS = ("fleet", "device", "session", "seq", "ts", "state", "reason", "release", "model_sha256",
-                   "serving_sha256", "payload", "received_at")  # fmt: skip
+_UPDATE_COLUMNS = (
+    "fleet",
+    "device",
+    "session",
+    "seq",
+    "ts",
+    "state",
+    "reason",
+    "release",
+    "model_sha256",
+    "serving_sha256",
+    "payload",
+    "received_at",
+)
 
 
 def write_update_events(
@@ -425,8 +576,21 @@ def write_update_events(
     rows = []
     for _, it in sorted(unique.items()):
         e = it.message
-        rows.append((e.fleet, e.device, e.session, e.seq, e.ts, e.state, e.reason, e.release,
-                     e.model.sha256 if e.model else None, e.serving.sha256 if e.serving else None, it.raw,
-                     it.received_at))  # fmt: skip
+        rows.append(
+            (
+                e.fleet,
+                e.device,
+                e.session,
+                e.seq,
+                e.ts,
+                e.state,
+                e.reason,
+                e.release,
+                e.model.sha256 if e.model else None,
+                e.serving.sha256 if e.serving else None,
+                it.raw,
+                it.received_at,
+            )
+        )
     stored = bulk_insert(conn, "update_events", _UPDATE_COLUMNS, ("device", "session", "seq"), rows)
     return WriteResult(stored=stored, duplicates=len(items) - stored)

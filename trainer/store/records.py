@@ -18,15 +18,24 @@ def _json(details: dict[str, Any] | None) -> str | None:
 
 
 def insert_audit(
-    conn: Connection, actor: str, action: str, subject: str, details: dict[str, Any] | None = None,
+    conn: Connection,
+    actor: str,
+    action: str,
+    subject: str,
+    details: dict[str, Any] | None = None,
     ts: float | None = None,
 ) -> None:
     """Append one audit entry: who (actor) did what (action) to which subject."""
     conn.execute(
         sqlalchemy.insert(AuditEntry),
-        {"ts": time.time() if ts is None else ts, "actor": actor, "action": action, "subject": subject,
-         "details": _json(details)},
-    )  # fmt: skip
+        {
+            "ts": time.time() if ts is None else ts,
+            "actor": actor,
+            "action": action,
+            "subject": subject,
+            "details": _json(details),
+        },
+    )
 
 
 def insert_alert(
@@ -48,15 +57,26 @@ def insert_alert(
     """
     now = time.time() if ts is None else ts
     stmt = insert(conn, Alert.__table__).values(
-        fleet=fleet, device=device, kind=kind, severity=severity, message=message, details=_json(details),
-        dedupe_key=dedupe_key, created_at=now,
-    )  # fmt: skip
+        fleet=fleet,
+        device=device,
+        kind=kind,
+        severity=severity,
+        message=message,
+        details=_json(details),
+        dedupe_key=dedupe_key,
+        created_at=now,
+    )
     if dedupe_key is not None:
         stmt = stmt.on_conflict_do_nothing(index_elements=["dedupe_key"])
     row = conn.execute(stmt.returning(Alert.__table__.c.id)).first()
     if row is None:
         return None
-    insert_audit(conn, actor, "alert.raise", device or fleet or "-",
-                 {"alert_id": row[0], "kind": kind, "message": message}, ts=now)  # fmt: skip
+    insert_audit(
+        conn,
+        actor,
+        "alert.raise",
+        device or fleet or "-",
+        {"alert_id": row[0], "kind": kind, "message": message},
+        ts=now,
+    )
     return int(row[0])
-

@@ -111,24 +111,34 @@ class Store:
             return list(s.scalars(stmt))
 
     # -- telemetry -------------------------------------------------------------------------------
-    def add_windows(self, windows: Iterable[TelemetryWindow], *, received_at: float | None = None,
-                    actor: str = "trainer") -> WriteResult:  # fmt: skip
+    def add_windows(
+        self, windows: Iterable[TelemetryWindow], *, received_at: float | None = None, actor: str = "trainer"
+    ) -> WriteResult:
         """Store windows as ingest does (dedupe, device rows, model alerts); for tools and tests."""
         now = time.time() if received_at is None else received_at
         items = [Received(w, w.model_dump_json(exclude_none=True), now) for w in windows]
         with self.write() as conn:
             return write_windows(conn, items, ModelCheck(negative_ttl_s=0.0), actor)
 
-    def add_statuses(self, statuses: Iterable[Status], *, received_at: float | None = None,
-                     actor: str = "trainer") -> WriteResult:  # fmt: skip
+    def add_statuses(
+        self, statuses: Iterable[Status], *, received_at: float | None = None, actor: str = "trainer"
+    ) -> WriteResult:
         """Store status messages as ingest does."""
         now = time.time() if received_at is None else received_at
         items = [Received(s, s.model_dump_json(exclude_none=True), now) for s in statuses]
         with self.write() as conn:
             return write_statuses(conn, items, ModelCheck(negative_ttl_s=0.0), actor)
 
-    def _window_query(self, cols: Any, device: str | None, model_sha256: str | None, fleet: str | None,
-                      since: float | None, until: float | None, ended: bool = False) -> Select[Any]:  # fmt: skip
+    def _window_query(
+        self,
+        cols: Any,
+        device: str | None,
+        model_sha256: str | None,
+        fleet: str | None,
+        since: float | None,
+        until: float | None,
+        ended: bool = False,
+    ) -> Select[Any]:
         q = select(cols).select_from(Window)
         t = Window.end if ended else Window.start
         if device is not None:
@@ -144,8 +154,15 @@ class Store:
         return q
 
     def windows(
-        self, *, device: str | None = None, model_sha256: str | None = None, fleet: str | None = None,
-        since: float | None = None, until: float | None = None, limit: int | None = None, ended: bool = False,
+        self,
+        *,
+        device: str | None = None,
+        model_sha256: str | None = None,
+        fleet: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = None,
+        ended: bool = False,
     ) -> list[TelemetryWindow]:
         """Windows whose ``start`` (``end`` with ``ended``) is in ``[since, until)``, oldest first, filtered by
         device/model/fleet."""
@@ -155,8 +172,13 @@ class Store:
             return [TelemetryWindow.model_validate_json(p) for p in conn.scalars(q)]
 
     def count_windows(
-        self, *, device: str | None = None, model_sha256: str | None = None, fleet: str | None = None,
-        since: float | None = None, until: float | None = None,
+        self,
+        *,
+        device: str | None = None,
+        model_sha256: str | None = None,
+        fleet: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> int:
         """How many distinct windows match (see :meth:`windows`)."""
         q = self._window_query(func.count(), device, model_sha256, fleet, since, until)
@@ -165,29 +187,45 @@ class Store:
 
     def window_keys(self, *, device: str | None = None) -> list[tuple[str, int, int]]:
         """(device, session, seq) of the stored windows, sorted."""
-        q = select(Window.device, Window.session, Window.seq).order_by(Window.device, Window.session, Window.seq)
+        q = select(Window.device, Window.session, Window.seq).order_by(
+            Window.device, Window.session, Window.seq
+        )
         if device is not None:
             q = q.where(Window.device == device)
         with self.engine.connect() as conn:
             return [(d, int(s), int(n)) for d, s, n in conn.execute(q)]
 
     def window_summary(
-        self, *, model_sha256: str, device: str | None = None, fleet: str | None = None,
-        since: float | None = None, until: float | None = None,
+        self,
+        *,
+        model_sha256: str,
+        device: str | None = None,
+        fleet: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> WindowSummary:
         """The exact merge of every matching window of one model (histograms share its edges)."""
-        return merge_windows(self.windows(device=device, model_sha256=model_sha256, fleet=fleet,
-                                          since=since, until=until))  # fmt: skip
+        return merge_windows(
+            self.windows(device=device, model_sha256=model_sha256, fleet=fleet, since=since, until=until)
+        )
 
-    def add_update_events(self, events: Iterable[UpdateEvent], *, received_at: float | None = None) -> WriteResult:
+    def add_update_events(
+        self, events: Iterable[UpdateEvent], *, received_at: float | None = None
+    ) -> WriteResult:
         """Store updater state changes as ingest does (once per device, session, seq)."""
         now = time.time() if received_at is None else received_at
         items = [Received(e, e.model_dump_json(exclude_none=True), now) for e in events]
         with self.write() as conn:
             return write_update_events(conn, items, ModelCheck(negative_ttl_s=0.0))
 
-    def update_events(self, *, since: float | None = None, state: str | None = None, device: str | None = None,
-                      fleet: str | None = None) -> list[UpdateEvent]:  # fmt: skip
+    def update_events(
+        self,
+        *,
+        since: float | None = None,
+        state: str | None = None,
+        device: str | None = None,
+        fleet: str | None = None,
+    ) -> list[UpdateEvent]:
         """Updater state changes, oldest first; ``since`` compares the event's device time (``ts``)."""
         q = select(UpdateEventRecord.payload).order_by(UpdateEventRecord.ts, UpdateEventRecord.id)
         if since is not None:
@@ -225,23 +263,41 @@ class Store:
 
     def status_history(self, device: str) -> list[Status]:
         """Every status message of a device, oldest first."""
-        q = select(StatusEvent.payload).where(StatusEvent.device == device).order_by(StatusEvent.ts, StatusEvent.id)
+        q = (
+            select(StatusEvent.payload)
+            .where(StatusEvent.device == device)
+            .order_by(StatusEvent.ts, StatusEvent.id)
+        )
         with self.engine.connect() as conn:
             return [Status.model_validate_json(p) for p in conn.scalars(q)]
 
     # -- models, releases, rollouts ---------------------------------------------------------------
-    def register_model(self, manifest: ModelManifest, sha256: str, *, path: str | None = None,
-                       actor: str = "trainer") -> bool:  # fmt: skip
+    def register_model(
+        self, manifest: ModelManifest, sha256: str, *, path: str | None = None, actor: str = "trainer"
+    ) -> bool:
         """Record a model package (idempotent); True when it was new."""
         with self.write() as conn:
-            stmt = insert(conn, ModelRecord.__table__).values(
-                sha256=sha256, name=manifest.name, version=manifest.version, path=path,
-                manifest=manifest.model_dump_json(exclude_none=True), registered_at=time.time(),
-            ).on_conflict_do_nothing(index_elements=["sha256"])  # fmt: skip
+            stmt = (
+                insert(conn, ModelRecord.__table__)
+                .values(
+                    sha256=sha256,
+                    name=manifest.name,
+                    version=manifest.version,
+                    path=path,
+                    manifest=manifest.model_dump_json(exclude_none=True),
+                    registered_at=time.time(),
+                )
+                .on_conflict_do_nothing(index_elements=["sha256"])
+            )
             new = conn.execute(stmt.returning(ModelRecord.sha256)).first() is not None
             if new:
-                insert_audit(conn, actor, "model.register", sha256,
-                             {"name": manifest.name, "version": manifest.version, "path": path})  # fmt: skip
+                insert_audit(
+                    conn,
+                    actor,
+                    "model.register",
+                    sha256,
+                    {"name": manifest.name, "version": manifest.version, "path": path},
+                )
             return new
 
     def register_package(self, package: ModelPackage, *, actor: str = "trainer") -> bool:
@@ -260,38 +316,81 @@ class Store:
         rec = self.model(sha256)
         return None if rec is None else ModelManifest.model_validate_json(rec.manifest)
 
-    def record_release(self, *, fleet: str, channel: str, model_sha256: str, actor: str,
-                       details: dict[str, Any] | None = None) -> int:  # fmt: skip
+    def record_release(
+        self,
+        *,
+        fleet: str,
+        channel: str,
+        model_sha256: str,
+        actor: str,
+        details: dict[str, Any] | None = None,
+    ) -> int:
         """Record a release of a registered model on a channel; returns its id."""
         with self.write() as conn:
             rid = conn.execute(
                 sa_insert(Release).returning(Release.id),
-                {"fleet": fleet, "channel": channel, "model_sha256": model_sha256, "created_at": time.time(),
-                 "created_by": actor, "details": _json(details)},
-            ).scalar_one()  # fmt: skip
-            insert_audit(conn, actor, "release.create", f"release/{rid}",
-                         {"fleet": fleet, "channel": channel, "model_sha256": model_sha256})  # fmt: skip
+                {
+                    "fleet": fleet,
+                    "channel": channel,
+                    "model_sha256": model_sha256,
+                    "created_at": time.time(),
+                    "created_by": actor,
+                    "details": _json(details),
+                },
+            ).scalar_one()
+            insert_audit(
+                conn,
+                actor,
+                "release.create",
+                f"release/{rid}",
+                {"fleet": fleet, "channel": channel, "model_sha256": model_sha256},
+            )
             return int(rid)
 
-    def record_rollout(self, *, release_id: int, fleet: str, actor: str, device: str | None = None,
-                       cohort: str | None = None, state: str = "active",
-                       details: dict[str, Any] | None = None) -> int:  # fmt: skip
+    def record_rollout(
+        self,
+        *,
+        release_id: int,
+        fleet: str,
+        actor: str,
+        device: str | None = None,
+        cohort: str | None = None,
+        state: str = "active",
+        details: dict[str, Any] | None = None,
+    ) -> int:
         """Record that a release is being sent to one device, or to the whole fleet (``device`` None)."""
         now = time.time()
         with self.write() as conn:
             rid = conn.execute(
                 sa_insert(Rollout).returning(Rollout.id),
-                {"release_id": release_id, "fleet": fleet, "device": device, "cohort": cohort, "state": state,
-                 "started_at": now, "updated_at": now, "details": _json(details)},
-            ).scalar_one()  # fmt: skip
-            insert_audit(conn, actor, "rollout.start", f"rollout/{rid}",
-                         {"release_id": release_id, "device": device, "cohort": cohort, "state": state})  # fmt: skip
+                {
+                    "release_id": release_id,
+                    "fleet": fleet,
+                    "device": device,
+                    "cohort": cohort,
+                    "state": state,
+                    "started_at": now,
+                    "updated_at": now,
+                    "details": _json(details),
+                },
+            ).scalar_one()
+            insert_audit(
+                conn,
+                actor,
+                "rollout.start",
+                f"rollout/{rid}",
+                {"release_id": release_id, "device": device, "cohort": cohort, "state": state},
+            )
             return int(rid)
 
-    def set_rollout_state(self, rollout_id: int, state: str, *, actor: str, reason: str | None = None) -> None:
+    def set_rollout_state(
+        self, rollout_id: int, state: str, *, actor: str, reason: str | None = None
+    ) -> None:
         """Move a rollout to a new state (promoted, aborted, rolled_back, done) and audit it."""
         with self.write() as conn:
-            conn.execute(update(Rollout).where(Rollout.id == rollout_id).values(state=state, updated_at=time.time()))
+            conn.execute(
+                update(Rollout).where(Rollout.id == rollout_id).values(state=state, updated_at=time.time())
+            )
             insert_audit(conn, actor, f"rollout.{state}", f"rollout/{rollout_id}", {"reason": reason})
 
     def rollouts(self, fleet: str | None = None) -> list[Rollout]:
@@ -304,22 +403,44 @@ class Store:
             fleet, first = conn.execute(
                 select(Device.fleet, Device.first_model_sha256).where(Device.device == device)
             ).first() or (None, None)
-            q = select(Release.model_sha256).join(Rollout, Rollout.release_id == Release.id).where(
-                (Rollout.device == device) | (Rollout.device.is_(None) & (Rollout.fleet == fleet))
+            q = (
+                select(Release.model_sha256)
+                .join(Rollout, Rollout.release_id == Release.id)
+                .where((Rollout.device == device) | (Rollout.device.is_(None) & (Rollout.fleet == fleet)))
             )
             sent = set(conn.scalars(q))
         return sent | ({first} if first else set())
 
     # -- alerts, audit, dead letters ---------------------------------------------------------------
-    def record_alert(self, *, kind: str, message: str, severity: str = "warning", fleet: str | None = None,
-                     device: str | None = None, details: dict[str, Any] | None = None,
-                     dedupe_key: str | None = None, actor: str = "trainer") -> int | None:  # fmt: skip
+    def record_alert(
+        self,
+        *,
+        kind: str,
+        message: str,
+        severity: str = "warning",
+        fleet: str | None = None,
+        device: str | None = None,
+        details: dict[str, Any] | None = None,
+        dedupe_key: str | None = None,
+        actor: str = "trainer",
+    ) -> int | None:
         """Record an alert (audited); with ``dedupe_key`` only once. Returns its id or None if deduped."""
         with self.write() as conn:
-            return insert_alert(conn, kind=kind, message=message, severity=severity, fleet=fleet, device=device,
-                                details=details, dedupe_key=dedupe_key, actor=actor)  # fmt: skip
+            return insert_alert(
+                conn,
+                kind=kind,
+                message=message,
+                severity=severity,
+                fleet=fleet,
+                device=device,
+                details=details,
+                dedupe_key=dedupe_key,
+                actor=actor,
+            )
 
-    def alerts(self, *, kind: str | None = None, device: str | None = None, since: float | None = None) -> list[Alert]:
+    def alerts(
+        self, *, kind: str | None = None, device: str | None = None, since: float | None = None
+    ) -> list[Alert]:
         q = select(Alert).order_by(Alert.id)
         if kind is not None:
             q = q.where(Alert.kind == kind)
@@ -348,19 +469,40 @@ class Store:
 
     # -- samples and labels ------------------------------------------------------------------------
     def add_sample(
-        self, *, fleet: str, device: str, ts: float, consent_policy: str, sha256: str,
-        model_sha256: str | None = None, image: bytes | None = None, path: str | None = None,
-        content_type: str = "image/jpeg", provenance: dict[str, Any] | None = None,
+        self,
+        *,
+        fleet: str,
+        device: str,
+        ts: float,
+        consent_policy: str,
+        sha256: str,
+        model_sha256: str | None = None,
+        image: bytes | None = None,
+        path: str | None = None,
+        content_type: str = "image/jpeg",
+        provenance: dict[str, Any] | None = None,
     ) -> int | None:
         """Store a sample frame once per (device, sha256); returns its id, or None if it was a duplicate."""
         if (image is None) == (path is None):
             raise ValueError("a sample needs exactly one of image bytes or a path")
         with self.write() as conn:
-            stmt = insert(conn, Sample.__table__).values(
-                fleet=fleet, device=device, ts=ts, consent_policy=consent_policy, sha256=sha256,
-                model_sha256=model_sha256, image=image, path=path, content_type=content_type,
-                provenance=_json(provenance), received_at=time.time(),
-            ).on_conflict_do_nothing(index_elements=["device", "sha256"])  # fmt: skip
+            stmt = (
+                insert(conn, Sample.__table__)
+                .values(
+                    fleet=fleet,
+                    device=device,
+                    ts=ts,
+                    consent_policy=consent_policy,
+                    sha256=sha256,
+                    model_sha256=model_sha256,
+                    image=image,
+                    path=path,
+                    content_type=content_type,
+                    provenance=_json(provenance),
+                    received_at=time.time(),
+                )
+                .on_conflict_do_nothing(index_elements=["device", "sha256"])
+            )
             row = conn.execute(stmt.returning(Sample.id)).first()
             return None if row is None else int(row[0])
 
@@ -371,10 +513,21 @@ class Store:
         with self.write() as conn:
             lid = conn.execute(
                 sa_insert(Label).returning(Label.id),
-                {"sample_id": sample_id, "label": label, "source": source, "labeller": labeller,
-                 "created_at": time.time()},
-            ).scalar_one()  # fmt: skip
-            insert_audit(conn, labeller or source, "label.add", f"sample/{sample_id}", {"label": label, "source": source})
+                {
+                    "sample_id": sample_id,
+                    "label": label,
+                    "source": source,
+                    "labeller": labeller,
+                    "created_at": time.time(),
+                },
+            ).scalar_one()
+            insert_audit(
+                conn,
+                labeller or source,
+                "label.add",
+                f"sample/{sample_id}",
+                {"label": label, "source": source},
+            )
             return int(lid)
 
     def unlabelled_samples(self, limit: int | None = None) -> list[Sample]:
@@ -382,8 +535,9 @@ class Store:
         q = select(Sample).where(~select(Label.id).where(Label.sample_id == Sample.id).exists())
         return self._all(q.order_by(Sample.ts, Sample.id).limit(limit))
 
-    def samples(self, *, ids: Sequence[int] | None = None, device: str | None = None,
-                since: float | None = None) -> list[Sample]:  # fmt: skip
+    def samples(
+        self, *, ids: Sequence[int] | None = None, device: str | None = None, since: float | None = None
+    ) -> list[Sample]:
         """Samples (with their images), oldest first; ``since`` compares the sample's device time."""
         q = select(Sample).order_by(Sample.ts, Sample.id)
         if ids is not None:
@@ -396,7 +550,11 @@ class Store:
 
     def count_labelled_samples(self, since: float | None = None, devices: Sequence[str] | None = None) -> int:
         """How many samples (taken at or after ``since``, by ``devices``) have at least one label."""
-        q = select(func.count()).select_from(Sample).where(select(Label.id).where(Label.sample_id == Sample.id).exists())
+        q = (
+            select(func.count())
+            .select_from(Sample)
+            .where(select(Label.id).where(Label.sample_id == Sample.id).exists())
+        )
         if since is not None:
             q = q.where(Sample.ts >= since)
         if devices is not None:
