@@ -75,6 +75,25 @@ class Artifact(BaseModel):
     top1_agreement_confident: float | None = None
     """The same, on the check images where torch fp32 is at least 50% confident."""
     agreement_images: int | None = None
+    check_agreement: float | None = None
+    """Top-1 agreement with the fp32 reference on the package's agreement check, measured at export."""
+
+
+class AgreementCheck(BaseModel):
+    """Inputs with their fp32 reference outputs, so a device can tell on its own CPU whether an artifact
+    computes what the model computes (int8 kernels differ by CPU: ONNX Runtime's u8s8 path saturates
+    without VNNI). ``file`` is an ``.npz`` with ``images`` (uint8, N x H x W x 3, model size and colour
+    order, i.e. after the package's resize) and ``probabilities`` (float32, N x classes, torch fp32 with
+    the package temperature)."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    count: int = Field(ge=1)
+    floor: float = Field(gt=0.0, le=1.0)
+    """An artifact whose top-1 agrees with the reference on fewer than this share of the inputs is not
+    eligible to serve, whatever its speed."""
+    low_confidence: int = Field(default=0, ge=0)
+    """How many of the inputs the fp32 model is less than 50% confident on (the sensitive ones)."""
 
 
 class FileEntry(BaseModel):
@@ -108,6 +127,7 @@ class ModelManifest(BaseModel):
     """Softmax temperature fitted on validation data (1.0 = uncalibrated)."""
     artifacts: dict[str, Artifact] = Field(min_length=1)
     golden: list[GoldenInput] = Field(default_factory=list)
+    agreement_check: AgreementCheck | None = None
     files: dict[str, FileEntry]
     telemetry_edges: dict[str, list[float]]
     reference: ReferenceStats | None = None
@@ -120,6 +140,8 @@ class ModelManifest(BaseModel):
         for key, art in self.artifacts.items():
             if art.file not in self.files:
                 raise ValueError(f"artifact {key!r} refers to {art.file!r}, which is not listed in files")
+        if self.agreement_check is not None and self.agreement_check.file not in self.files:
+            raise ValueError(f"agreement check {self.agreement_check.file!r} is not listed in files")
         for g in self.golden:
             if g.file not in self.files:
                 raise ValueError(f"golden input {g.file!r} is not listed in files")

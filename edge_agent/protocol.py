@@ -160,6 +160,11 @@ class BackendChoice(BaseModel):
     runtime: str
     forced: bool = False
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    """Median ms per frame of each eligible artifact, timed interleaved on this device."""
+    agreement: dict[str, float] = Field(default_factory=dict)
+    """Top-1 agreement of each artifact with the package's fp32 references, measured on this device."""
+    excluded: dict[str, str] = Field(default_factory=dict)
+    """Artifacts that may not serve here, and why (below the agreement floor, or cannot run)."""
 
 
 class Status(_Message):

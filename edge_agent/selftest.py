@@ -1,8 +1,10 @@
 """Self-test of one artifact: golden inputs give their expected top-1 through the real runtime.
 
 Used by ``edgefleet agent selftest`` and by the updater before a new model may serve (issue 4): the
-outputs must be finite probabilities, every golden input must reproduce its expected top-1, and the
-median latency must be within the budget when one is given.
+outputs must be finite probabilities, every golden input must reproduce its expected top-1, the
+artifact must reach the package's agreement floor against its fp32 references on this CPU (the same
+check that decides which artifacts may serve, :mod:`edge_agent.agreement`), and the median latency must
+be within the budget when one is given.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from edge_agent.agreement import load_check, measure_agreement
 from edge_agent.backends.base import Backend, BackendOptions, load_backend
 from edge_agent.package import ModelPackage
 from edge_agent.postprocess import to_probabilities
@@ -26,6 +29,7 @@ class SelfTestResult:
     failures: list[str] = field(default_factory=list)
     latency_ms: float | None = None
     golden: int = 0
+    agreement: float | None = None
 
     def fail(self, why: str) -> None:
         self.passed = False
@@ -34,6 +38,8 @@ class SelfTestResult:
     def summary(self) -> str:
         lat = f"{self.latency_ms:.1f} ms" if self.latency_ms is not None else "n/a"
         head = f"{self.golden} golden inputs, median latency {lat}"
+        if self.agreement is not None:
+            head += f", fp32 agreement {self.agreement:.1%}"
         return head if self.passed else head + "; " + "; ".join(self.failures)
 
 
@@ -85,6 +91,12 @@ def self_test(
                 result.fail(
                     f"{g.file}: top-1 {top1} ({m.labels[top1]}), expected {g.expected_top1} ({m.labels[g.expected_top1]})"
                 )
+        check = load_check(package)
+        if check is not None:
+            agreement = measure_agreement(package, artifact, check, backend=b)
+            result.agreement = agreement.agreement
+            if not agreement.eligible:
+                result.fail(agreement.describe())
     except Exception as exc:  # noqa: BLE001 - a runtime error is a failed self-test, not a crash
         result.fail(f"runtime error: {type(exc).__name__}: {exc}")
     finally:

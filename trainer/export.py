@@ -34,9 +34,11 @@ import cv2
 import numpy as np
 import torch
 
+from edge_agent.agreement import load_check, measure_agreement
 from edge_agent.backends import BackendOptions, load_backend
 from edge_agent.package import (
     MANIFEST,
+    AgreementCheck,
     Artifact,
     FileEntry,
     GoldenInput,
@@ -48,7 +50,7 @@ from edge_agent.package import (
     sha256_file,
 )
 from edge_agent.postprocess import to_probabilities
-from edge_agent.preprocess import Preprocessor
+from edge_agent.preprocess import Preprocessor, fit_frame
 from edge_agent.telemetry.histogram import default_edges
 from trainer.progress import Steps
 
@@ -71,6 +73,11 @@ class ExportSpec:
     temperature: float = 1.0
     formats: Sequence[str] = ALL_FORMATS
     golden_count: int = 4
+    check_count: int = 40
+    """Inputs of the agreement check devices run on every artifact (at least 32; half low-confidence)."""
+    agreement_allowance: float = 0.10
+    """The package's agreement floor is the best int8 artifact's agreement on the check here minus this
+    (about two binomial standard errors on 40 inputs): a device serves no artifact below it."""
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -110,7 +117,11 @@ def _export_onnx_fp32(model: torch.nn.Module, spec: PreprocessSpec, path: Path) 
     )
 
 
-def _quantize_onnx(fp32: Path, out: Path, calib: np.ndarray) -> dict[str, Any]:
+def _quantize_onnx(fp32: Path, out: Path, calib: np.ndarray, reduce_range: bool = True) -> dict[str, Any]:
+    """Static QDQ int8 (u8 activations, s8 per-channel weights, MinMax). ``reduce_range`` quantizes weights
+    to 7 bits: on x86 CPUs without VNNI onnxruntime's u8 x s8 kernels add pairs of products in 16 bits
+    (``vpmaddubsw``), which saturate with full-range weights (top-1 agreement with fp32 59-67% measured on
+    such a CPU); 7-bit weights cannot saturate there, and VNNI CPUs run them at the same speed."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -139,6 +150,7 @@ def _quantize_onnx(fp32: Path, out: Path, calib: np.ndarray) -> dict[str, Any]:
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
+            reduce_range=reduce_range,
             calibrate_method=CalibrationMethod.MinMax,
         )
     finally:
@@ -147,9 +159,47 @@ def _quantize_onnx(fp32: Path, out: Path, calib: np.ndarray) -> dict[str, Any]:
         "tool": "onnxruntime.quantization.quantize_static",
         "format": "QDQ",
         "activations": "uint8 asymmetric",
-        "weights": "int8 per-channel symmetric",
+        "weights": "int8 per-channel symmetric" + (", 7-bit range (reduce_range)" if reduce_range else ""),
         "calibration": "MinMax",
         "calibration_images": len(calib),
+    }
+
+
+def _choose_onnx_int8(fp32: Path, out: Path, calib: np.ndarray, check_x: np.ndarray) -> dict[str, Any]:
+    """Quantize with full-range and with 7-bit (``reduce_range``) weights, keep the one that agrees more
+    with fp32 on the check frames here; 7-bit wins ties within a point, since it cannot saturate on
+    CPUs without VNNI. Devices still check the result on their own CPU (:mod:`edge_agent.agreement`)."""
+    import onnxruntime as ort
+
+    def top1(path: Path) -> np.ndarray:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = os.cpu_count() or 1
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return np.concatenate(
+            [sess.run(None, {"input": check_x[i : i + 32]})[0] for i in range(0, len(check_x), 32)]
+        ).argmax(1)
+
+    ref = top1(fp32)
+    found: dict[bool, tuple[float, dict[str, Any]]] = {}
+    for reduce_range in (True, False):
+        path = out.with_suffix(f".rr{int(reduce_range)}.onnx")
+        q = _quantize_onnx(fp32, path, calib, reduce_range=reduce_range)
+        found[reduce_range] = (float(np.mean(top1(path) == ref)), q)
+    keep = found[True][0] >= found[False][0] - 0.01
+    for reduce_range in (True, False):
+        path = out.with_suffix(f".rr{int(reduce_range)}.onnx")
+        if reduce_range == keep:
+            os.replace(path, out)
+        else:
+            path.unlink()
+    agreement, q = found[keep]
+    return {
+        **q,
+        "variants": {
+            "7-bit weights (reduce_range)": round(found[True][0], 4),
+            "8-bit weights": round(found[False][0], 4),
+        },
+        "check_frames": len(check_x),
     }
 
 
@@ -300,7 +350,8 @@ def export_package(
     try:
         with steps.step(f"torch fp32 reference on {len(check_frames)} check frames"):
             calib = _float_nchw(calibration_frames, spec.preprocess)
-            check_logits = _torch_logits(model, _float_nchw(check_frames, spec.preprocess))
+            check_x = _float_nchw(check_frames, spec.preprocess)
+            check_logits = _torch_logits(model, check_x)
             ref_probs = to_probabilities(check_logits, spec.output_kind, spec.temperature)
             ref_top1 = ref_probs.argmax(1)
         artifacts: dict[str, Artifact] = {}
@@ -318,8 +369,9 @@ def export_package(
                     output=out_f,
                 )
             if "onnx-int8" in spec.formats:
-                with steps.step("onnx int8 (static QDQ)"):
-                    q = _quantize_onnx(tmp / "model_fp32.onnx", tmp / "model_int8.onnx", calib)
+                with steps.step("onnx int8 (static QDQ; weight range chosen by measured agreement)"):
+                    q = _choose_onnx_int8(tmp / "model_fp32.onnx", tmp / "model_int8.onnx", calib, check_x)
+                    steps.note(f"onnx int8 variants, top-1 agreement with onnx fp32: {q['variants']}")
                 artifacts["onnx-int8"] = Artifact(
                     file="model_int8.onnx",
                     runtime="onnxruntime",
@@ -407,6 +459,18 @@ def export_package(
             golden = _choose_golden(model, draft, spec, golden_frames, tmp)
             if not golden:
                 raise ExportError("no golden input is classified identically by torch and every artifact")
+        with steps.step(f"agreement check ({spec.check_count} inputs with fp32 references)"):
+            check = _build_agreement_check(model, draft, spec, [*check_frames, *golden_frames], tmp)
+            manifest = manifest.model_copy(update={"agreement_check": check, "files": _hash_files(tmp)})
+            write_manifest(tmp, manifest)
+            check = _measure_check(load_package(tmp), artifacts, spec.agreement_allowance)
+            manifest = manifest.model_copy(update={"agreement_check": check})
+            for key, art in artifacts.items():
+                if art.check_agreement is not None and art.check_agreement < check.floor:
+                    steps.note(
+                        f"warning: {key} agrees with fp32 on {art.check_agreement:.1%} of the check inputs on "
+                        f"this CPU, below the floor {check.floor:.1%}: devices like this one will not serve it"
+                    )
         manifest = manifest.model_copy(
             update={"artifacts": artifacts, "golden": golden, "files": _hash_files(tmp)}
         )
@@ -452,6 +516,57 @@ def _choose_golden(
         if len(chosen) >= spec.golden_count:
             break
     return chosen
+
+
+def _build_agreement_check(
+    model: torch.nn.Module, draft: ModelPackage, spec: ExportSpec, frames: Sequence[np.ndarray], root: Path
+) -> AgreementCheck:
+    """``spec.check_count`` inputs spread over torch's confidence, half of them the least confident ones
+    (all usable frames when there are fewer; real exports pass hundreds).
+
+    Low-confidence inputs have small margins between the top two classes, so a kernel that computes
+    something else (a saturating int8 path, a corrupt file) flips them first. Inputs are chosen on
+    torch's output alone (only where the fp32 artifacts agree with torch, so float rounding cannot
+    decide a tie), not on what the int8 artifacts did here, so a device measures the same quantity the
+    export did. The images are stored at model size after the package's resize: the device checks the
+    runtime, not the resize. The floor is set by :func:`_measure_check`.
+    """
+    images = np.stack([fit_frame(f, spec.preprocess) for f in frames])
+    ref = to_probabilities(
+        _torch_logits(model, _float_nchw(frames, spec.preprocess)), spec.output_kind, spec.temperature
+    )
+    ok = np.ones(len(frames), dtype=bool)
+    for key, art in draft.manifest.artifacts.items():
+        if art.precision == "fp32":
+            top1, _ = _artifact_top1(draft, key, frames, spec.output_kind, spec.temperature)
+            ok &= top1 == ref.argmax(1)
+    usable = [int(i) for i in np.argsort(ref.max(1)) if ok[i]]  # least confident first
+    if not usable:
+        raise ExportError("agreement check: torch and the fp32 artifacts agree on no frame")
+    n = min(spec.check_count, len(usable))
+    low, rest = usable[: n // 2], usable[n // 2 :]
+    spread = {rest[int(j)] for j in np.linspace(0, len(rest) - 1, n - len(low))}
+    chosen = sorted(set(low) | spread)
+    name = "agreement/check.npz"
+    (root / "agreement").mkdir(exist_ok=True)
+    with open(root / name, "wb") as f:
+        np.savez_compressed(f, images=images[chosen], probabilities=ref[chosen].astype(np.float32))
+    return AgreementCheck(
+        file=name, count=len(chosen), floor=1.0, low_confidence=int((ref[chosen].max(1) < 0.5).sum())
+    )
+
+
+def _measure_check(draft: ModelPackage, artifacts: dict[str, Artifact], allowance: float) -> AgreementCheck:
+    """Each artifact's agreement on the check here (into ``artifacts``), and the package's floor from it."""
+    check = draft.manifest.agreement_check
+    inputs = load_check(draft)
+    assert check is not None and inputs is not None
+    options = BackendOptions(threads=os.cpu_count() or 1)
+    for key, art in artifacts.items():
+        art.check_agreement = round(measure_agreement(draft, key, inputs, options=options).agreement, 4)
+    int8 = [a.check_agreement for a in artifacts.values() if a.precision == "int8" and a.check_agreement]
+    best = max(int8) if int8 else 1.0
+    return check.model_copy(update={"floor": round(min(0.95, max(0.5, best - allowance)), 4)})
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

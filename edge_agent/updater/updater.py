@@ -411,7 +411,8 @@ class Updater:
         """Load the package in a second backend instance and self-test it there."""
         ident = self.identity
         try:
-            choice = choose_artifact(pkg, ident.artifact, ident.backend, self.agent_state)
+            current = self._host.active.artifact  # kept unless another eligible one is clearly faster
+            choice = choose_artifact(pkg, ident.artifact, ident.backend, self.agent_state, current=current)
             loaded = LoadedModel.load(pkg, choice.artifact, ident.backend)
         except (EdgeFleetError, OSError, ValueError) as exc:
             raise UpdateRejected("selftest_failed", f"cannot load: {exc}", permanent=True) from None
