@@ -20,6 +20,7 @@ PACKAGE = ROOT / "build" / "models" / "lite0"
 
 # name -> module with main(); each writes its own JSON under bench/results/ and prints a table
 EXTRA = {
+    "int8": "bench.int8_bench",
     "ort_int8": "bench.ort_int8",
     "train": "bench.train_bench",
     "tuf_fanout": "bench.tuf_fanout",
