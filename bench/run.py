@@ -26,6 +26,7 @@ EXTRA = {
     "tuf_fanout": "bench.tuf_fanout",
     "ingest": "bench.ingest_bench",
     "drift": "bench.drift_bench",
+    "accuracy": "bench.accuracy_bench",
 }
 
 

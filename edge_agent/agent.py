@@ -309,12 +309,13 @@ class Agent:
 
     def _publish_samples(self, now: float) -> None:
         """The window's chosen frames, privacy-filtered on the device, to the ``sample`` topic (QoS 1)."""
-        chosen = self.sampler.take(now)
+        chosen = self.sampler.choose(now)
         if not chosen:
             return
         assert self.link
         cfg, s = self.config, self.config.sampling
-        for reason, r in chosen:
+        for c in chosen:
+            r = c.item
             assert r.image is not None and s.consent
             img = privacy_filter(r.image, max_side=s.max_side, quality=s.jpeg_quality)
             msg = Sample(
@@ -324,7 +325,8 @@ class Agent:
                 frame=r.index,
                 ts=r.ts,
                 model=r.model.ref,
-                reason=reason,  # type: ignore[arg-type]
+                reason=c.reason,  # type: ignore[arg-type]
+                inclusion=c.inclusion,
                 top=top_k(r.probs, cfg.telemetry.top_k),
                 consent=s.consent,
                 faces_blurred=img.faces,

@@ -205,7 +205,12 @@ class Sample(_Message):
     frame: int
     ts: float
     model: ModelRef
-    reason: Literal["low_confidence", "drift"]
+    reason: Literal["low_confidence", "drift", "audit"]
+    """``audit`` frames are a uniform random sample of the window (the only ones that may feed the
+    trainer's prediction-powered accuracy estimate); the others are chosen for being informative."""
+    inclusion: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Audit frames: the probability that a frame of this window was sent as an audit frame (its weight
+    in the accuracy estimate is 1 / inclusion)."""
     top: list[tuple[int, float]]
     consent: str = Field(min_length=1)
     """Consent or licence policy of the device under which the image was sent (provenance)."""

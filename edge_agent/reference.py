@@ -33,3 +33,8 @@ class ReferenceStats(BaseModel):
     share above t estimates accuracy without labels."""
     atc_score: str = "max_softmax"
     """Score the ATC threshold applies to (max-softmax confidence after temperature scaling)."""
+    confidence_bin_accuracy: list[float] | None = None
+    """Top-1 accuracy of the reference frames in each bin of ``histograms["confidence"]`` (a reliability
+    diagram; empty bins shrink to the bin's mid confidence). Turns each frame's confidence into a
+    calibrated probability of being correct for the trainer's accuracy estimate; optional, so packages
+    built before it still load."""

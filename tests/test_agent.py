@@ -433,7 +433,8 @@ def test_opt_in_samples_are_privacy_filtered_and_drift_command_switches_mode(
         f"device_id: {device}\nfleet: {FLEET}\nstate_dir: {tmp_path / 'state'}\n"
         f"source: {{uri: 'synthetic:?fps=20&width=640&height=480'}}\nmodel: {{package: {pretrained_package}}}\n"
         f"mqtt: {{url: '{broker.url}'}}\ntelemetry: {{window_seconds: 1.0}}\n"
-        "sampling: {enabled: true, consent: 'lab-test-2026', per_window: 2, max_per_hour: 3600, low_confidence: 0.9, max_side: 200}\n"
+        "sampling: {enabled: true, consent: 'lab-test-2026', per_window: 2, max_per_hour: 3600, low_confidence: 0.9, max_side: 200, "
+        "audit_per_window: 1}\n"
     )
     sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/sample")
     proc = subprocess.Popen(
@@ -459,6 +460,8 @@ def test_opt_in_samples_are_privacy_filtered_and_drift_command_switches_mode(
     samples = [Sample.model_validate_json(p) for _, p, _ in sub.messages]
     low = [s for s in samples if s.reason == "low_confidence"]
     assert low and all(s.top[0][1] < 0.9 for s in low)
+    audit = [s for s in samples if s.reason == "audit"]  # one uniform frame per window, any confidence
+    assert audit and all(s.inclusion is not None and 0 < s.inclusion <= 1 for s in audit)
     for s in samples:
         jpeg = base64.b64decode(s.jpeg_b64)
         assert hashlib.sha256(jpeg).hexdigest() == s.sha256 and s.consent == "lab-test-2026"

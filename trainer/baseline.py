@@ -27,6 +27,7 @@ from edge_agent.protocol import Histogram
 from edge_agent.reference import ReferenceStats
 from edge_agent.telemetry.aggregator import FrameResult, TelemetryAggregator
 from edge_agent.telemetry.features import input_statistics, output_features
+from edge_agent.telemetry.histogram import FixedHistogram
 
 
 def atc_threshold(confidence: np.ndarray, correct: np.ndarray) -> float:
@@ -63,6 +64,27 @@ def atc_estimate_from_histogram(hist: Histogram, threshold: float) -> float | No
         elif hi > threshold:
             above += n * (hi - threshold) / (hi - lo)
     return float(above / total)
+
+
+def confidence_bin_accuracy(
+    confidence: np.ndarray, correct: np.ndarray, edges: Sequence[float], prior_weight: float = 2.0
+) -> list[float]:
+    """Accuracy per confidence bin (bins as the telemetry histogram counts them), each shrunk towards the
+    bin's mid confidence with ``prior_weight`` pseudo-frames so that sparse or empty bins stay sensible.
+
+    >>> confidence_bin_accuracy(np.array([0.1, 0.9, 0.95]), np.array([0, 1, 0]), [0.0, 0.5, 1.0], 0.0)
+    [0.0, 0.5]
+    """
+    h = FixedHistogram(list(edges))
+    idx = np.fromiter((h.bin_of(float(c)) for c in confidence), np.int64, len(confidence))
+    bins = len(edges) - 1
+    n = np.bincount(idx, minlength=bins).astype(np.float64)
+    k = np.bincount(idx, weights=np.asarray(correct, np.float64), minlength=bins)
+    e = np.asarray(edges, np.float64)
+    mid = (e[:-1] + e[1:]) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = (k + prior_weight * mid) / (n + prior_weight)
+    return [round(float(a), 6) for a in np.where(np.isfinite(acc), acc, mid)]
 
 
 def reference_stats(
@@ -103,11 +125,12 @@ def reference_stats(
     p = np.stack(probs)
     conf = p.max(1)
     prior = [window.class_counts.get(i, 0) / window.frames.inferred for i in range(len(m.labels))]
-    accuracy = atc = None
+    accuracy = atc = bin_accuracy = None
     if labels is not None:
         correct = p.argmax(1) == np.asarray(labels)
         accuracy = float(correct.mean())
         atc = atc_threshold(conf, correct)
+        bin_accuracy = confidence_bin_accuracy(conf, correct, m.telemetry_edges["confidence"])
     stats = ReferenceStats(
         artifact=artifact,
         images=len(frames),
@@ -116,5 +139,6 @@ def reference_stats(
         mean_confidence=float(window.confidence_mean if window.confidence_mean is not None else conf.mean()),
         accuracy=accuracy,
         atc_threshold=atc,
+        confidence_bin_accuracy=bin_accuracy,
     )
     return stats, p

@@ -185,7 +185,7 @@ class FramePool:
 
     def reference(self, idx: np.ndarray | None = None) -> ReferenceStats:
         """The drift reference of frames ``idx`` (default: all), computed as ``trainer.baseline.reference_stats`` does."""
-        from trainer.baseline import atc_threshold
+        from trainer.baseline import atc_threshold, confidence_bin_accuracy
 
         idx = np.arange(len(self)) if idx is None else np.asarray(idx)
         w = self.window(idx) if len(idx) <= 2000 else self.fast_window(idx)
@@ -199,6 +199,7 @@ class FramePool:
             mean_confidence=float(w.confidence_mean or 0.0),
             accuracy=float(correct.mean()),
             atc_threshold=atc_threshold(conf, correct),
+            confidence_bin_accuracy=confidence_bin_accuracy(conf, correct, self.edges["confidence"]),
         )
 
     def frame_result(self, i: int) -> FrameResult:

@@ -18,7 +18,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edge_agent.reference import ReferenceStats
 from trainer.data.dataset import Dataset, sample_from_image
+from trainer.drift.accuracy import audit_label
+from trainer.drift.ppi import AuditLabel
 from trainer.store import Store
 
 CSV_FIELDS = ("sample_id", "device", "ts", "reason", "predicted", "image", "label")
@@ -142,3 +145,47 @@ def field_dataset(
         )
         per_device[s.device] = per_device.get(s.device, 0) + 1
     return FieldData(Dataset(labels=list(labels), samples=samples, origin="field samples"), per_device)
+
+
+def audit_labels(
+    store: Store,
+    *,
+    model_sha256: str,
+    labels: Sequence[str],
+    reference: ReferenceStats | None,
+    since: float | None = None,
+    until: float | None = None,
+    device: str | None = None,
+) -> dict[str, list[AuditLabel]]:
+    """The labelled **audit** samples of one model in ``[since, until)`` (device time), per device, as
+    (time, top-1 right or not, label-free score, weight) for the prediction-powered accuracy estimate.
+    Only ``reason == "audit"`` samples qualify: the others were chosen for low confidence (or under
+    drift) and are not a random draw of what the device saw. The newest label of a sample wins; the
+    predicted top-1 and its confidence come from the sample's ``top`` list."""
+    audit = [
+        (s, prov)
+        for s in store.samples(device=device, since=since)
+        if s.model_sha256 == model_sha256
+        and (until is None or s.ts < until)
+        and (prov := _provenance(s)).get("reason") == "audit"
+        and prov.get("top")
+    ]
+    newest: dict[int, str] = {}
+    for lab in store.labels([s.id for s, _ in audit]) if audit else []:
+        newest[lab.sample_id] = lab.label
+    out: dict[str, list[AuditLabel]] = {}
+    for s, prov in audit:
+        label = newest.get(s.id)
+        if label is None or label not in labels:
+            continue
+        predicted, confidence = int(prov["top"][0][0]), float(prov["top"][0][1])
+        out.setdefault(s.device, []).append(
+            audit_label(
+                ts=s.ts,
+                correct=labels.index(label) == predicted,
+                confidence=confidence,
+                reference=reference,
+                inclusion=float(prov.get("inclusion") or 1.0),
+            )
+        )
+    return out

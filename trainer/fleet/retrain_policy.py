@@ -16,7 +16,8 @@ class RetrainPolicyConfig(BaseModel):
     drift_windows: tuple[int, int] = (2, 3)
     """Drift persists when a device was in drift in K of its last N assessed windows."""
     accuracy_drop_points: float = Field(default=8.0, gt=0)
-    """...or when its label-free (ATC) accuracy estimate is this many points below the reference accuracy."""
+    """...or when its estimated accuracy (PPI++ with audit labels, else label-free) is this many points
+    below the reference accuracy, and (when it has an interval) the interval's top is below it too."""
     min_labels: int = Field(default=60, ge=1)
     """Labelled field samples (since the champion was trained) needed before retraining."""
     cooldown_s: float = Field(default=600.0, ge=0)
@@ -30,7 +31,11 @@ class DeviceHealth:
     recent_drift: tuple[bool, ...]
     """Whether each of the device's most recent assessed windows was in the drift state (oldest first)."""
     estimated_accuracy: float | None
-    """ATC estimate over its recent windows."""
+    """Accuracy estimate over its recent windows (:func:`trainer.drift.accuracy.estimate_device_accuracy`)."""
+    interval: tuple[float, float] | None = None
+    """95% interval of the estimate (normal approximation; only with audit labels)."""
+    method: str = "atc"
+    """How it was estimated: ``ppi++``, ``regressor``, ``calibrated``, ``atc``, ``average_confidence``."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ def decide_retrain(
         if reference_accuracy is not None
         and h.estimated_accuracy is not None
         and (reference_accuracy - h.estimated_accuracy) * 100 >= cfg.accuracy_drop_points
+        and (h.interval is None or h.interval[1] < reference_accuracy)  # a drop the labels support
     )
     triggered = tuple(sorted(set(drifting) | set(dropped)))
     if not triggered:

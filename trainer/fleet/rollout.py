@@ -18,6 +18,7 @@ from typing import Literal
 from edge_agent.package import ModelPackage
 from edge_agent.protocol import TelemetryWindow
 from edge_agent.updater.cohort import Cohort, in_cohort
+from trainer.drift.accuracy import window_estimator
 from trainer.fleet.messaging import FleetPublisher
 from trainer.fleet.rollout_policy import CanaryVerdict, RolloutConfig, compare_canary
 from trainer.release.repository import ReleaseRecord, ReleaseRepository
@@ -155,7 +156,14 @@ class RolloutManager:
                 until=a.started,
             )
         )
-        verdict = compare_canary(canary, control, self.cfg, canary_before, control_before)
+        # each window is estimated against its own model's reference (ATC-NE where the reference allows,
+        # else ATC): the candidate and the champion have different thresholds and reliability curves
+        refs = {}
+        for sha in (a.candidate_sha256, a.champion_sha256):
+            m = self.store.manifest(sha)
+            refs[sha] = m.reference if m is not None else None
+        estimate = window_estimator(refs)
+        verdict = compare_canary(canary, control, self.cfg, canary_before, control_before, estimate=estimate)
         if verdict.decision == "promote":
             return self.promote("; ".join(verdict.reasons), actor="trainer", verdict=verdict)
         if verdict.decision == "rollback":

@@ -1,7 +1,7 @@
 """Canary analysis: does the canary cohort (new model) do at least as well as it did, and as the control?
 
 Pure logic. Units are telemetry windows (frames within a window are correlated, windows much less). The
-effect is a difference in differences of the label-free accuracy estimate (ATC)::
+effect is a difference in differences of a per-window label-free accuracy estimate::
 
     effect = (canary after - canary before) - (control after - control before)
 
@@ -17,11 +17,17 @@ A one-sided non-inferiority test (normal approximation), run only at a few fixed
 significantly above ``-margin``, roll back when it is significantly below ``-margin``; hard limits on
 frame failures and p95 inference latency roll back at once; after ``max_windows`` still inconclusive,
 roll back (inconclusive is not good enough to reach every device).
+
+The per-window estimate is a parameter (``estimate``): pass
+:func:`trainer.drift.accuracy.window_estimator` with both models' references to use calibrated confidence
+(or the window regressor) from each window's own model reference; the default is ATC
+(``atc_above / inferred``), which needs no reference. Audit labels are too few per canary window for
+PPI here; the difference in differences already cancels a shared bias of the estimate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -60,7 +66,12 @@ class CanaryVerdict:
     control_windows: int = 0
 
 
-def _acc(w: TelemetryWindow) -> float | None:
+WindowEstimate = Callable[[TelemetryWindow], "float | None"]
+"""A per-window accuracy estimate (None when the window cannot be estimated)."""
+
+
+def atc_window(w: TelemetryWindow) -> float | None:
+    """ATC of one window (the default estimate: it needs no reference)."""
     if w.frames.inferred == 0 or w.atc_above is None:
         return None
     return w.atc_above / w.frames.inferred
@@ -80,10 +91,10 @@ def _mean_var(values: Sequence[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.var(ddof=1) / len(a)) if len(a) > 1 else 0.0
 
 
-def _per_device(ws: Sequence[TelemetryWindow]) -> dict[str, list[float]]:
+def _per_device(ws: Sequence[TelemetryWindow], acc: WindowEstimate) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for w in ws:
-        if (a := _acc(w)) is not None:
+        if (a := acc(w)) is not None:
             out.setdefault(w.device, []).append(a)
     return out
 
@@ -125,9 +136,10 @@ def _effect(
     control: Sequence[TelemetryWindow],
     canary_before: Sequence[TelemetryWindow],
     control_before: Sequence[TelemetryWindow],
+    acc: WindowEstimate = atc_window,
 ) -> tuple[float, float, str] | None:
     """(effect, its variance, which comparison) from the strongest comparison the windows support."""
-    ca, co, cb, ob = (_per_device(ws) for ws in (canary, control, canary_before, control_before))
+    ca, co, cb, ob = (_per_device(ws, acc) for ws in (canary, control, canary_before, control_before))
     s2 = _pooled_window_variance([c for g in (ca, co, cb, ob) for c in g.values()])
     if s2 is not None and (c := _paired(ca, cb, s2)) is not None:
         if (o := _paired(co, ob, s2)) is not None:
@@ -147,10 +159,13 @@ def compare_canary(
     cfg: RolloutConfig,
     canary_before: Sequence[TelemetryWindow] = (),
     control_before: Sequence[TelemetryWindow] = (),
+    estimate: WindowEstimate | None = None,
 ) -> CanaryVerdict:
-    """The decision for a canary, from its windows and the control group's, after and before it started."""
+    """The decision for a canary, from its windows and the control group's, after and before it started;
+    ``estimate`` gives each window's accuracy (default :func:`atc_window`)."""
+    acc = estimate or atc_window
     groups = {
-        name: [a for w in ws if (a := _acc(w)) is not None]
+        name: [a for w in ws if (a := acc(w)) is not None]
         for name, ws in (("ca", canary), ("co", control), ("cb", canary_before), ("ob", control_before))
     }
     ca, co = groups["ca"], groups["co"]
@@ -179,10 +194,10 @@ def compare_canary(
         return v
     looks = decision_points(cfg)
     at = max((n for n in looks if n <= len(ca)), default=0)
-    scored = sorted((w for w in canary if _acc(w) is not None), key=lambda w: w.end)[
+    scored = sorted((w for w in canary if acc(w) is not None), key=lambda w: w.end)[
         :at
     ]  # the same at every poll
-    effect_var_how = _effect(scored, control, canary_before, control_before) if at else None
+    effect_var_how = _effect(scored, control, canary_before, control_before, acc) if at else None
     if len(ca) < cfg.min_windows or effect_var_how is None:
         v.reasons = [
             f"waiting for windows: canary {len(ca)}/{cfg.min_windows}, before {len(groups['cb'])}, "
