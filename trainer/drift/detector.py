@@ -26,7 +26,7 @@ flagged windows (or the CUSUM crossing its limit) and clears only after ``clear_
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -87,6 +87,25 @@ class DriftConfig(BaseModel):
     """Consecutive-window pairs whose median dispersion is the estimate (robust to one shift onset)."""
     min_dispersion_pairs: int = Field(default=3, ge=1)
     """Until a key has this many pairs its windows are assessed but cannot flag (learning)."""
+    rebase_windows: int = Field(default=5, ge=1)
+    """After a promotion, each device's first this many assessable windows under the new model become its
+    own reference (``trainer/drift/rebase.py``); until then the device is ``rebasing``."""
+
+
+TRAINING_REFERENCE = "training"
+"""Label of a model's own reference from model.json (the other labels are ``device:<since>``)."""
+
+
+@dataclass(frozen=True)
+class KeyReference:
+    """The reference one key is judged against, when it is not the model's training reference."""
+
+    stats: ReferenceStats
+    label: str
+    """Reported with the key's transitions (e.g. ``device:1718000000``)."""
+    correlated: bool = True
+    """Built from the key's own windows, whose frames are as correlated as the windows it judges: its
+    counts are scaled by the same dispersion (the training reference holds independent images)."""
 
 
 @dataclass
@@ -117,6 +136,8 @@ class WindowAssessment:
     """Frames per independent observation the tests assumed (see ``DriftConfig.design_effect``)."""
     learning: bool = False
     """The key's dispersion is not known yet: the window cannot flag."""
+    reference: str = TRAINING_REFERENCE
+    """Which reference the window was tested against (``training`` or ``device:<since>``)."""
     counts: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     @property
@@ -149,10 +170,15 @@ def _window_counts(window: TelemetryWindow, feature: str, num_classes: int) -> l
 
 
 def assess_window(
-    key: str, window: TelemetryWindow, ref: ReferenceStats, cfg: DriftConfig, dispersion: float = 1.0
+    key: str,
+    window: TelemetryWindow,
+    ref: ReferenceStats,
+    cfg: DriftConfig,
+    dispersion: float = 1.0,
+    reference_dispersion: float = 1.0,
 ) -> WindowAssessment | None:
-    """Per-feature tests of one window, its counts scaled to ``n / dispersion`` independent observations;
-    None when it has too few frames to say anything."""
+    """Per-feature tests of one window, its counts scaled to ``n / dispersion`` independent observations
+    (the reference's to ``n / reference_dispersion``); None when it has too few frames to say anything."""
     n = window.frames.inferred
     if n < cfg.min_window_frames:
         return None
@@ -171,9 +197,10 @@ def assess_window(
         out.counts[feature] = counts
         effective = np.asarray(counts, np.float64) / dispersion
         n_eff = float(effective.sum())
-        stat, df, p = chi2_homogeneity(effective, ref_counts)
+        ref_effective = np.asarray(ref_counts, np.float64) / reference_dispersion
+        stat, df, p = chi2_homogeneity(effective, ref_effective)
         if cfg.reference_coverage is not None:
-            p = reference_robust_pvalue(stat, df, n_eff, sum(ref_counts), cfg.reference_coverage)
+            p = reference_robust_pvalue(stat, df, n_eff, float(ref_effective.sum()), cfg.reference_coverage)
         out.features[feature] = FeatureResult(
             feature=feature,
             statistic=stat,
@@ -219,6 +246,8 @@ class Transition:
     flagged_features: list[str]
     score: float
     cusum: float
+    reference: str = TRAINING_REFERENCE
+    """The reference the key was judged against when its state changed."""
 
 
 class _KeyState:
@@ -256,22 +285,42 @@ class DriftMonitor:
     def _key(self, key: str) -> _KeyState:
         return self._keys.setdefault(key, _KeyState(self.cfg.k_of_n[1], self.cfg.dispersion_pairs))
 
+    def reset(self, key: str) -> None:
+        """Forget a key's state and evidence (its reference changes), keeping its learnt dispersion."""
+        if key not in self._keys:
+            return
+        old = self._keys[key]
+        fresh = self._keys[key] = _KeyState(self.cfg.k_of_n[1], self.cfg.dispersion_pairs)
+        fresh.dispersions, fresh.previous = old.dispersions, old.previous
+
     def step(
-        self, windows: Mapping[str, TelemetryWindow], reference: ReferenceStats
+        self,
+        windows: Mapping[str, TelemetryWindow],
+        reference: ReferenceStats,
+        references: Mapping[str, KeyReference] | None = None,
+        hold: Collection[str] = (),
     ) -> tuple[list[WindowAssessment], list[Transition]]:
-        """Assess one step's windows (one per key, all of the same model) and update the states."""
+        """Assess one step's windows (one per key, all of the same model) and update the states.
+
+        ``references`` replaces the model's reference for some keys; the windows of keys in ``hold``
+        only teach the key's dispersion (no test, no state change: the key is being rebased)."""
+        references = references or {}
         assessments = []
         for k, w in windows.items():
             ks = self._key(k)
             dispersion, learning = ks.dispersion(self.cfg)
-            a = assess_window(k, w, reference, self.cfg, dispersion)
+            own = references.get(k)
+            ref_dispersion = dispersion if own is not None and own.correlated else 1.0
+            a = assess_window(k, w, own.stats if own else reference, self.cfg, dispersion, ref_dispersion)
             if a is None:
                 continue
             a.learning = learning
+            a.reference = own.label if own else TRAINING_REFERENCE
             if ks.previous is not None and (d := pair_dispersion(ks.previous, a.counts)) is not None:
                 ks.dispersions.append(d)
             ks.previous = a.counts
-            assessments.append(a)
+            if k not in hold:
+                assessments.append(a)
         apply_fdr(assessments, self.cfg.fdr)
         transitions = [t for a in assessments if (t := self._update(a))]
         return assessments, transitions
@@ -293,5 +342,5 @@ class DriftMonitor:
             ks.state = "ok"
             ks.cusum = 0.0
         if ks.state != old:
-            return Transition(a.key, old, ks.state, a.flagged_features, a.score, ks.cusum)
+            return Transition(a.key, old, ks.state, a.flagged_features, a.score, ks.cusum, a.reference)
         return None

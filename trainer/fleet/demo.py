@@ -61,8 +61,11 @@ class DemoSettings:
     """Labelled samples from the drifted devices before retraining (with fewer than ~250 the field
     slice's test split is too small for the gate to see a gain reliably)."""
     samples_per_window: int = 8
-    settle_s: float = 40.0
-    """Seconds of measurement after v2 reaches every device."""
+    audit_per_window: int = 4
+    """Uniform audit frames per window (of about 40) for the prediction-powered accuracy estimate."""
+    settle_s: float = 60.0
+    """Seconds of measurement after v2 reaches every device (covers each device's rebasing windows,
+    ``DriftConfig.rebase_windows``, and a few windows judged against its own reference)."""
     timeout_s: float = 900.0
     lighting: str = "night"
     sensor: str | None = None
@@ -81,7 +84,7 @@ class DemoSettings:
             input_size=128,
             min_labels=240,
             samples_per_window=12,
-            settle_s=24.0,
+            settle_s=48.0,
             timeout_s=600.0,
         )
 
@@ -207,7 +210,7 @@ def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, A
                 train=_train_overrides(s),
                 work_dir=workdir / "trainer",
             ),
-            drift=DriftConfig(min_window_frames=20),
+            drift=DriftConfig(min_window_frames=20, rebase_windows=3),
             slot_s=s.window_s,
             grace_s=3.0,
             labeller="oracle",
@@ -248,6 +251,7 @@ def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, A
                         "enabled": True,
                         "consent": "simulation",
                         "per_window": s.samples_per_window,
+                        "audit_per_window": s.audit_per_window,
                         "max_per_hour": 3600,
                     },
                 },
@@ -345,7 +349,13 @@ def _measure(
             acc, n = tracker.accuracy(a, b, devs)
             ws = [w for d in devs for w in service.store.windows(device=d, since=a, until=b)]
             est = estimate_accuracy(ws)
-            row[group] = {"true": acc, "frames": n, "atc": est.atc, "avg_conf": est.average_confidence}
+            row[group] = {
+                "true": acc,
+                "frames": n,
+                "atc": est.atc,
+                "avg_conf": est.average_confidence,
+                **_ppi(service, ws, a, b),
+            }
         rows.append(row)
     detect = (drift.t - shift_at) if drift else None
     windows_until = None
@@ -356,8 +366,11 @@ def _measure(
             for w in service.store.windows(device=drift.details["device"], since=shift_at, ended=True)
             if w.end < slot_end
         )
+    after = _after_promotion(service, timeline, shifted, others, promoted.t if promoted else None)
     return {
         "phases": rows,
+        "recovered": recovered_share(rows),
+        "after_promotion": after,
         "detection_delay_s": detect,
         "detection_delay_windows": windows_until,
         "time_to_recovery_s": t_v2 - shift_at,
@@ -365,20 +378,114 @@ def _measure(
     }
 
 
+def _ppi(service: TrainerService, windows: list[Any], since: float, until: float) -> dict[str, Any]:
+    """The service's accuracy estimate (PPI++ with the audit labels, else label-free) for these windows,
+    per device and model, frame-weighted, with the frame-weighted interval bounds."""
+    from trainer.drift.accuracy import estimate_device_accuracy
+    from trainer.fleet.labelling import audit_labels
+
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for w in windows:
+        groups.setdefault((w.device, w.model.sha256), []).append(w)
+    total = est = low = high = 0.0
+    labels = 0
+    for (device, sha), ws in groups.items():
+        m = service.store.manifest(sha)
+        if m is None:
+            continue
+        audit = audit_labels(
+            service.store,
+            model_sha256=sha,
+            labels=m.labels,
+            reference=m.reference,
+            since=since,
+            until=until,
+            device=device,
+        ).get(device, [])
+        e = estimate_device_accuracy(ws, m.reference, audit)
+        n = sum(w.frames.inferred for w in ws)
+        if e.estimate is None or n == 0:
+            continue
+        total += n
+        est += e.estimate * n
+        low += (e.low if e.low is not None else e.estimate) * n
+        high += (e.high if e.high is not None else e.estimate) * n
+        labels += e.labels
+    if total == 0:
+        return {"ppi": None, "ppi_low": None, "ppi_high": None, "audit_labels": 0}
+    return {"ppi": est / total, "ppi_low": low / total, "ppi_high": high / total, "audit_labels": labels}
+
+
+def recovered_share(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The share of the shifted devices' lost accuracy that retraining won back (issue 9 goal: >= 80%):
+    (v2 after - v1 after shift) / (v1 before shift - v1 after shift), from true accuracy."""
+    by = {r["phase"]: r["shifted"]["true"] for r in rows}
+    before, after, *rest = [by.get(p) for p in by]
+    v2 = rest[-1] if rest else None
+    if None in (before, after, v2) or before - after <= 0:  # type: ignore[operator]
+        return {"share": None, "lost_points": None, "won_back_points": None}
+    lost, won = (before - after) * 100, (v2 - after) * 100  # type: ignore[operator]
+    return {"share": won / lost, "lost_points": lost, "won_back_points": won}
+
+
+def _after_promotion(
+    service: TrainerService, timeline: Timeline, shifted: set[str], others: set[str], promoted_t: float | None
+) -> dict[str, Any]:
+    """The targets of per-device references (docs/fleet.md, Drift): after the promotion no unshifted device
+    warns, the shifted devices are ``ok`` against their own reference, and retraining does not fire again."""
+    if promoted_t is None or service.champion is None:
+        return {"met": False, "why": "no promotion"}
+    sha = service.champion.sha256
+    later = [e for e in timeline.events if e.t > promoted_t]
+    warned = sorted(
+        {
+            e.details["device"]
+            for e in later
+            if e.kind in ("drift_warning", "drift") and e.details.get("device") in others
+        }
+    )
+    states = {d: service.drift.state(sha, d) for d in sorted(shifted | others)}
+    references = {d: service.drift.reference_of(sha, d) for d in sorted(shifted | others)}
+    retrains = sum(e.kind == "retrain_started" for e in later)
+    return {
+        "unshifted_warned": warned,
+        "states": states,
+        "references": references,
+        "retrains_after_promotion": retrains,
+        "met": not warned and all(states[d] == "ok" for d in shifted) and retrains == 0,
+    }
+
+
 def _print_summary(s: dict[str, Any], workdir: Path) -> None:
     print("\n=== summary ===")
-    print(f"{'phase':22s} {'group':8s} {'true acc':>9s} {'ATC est':>8s} {'avg conf':>9s} {'frames':>7s}")
+    print(
+        f"{'phase':22s} {'group':8s} {'true acc':>9s} {'PPI++ est [95% interval]':>26s} {'ATC est':>8s} "
+        f"{'avg conf':>9s} {'frames':>7s} {'audit labels':>12s}"
+    )
     for row in s.get("phases", []):
         for group in ("shifted", "others"):
             g = row[group]
             fmt = lambda x: f"{x:.1%}" if isinstance(x, float) else "  n/a"  # noqa: E731
+            ppi = f"{fmt(g['ppi'])} [{fmt(g['ppi_low'])}, {fmt(g['ppi_high'])}]" if g.get("ppi") else "n/a"
             print(
-                f"{row['phase']:22s} {group:8s} {fmt(g['true']):>9s} {fmt(g['atc']):>8s} {fmt(g['avg_conf']):>9s} {g['frames']:7d}"
+                f"{row['phase']:22s} {group:8s} {fmt(g['true']):>9s} {ppi:>26s} {fmt(g['atc']):>8s} "
+                f"{fmt(g['avg_conf']):>9s} {g['frames']:7d} {g.get('audit_labels', 0):12d}"
             )
     if s.get("detection_delay_s") is not None:
         print(
             f"drift detected {s['detection_delay_s']:.0f} s after the shift, on the device's "
             f"{s['detection_delay_windows']} window(s) since the shift (the rest is window length and slot grace)"
+        )
+    if (a := s.get("after_promotion")) and "states" in a:
+        print(
+            f"after promotion: unshifted devices warned: {', '.join(a['unshifted_warned']) or 'none'}; "
+            f"states {', '.join(f'{d}={st}' for d, st in a['states'].items())}; "
+            f"retraining runs since: {a['retrains_after_promotion']} (targets {'met' if a['met'] else 'NOT met'})"
+        )
+    if (r := s.get("recovered")) and r.get("share") is not None:
+        print(
+            f"retraining won back {r['won_back_points']:.1f} of the {r['lost_points']:.1f} points the shift cost "
+            f"the shifted devices ({r['share']:.0%}; goal 80%)"
         )
     if s.get("time_to_recovery_s") is not None:
         print(f"time to recovery (shift -> retrained model on every device): {s['time_to_recovery_s']:.0f} s")

@@ -7,10 +7,18 @@ fleet-wide merge. A window that arrives after its slot was assessed (spooled thr
 stored but not assessed: drift is about the present. Each model has its own monitor
 against its own reference from model.json. The service keeps, per device, the recent drift states and
 the label-free accuracy estimate that the retraining policy reads.
+
+After a promotion (:meth:`DriftService.rebase`) each device of the new model is ``rebasing``: its first
+``DriftConfig.rebase_windows`` windows under the model (ended after the promotion, enough frames) only
+teach its dispersion, and their exact merge becomes its own reference (``trainer/drift/rebase.py``),
+stored so a restarted service judges it the same way. Held rather than judged against the training
+reference meanwhile, because that reference (the new training mix) is what made unshifted devices warn
+after a promotion. The fleet-wide merge is always judged against the training reference.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import defaultdict, deque
@@ -20,8 +28,9 @@ from dataclasses import dataclass, field
 from edge_agent.protocol import FrameCounts, Histogram, TelemetryWindow
 from edge_agent.reference import ReferenceStats
 from edge_agent.telemetry.merge import merge_windows
-from trainer.drift.detector import DriftConfig, DriftMonitor, Transition
-from trainer.drift.estimate import estimate_accuracy
+from trainer.drift.detector import TRAINING_REFERENCE, DriftConfig, DriftMonitor, KeyReference, Transition
+from trainer.drift.labelfree import AccuracyRegressor
+from trainer.drift.rebase import DeviceReference, differences, reference_from_windows
 from trainer.fleet.retrain_policy import DeviceHealth
 from trainer.store import Store
 
@@ -70,6 +79,10 @@ class _DeviceTrack:
     windows: deque[TelemetryWindow] = field(default_factory=lambda: deque(maxlen=6))
 
 
+REBASING = "rebasing"
+"""A device's state between a promotion and its own reference (see the module docstring)."""
+
+
 class DriftService:
     """Feeds stored windows to per-model drift monitors, slot by slot."""
 
@@ -93,6 +106,79 @@ class DriftService:
         self._references: dict[str, ReferenceStats | None] = {}
         self.tracks: dict[str, dict[str, _DeviceTrack]] = defaultdict(lambda: defaultdict(_DeviceTrack))
         self.assessed = 0
+        self.rebased: list[DeviceReference] = []
+        """Device references made since the last :meth:`take_rebased` (the service alerts on them)."""
+        self._rebases: dict[str, tuple[float, int]] = {
+            r.model_sha256: (r.since, r.windows) for r in store.rebases(fleet)
+        }
+        self._device_refs: dict[str, dict[str, DeviceReference]] = defaultdict(dict)
+        for rec, stats in store.device_references(fleet):
+            differs = json.loads(rec.details or "{}").get("differs", {})
+            self._device_refs[rec.model_sha256][rec.device] = DeviceReference(
+                rec.device, rec.model_sha256, rec.since, rec.windows, stats, differs
+            )
+
+    # -- per-device references ---------------------------------------------------------------------
+    def rebase(self, sha: str, since: float, windows: int | None = None) -> None:
+        """Model ``sha`` was promoted at ``since``: rebase every device on its first windows under it."""
+        n = windows or self.cfg.rebase_windows
+        self.store.start_rebase(fleet=self.fleet, model_sha256=sha, since=since, windows=n)
+        self._rebases[sha] = (since, n)
+        self._device_refs.pop(sha, None)
+        monitor = self.monitors.get(sha)
+        for d, t in self.tracks.get(sha, {}).items():  # canary devices: judged against the training mix
+            t.states.clear()
+            if monitor is not None:
+                monitor.reset(d)
+
+    def reference_of(self, sha: str, device: str) -> str:
+        """``training``, ``rebasing`` or the device reference's label (``device:<since>``)."""
+        own = self._device_refs.get(sha, {}).get(device)
+        if own is not None:
+            return own.label
+        return REBASING if sha in self._rebases and device != FLEET_KEY else TRAINING_REFERENCE
+
+    def state(self, sha: str, device: str) -> str:
+        """ok / warning / drift of a device on model ``sha``, or ``rebasing``."""
+        if self.reference_of(sha, device) == REBASING:
+            return REBASING
+        monitor = self.monitors.get(sha)
+        return monitor.state(device) if monitor is not None else "ok"
+
+    def device_references(self, sha: str) -> dict[str, DeviceReference]:
+        return dict(self._device_refs.get(sha, {}))
+
+    def take_rebased(self) -> list[DeviceReference]:
+        out, self.rebased = self.rebased, []
+        return out
+
+    def _collect(self, sha: str, device: str, ref: ReferenceStats, until: float) -> DeviceReference | None:
+        """The device's own reference once it has sent enough windows under ``sha`` since the rebase."""
+        since, n = self._rebases[sha]
+        ws = [
+            w
+            for w in self.store.windows(device=device, model_sha256=sha, since=since, until=until, ended=True)
+            if w.frames.inferred >= self.cfg.min_window_frames
+        ]
+        if len(ws) < n:
+            return None
+        stats = reference_from_windows(ws[:n], ref)
+        own = DeviceReference(device, sha, since, n, stats, differences(stats, ref, self.cfg.js_floor))
+        self.store.add_device_reference(
+            fleet=self.fleet,
+            device=device,
+            model_sha256=sha,
+            since=since,
+            windows=n,
+            reference=stats,
+            details={"differs": own.differs, "windows": [[w.session, w.seq] for w in ws[:n]]},
+        )
+        self._device_refs[sha][device] = own
+        monitor = self.monitors.get(sha)
+        if monitor is not None:
+            monitor.reset(device)
+        self.rebased.append(own)
+        return own
 
     def _reference(self, sha: str) -> ReferenceStats | None:
         if sha not in self._references:
@@ -142,15 +228,33 @@ class DriftService:
                 except ValueError as exc:
                     log.warning("slot %.0f: no fleet-wide window: %s", start, exc)
             monitor = self.monitors.setdefault(sha, DriftMonitor(self.cfg))
+            own: dict[str, KeyReference] = {}
+            hold: set[str] = set()
+            if sha in self._rebases:
+                for d in step:
+                    if d == FLEET_KEY:
+                        continue
+                    dev = self._device_refs[sha].get(d)
+                    if dev is None:
+                        hold.add(d)  # this slot's window may complete the reference: judged from the next
+                        self._collect(sha, d, ref, start + self.slot_s)
+                    else:
+                        own[d] = dev.key_reference()
             try:
-                assessments, transitions = monitor.step(step, ref)
+                assessments, transitions = monitor.step(step, ref, own, hold)
             except ValueError as exc:  # bins that do not match the reference: a bad window, not a crash
                 log.warning("slot %.0f, model %s: %s", start, sha[:12], exc)
                 continue
             self.assessed += len(assessments)
             assessed = {a.key for a in assessments}
             for d, w in step.items():
-                if d == FLEET_KEY or d not in assessed:  # too few frames: no evidence either way
+                if d == FLEET_KEY:
+                    continue
+                if d in hold:  # rebasing: no drift evidence, but the accuracy estimate still counts
+                    if w.frames.inferred >= self.cfg.min_window_frames:
+                        self.tracks[sha][d].windows.append(w)
+                    continue
+                if d not in assessed:  # too few frames: no evidence either way
                     continue
                 t = self.tracks[sha][d]
                 t.states.append(monitor.state(d) == "drift")
@@ -173,10 +277,31 @@ class DriftService:
             )
         return not bad
 
-    def health(self, sha: str, recent: int = 3) -> dict[str, DeviceHealth]:
-        """Recent drift states and ATC estimates of every device running model ``sha``."""
+    def health(
+        self, sha: str, recent: int = 3, regressor: AccuracyRegressor | None = None
+    ) -> dict[str, DeviceHealth]:
+        """Recent drift states and accuracy estimates of every device running model ``sha``: PPI++ over
+        the best label-free estimate of its last ``recent`` windows (the window ``regressor`` when one
+        was fitted for the model), with the labelled audit samples it sent during them (the label-free
+        estimate alone, without an interval, when it has none)."""
+        from trainer.drift.accuracy import estimate_device_accuracy
+        from trainer.fleet.labelling import audit_labels
+
+        manifest = self.store.manifest(sha)
+        ref = manifest.reference if manifest else None
+        ranges = {d: list(t.windows)[-recent:] for d, t in self.tracks.get(sha, {}).items()}
+        starts = [w.start for ws in ranges.values() for w in ws]
+        audit = (
+            audit_labels(
+                self.store, model_sha256=sha, labels=manifest.labels, reference=ref, since=min(starts)
+            )
+            if manifest is not None and starts
+            else {}
+        )
         out = {}
         for d, t in self.tracks.get(sha, {}).items():
-            est = estimate_accuracy(list(t.windows)[-recent:])
-            out[d] = DeviceHealth(tuple(t.states), est.atc)
+            ws = ranges[d]
+            mine = [a for a in audit.get(d, []) if ws and ws[0].start <= a.ts < ws[-1].end]
+            est = estimate_device_accuracy(ws, ref, mine, regressor)
+            out[d] = DeviceHealth(tuple(t.states), est.estimate, est.interval, est.method)
         return out

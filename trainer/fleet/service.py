@@ -252,6 +252,18 @@ class TrainerService:
     def _drift_step(self, now: float) -> None:
         for ev in self.drift.poll(now):
             self._on_drift(ev.model_sha256, ev.transition, ev.slot_start)
+        for own in self.drift.take_rebased():
+            differs = ", ".join(f"{f} (JS {js:.2f})" for f, js in own.differs.items())
+            self._alert(
+                "reference_rebased",
+                f"{own.device}: its own reference from {own.windows} windows under the new model"
+                + (f"; its normal differs from the training reference in {differs}" if differs else ""),
+                severity="info",
+                device=own.device,
+                reference=own.label,
+                windows=own.windows,
+                differs=list(own.differs),
+            )
 
     def _label_step(self, now: float) -> None:
         if self.labeller is not None:
@@ -302,22 +314,33 @@ class TrainerService:
         who = "the fleet" if t.key == FLEET_KEY else t.key
         device = None if t.key == FLEET_KEY else t.key
         feats = ", ".join(t.flagged_features) or "-"
+        ref = "its own" if t.reference != "training" else "the"
         if t.new == "drift":
             self._alert(
                 "drift",
-                f"{who} drifted from the reference (features: {feats})",
+                f"{who} drifted from {ref} reference (features: {feats})",
                 device=device,
                 features=t.flagged_features,
                 score=round(t.score, 2),
                 slot_start=slot_start,
+                reference=t.reference,
             )
             if device and self.publisher:
                 self.publisher.command(device, "sample", minutes=self.cfg.sample_minutes)
         elif t.new == "ok" and t.old == "drift":
-            self._alert("drift_cleared", f"{who} back within the reference", severity="info", device=device)
+            self._alert(
+                "drift_cleared",
+                f"{who} back within {ref} reference",
+                severity="info",
+                device=device,
+                reference=t.reference,
+            )
         elif t.new == "warning":
             self.timeline.add(
-                "drift_warning", f"{who}: one window off the reference (features: {feats})", device=device
+                "drift_warning",
+                f"{who}: one window off {ref} reference (features: {feats})",
+                device=device,
+                reference=t.reference,
             )
 
     # -- retraining ------------------------------------------------------------------------------------
@@ -462,6 +485,8 @@ class TrainerService:
             assert rec is not None and rec.path
             self.champion = load_package(rec.path)
             self._champion_since = time.time()
+            # Each device is judged against its own normal under the new model (trainer/drift/rebase.py).
+            self.drift.rebase(sha, self._champion_since)
             self._alert(
                 "rollout_promoted",
                 f"{self.champion.manifest.version} promoted to every device (release "

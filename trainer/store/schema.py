@@ -228,6 +228,39 @@ class Alert(Base):
     resolved_at: Mapped[float | None] = mapped_column(Double)
 
 
+class ReferenceRebase(Base):
+    """A model promoted on a fleet: from ``since`` each device's first ``windows`` windows under it become
+    that device's own drift reference (``trainer/drift/rebase.py``)."""
+
+    __tablename__ = "reference_rebases"
+    __table_args__ = (UniqueConstraint("fleet", "model_sha256", name="uq_reference_rebase"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    fleet: Mapped[str] = mapped_column(NAME)
+    model_sha256: Mapped[str] = mapped_column(SHA)
+    since: Mapped[float] = mapped_column(Double)
+    windows: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class DeviceReferenceRecord(Base):
+    """One device's own drift reference for one model (the exact merge of its first windows after a
+    promotion), so a restarted service judges the device against the same normal."""
+
+    __tablename__ = "device_references"
+    __table_args__ = (UniqueConstraint("fleet", "device", "model_sha256", name="uq_device_reference"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    fleet: Mapped[str] = mapped_column(NAME)
+    device: Mapped[str] = mapped_column(NAME, index=True)
+    model_sha256: Mapped[str] = mapped_column(SHA)
+    since: Mapped[float] = mapped_column(Double)
+    windows: Mapped[int] = mapped_column(Integer)
+    reference: Mapped[str] = mapped_column(RawJSON)
+    """The ``ReferenceStats`` document (same shape as model.json's ``reference``)."""
+    details: Mapped[str | None] = mapped_column(RawJSON)
+    """``differs``: feature -> JS divergence from the training reference."""
+    created_at: Mapped[float] = mapped_column(Double)
+
+
 class AuditEntry(Base):
     """Who did what to which subject, and when: every state-changing action of the trainer."""
 

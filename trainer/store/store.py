@@ -13,12 +13,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, func, select, update
+from sqlalchemy import Connection, Engine, Select, delete, func, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.orm import Session
 
 from edge_agent.package import ModelManifest, ModelPackage
 from edge_agent.protocol import Status, TelemetryWindow, UpdateEvent
+from edge_agent.reference import ReferenceStats
 from edge_agent.telemetry.merge import WindowSummary, merge_windows
 from trainer.store.engine import WriteLock, insert, make_engine, writer
 from trainer.store.ingest_writes import (
@@ -36,8 +37,10 @@ from trainer.store.schema import (
     Base,
     DeadLetter,
     Device,
+    DeviceReferenceRecord,
     Label,
     ModelRecord,
+    ReferenceRebase,
     Release,
     Rollout,
     Sample,
@@ -410,6 +413,76 @@ class Store:
             )
             sent = set(conn.scalars(q))
         return sent | ({first} if first else set())
+
+    # -- per-device drift references (trainer/drift/rebase.py) ---------------------------------------
+    def start_rebase(
+        self, *, fleet: str, model_sha256: str, since: float, windows: int, actor: str = "trainer"
+    ) -> None:
+        """Rebase every device of ``fleet`` on ``model_sha256`` from ``since`` (replaces an earlier rebase
+        of that model and the device references it made)."""
+        with self.write() as conn:
+            for table in (ReferenceRebase, DeviceReferenceRecord):
+                conn.execute(delete(table).where(table.fleet == fleet, table.model_sha256 == model_sha256))
+            conn.execute(
+                sa_insert(ReferenceRebase).values(
+                    fleet=fleet,
+                    model_sha256=model_sha256,
+                    since=since,
+                    windows=windows,
+                    created_at=time.time(),
+                )
+            )
+            insert_audit(
+                conn,
+                actor,
+                "reference.rebase",
+                model_sha256,
+                {"fleet": fleet, "since": since, "windows": windows},
+            )
+
+    def rebases(self, fleet: str) -> list[ReferenceRebase]:
+        return self._all(
+            select(ReferenceRebase).where(ReferenceRebase.fleet == fleet).order_by(ReferenceRebase.id)
+        )
+
+    def add_device_reference(
+        self,
+        *,
+        fleet: str,
+        device: str,
+        model_sha256: str,
+        since: float,
+        windows: int,
+        reference: ReferenceStats,
+        details: dict[str, Any] | None = None,
+    ) -> bool:
+        """Store one device's own reference for a model; False if it already had one (the first stays)."""
+        with self.write() as conn:
+            stmt = (
+                insert(conn, DeviceReferenceRecord.__table__)
+                .values(
+                    fleet=fleet,
+                    device=device,
+                    model_sha256=model_sha256,
+                    since=since,
+                    windows=windows,
+                    reference=reference.model_dump_json(exclude_none=True),
+                    details=_json(details),
+                    created_at=time.time(),
+                )
+                .on_conflict_do_nothing(index_elements=["fleet", "device", "model_sha256"])
+            )
+            return conn.execute(stmt.returning(DeviceReferenceRecord.id)).first() is not None
+
+    def device_references(
+        self, fleet: str, *, model_sha256: str | None = None
+    ) -> list[tuple[DeviceReferenceRecord, ReferenceStats]]:
+        """Stored device references with their statistics, oldest first."""
+        q = select(DeviceReferenceRecord).where(DeviceReferenceRecord.fleet == fleet)
+        if model_sha256 is not None:
+            q = q.where(DeviceReferenceRecord.model_sha256 == model_sha256)
+        rows = self._all(q.order_by(DeviceReferenceRecord.id))
+        return [(r, ReferenceStats.model_validate_json(r.reference)) for r in rows]
 
     # -- alerts, audit, dead letters ---------------------------------------------------------------
     def record_alert(
