@@ -174,6 +174,9 @@ def _train_overrides(s: DemoSettings) -> dict[str, Any]:
     return {
         "input_size": s.input_size,
         "aug_views": 1,
+        # fine-tuning the last two backbone blocks: held-out accuracy of a retrained candidate 82.8% ->
+        # 88.6% (int8 equal to fp32) for 84 s of training instead of 53 s
+        "unfreeze_blocks": 2,
         "formats": ["onnx-fp32", "tflite-int8"],
         "device_artifact": "tflite-int8",
         "robustness": {"enabled": False},
