@@ -27,6 +27,7 @@ EXTRA = {
     "ingest": "bench.ingest_bench",
     "drift": "bench.drift_bench",
     "accuracy": "bench.accuracy_bench",
+    "demo": "bench.demo_bench",
 }
 
 
