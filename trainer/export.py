@@ -123,6 +123,32 @@ AGREEMENT_TARGET = 0.97
 """Top-1 agreement with fp32 on the check frames an int8 artifact should reach."""
 
 
+def _search_float_prefix(
+    out: Path, quantize: Callable[[Path, float], None], agrees: Callable[[Path], np.ndarray]
+) -> tuple[float, dict[str, float]]:
+    """Quantize with growing float prefixes (:data:`FLOAT_PREFIX_SHARES`) until one reaches
+    :data:`AGREEMENT_TARGET`; the best variant ends up at ``out``. Returns its share and every variant's
+    measured agreement."""
+    variants: dict[str, float] = {}
+    best: tuple[float, float, Path] | None = None
+    for share in FLOAT_PREFIX_SHARES:
+        path = out.with_name(f"{out.stem}.f{int(share * 100)}{out.suffix}")
+        quantize(path, share)
+        agreement = float(np.mean(agrees(path)))
+        variants[f"{share:.0%} float"] = round(agreement, 4)
+        if best is None or agreement > best[0]:
+            if best is not None:
+                best[2].unlink()
+            best = (agreement, share, path)
+        else:
+            path.unlink()
+        if agreement >= AGREEMENT_TARGET:
+            break
+    assert best is not None
+    os.replace(best[2], out)
+    return best[1], variants
+
+
 def _quantize_onnx(
     fp32: Path, out: Path, calib: np.ndarray, float_share: float = 0.0, reduce_range: bool = False
 ) -> None:
@@ -184,29 +210,15 @@ def _choose_onnx_int8(fp32: Path, out: Path, calib: np.ndarray, check_x: np.ndar
         return np.concatenate(outs).argmax(1)
 
     ref = top1(fp32)
-    variants: dict[str, float] = {}
-    best: tuple[float, float, Path] | None = None
-    for share in FLOAT_PREFIX_SHARES:
-        path = out.with_suffix(f".f{int(share * 100)}.onnx")
-        _quantize_onnx(fp32, path, calib, share)
-        agreement = float(np.mean(top1(path) == ref))
-        variants[f"{share:.0%} float"] = round(agreement, 4)
-        if best is None or agreement > best[0]:
-            if best is not None:
-                best[2].unlink()
-            best = (agreement, share, path)
-        else:
-            path.unlink()
-        if agreement >= AGREEMENT_TARGET:
-            break
-    assert best is not None
-    os.replace(best[2], out)
+    share, variants = _search_float_prefix(
+        out, lambda path, share: _quantize_onnx(fp32, path, calib, share), lambda path: top1(path) == ref
+    )
     return {
         "tool": "onnxruntime.quantization.quantize_static",
         "format": "QDQ",
         "activations": "uint8 asymmetric",
         "weights": "int8 per-channel symmetric",
-        "float_prefix": f"first {best[1]:.0%} of the convolutions kept in float",
+        "float_prefix": f"first {share:.0%} of the convolutions kept in float",
         "variants": variants,
         "check_frames": len(check_x),
         "calibration": "MinMax",
@@ -241,29 +253,17 @@ def _quantize_tflite(
 
     ref = _tflite_top1(fp32, check_nhwc)
     prefix_ops = _leading_op_outputs(Interpreter(model_path=str(fp32)))
-    variants: dict[str, float] = {}
-    best: tuple[float, float, Path] | None = None
-    for share in FLOAT_PREFIX_SHARES:
-        path = out.with_suffix(f".f{int(share * 100)}.tflite")
-        _quantize_tflite_once(fp32, path, calib_nhwc, spec, prefix_ops(share))
-        agreement = float(np.mean(_tflite_top1(path, check_nhwc) == ref))
-        variants[f"{share:.0%} float"] = round(agreement, 4)
-        if best is None or agreement > best[0]:
-            if best is not None:
-                best[2].unlink()
-            best = (agreement, share, path)
-        else:
-            path.unlink()
-        if agreement >= AGREEMENT_TARGET:
-            break
-    assert best is not None
-    os.replace(best[2], out)
+    share, variants = _search_float_prefix(
+        out,
+        lambda path, share: _quantize_tflite_once(fp32, path, calib_nhwc, spec, prefix_ops(share)),
+        lambda path: _tflite_top1(path, check_nhwc) == ref,
+    )
     return {
         "tool": "ai-edge-quantizer",
         "recipe": "static_wi8_ai8",
         "activations": "int8",
         "weights": "int8 per-channel",
-        "float_prefix": f"first {best[1]:.0%} of the convolutions kept in float",
+        "float_prefix": f"first {share:.0%} of the convolutions kept in float",
         "variants": variants,
         "check_frames": len(check_nhwc),
         "calibration": "absolute min/max; input range fixed to the normalisation range",
