@@ -150,7 +150,9 @@ def test_broker_killed_and_restarted_every_window_arrives(
         broker.stop(kill=True)
         time.sleep(3.0)  # ~6 windows are spooled meanwhile
         broker.start()
-        time.sleep(3.0)
+        # wait for the spooled windows rather than a fixed time: on a loaded machine the agent's
+        # reconnect backoff can outlast a fixed sleep and the shutdown flush budget (seen in CI)
+        wait_until(lambda: len(unique(windows(sub))) >= 12, 60)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
