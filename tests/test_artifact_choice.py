@@ -94,7 +94,9 @@ def _burn(stop: mp.synchronize.Event) -> None:
 
 def test_timing_keeps_its_pick_under_a_cpu_burning_neighbour(pretrained_package: Path) -> None:
     pkg = load_package(pretrained_package)
-    keys = ["onnx-fp32", "tflite-int8"]  # about 2x apart on every CPU we measured
+    # one runtime, so the neighbour slows both alike (LiteRT int8 slowed 4.1 -> 6.7 ms under two burners in
+    # CI while ONNX Runtime fp32 went 6.4 -> 6.7 ms): the comparison is of the timing, not of runtimes
+    keys = ["onnx-fp32", "onnx-int8"]
     quiet = time_artifacts(pkg, BackendOptions(), seconds=0.5, keys=keys)
     stop = mp.Event()
     burners = [mp.Process(target=_burn, args=(stop,), daemon=True) for _ in range(2)]
@@ -107,4 +109,4 @@ def test_timing_keeps_its_pick_under_a_cpu_burning_neighbour(pretrained_package:
         for p in burners:
             p.join(5)
     assert all(isinstance(v, float) for v in (*quiet.values(), *busy.values())), (quiet, busy)
-    assert pick_fastest(quiet, None) == pick_fastest(busy, None) == "tflite-int8", (quiet, busy)  # type: ignore[arg-type]
+    assert pick_fastest(quiet, None) == pick_fastest(busy, None) == "onnx-int8", (quiet, busy)  # type: ignore[arg-type]
