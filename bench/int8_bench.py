@@ -32,14 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.accuracy_bench import cpu_flags
+
 RESULTS = Path(__file__).parent / "results" / "int8.json"
-
-
-def cpu_flags() -> list[str]:
-    """The CPU flags that decide int8 kernels (VNNI or not)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-    return sorted(flags & {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def _artifacts(pkg: Any, frames: list[np.ndarray] | None, y: np.ndarray | None) -> dict[str, Any]:

@@ -541,12 +541,10 @@ def export_package(
 
         agreement: dict[str, float] = {}
         decisive: dict[str, float] = {}
-        per_artifact_top1: dict[str, np.ndarray] = {}
         confident = ref_probs.max(1) >= 0.5
         with steps.step(f"check every artifact against torch fp32 on {len(check_frames)} frames"):
             for key in artifacts:
                 top1, _ = _artifact_top1(draft, key, check_frames, spec.output_kind, spec.temperature)
-                per_artifact_top1[key] = top1
                 agreement[key] = float(np.mean(top1 == ref_top1))
                 decisive[key] = (
                     float(np.mean(top1[confident] == ref_top1[confident]))
