@@ -129,7 +129,3 @@ class SampleSelector(Generic[T]):
         self._tokens -= len(audit) + len(other)
         inclusion = len(audit) / seen if seen else None
         return [Chosen("audit", item, inclusion) for item in audit] + [Chosen(reason, item) for item in other]
-
-    def take(self, now: float) -> list[tuple[str, T]]:
-        """The window's chosen frames as (reason, item); see :meth:`choose`."""
-        return [(c.reason, c.item) for c in self.choose(now)]

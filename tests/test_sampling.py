@@ -18,7 +18,7 @@ def test_sampling_is_off_by_default_and_needs_consent() -> None:
     sel: SampleSelector[int] = SampleSelector(SamplingSettings(), now=0)
     for i in range(10):
         sel.offer(0.01, i, now=1)
-    assert sel.take(now=60) == []
+    assert sel.choose(now=60) == []
     with pytest.raises(ValidationError, match="needs sampling.consent"):
         SamplingSettings(enabled=True)
 
@@ -29,10 +29,10 @@ def test_keeps_the_lowest_confidence_frames_of_a_window() -> None:
     confs = [0.9, 0.2, 0.45, 0.1, 0.6, 0.3, 0.05, 0.49]
     for i, c in enumerate(confs):
         sel.offer(c, i, now=1)
-    chosen = sel.take(now=60)
-    assert [item for _, item in chosen] == [6, 3, 1]  # 0.05, 0.1, 0.2: best first
-    assert {reason for reason, _ in chosen} == {"low_confidence"}
-    assert sel.take(now=61) == []  # a new window starts empty
+    chosen = sel.choose(now=60)
+    assert [c.item for c in chosen] == [6, 3, 1]  # 0.05, 0.1, 0.2: best first
+    assert {c.reason for c in chosen} == {"low_confidence"}
+    assert sel.choose(now=61) == []  # a new window starts empty
 
 
 def test_hourly_cap_across_windows() -> None:
@@ -42,7 +42,7 @@ def test_hourly_cap_across_windows() -> None:
     for window in range(10):  # ten one-minute windows, each with plenty of candidates
         for i in range(20):
             sel.offer(0.1, i, now=window * 60 + 1)
-        sent += len(sel.take(now=window * 60 + 60))
+        sent += len(sel.choose(now=window * 60 + 60))
     assert sent == 12 + 1  # the full bucket, plus ~1 token refilled over the 10 minutes (12/h)
     assert sel.capped == 10 * 5 - sent
 
@@ -53,9 +53,9 @@ def test_drift_mode_samples_uniformly_including_confident_frames() -> None:
     sel.drift_until = 100.0
     for i in range(1000):
         sel.offer(0.99, float(i), now=10)  # confident frames: never chosen in normal mode
-    chosen = sel.take(now=20)
-    assert len(chosen) == 50 and {r for r, _ in chosen} == {"drift"}
-    values = [v for _, v in chosen]
+    chosen = sel.choose(now=20)
+    assert len(chosen) == 50 and {c.reason for c in chosen} == {"drift"}
+    values = [c.item for c in chosen]
     assert 300 < float(np.mean(values)) < 700  # spread over the window, not the first or last frames
 
 
