@@ -62,7 +62,7 @@ def cpu_flags() -> list[str]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.drift_bench import CACHE, DATA, SHIFTS, PoolCache, ensure_package
     from edge_agent.package import load_package
-    from trainer.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES
+    from trainer.data.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES
     from trainer.drift.accuracy import audit_label, estimate_device_accuracy, with_prior
     from trainer.drift.estimate import estimate_accuracy
     from trainer.drift.labelfree import FEATURES, MergedWindows, fit_regressor, window_features

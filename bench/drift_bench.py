@@ -167,7 +167,7 @@ def detection_within_2(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from edge_agent.package import load_package
-    from trainer.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES
+    from trainer.data.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES
     from trainer.drift.detector import DriftConfig
     from trainer.drift.evaluation import (
         ESTIMATES,

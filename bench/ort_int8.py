@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     from edge_agent.backends import BackendOptions, load_backend
     from edge_agent.package import TensorSpec, load_package
     from edge_agent.preprocess import Preprocessor
-    from trainer.photos import camera_frames, load_photos
+    from trainer.data.photos import camera_frames, load_photos
 
     pkg = load_package(args.package)
     frames = camera_frames(load_photos(), 64, seed=0)

@@ -35,7 +35,7 @@ RESULTS = Path(__file__).parent / "results" / "train.json"
 
 def corruption_costs(repeats: int = 10) -> dict[str, float]:
     """Median milliseconds per 320x240 frame of each corruption at severity 3 (one thread of numpy/OpenCV)."""
-    from trainer.corruptions import CORRUPTIONS, corrupt
+    from trainer.data.corruptions import CORRUPTIONS, corrupt
     from trainer.data.scenes import Domain, render_frame
 
     frame = render_frame("star", Domain(), np.random.default_rng(0))
@@ -54,8 +54,8 @@ def overtrained_head(data: Any, cache_dir: str, epochs: int = 150) -> dict[str, 
     """Temperature scaling where it has work to do: the same features, a head trained without weight decay,
     class balancing or early stopping (the last epoch's weights), which makes it over-confident."""
     from edge_agent.postprocess import to_probabilities
-    from trainer.augment import AUGMENT_VERSION
     from trainer.calibration import fit_temperature
+    from trainer.data.augment import AUGMENT_VERSION
     from trainer.features import FeatureCache, FeatureExtractor, prefix_fingerprint
     from trainer.metrics import ece, nll
     from trainer.model import build_classifier, split

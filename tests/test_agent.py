@@ -19,7 +19,7 @@ import pytest
 
 from edge_agent.protocol import Status, TelemetryWindow, cmd_topic
 from trainer.broker import MosquittoBroker, free_port
-from trainer.photos import load_photos
+from trainer.data.photos import load_photos
 
 from .mqtt_helpers import Subscriber, retained, wait_until
 

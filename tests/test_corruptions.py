@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from trainer.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, corrupt, plasma_fractal
+from trainer.data.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, corrupt, plasma_fractal
 from trainer.data.scenes import CLASSES, Domain, render_frame
 
 # The paper's own constants are not monotone for these two at severity 2 -> 3: the maintainers' AlexNet
@@ -18,7 +18,7 @@ NOT_MONOTONE_IN_THE_PAPER = {"elastic_transform", "snow"}
 @pytest.fixture(scope="module")
 def frames() -> list[np.ndarray]:
     """Camera-like frames: real photographs (scikit-image) and rendered scenes, 320x240."""
-    from trainer.photos import load_photos
+    from trainer.data.photos import load_photos
 
     photos = [
         cv2.resize(p, (320, 240), interpolation=cv2.INTER_AREA)

@@ -19,7 +19,7 @@ import pytest
 from edge_agent.package import load_package
 from edge_agent.reference import ReferenceStats
 from trainer.baseline import reference_stats
-from trainer.corruptions import CORRUPTIONS, FAMILIES
+from trainer.data.corruptions import CORRUPTIONS, FAMILIES
 from trainer.drift.detector import DriftConfig
 from trainer.drift.evaluation import detection_delays, estimation_errors, false_alarms, mae_points
 from trainer.drift.simulate import Condition, FramePool, Simulator

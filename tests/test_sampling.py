@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from edge_agent.privacy import detect_faces, privacy_filter
 from edge_agent.sampling import SampleSelector, SamplingSettings
-from trainer.photos import load_photos
+from trainer.data.photos import load_photos
 
 
 def test_sampling_is_off_by_default_and_needs_consent() -> None:

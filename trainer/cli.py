@@ -337,8 +337,8 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from edge_agent.package import load_package
-    from trainer.corruptions import CORRUPTIONS
     from trainer.data import load_dataset
+    from trainer.data.corruptions import CORRUPTIONS
     from trainer.evaluate import evaluate_package
 
     pkg = load_package(args.package)

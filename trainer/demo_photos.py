@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 
 from edge_agent.package import load_package
 from trainer.broker import MosquittoBroker, find_mosquitto
-from trainer.photos import PHOTO_FILES, load_photos
+from trainer.data.photos import PHOTO_FILES, load_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build"

@@ -20,7 +20,7 @@ from edge_agent.backends import BackendOptions, load_backend
 from edge_agent.package import ModelPackage
 from edge_agent.postprocess import to_probabilities
 from edge_agent.preprocess import Preprocessor
-from trainer.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from trainer.data.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from trainer.metrics import classification_report
 
 Runner = Callable[[Sequence[np.ndarray]], np.ndarray]

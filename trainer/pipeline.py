@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge_agent.errors import ConfigError
 from edge_agent.package import ModelPackage, PreprocessSpec, load_package
 from edge_agent.reference import ReferenceStats
-from trainer.corruptions import CORRUPTIONS, SEVERITIES
+from trainer.data.corruptions import CORRUPTIONS, SEVERITIES
 from trainer.data.dataset import Dataset, Sample
 from trainer.errors import GateError, LabelMismatchError
 from trainer.gate import GateRules, check_gate
@@ -115,7 +115,7 @@ def _features(
     """Prefix outputs for every sample and view 0..views (view 0 = the clean frame), cached."""
     from tqdm import tqdm
 
-    from trainer.augment import augment, view_rng
+    from trainer.data.augment import augment, view_rng
 
     keys = [(s, v) for s in samples for v in range(views + 1)]
     todo = [(s, v) for s, v in keys if cache.get(s.sha256, v) is None]
@@ -202,9 +202,9 @@ def train_package(
     """Train on ``data`` and write a verified, evaluated, gated package to ``out_dir``."""
     import torch
 
-    from trainer.augment import AUGMENT_VERSION
     from trainer.baseline import reference_stats
     from trainer.card import write_card
+    from trainer.data.augment import AUGMENT_VERSION
     from trainer.data.builtin import load_dataset
     from trainer.evaluate import TorchRunner, report
     from trainer.export import ExportError, ExportSpec, export_package

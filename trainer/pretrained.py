@@ -68,8 +68,8 @@ def export_pretrained(
 
     The photographs themselves are the golden-input candidates (the cat photograph is one of them).
     """
+    from trainer.data.photos import camera_frames, load_photos
     from trainer.export import ALL_FORMATS, ExportSpec, export_package
-    from trainer.photos import camera_frames, load_photos
 
     photos = load_photos()
     spec = ExportSpec(

@@ -46,7 +46,7 @@ from edge_agent.reference import ReferenceStats
 from edge_agent.telemetry.aggregator import FrameResult, TelemetryAggregator
 from edge_agent.telemetry.features import InputStatistics, OutputFeatures, input_statistics, output_features
 from edge_agent.telemetry.histogram import INPUT_FEATURES, OUTPUT_FEATURES, FixedHistogram
-from trainer.corruptions import CORRUPTIONS, corrupt
+from trainer.data.corruptions import CORRUPTIONS, corrupt
 from trainer.data.scenes import BASE_DOMAINS, Domain, render_frame
 
 FEATURES: tuple[str, ...] = (*OUTPUT_FEATURES, *INPUT_FEATURES)
