@@ -109,7 +109,7 @@ def _retrained(seed: int, work: Path) -> tuple[Any, list[np.ndarray], np.ndarray
 
 def run(seeds: list[int]) -> dict[str, Any]:
     from edge_agent.package import load_package
-    from trainer.pretrained import export_pretrained
+    from trainer.model.pretrained import export_pretrained
 
     result: dict[str, Any] = {
         "machine": {"cpu_flags": cpu_flags(), "processor": platform.processor() or platform.machine()},

@@ -54,13 +54,13 @@ def overtrained_head(data: Any, cache_dir: str, epochs: int = 150) -> dict[str, 
     """Temperature scaling where it has work to do: the same features, a head trained without weight decay,
     class balancing or early stopping (the last epoch's weights), which makes it over-confident."""
     from edge_agent.postprocess import to_probabilities
-    from trainer.calibration import fit_temperature
     from trainer.data.augment import AUGMENT_VERSION
-    from trainer.features import FeatureCache, FeatureExtractor, prefix_fingerprint
     from trainer.metrics import ece, nll
-    from trainer.model import build_classifier, split
+    from trainer.model.backbone import build_classifier, split
+    from trainer.model.calibration import fit_temperature
+    from trainer.model.features import FeatureCache, FeatureExtractor, prefix_fingerprint
+    from trainer.model.fit import FitConfig, fit_suffix, predict_logits
     from trainer.pipeline import TrainConfig, _features
-    from trainer.train import FitConfig, fit_suffix, predict_logits
 
     cfg = TrainConfig()
     spec = cfg.preprocess()

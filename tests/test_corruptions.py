@@ -53,9 +53,9 @@ def test_bad_arguments_are_rejected() -> None:
 
 def test_effect_grows_with_severity(frames: list[np.ndarray]) -> None:
     """Distance from the clean frame in the pretrained backbone's feature space (what a classifier sees)."""
-    from trainer.features import FeatureExtractor
-    from trainer.model import build_classifier, split
-    from trainer.pretrained import LITE0_PREPROCESS
+    from trainer.model.backbone import build_classifier, split
+    from trainer.model.features import FeatureExtractor
+    from trainer.model.pretrained import LITE0_PREPROCESS
 
     prefix, _ = split(build_classifier(2, 0), 0)
     fx = FeatureExtractor(prefix, LITE0_PREPROCESS)

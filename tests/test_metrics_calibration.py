@@ -7,7 +7,6 @@ import pytest
 from sklearn import metrics as skm
 
 from trainer.baseline import atc_estimate, atc_estimate_from_histogram, atc_threshold
-from trainer.calibration import fit_temperature, softmax
 from trainer.metrics import (
     classification_report,
     confusion_matrix,
@@ -16,6 +15,7 @@ from trainer.metrics import (
     precision_recall_f1,
     reliability,
 )
+from trainer.model.calibration import fit_temperature, softmax
 
 
 def _random_case(seed: int, n: int = 300, k: int = 6) -> tuple[np.ndarray, np.ndarray]:

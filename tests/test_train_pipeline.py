@@ -23,9 +23,9 @@ from edge_agent.telemetry.features import output_features
 from trainer.data import builtin_dataset, load_dataset
 from trainer.errors import DataError, GateError, LabelMismatchError
 from trainer.gate import GateRules
-from trainer.model import build_classifier, split
+from trainer.model.backbone import build_classifier, split
+from trainer.model.fit import FitConfig, fit_suffix
 from trainer.pipeline import train_package
-from trainer.train import FitConfig, fit_suffix
 
 
 def test_training_learns_well_above_chance_for_torch_and_every_artifact(shapes_package) -> None:

@@ -28,7 +28,7 @@ def register_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _export_pretrained(args: argparse.Namespace) -> int:
-    from trainer.pretrained import export_pretrained
+    from trainer.model.pretrained import export_pretrained
 
     report = export_pretrained(
         args.out,

@@ -55,7 +55,7 @@ class ArtifactRunner:
 
 
 class TorchRunner:
-    """The trained fp32 weights: frozen prefix (see :mod:`trainer.features`) then the torch suffix."""
+    """The trained fp32 weights: frozen prefix (see :mod:`trainer.model.features`) then the torch suffix."""
 
     def __init__(self, extractor: Any, suffix: Any, temperature: float) -> None:
         self.extractor = extractor
@@ -63,7 +63,7 @@ class TorchRunner:
         self.temperature = temperature
 
     def logits(self, frames: Sequence[np.ndarray]) -> np.ndarray:
-        from trainer.train import predict_logits
+        from trainer.model.fit import predict_logits
 
         return predict_logits(self.suffix, self.extractor(frames))
 

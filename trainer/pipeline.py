@@ -40,8 +40,8 @@ from trainer.data.corruptions import CORRUPTIONS, SEVERITIES
 from trainer.data.dataset import Dataset, Sample
 from trainer.errors import GateError, LabelMismatchError
 from trainer.gate import GateRules, check_gate
+from trainer.model.fit import FitConfig, FitResult
 from trainer.progress import Steps
-from trainer.train import FitConfig, FitResult
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class TrainConfig(BaseModel):
     progress: bool = True
 
     def preprocess(self) -> PreprocessSpec:
-        from trainer.pretrained import LITE0_PREPROCESS
+        from trainer.model.pretrained import LITE0_PREPROCESS
 
         s = self.input_size
         return LITE0_PREPROCESS.model_copy(
@@ -208,9 +208,9 @@ def train_package(
     from trainer.data.builtin import load_dataset
     from trainer.evaluate import TorchRunner, report
     from trainer.export import ExportError, ExportSpec, export_package
-    from trainer.features import FeatureCache, FeatureExtractor, prefix_fingerprint
-    from trainer.model import build_classifier, split
-    from trainer.train import fit_suffix, predict_logits
+    from trainer.model.backbone import build_classifier, split
+    from trainer.model.features import FeatureCache, FeatureExtractor, prefix_fingerprint
+    from trainer.model.fit import fit_suffix, predict_logits
 
     config = config or TrainConfig()
     t_start = time.perf_counter()
@@ -435,8 +435,8 @@ def _calibrate(
 ) -> tuple[float, dict[str, Any], np.ndarray, np.ndarray]:
     """Temperature fitted on validation; ECE/NLL before and after on both splits; calibrated probabilities."""
     from edge_agent.postprocess import to_probabilities
-    from trainer.calibration import fit_temperature
     from trainer.metrics import ece, nll, reliability
+    from trainer.model.calibration import fit_temperature
 
     t = fit_temperature(logits_val, y_val)
 

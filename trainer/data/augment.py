@@ -1,6 +1,6 @@
 """Training augmentation on camera frames (before the edge preprocessing), deterministic per image and view.
 
-Features are cached per (image, view) (see :mod:`trainer.features`), so augmentation draws a fixed
+Features are cached per (image, view) (see :mod:`trainer.model.features`), so augmentation draws a fixed
 set of views per image instead of fresh ones every epoch; view ``v`` of an image is reproducible from
 ``(seed, image sha256, v)`` alone, independent of the rest of the dataset.
 """

@@ -123,7 +123,7 @@ def _probe_probabilities(
     scaled on the out-of-fold logits: an uncalibrated probe is near 100% sure of everything."""
     import torch
 
-    from trainer.calibration import fit_temperature, softmax
+    from trainer.model.calibration import fit_temperature, softmax
 
     rng = np.random.default_rng(seed)
     fold = rng.permutation(len(y)) % folds
@@ -149,9 +149,9 @@ def _probe_probabilities(
 def _probe(
     samples: Sequence[Sample], frames: Sequence[np.ndarray], y: np.ndarray, num_classes: int
 ) -> np.ndarray:
-    from trainer.features import FeatureExtractor
-    from trainer.model import build_classifier, split
-    from trainer.pretrained import LITE0_PREPROCESS
+    from trainer.model.backbone import build_classifier, split
+    from trainer.model.features import FeatureExtractor
+    from trainer.model.pretrained import LITE0_PREPROCESS
 
     prefix, _ = split(build_classifier(num_classes, 0), 0)
     feats = FeatureExtractor(prefix, LITE0_PREPROCESS.model_copy(update={"crop_fraction": 1.0}))(frames)

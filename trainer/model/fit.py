@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainer.model import Suffix
+from trainer.model.backbone import Suffix
 
 
 class FitConfig(BaseModel):

@@ -74,7 +74,7 @@ class Suffix(nn.Module):
 
 def build_classifier(num_classes: int, seed: int) -> nn.Module:
     """EfficientNet-Lite0 with ImageNet weights and a new, seeded ``num_classes`` head."""
-    from trainer.pretrained import load_lite0
+    from trainer.model.pretrained import load_lite0
 
     model: Any = load_lite0(num_classes)
     gen = torch.Generator().manual_seed(seed)

@@ -1,6 +1,6 @@
 """Backbone features, computed once per image (and augmented view) and cached.
 
-Only the suffix of the network trains (see :mod:`trainer.model`), so the frozen prefix's output for
+Only the suffix of the network trains (see :mod:`trainer.model.backbone`), so the frozen prefix's output for
 an image never changes during training: it is computed once, from the exact edge preprocessing
 (:class:`edge_agent.preprocess.Preprocessor`), and reused by every epoch. The prefix runs through
 ONNX Runtime (an export of the same fp32 weights): on this project's 2-core machines it is about 5x
@@ -122,7 +122,7 @@ class FeatureExtractor:
 
 def prefix_fingerprint(unfreeze_blocks: int, spec: PreprocessSpec, augmentation: str) -> str:
     """Identity of everything that determines a cached feature besides the image and the view."""
-    from trainer.pretrained import weights_path
+    from trainer.model.pretrained import weights_path
 
     text = f"lite0:{weights_path().stat().st_size}:{unfreeze_blocks}:{spec.model_dump_json()}:{augmentation}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
