@@ -80,7 +80,7 @@ def _retrained(seed: int, work: Path) -> tuple[Any, list[np.ndarray], np.ndarray
     from edge_agent.package import load_package
     from trainer.data.builtin import load_dataset
     from trainer.errors import GateError
-    from trainer.gate import GateRules
+    from trainer.evaluation.gate import GateRules
     from trainer.pipeline import TrainConfig, train_package
 
     base = load_dataset("builtin:shapes?n=40")

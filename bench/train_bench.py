@@ -55,7 +55,7 @@ def overtrained_head(data: Any, cache_dir: str, epochs: int = 150) -> dict[str, 
     class balancing or early stopping (the last epoch's weights), which makes it over-confident."""
     from edge_agent.postprocess import to_probabilities
     from trainer.data.augment import AUGMENT_VERSION
-    from trainer.metrics import ece, nll
+    from trainer.evaluation.metrics import ece, nll
     from trainer.model.backbone import build_classifier, split
     from trainer.model.calibration import fit_temperature
     from trainer.model.features import FeatureCache, FeatureExtractor, prefix_fingerprint
@@ -110,7 +110,7 @@ def shifted_domains(package_root: Path, per_class: int = 30) -> dict[str, float]
     """Device-artifact accuracy of a package trained on the base domains, on each named shift."""
     from edge_agent.package import load_package
     from trainer.data import builtin_dataset
-    from trainer.evaluate import evaluate_package
+    from trainer.evaluation.runners import evaluate_package
 
     pkg = load_package(package_root)
     device = pkg.manifest.reference.artifact if pkg.manifest.reference else next(iter(pkg.manifest.artifacts))

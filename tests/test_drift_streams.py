@@ -5,7 +5,7 @@ agent's code path (trainer.drift.simulate); windows of 300 frames (60 s at 5 fps
 those pools. The package from conftest has only ~70 held-out frames, so the drift reference and the ATC
 threshold used here are computed the same way from 600 fresh labelled clean frames (the size of the
 reference ``edgefleet train`` writes for a 2,000-image dataset); a test checks that this computation
-matches ``trainer.baseline.reference_stats`` exactly. ``python -m bench.drift_bench`` measures the same
+matches ``trainer.evaluation.reference.reference_stats`` exactly. ``python -m bench.drift_bench`` measures the same
 things at scale on a 224-pixel package.
 """
 
@@ -18,11 +18,11 @@ import pytest
 
 from edge_agent.package import load_package
 from edge_agent.reference import ReferenceStats
-from trainer.baseline import reference_stats
 from trainer.data.corruptions import CORRUPTIONS, FAMILIES
 from trainer.drift.detector import DriftConfig
 from trainer.drift.evaluation import detection_delays, estimation_errors, false_alarms, mae_points
 from trainer.drift.simulate import Condition, FramePool, Simulator
+from trainer.evaluation.reference import reference_stats
 
 REFERENCE_FRAMES = 600
 SEVERITY = 3
@@ -65,7 +65,7 @@ def test_simulated_windows_are_what_the_agent_and_the_trainer_compute(
     slow, fast = clean.window(idx), clean.fast_window(idx)
     assert fast.model_dump(exclude={"latency_ms"}) == slow.model_dump(exclude={"latency_ms"})
     assert fast.frames.inferred == 300 and sum(fast.class_counts.values()) == 300
-    # the pool's reference equals trainer.baseline.reference_stats run on the same rendered frames
+    # the pool's reference equals trainer.evaluation.reference.reference_stats run on the same rendered frames
     frames = list(sim.frames(Condition.clean(), 40, seed=1))  # the pool's first 40 frames
     expected, _ = reference_stats(
         sim.package, sim.artifact, [f for f, _ in frames], np.array([y for _, y in frames])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.gate import GateRules, check_gate
+from trainer.evaluation.gate import GateRules, check_gate
 
 
 def _eval(
@@ -85,7 +85,7 @@ def test_small_test_sets_do_not_judge_ece_and_required_gains_are_enforced() -> N
 def test_paired_drops_fail_only_when_significant() -> None:
     from scipy.stats import binomtest
 
-    from trainer.gate import mcnemar_worse_p
+    from trainer.evaluation.gate import mcnemar_worse_p
 
     for lost, gained in ((3, 1), (10, 2), (7, 0), (5, 5), (0, 4)):
         want = binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue if lost > gained else 1.0

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from trainer.baseline import atc_estimate, atc_estimate_from_histogram, atc_threshold
-from trainer.metrics import (
+from trainer.evaluation.metrics import (
     classification_report,
     confusion_matrix,
     ece,
@@ -15,6 +14,7 @@ from trainer.metrics import (
     precision_recall_f1,
     reliability,
 )
+from trainer.evaluation.reference import atc_estimate, atc_estimate_from_histogram, atc_threshold
 from trainer.model.calibration import fit_temperature, softmax
 
 

@@ -22,7 +22,7 @@ from edge_agent.telemetry.aggregator import FrameResult, TelemetryAggregator
 from edge_agent.telemetry.features import output_features
 from trainer.data import builtin_dataset, load_dataset
 from trainer.errors import DataError, GateError, LabelMismatchError
-from trainer.gate import GateRules
+from trainer.evaluation.gate import GateRules
 from trainer.model.backbone import build_classifier, split
 from trainer.model.fit import FitConfig, fit_suffix
 from trainer.pipeline import train_package

@@ -339,7 +339,7 @@ def _eval(args: argparse.Namespace) -> int:
     from edge_agent.package import load_package
     from trainer.data import load_dataset
     from trainer.data.corruptions import CORRUPTIONS
-    from trainer.evaluate import evaluate_package
+    from trainer.evaluation.runners import evaluate_package
 
     pkg = load_package(args.package)
     corruptions = None

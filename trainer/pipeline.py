@@ -39,7 +39,7 @@ from edge_agent.reference import ReferenceStats
 from trainer.data.corruptions import CORRUPTIONS, SEVERITIES
 from trainer.data.dataset import Dataset, Sample
 from trainer.errors import GateError, LabelMismatchError
-from trainer.gate import GateRules, check_gate
+from trainer.evaluation.gate import GateRules, check_gate
 from trainer.model.fit import FitConfig, FitResult
 from trainer.progress import Steps
 
@@ -202,11 +202,11 @@ def train_package(
     """Train on ``data`` and write a verified, evaluated, gated package to ``out_dir``."""
     import torch
 
-    from trainer.baseline import reference_stats
-    from trainer.card import write_card
     from trainer.data.augment import AUGMENT_VERSION
     from trainer.data.builtin import load_dataset
-    from trainer.evaluate import TorchRunner, report
+    from trainer.evaluation.card import write_card
+    from trainer.evaluation.reference import reference_stats
+    from trainer.evaluation.runners import TorchRunner, report
     from trainer.export import ExportError, ExportSpec, export_package
     from trainer.model.backbone import build_classifier, split
     from trainer.model.features import FeatureCache, FeatureExtractor, prefix_fingerprint
@@ -435,7 +435,7 @@ def _calibrate(
 ) -> tuple[float, dict[str, Any], np.ndarray, np.ndarray]:
     """Temperature fitted on validation; ECE/NLL before and after on both splits; calibrated probabilities."""
     from edge_agent.postprocess import to_probabilities
-    from trainer.metrics import ece, nll, reliability
+    from trainer.evaluation.metrics import ece, nll, reliability
     from trainer.model.calibration import fit_temperature
 
     t = fit_temperature(logits_val, y_val)
@@ -478,7 +478,7 @@ def _evaluate_artifacts(
 ) -> dict[str, np.ndarray]:
     """Every artifact on the held-out frames (reports on test, accuracy on val+test) and robustness;
     fills ``evaluation`` and returns each artifact's held-out predictions."""
-    from trainer.evaluate import ArtifactRunner, Runner, report, robustness, stratified
+    from trainer.evaluation.runners import ArtifactRunner, Runner, report, robustness, stratified
 
     runners = {key: ArtifactRunner(draft, key, threads=threads) for key in draft.manifest.artifacts}
     pred: dict[str, np.ndarray] = {}
@@ -520,7 +520,7 @@ def _champion_report(
     champ: ModelPackage, device: str, held: _Heldout, labels: list[str], threads: int
 ) -> tuple[dict[str, Any], np.ndarray]:
     """The champion's device artifact on the candidate's test frames, and its predictions."""
-    from trainer.evaluate import ArtifactRunner, report
+    from trainer.evaluation.runners import ArtifactRunner, report
 
     key = _champion_device(champ, device)
     run = ArtifactRunner(champ, key, threads=threads)

@@ -161,7 +161,7 @@ def _probe(
 def _package_probabilities(
     package: ModelPackage, frames: Sequence[np.ndarray], labels: Sequence[str]
 ) -> np.ndarray:
-    from trainer.evaluate import ArtifactRunner, label_positions
+    from trainer.evaluation.runners import ArtifactRunner, label_positions
 
     m = package.manifest
     key = next(

@@ -184,8 +184,8 @@ class FramePool:
         )
 
     def reference(self, idx: np.ndarray | None = None) -> ReferenceStats:
-        """The drift reference of frames ``idx`` (default: all), computed as ``trainer.baseline.reference_stats`` does."""
-        from trainer.baseline import atc_threshold, confidence_bin_accuracy
+        """The drift reference of frames ``idx`` (default: all), computed as ``trainer.evaluation.reference.reference_stats`` does."""
+        from trainer.evaluation.reference import atc_threshold, confidence_bin_accuracy
 
         idx = np.arange(len(self)) if idx is None else np.asarray(idx)
         w = self.window(idx) if len(idx) <= 2000 else self.fast_window(idx)

@@ -44,8 +44,8 @@ class RetrainSpec(BaseModel):
 def run(spec: RetrainSpec) -> dict[str, Any]:
     from trainer.data.builtin import load_dataset
     from trainer.errors import GateError
+    from trainer.evaluation.gate import GateRules
     from trainer.fleet.labelling import field_dataset
-    from trainer.gate import GateRules
     from trainer.pipeline import TrainConfig, train_package
     from trainer.store import Store
 

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from trainer.metrics import nll
+from trainer.evaluation.metrics import nll
 
 T_MIN, T_MAX = 0.05, 20.0
 

@@ -21,7 +21,7 @@ from edge_agent.package import ModelPackage
 from edge_agent.postprocess import to_probabilities
 from edge_agent.preprocess import Preprocessor
 from trainer.data.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from trainer.metrics import classification_report
+from trainer.evaluation.metrics import classification_report
 
 Runner = Callable[[Sequence[np.ndarray]], np.ndarray]
 MAX_SLICE_VALUES = 20
