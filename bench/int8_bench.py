@@ -3,7 +3,7 @@
     python -m bench.int8_bench             # writes bench/results/int8.json and prints a table
     python -m bench.int8_bench --seeds 1   # fewer retrained packages
 
-Packages measured, each exported by the project's one export path (:func:`trainer.export.export_package`):
+Packages measured, each exported by the project's one export path (:func:`trainer.export.package.export_package`):
 
 * ``pretrained``: EfficientNet-Lite0 (ImageNet) as ``edgefleet model export-pretrained`` makes it. No
   labels: agreement with torch fp32 on its check crops only.
@@ -41,7 +41,7 @@ def _artifacts(pkg: Any, frames: list[np.ndarray] | None, y: np.ndarray | None) 
     from edge_agent.agreement import load_check, measure_agreement
     from edge_agent.backends import BackendOptions
     from edge_agent.backends.select import time_artifacts
-    from trainer.export import _artifact_top1
+    from trainer.export.package import _artifact_top1
 
     m = pkg.manifest
     ms = time_artifacts(pkg, BackendOptions(threads=1), seconds=6.0, rounds=12)
@@ -109,7 +109,7 @@ def _retrained(seed: int, work: Path) -> tuple[Any, list[np.ndarray], np.ndarray
 
 def run(seeds: list[int]) -> dict[str, Any]:
     from edge_agent.package import load_package
-    from trainer.model.pretrained import export_pretrained
+    from trainer.export.pretrained import export_pretrained
 
     result: dict[str, Any] = {
         "machine": {"cpu_flags": cpu_flags(), "processor": platform.processor() or platform.machine()},

@@ -92,7 +92,7 @@ def pretrained_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     reuse = os.environ.get("EDGEFLEET_TEST_PACKAGE")
     if reuse and Path(reuse, "model.json").is_file():
         return Path(reuse)
-    from trainer.model.pretrained import export_pretrained
+    from trainer.export.pretrained import export_pretrained
 
     out = tmp_path_factory.mktemp("packages") / "lite0"
     export_pretrained(out, calibration_count=64, progress=False)

@@ -21,7 +21,7 @@ from edge_agent.backends import BackendOptions
 from edge_agent.backends.select import choose_artifact, pick_fastest, time_artifacts
 from edge_agent.package import FileEntry, load_package, sha256_file
 from edge_agent.selftest import self_test
-from trainer.export import write_manifest
+from trainer.export.package import write_manifest
 
 
 def _rehash(root: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from edge_agent.package import PreprocessSpec, load_package
 from edge_agent.selftest import self_test
-from trainer.export import ExportError, ExportSpec, export_package
+from trainer.export.package import ExportError, ExportSpec, export_package
 
 
 class ColourNet(torch.nn.Module):

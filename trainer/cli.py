@@ -28,7 +28,7 @@ def register_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _export_pretrained(args: argparse.Namespace) -> int:
-    from trainer.model.pretrained import export_pretrained
+    from trainer.export.pretrained import export_pretrained
 
     report = export_pretrained(
         args.out,
@@ -257,7 +257,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from trainer.data import load_dataset
     from trainer.errors import GateError
-    from trainer.export import ExportError
+    from trainer.export.package import ExportError
     from trainer.pipeline import train_package
 
     if not args.verbose:  # the quantizers log every rescaled bias at INFO

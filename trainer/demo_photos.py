@@ -35,7 +35,7 @@ def ensure_package(out: Path) -> Path:
         load_package(out)
         return out
     except Exception:  # noqa: BLE001 - missing or stale: export it
-        from trainer.model.pretrained import export_pretrained
+        from trainer.export.pretrained import export_pretrained
 
         print(f"exporting the pretrained model package into {out} (about 40 s) ...", flush=True)
         export_pretrained(out, overwrite=True)

@@ -12,7 +12,7 @@
 
 Steps: features of the frozen EfficientNet-Lite0 prefix once per image and augmented view (cached) ->
 the new head (and optionally the last blocks) trained with early stopping on validation -> temperature
-fitted on validation -> :func:`trainer.export.export_package` (ONNX/TFLite, fp32/int8), whose
+fitted on validation -> :func:`trainer.export.package.export_package` (ONNX/TFLite, fp32/int8), whose
 ``before_commit`` hook evaluates torch fp32 and every artifact on the test split, measures robustness,
 computes the drift reference with the device artifact on held-out data, applies the gate against the
 champion and writes the model card. Any failure (including the gate) leaves no package behind.
@@ -145,7 +145,7 @@ def _calibration_samples(train: Sequence[Sample], labels: Sequence[str], n: int)
 
 
 def _device_artifact(config: TrainConfig) -> str:
-    from trainer.export import ALL_FORMATS
+    from trainer.export.package import ALL_FORMATS
 
     unknown = [f for f in config.formats if f not in ALL_FORMATS]
     if unknown or not config.formats:
@@ -207,7 +207,7 @@ def train_package(
     from trainer.evaluation.card import write_card
     from trainer.evaluation.reference import reference_stats
     from trainer.evaluation.runners import TorchRunner, report
-    from trainer.export import ExportError, ExportSpec, export_package
+    from trainer.export.package import ExportError, ExportSpec, export_package
     from trainer.model.backbone import build_classifier, split
     from trainer.model.features import FeatureCache, FeatureExtractor, prefix_fingerprint
     from trainer.model.fit import fit_suffix, predict_logits
