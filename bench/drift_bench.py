@@ -69,8 +69,8 @@ def ensure_package(path: Path, data: str, input_size: int) -> Path:
     """Train the benchmark package once (about 4 minutes on 2 cores) and reuse it."""
     if (path / "model.json").is_file():
         return path
+    from trainer.build import RobustnessConfig, TrainConfig, train_package
     from trainer.data import load_dataset
-    from trainer.pipeline import RobustnessConfig, TrainConfig, train_package
 
     log(f"training {data} at {input_size} px into {path}")
     t = time.perf_counter()

@@ -78,10 +78,10 @@ def _artifacts(pkg: Any, frames: list[np.ndarray] | None, y: np.ndarray | None) 
 
 def _retrained(seed: int, work: Path) -> tuple[Any, list[np.ndarray], np.ndarray]:
     from edge_agent.package import load_package
+    from trainer.build import TrainConfig, train_package
     from trainer.data.builtin import load_dataset
     from trainer.errors import GateError
     from trainer.evaluation.gate import GateRules
-    from trainer.pipeline import TrainConfig, train_package
 
     base = load_dataset("builtin:shapes?n=40")
     data = base.combine(load_dataset(f"builtin:shapes?n=50&lighting=night&seed={seed}"))

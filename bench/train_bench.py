@@ -54,13 +54,13 @@ def overtrained_head(data: Any, cache_dir: str, epochs: int = 150) -> dict[str, 
     """Temperature scaling where it has work to do: the same features, a head trained without weight decay,
     class balancing or early stopping (the last epoch's weights), which makes it over-confident."""
     from edge_agent.postprocess import to_probabilities
+    from trainer.build import TrainConfig, _features
     from trainer.data.augment import AUGMENT_VERSION
     from trainer.evaluation.metrics import ece, nll
     from trainer.model.backbone import build_classifier, split
     from trainer.model.calibration import fit_temperature
     from trainer.model.features import FeatureCache, FeatureExtractor, prefix_fingerprint
     from trainer.model.fit import FitConfig, fit_suffix, predict_logits
-    from trainer.pipeline import TrainConfig, _features
 
     cfg = TrainConfig()
     spec = cfg.preprocess()
@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger().setLevel(logging.WARNING)
+    from trainer.build import RobustnessConfig, TrainConfig, train_package
     from trainer.data import builtin_dataset, load_dataset
     from trainer.errors import GateError
-    from trainer.pipeline import RobustnessConfig, TrainConfig, train_package
 
     results: dict[str, Any] = {
         "machine": {

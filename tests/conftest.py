@@ -197,7 +197,7 @@ def shapes_dataset():  # type: ignore[no-untyped-def]
 
 def _small_train_config(**overrides: object):  # type: ignore[no-untyped-def]
     """A TrainConfig for tests: 128-pixel input, few corruptions, every format."""
-    from trainer.pipeline import RobustnessConfig, TrainConfig
+    from trainer.build import RobustnessConfig, TrainConfig
 
     base: dict[str, object] = {
         "name": "shapes",
@@ -215,7 +215,7 @@ def _small_train_config(**overrides: object):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def shapes_package(tmp_path_factory: pytest.TempPathFactory, shapes_dataset, feature_cache: Path):  # type: ignore[no-untyped-def]
     """A classifier trained on SHAPES_DATA and exported with all four artifacts (about a minute)."""
-    from trainer.pipeline import train_package
+    from trainer.build import train_package
 
     out = tmp_path_factory.mktemp("trained") / "shapes"
     return train_package(shapes_dataset, out, _small_train_config(feature_cache=str(feature_cache)))

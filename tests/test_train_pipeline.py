@@ -20,12 +20,12 @@ from edge_agent.sources.base import EndOfStream
 from edge_agent.sources.memory import MemorySource
 from edge_agent.telemetry.aggregator import FrameResult, TelemetryAggregator
 from edge_agent.telemetry.features import output_features
+from trainer.build import train_package
 from trainer.data import builtin_dataset, load_dataset
 from trainer.errors import DataError, GateError, LabelMismatchError
 from trainer.evaluation.gate import GateRules
 from trainer.model.backbone import build_classifier, split
 from trainer.model.fit import FitConfig, fit_suffix
-from trainer.pipeline import train_package
 
 
 def test_training_learns_well_above_chance_for_torch_and_every_artifact(shapes_package) -> None:

@@ -195,7 +195,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 
     import yaml
 
-    from trainer.pipeline import TrainConfig
+    from trainer.build import TrainConfig
 
     base = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     cfg = TrainConfig.model_validate(base or {})
@@ -255,10 +255,10 @@ def _train_config(args: argparse.Namespace) -> Any:
 def _train(args: argparse.Namespace) -> int:
     import logging
 
+    from trainer.build import train_package
     from trainer.data import load_dataset
     from trainer.errors import GateError
     from trainer.export.package import ExportError
-    from trainer.pipeline import train_package
 
     if not args.verbose:  # the quantizers log every rescaled bias at INFO
         logging.getLogger().setLevel(logging.WARNING)

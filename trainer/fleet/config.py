@@ -43,7 +43,7 @@ class TrainingSettings(_Strict):
     @classmethod
     def _valid_training_config(cls, v: dict[str, Any]) -> dict[str, Any]:
         """A typo here would otherwise surface hours later, when drift first triggers a retraining."""
-        from trainer.pipeline import TrainConfig
+        from trainer.build import TrainConfig
 
         TrainConfig.model_validate(v)
         return v

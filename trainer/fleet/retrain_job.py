@@ -37,16 +37,16 @@ class RetrainSpec(BaseModel):
     min_field_gain: float = Field(default=3.0, ge=0)
     """Points the candidate must gain on the field slice (origin=field) over the champion."""
     train: dict[str, Any] = Field(default_factory=dict)
-    """Overrides of :class:`trainer.pipeline.TrainConfig`."""
+    """Overrides of :class:`trainer.build.TrainConfig`."""
     result: str
 
 
 def run(spec: RetrainSpec) -> dict[str, Any]:
+    from trainer.build import TrainConfig, train_package
     from trainer.data.builtin import load_dataset
     from trainer.errors import GateError
     from trainer.evaluation.gate import GateRules
     from trainer.fleet.labelling import field_dataset
-    from trainer.pipeline import TrainConfig, train_package
     from trainer.store import Store
 
     t0 = time.time()

@@ -4,7 +4,7 @@
 (with the original data combined with newly labelled samples, and the champion package for the gate)::
 
     from trainer.data import load_dataset
-    from trainer.pipeline import TrainConfig, train_package
+    from trainer.build import TrainConfig, train_package
 
     data = load_dataset("builtin:shapes").combine(new_labelled)      # content-hash splits stay stable
     result = train_package(data, "packages/v2", TrainConfig(version="2.0.0"), champion="packages/v1")
