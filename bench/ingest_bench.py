@@ -156,8 +156,8 @@ def _ingest_child(config: Any, stats_file: str, ready: Any, go: Any) -> None:
     """One worker process: import everything, say so, wait for the common start, then run."""
     import logging
 
-    import trainer.ingest  # noqa: F401 - the imports are the slow part of starting
-    from trainer.ingest_cli import run_worker
+    import trainer.ingest.worker  # noqa: F401 - the imports are the slow part of starting
+    from trainer.ingest.cli import run_worker
 
     logging.basicConfig(level=logging.WARNING)
     ready.set()
@@ -286,7 +286,7 @@ class Bench:
     def _workers(
         self, url: str, group: str, count: int, tag: str, on_ready: Callable[[], None] | None = None
     ) -> tuple[list[Any], list[Path]]:
-        from trainer.ingest import IngestConfig
+        from trainer.ingest.worker import IngestConfig
 
         procs, files, readies = [], [], []
         go = self.ctx.Event()

@@ -35,8 +35,8 @@ from edge_agent.protocol import (
 )
 from edge_agent.protocol import Sample as SampleMessage
 from trainer.broker import MosquittoBroker
-from trainer.ingest import IngestConfig, IngestWorker
-from trainer.ingest_kinds import Accepted, classify, subscription
+from trainer.ingest.routing import Accepted, classify, subscription
+from trainer.ingest.worker import IngestConfig, IngestWorker
 from trainer.store import Store
 from trainer.store.engine import WriteLock
 from trainer.window_factory import model_ref, tiny_window, windows

@@ -38,7 +38,7 @@ from trainer.fleet.messaging import FleetPublisher
 from trainer.fleet.retrain_job import RetrainSpec, read_result, start_job
 from trainer.fleet.retrain_policy import decide_retrain
 from trainer.fleet.rollout import RolloutManager, RolloutOutcome
-from trainer.ingest import IngestConfig, IngestWorker
+from trainer.ingest.worker import IngestConfig, IngestWorker
 from trainer.release.repository import ReleaseRepository
 from trainer.release.server import ReleaseServer
 from trainer.store import Store

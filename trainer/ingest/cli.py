@@ -4,7 +4,7 @@
 starts one process per worker (index, index+1, ...) on the same shared subscription and restarts a
 worker that dies, under the same index, so its persistent session (and the messages waiting in it)
 is picked up again. SIGTERM or Ctrl-C stops them cleanly: buffered messages are committed and
-acknowledged first. Also runnable as ``python -m trainer.ingest_cli run ...``.
+acknowledged first. Also runnable as ``python -m trainer.ingest.cli run ...``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("trainer.ingest")
+log = logging.getLogger("trainer.ingest.worker")
 
 RESTART_DELAY_S = 1.0
 
@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from trainer.ingest import IngestConfig
+    from trainer.ingest.worker import IngestConfig
 
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
@@ -104,7 +104,7 @@ def _write_stats(path: str | None, index: int, stats: dict[str, Any]) -> None:
 
 def run_worker(config: Any, stats_file: str | None = None, stats_interval: float = 10.0) -> int:
     """Run one worker in this process until SIGTERM/SIGINT; report stats periodically."""
-    from trainer.ingest import IngestWorker
+    from trainer.ingest.worker import IngestWorker
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -183,7 +183,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trainer.ingest_cli run ...`` without the ``edgefleet`` entry point."""
+    """``python -m trainer.ingest.cli run ...`` without the ``edgefleet`` entry point."""
     parser = argparse.ArgumentParser(prog="edgefleet")
     register(parser.add_subparsers(dest="group", required=True))
     args = parser.parse_args(["ingest", *(sys.argv[1:] if argv is None else argv)])

@@ -19,7 +19,7 @@ Workflow of one :class:`IngestWorker`::
   worker must be restarted under the same index, as a supervisor (systemd, the CLI) does.
 * One network thread (paho) appends messages to a bounded buffer; one writer thread takes batches
   (every waiting message, up to ``batch_max``; see ``batch_linger_s``),
-  validates them (:mod:`trainer.ingest_kinds`), writes them in one transaction, then acknowledges them.
+  validates them (:mod:`trainer.ingest.routing`), writes them in one transaction, then acknowledges them.
   Invalid messages go to the dead-letter table and are acknowledged too: they can never become valid.
 * Database outage: the batch is retried with jittered exponential backoff while new messages wait
   unacknowledged in the buffer; the broker's in-flight window per client (mosquitto
@@ -51,7 +51,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import Connection
 
 from edge_agent.backoff import Backoff
-from trainer.ingest_kinds import KINDS, Accepted, Kind, classify, subscription
+from trainer.ingest.routing import KINDS, Accepted, Kind, classify, subscription
 from trainer.store import ModelCheck, Rejected, Store, WriteResult, is_transient
 from trainer.store.ingest_writes import Received, write_dead_letters
 
