@@ -170,7 +170,7 @@ class Bench:
     """One broker, one temp dir, helpers to run the consumers and the publisher."""
 
     def __init__(self, work: Path, pg_server: str | None) -> None:
-        from trainer.broker import MosquittoBroker
+        from trainer.ops.broker import MosquittoBroker
 
         self.work = work
         self.ctx = mp.get_context("spawn")

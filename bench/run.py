@@ -33,8 +33,8 @@ EXTRA = {
 
 def _agent(seconds: float) -> None:
     from edge_agent.bench import format_table, run_bench
-    from trainer.broker import MosquittoBroker
     from trainer.demo_photos import ensure_package
+    from trainer.ops.broker import MosquittoBroker
 
     ensure_package(PACKAGE)
     with MosquittoBroker(ROOT / "build" / "bench-broker") as broker:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.broker import BrokerTLS, MosquittoBroker, find_mosquitto
+from trainer.ops.broker import BrokerTLS, MosquittoBroker, find_mosquitto
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -46,7 +46,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory, mosquitto_binary: str) -> I
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA with a server certificate for 127.0.0.1/localhost and a few client identities."""
-    from trainer import pki as pki_mod
+    from trainer.ops import pki as pki_mod
 
     d = tmp_path_factory.mktemp("pki")
     pki_mod.init_ca(d)

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from trainer.broker import free_port
+from trainer.ops.broker import free_port
 
 PG_BIN_DIRS = ("/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin")
 

@@ -18,8 +18,8 @@ import cv2
 import pytest
 
 from edge_agent.protocol import Status, TelemetryWindow, cmd_topic
-from trainer.broker import MosquittoBroker, free_port
 from trainer.data.photos import load_photos
+from trainer.ops.broker import MosquittoBroker, free_port
 
 from .mqtt_helpers import Subscriber, retained, wait_until
 

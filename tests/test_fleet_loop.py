@@ -14,7 +14,6 @@ import pytest
 
 from edge_agent.config import MqttSettings
 from edge_agent.package import ModelPackage, load_package
-from trainer.broker import MosquittoBroker
 from trainer.fleet.config import (
     ReleaseServerSettings,
     TrainerServiceConfig,
@@ -25,6 +24,7 @@ from trainer.fleet.labelling import LabelImportError, export_queue, field_datase
 from trainer.fleet.rollout import RolloutManager
 from trainer.fleet.rollout_policy import RolloutConfig
 from trainer.fleet.service import Timeline, TrainerService
+from trainer.ops.broker import MosquittoBroker
 from trainer.release.repository import ReleaseRepository
 from trainer.release.tiny import build_tiny_package
 from trainer.store import Store

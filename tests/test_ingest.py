@@ -34,9 +34,9 @@ from edge_agent.protocol import (
     tele_topic,
 )
 from edge_agent.protocol import Sample as SampleMessage
-from trainer.broker import MosquittoBroker
 from trainer.ingest.routing import Accepted, classify, subscription
 from trainer.ingest.worker import IngestConfig, IngestWorker
+from trainer.ops.broker import MosquittoBroker
 from trainer.store import Store
 from trainer.store.engine import WriteLock
 from trainer.window_factory import model_ref, tiny_window, windows

@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from trainer import pki as pki_mod
+from trainer.ops import pki as pki_mod
 
 from .update_helpers import DeployedBroker, TlsClient, wait_for
 

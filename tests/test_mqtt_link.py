@@ -25,8 +25,8 @@ from edge_agent.events import EventCounter
 from edge_agent.mqtt_link import MqttLink
 from edge_agent.protocol import Command, Status, cmd_topic, parse_message, status_topic, tele_topic
 from edge_agent.spool import Spool
-from trainer import pki as pki_mod
-from trainer.broker import BrokerTLS, MosquittoBroker, free_port
+from trainer.ops import pki as pki_mod
+from trainer.ops.broker import BrokerTLS, MosquittoBroker, free_port
 
 from .conftest import require
 from .mqtt_helpers import Subscriber, retained, wait_until

@@ -16,7 +16,7 @@ from edge_agent.backoff import Backoff
 from edge_agent.errors import SourceError
 from edge_agent.sources import EndOfStream, open_source
 from edge_agent.sources.base import Frame, FrameSource
-from trainer.broker import free_port
+from trainer.ops.broker import free_port
 
 from .mqtt_helpers import wait_until
 

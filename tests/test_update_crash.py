@@ -16,7 +16,7 @@ from pathlib import Path
 
 from edge_agent.package import load_package
 from edge_agent.updater.state import UpdateStateData
-from trainer.broker import MosquittoBroker
+from trainer.ops.broker import MosquittoBroker
 from trainer.release.repository import ReleaseRecord, ReleaseRepository
 from trainer.release.server import ReleaseServer
 from trainer.release.tiny import build_tiny_package

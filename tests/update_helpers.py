@@ -19,7 +19,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from trainer.broker import BrokerTLS, MosquittoBroker
+from trainer.ops.broker import BrokerTLS, MosquittoBroker
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_CONF = ROOT / "deploy" / "mosquitto" / "edgefleet.conf"

@@ -41,7 +41,7 @@ from trainer.data.dataset import Dataset, Sample
 from trainer.errors import GateError, LabelMismatchError
 from trainer.evaluation.gate import GateRules, check_gate
 from trainer.model.fit import FitConfig, FitResult
-from trainer.progress import Steps
+from trainer.ops.progress import Steps
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import cv2
 import paho.mqtt.client as mqtt
 
 from edge_agent.package import load_package
-from trainer.broker import MosquittoBroker, find_mosquitto
 from trainer.data.photos import PHOTO_FILES, load_photos
+from trainer.ops.broker import MosquittoBroker, find_mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build"

@@ -52,7 +52,7 @@ from edge_agent.package import (
 from edge_agent.postprocess import to_probabilities
 from edge_agent.preprocess import Preprocessor, fit_frame
 from edge_agent.telemetry.histogram import default_edges
-from trainer.progress import Steps
+from trainer.ops.progress import Steps
 
 ALL_FORMATS = ("onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8")
 

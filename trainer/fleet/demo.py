@@ -133,11 +133,11 @@ class PredictionTracker:
 
 def _start_broker(workdir: Path, embedded: bool = False) -> Any:
     """mosquitto where installed, else (or when asked) the embedded amqtt broker."""
-    from trainer.broker import MosquittoBroker, find_mosquitto
+    from trainer.ops.broker import MosquittoBroker, find_mosquitto
 
     if find_mosquitto() and not embedded:
         return MosquittoBroker(workdir / "broker").start()
-    from trainer.fleet.embedded_broker import EmbeddedBroker
+    from trainer.ops.embedded_broker import EmbeddedBroker
 
     return EmbeddedBroker().start()
 

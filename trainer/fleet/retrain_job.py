@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainer.broker import die_with_parent
+from trainer.ops.broker import die_with_parent
 
 
 class RetrainSpec(BaseModel):

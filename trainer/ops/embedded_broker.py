@@ -13,7 +13,7 @@ import logging
 import threading
 from typing import Any
 
-from trainer.broker import free_port
+from trainer.ops.broker import free_port
 
 
 class EmbeddedBroker:

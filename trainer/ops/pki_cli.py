@@ -43,7 +43,7 @@ def register_pki(sub: argparse._SubParsersAction) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from trainer import pki
+    from trainer.ops import pki
 
     try:
         files = pki.init_ca(args.dir, days=args.days)
@@ -57,7 +57,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _issue(args: argparse.Namespace) -> int:
-    from trainer import pki
+    from trainer.ops import pki
 
     if not _NAME.match(args.id):
         raise ConfigError(

@@ -1,0 +1,1 @@
+"""Operations helpers every stage may use: the fleet's PKI, broker processes and progress reporting."""
