@@ -30,7 +30,7 @@ demo: $(STAMP) mosquitto
 	$(BIN)/edgefleet demo
 
 demo-photos: $(STAMP) mosquitto
-	$(BIN)/python -m trainer.demo_photos
+	$(BIN)/python -m trainer.sim.demo_photos
 
 bench: $(STAMP) mosquitto
 	$(BIN)/python -m bench.run

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from trainer.drift.estimate import estimate_accuracy
     from trainer.drift.labelfree import FEATURES, MergedWindows, fit_regressor, window_features
     from trainer.drift.ppi import AuditLabel, ppi_mean
-    from trainer.drift.simulate import Condition, Simulator
+    from trainer.sim.telemetry import Condition, Simulator
 
     pkg_path = Path(args.package) if args.package else ensure_package(CACHE / "package-224", DATA, 224)
     pkg = load_package(pkg_path)

@@ -24,7 +24,7 @@ RESULTS = Path(__file__).parent / "results" / "demo.json"
 
 def _run_once() -> dict[str, Any]:
     from bench.accuracy_bench import cpu_flags
-    from trainer.fleet.demo import DemoSettings, run_demo
+    from trainer.sim.demo import DemoSettings, run_demo
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()

@@ -8,7 +8,7 @@ Setup. A package is trained on ``builtin:shapes?n=250`` (2,000 rendered frames, 
 so the drift reference and the ATC threshold come from ~600 held-out frames; default 224-pixel input,
 robustness evaluation off) and cached under ``build/bench/drift/``. Frames are rendered per condition
 (clean base domains; 14 ImageNet-C corruptions x severities 1..5; 7 domain shifts) and run once through
-the package's device artifact (tflite-int8) with the agent's code path (:mod:`trainer.drift.simulate`);
+the package's device artifact (tflite-int8) with the agent's code path (:mod:`trainer.sim.telemetry`);
 the per-frame results are cached too. Windows of 300 frames (60 s at 5 fps, the agent's default window)
 are built by resampling frames from a condition's pool.
 
@@ -150,7 +150,7 @@ def detection_within_2(
 ) -> dict[str, Any]:
     """Share of trials detected within 2 windows, averaged over corruptions, at severities 1 and 3
     (and the corruptions below 90%), for one stream setting (window size, frames per scene)."""
-    from trainer.drift.evaluation import detection_delays
+    from trainer.sim.drift_streams import detection_delays
 
     row: dict[str, Any] = {}
     for sev in (1, 3):
@@ -169,14 +169,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from edge_agent.package import load_package
     from trainer.data.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES
     from trainer.drift.detector import DriftConfig
-    from trainer.drift.evaluation import (
+    from trainer.sim.drift_streams import (
         ESTIMATES,
         detection_delays,
         estimation_errors,
         false_alarms,
         mae_points,
     )
-    from trainer.drift.simulate import Condition, Simulator
+    from trainer.sim.telemetry import Condition, Simulator
 
     pkg_path = (
         Path(args.package)

@@ -53,7 +53,7 @@ TARGET_SCALING = 1.6
 def make_payloads(kind: str, n: int) -> list[tuple[str, bytes]]:
     """``n`` (topic, payload) pairs spread over DEVICES devices."""
     from edge_agent.protocol import tele_topic
-    from trainer.window_factory import tiny_window, windows
+    from trainer.sim.windows import tiny_window, windows
 
     per = -(-n // DEVICES)
     out: list[tuple[str, bytes]] = []
@@ -328,7 +328,7 @@ class Bench:
         tag = uuid.uuid4().hex[:6]
         try:
             with Store(url) as store:  # devices run a registered model, as in production
-                from trainer.window_factory import model_ref
+                from trainer.sim.windows import model_ref
 
                 store.register_model(_bench_manifest(), model_ref().sha256, actor="bench")
             pub: dict[str, Any] = {}
@@ -474,7 +474,7 @@ def _result(proc: Any, q: Any, timeout: float = 600) -> dict[str, Any]:
 def _bench_manifest() -> Any:
     from edge_agent.package import Artifact, FileEntry, ModelManifest, PreprocessSpec, TensorSpec
     from edge_agent.telemetry.histogram import default_edges
-    from trainer.window_factory import NUM_CLASSES, model_ref
+    from trainer.sim.windows import NUM_CLASSES, model_ref
 
     ref = model_ref()
     return ModelManifest(

@@ -33,8 +33,8 @@ EXTRA = {
 
 def _agent(seconds: float) -> None:
     from edge_agent.bench import format_table, run_bench
-    from trainer.demo_photos import ensure_package
     from trainer.ops.broker import MosquittoBroker
+    from trainer.sim.demo_photos import ensure_package
 
     ensure_package(PACKAGE)
     with MosquittoBroker(ROOT / "build" / "bench-broker") as broker:

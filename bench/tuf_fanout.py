@@ -127,7 +127,7 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 2
 def run(devices: int, workers: int, threads: int, work: Path) -> dict[str, Any]:
     """Build the repository, serve it, fan the release out, and measure."""
     from trainer.release.repository import ReleaseRepository
-    from trainer.release.tiny import build_tiny_package
+    from trainer.sim.tiny import build_tiny_package
 
     repo = ReleaseRepository.init(work / "repo")
     factory = build_tiny_package(work / "pkgs" / "v1", version="1.0.0")

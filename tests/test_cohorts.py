@@ -17,7 +17,7 @@ from edge_agent.updater.updater import Identity, Updater
 from trainer.release.errors import ReleaseError
 from trainer.release.repository import ReleaseRepository
 from trainer.release.server import ReleaseServer
-from trainer.release.tiny import build_tiny_package
+from trainer.sim.tiny import build_tiny_package
 
 FLEET = "shop"
 

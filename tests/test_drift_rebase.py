@@ -2,7 +2,7 @@
 own normal under the new model, a later change of that camera is still detected, and the references
 survive a restart of the service (SQLite and PostgreSQL).
 
-Windows come from :class:`trainer.drift.simulate.FramePool` (the drift benchmarks' window builder, the
+Windows come from :class:`trainer.sim.telemetry.FramePool` (the drift benchmarks' window builder, the
 agent's own histogram bins) over per-frame values drawn here, so no model has to run.
 """
 
@@ -21,8 +21,8 @@ from edge_agent.reference import ReferenceStats
 from edge_agent.telemetry.histogram import default_edges
 from trainer.drift.detector import DriftConfig, DriftMonitor
 from trainer.drift.rebase import device_label, reference_from_windows
-from trainer.drift.simulate import Condition, FramePool
 from trainer.fleet.drift_service import REBASING, DriftEvent, DriftService
+from trainer.sim.telemetry import Condition, FramePool
 from trainer.store import Store
 
 CLASSES = 5

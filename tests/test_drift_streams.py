@@ -1,7 +1,7 @@
 """The drift engine and the label-free accuracy estimate on simulated camera streams through a real int8 model.
 
 Frames are rendered per condition and run once through the test package's tflite-int8 artifact with the
-agent's code path (trainer.drift.simulate); windows of 300 frames (60 s at 5 fps) are resampled from
+agent's code path (trainer.sim.telemetry); windows of 300 frames (60 s at 5 fps) are resampled from
 those pools. The package from conftest has only ~70 held-out frames, so the drift reference and the ATC
 threshold used here are computed the same way from 600 fresh labelled clean frames (the size of the
 reference ``edgefleet train`` writes for a 2,000-image dataset); a test checks that this computation
@@ -20,9 +20,9 @@ from edge_agent.package import load_package
 from edge_agent.reference import ReferenceStats
 from trainer.data.corruptions import CORRUPTIONS, FAMILIES
 from trainer.drift.detector import DriftConfig
-from trainer.drift.evaluation import detection_delays, estimation_errors, false_alarms, mae_points
-from trainer.drift.simulate import Condition, FramePool, Simulator
 from trainer.evaluation.reference import reference_stats
+from trainer.sim.drift_streams import detection_delays, estimation_errors, false_alarms, mae_points
+from trainer.sim.telemetry import Condition, FramePool, Simulator
 
 REFERENCE_FRAMES = 600
 SEVERITY = 3

@@ -26,7 +26,7 @@ from trainer.fleet.rollout_policy import RolloutConfig
 from trainer.fleet.service import Timeline, TrainerService
 from trainer.ops.broker import MosquittoBroker
 from trainer.release.repository import ReleaseRepository
-from trainer.release.tiny import build_tiny_package
+from trainer.sim.tiny import build_tiny_package
 from trainer.store import Store
 
 LABELS = ["circle", "square", "triangle"]
@@ -246,7 +246,7 @@ def test_service_config_file_errors_name_the_field(tmp_path: Path) -> None:
 def test_fleet_loop_end_to_end_fast_demo(tmp_path: Path, broker: MosquittoBroker) -> None:
     """drift on the shifted devices -> labels -> retrain -> canary -> promote, in that order; v2 is truly
     better than v1 on the shifted devices (simulator ground truth against the devices' predictions)."""
-    from trainer.fleet.demo import DemoSettings, run_demo
+    from trainer.sim.demo import DemoSettings, run_demo
 
     summary = run_demo(DemoSettings.fast(), tmp_path / "demo")
     kinds = [e["kind"] for e in summary["timeline"]]

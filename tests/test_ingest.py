@@ -37,9 +37,9 @@ from edge_agent.protocol import Sample as SampleMessage
 from trainer.ingest.routing import Accepted, classify, subscription
 from trainer.ingest.worker import IngestConfig, IngestWorker
 from trainer.ops.broker import MosquittoBroker
+from trainer.sim.windows import model_ref, tiny_window, windows
 from trainer.store import Store
 from trainer.store.engine import WriteLock
-from trainer.window_factory import model_ref, tiny_window, windows
 
 from .conftest import require
 from .mqtt_helpers import wait_until

@@ -23,7 +23,7 @@ from edge_agent.updater.tufclient import ReleaseRepositoryClient
 from trainer.release.errors import KeyStoreError, ReleaseError
 from trainer.release.repository import Expiry, ReleaseRepository
 from trainer.release.server import ReleaseServer
-from trainer.release.tiny import build_tiny_package
+from trainer.sim.tiny import build_tiny_package
 
 
 @pytest.fixture(scope="module")

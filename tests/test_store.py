@@ -10,10 +10,10 @@ import pytest
 from edge_agent.package import Artifact, FileEntry, ModelManifest, PreprocessSpec, TensorSpec
 from edge_agent.protocol import Status
 from edge_agent.telemetry.histogram import default_edges
+from trainer.sim.windows import model_ref, windows
 from trainer.store import Rejected, Store
 from trainer.store.ingest_writes import write_dead_letters
 from trainer.store.schema import DEAD_LETTER_KEEP_BYTES
-from trainer.window_factory import model_ref, windows
 
 
 def manifest(version: str) -> ModelManifest:

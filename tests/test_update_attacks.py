@@ -28,7 +28,7 @@ from edge_agent.protocol import ReleaseHint, release_topic
 from edge_agent.updater.release_info import target_path
 from trainer.release.repository import Expiry, ReleaseRecord, ReleaseRepository
 from trainer.release.server import ReleaseServer
-from trainer.release.tiny import build_tiny_package
+from trainer.sim.tiny import build_tiny_package
 
 from .update_helpers import AgentProcess, DeployedBroker, TlsClient, agent_yaml, mirror, wait_for
 

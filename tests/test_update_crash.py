@@ -19,7 +19,7 @@ from edge_agent.updater.state import UpdateStateData
 from trainer.ops.broker import MosquittoBroker
 from trainer.release.repository import ReleaseRecord, ReleaseRepository
 from trainer.release.server import ReleaseServer
-from trainer.release.tiny import build_tiny_package
+from trainer.sim.tiny import build_tiny_package
 
 from .mqtt_helpers import Subscriber
 from .update_helpers import AgentProcess, agent_yaml, mirror, wait_for

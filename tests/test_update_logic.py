@@ -20,7 +20,7 @@ from edge_agent.updater.health import HealthPolicy, HealthWindow
 from edge_agent.updater.release_info import ReleaseInfo, ReleaseInfoError, parse_release_info, preprocess_text
 from edge_agent.updater.state import Installed, UpdateStateData
 from edge_agent.updater.store import UpdateStore
-from trainer.release.tiny import build_tiny_package
+from trainer.sim.tiny import build_tiny_package
 
 SHA = "ab" * 32
 

@@ -14,7 +14,7 @@ so telemetry keeps its size: nothing new is sent by devices.
   so with little evidence it shrinks back to it.
 
 Where the regressor's weights come from (decided): they are fitted from the model's own held-out frames
-run through ImageNet-C-style corruptions (:mod:`trainer.drift.simulate`, :mod:`trainer.data.corruptions`), by
+run through ImageNet-C-style corruptions (:mod:`trainer.sim.telemetry`, :mod:`trainer.data.corruptions`), by
 :func:`fit_regressor`; ``bench/accuracy_bench.py`` fits them the same way with whole corruption families
 held out, and the weights are plain numbers (:meth:`AccuracyRegressor.as_dict`) that can travel in a
 package. Fitting at bench/build time from seeded corruptions keeps them reproducible; fitting on the

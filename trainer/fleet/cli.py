@@ -1,4 +1,4 @@
-"""CLI groups of the fleet loop: ``trainer serve``, ``labels``, ``rollout`` and ``demo``."""
+"""CLI groups of the fleet loop: ``trainer serve``, ``labels`` and ``rollout``."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = load_service_config(args.config)
     labeller = None
     if cfg.labeller == "oracle":
-        from trainer.fleet.simulator import oracle_label
+        from trainer.sim.fleet import oracle_label
 
         labeller = oracle_label
     service = TrainerService(cfg, labeller=labeller).start()
@@ -169,22 +169,3 @@ def _rollout(args: argparse.Namespace) -> int:
         if publisher:
             publisher.close()
     return 0
-
-
-def register_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole fleet loop on this machine, with measured numbers")
-    p.add_argument("--fast", action="store_true", help="a smaller version (CI)")
-    p.add_argument("--workdir", default=None)
-    p.add_argument(
-        "--embedded-broker", action="store_true", help="use the embedded amqtt broker, not mosquitto"
-    )
-    p.set_defaults(func=_demo)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from trainer.fleet.demo import main
-
-    argv = ["--fast"] if args.fast else []
-    argv += ["--workdir", args.workdir] if args.workdir else []
-    argv += ["--embedded-broker"] if args.embedded_broker else []
-    return main(argv)

@@ -1,6 +1,6 @@
 """Measuring the drift engine and the accuracy estimates on simulated streams (tests and benchmarks).
 
-Every function takes :class:`~trainer.drift.simulate.FramePool` objects (frames already run through the
+Every function takes :class:`~trainer.sim.telemetry.FramePool` objects (frames already run through the
 device artifact) and builds windows by resampling them, so the numbers are cheap to measure at scale:
 
 * :func:`false_alarms` runs a fleet of clean devices through :class:`DriftMonitor` for many steps and
@@ -22,7 +22,7 @@ from edge_agent.protocol import TelemetryWindow
 from edge_agent.reference import ReferenceStats
 from trainer.drift.detector import DriftConfig, DriftMonitor
 from trainer.drift.estimate import estimate_accuracy
-from trainer.drift.simulate import WINDOW_FRAMES, FramePool
+from trainer.sim.telemetry import WINDOW_FRAMES, FramePool
 
 WINDOWS_PER_DEVICE_WEEK = 7 * 24 * 60
 """One-minute windows in a week (10,080)."""

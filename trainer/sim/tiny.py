@@ -188,7 +188,7 @@ def _manifest(
         golden=golden,
         files=files,
         telemetry_edges=default_edges(len(LABELS)),
-        provenance={"builder": "trainer.release.tiny", "behaviour": behaviour},
+        provenance={"builder": "trainer.sim.tiny", "behaviour": behaviour},
     )
 
 

@@ -34,7 +34,7 @@ from trainer.fleet.retrain_job import RetrainSpec, read_result, start_job
 from trainer.fleet.retrain_policy import RetrainPolicyConfig
 from trainer.fleet.rollout_policy import RolloutConfig
 from trainer.fleet.service import Timeline, TrainerService
-from trainer.fleet.simulator import (
+from trainer.sim.fleet import (
     FleetSimulator,
     Shift,
     ShiftSchedule,
@@ -189,7 +189,7 @@ def _train_overrides(s: DemoSettings) -> dict[str, Any]:
 
 def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, Any]:
     """Run the scenario; returns the summary (also written to ``workdir/demo.json``)."""
-    from trainer.release.tiny import build_tiny_package
+    from trainer.sim.tiny import build_tiny_package
 
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)

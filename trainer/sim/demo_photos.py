@@ -25,7 +25,7 @@ from edge_agent.package import load_package
 from trainer.data.photos import PHOTO_FILES, load_photos
 from trainer.ops.broker import MosquittoBroker, find_mosquitto
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build"
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "motorcycle", "camera", "coins", "moon"]
 
