@@ -157,7 +157,7 @@ def _ingest_child(config: Any, stats_file: str, ready: Any, go: Any) -> None:
     import logging
 
     import trainer.ingest.worker  # noqa: F401 - the imports are the slow part of starting
-    from trainer.ingest.cli import run_worker
+    from trainer.ingest.processes import run_worker
 
     logging.basicConfig(level=logging.WARNING)
     ready.set()

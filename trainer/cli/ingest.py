@@ -4,27 +4,19 @@
 starts one process per worker (index, index+1, ...) on the same shared subscription and restarts a
 worker that dies, under the same index, so its persistent session (and the messages waiting in it)
 is picked up again. SIGTERM or Ctrl-C stops them cleanly: buffered messages are committed and
-acknowledged first. Also runnable as ``python -m trainer.ingest.cli run ...``.
+acknowledged first. Also runnable as ``python -m trainer.cli.ingest run ...``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import multiprocessing as mp
-import os
-import signal
 import sys
-import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("trainer.ingest.worker")
-
-RESTART_DELAY_S = 1.0
+from trainer.ingest.processes import run_worker, supervise
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -86,91 +78,11 @@ def _run(args: argparse.Namespace) -> int:
     Store(config.db_url).close()  # create the schema once, before workers race to do it
     if args.workers == 1:
         return run_worker(config, args.stats_file, args.stats_interval)
-    return _supervise(
+    return supervise(
         [replace(config, index=config.index + i) for i in range(args.workers)],
         args.stats_file,
         args.stats_interval,
     )
-
-
-def _write_stats(path: str | None, index: int, stats: dict[str, Any]) -> None:
-    if not path:
-        return
-    target = Path(path.replace("{index}", str(index)))
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=1))
-    os.replace(tmp, target)
-
-
-def run_worker(config: Any, stats_file: str | None = None, stats_interval: float = 10.0) -> int:
-    """Run one worker in this process until SIGTERM/SIGINT; report stats periodically."""
-    from trainer.ingest.worker import IngestWorker
-
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    worker = IngestWorker(config).start()
-    interval = min(stats_interval, 1.0) if stats_file else stats_interval
-    last_log = time.monotonic()
-    ident = {"pid": os.getpid(), "client_id": worker.client_id}
-    while not stop.wait(interval) and worker.failed is None:
-        stats = worker.stats()
-        _write_stats(stats_file, config.index, {**ident, **stats, "process_cpu_s": time.process_time()})
-        if time.monotonic() - last_log >= stats_interval:
-            last_log = time.monotonic()
-            log.info("ingest %s: %s", worker.client_id, json.dumps({k: v for k, v in stats.items() if v}))
-    final = worker.stop()
-    _write_stats(
-        stats_file, config.index, {**ident, **final, "process_cpu_s": time.process_time(), "stopped": True}
-    )
-    log.info("ingest %s stopped: %s", worker.client_id, json.dumps(final))
-    return 1 if worker.failed is not None else 0
-
-
-def _child(config: Any, stats_file: str | None, stats_interval: float, verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    sys.exit(run_worker(config, stats_file, stats_interval))
-
-
-def _supervise(configs: list[Any], stats_file: str | None, stats_interval: float) -> int:
-    """One process per worker; a worker that dies is restarted under the same index."""
-    ctx = mp.get_context("spawn")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
-
-    def spawn(cfg: Any) -> Any:
-        p = ctx.Process(
-            target=_child, args=(cfg, stats_file, stats_interval, verbose), name=f"ingest-{cfg.index}"
-        )
-        p.start()
-        return p
-
-    procs = {cfg.index: (cfg, spawn(cfg)) for cfg in configs}
-    while not stop.wait(0.5):
-        for index, (cfg, p) in list(procs.items()):
-            if not p.is_alive():
-                log.warning(
-                    "ingest worker %d exited with %s; restarting in %.0f s",
-                    index,
-                    p.exitcode,
-                    RESTART_DELAY_S,
-                )
-                time.sleep(RESTART_DELAY_S)
-                procs[index] = (cfg, spawn(cfg))
-    for _, p in procs.values():
-        if p.is_alive() and p.pid is not None:
-            os.kill(p.pid, signal.SIGTERM)
-    failed = 0
-    for _, p in procs.values():
-        p.join(60)
-        failed += p.exitcode not in (0, None)
-    return 1 if failed else 0
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
@@ -183,7 +95,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trainer.ingest.cli run ...`` without the ``edgefleet`` entry point."""
+    """``python -m trainer.cli.ingest run ...`` without the ``edgefleet`` entry point."""
     parser = argparse.ArgumentParser(prog="edgefleet")
     register(parser.add_subparsers(dest="group", required=True))
     args = parser.parse_args(["ingest", *(sys.argv[1:] if argv is None else argv)])
