@@ -293,7 +293,7 @@ def test_train_command_writes_a_package_the_agent_runs(tmp_path, feature_cache, 
 
 def test_train_flags_and_config_file_build_the_train_config(tmp_path) -> None:
     from edge_agent.cli import build_parser
-    from trainer.cli import _train_config
+    from trainer.cli.build import _train_config
 
     (tmp_path / "train.yaml").write_text(
         "name: shelf\nfit: {epochs: 7, lr: 0.01}\ngate: {max_slice_drop: 3.0}\n"
