@@ -56,9 +56,9 @@ def overtrained_head(data: Any, cache_dir: str, epochs: int = 150) -> dict[str, 
     from edge_agent.postprocess import to_probabilities
     from trainer.build import TrainConfig, _features
     from trainer.data.augment import AUGMENT_VERSION
+    from trainer.evaluation.calibration import fit_temperature
     from trainer.evaluation.metrics import ece, nll
     from trainer.model.backbone import build_classifier, split
-    from trainer.model.calibration import fit_temperature
     from trainer.model.features import FeatureCache, FeatureExtractor, prefix_fingerprint
     from trainer.model.fit import FitConfig, fit_suffix, predict_logits
 

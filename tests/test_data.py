@@ -21,9 +21,9 @@ from trainer.data import (
     split_of,
     write_imagefolder,
 )
-from trainer.data.check import check_dataset, phash
 from trainer.data.scenes import BASE_DOMAINS, CLASSES, Domain, render_frame
 from trainer.errors import DataError
+from trainer.evaluation.data_check import check_dataset, phash
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from trainer.evaluation.calibration import fit_temperature, softmax
 from trainer.evaluation.metrics import (
     classification_report,
     confusion_matrix,
@@ -15,7 +16,6 @@ from trainer.evaluation.metrics import (
     reliability,
 )
 from trainer.evaluation.reference import atc_estimate, atc_estimate_from_histogram, atc_threshold
-from trainer.model.calibration import fit_temperature, softmax
 
 
 def _random_case(seed: int, n: int = 300, k: int = 6) -> tuple[np.ndarray, np.ndarray]:

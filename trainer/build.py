@@ -435,8 +435,8 @@ def _calibrate(
 ) -> tuple[float, dict[str, Any], np.ndarray, np.ndarray]:
     """Temperature fitted on validation; ECE/NLL before and after on both splits; calibrated probabilities."""
     from edge_agent.postprocess import to_probabilities
+    from trainer.evaluation.calibration import fit_temperature
     from trainer.evaluation.metrics import ece, nll, reliability
-    from trainer.model.calibration import fit_temperature
 
     t = fit_temperature(logits_val, y_val)
 

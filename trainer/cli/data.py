@@ -41,7 +41,7 @@ def _data_check(args: argparse.Namespace) -> int:
 
     from edge_agent.package import load_package
     from trainer.data import load_dataset
-    from trainer.data.check import check_dataset
+    from trainer.evaluation.data_check import check_dataset
 
     report = check_dataset(
         load_dataset(args.data),

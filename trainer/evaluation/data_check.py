@@ -123,7 +123,7 @@ def _probe_probabilities(
     scaled on the out-of-fold logits: an uncalibrated probe is near 100% sure of everything."""
     import torch
 
-    from trainer.model.calibration import fit_temperature, softmax
+    from trainer.evaluation.calibration import fit_temperature, softmax
 
     rng = np.random.default_rng(seed)
     fold = rng.permutation(len(y)) % folds
