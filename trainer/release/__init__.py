@@ -1,7 +1,18 @@
-"""Signed model releases: a TUF repository of model packages, its HTTP server, hints and tooling.
+"""Signed model releases: a TUF repository of model packages, its HTTP server, signing keys and MQTT hints (see docs/updates.md)."""
 
-:mod:`.repository` (python-tuf Metadata API: roles, keys, channels, release counter, promotion,
-roll-forward, key rotation), :mod:`.keys` (private keys behind signer URIs), :mod:`.server` (HTTP with
-ranges and scheduled re-signing), :mod:`.hints` (the retained MQTT hint), :mod:`.cli` (``edgefleet
-release``) and :mod:`.tiny` (tiny real packages for tests and benchmarks). See docs/updates.md.
-"""
+from trainer.release.errors import KeyStoreError, ReleaseError
+from trainer.release.hints import mqtt_settings, send_hint
+from trainer.release.repository import Expiry, ReleaseRecord, ReleaseRepository
+from trainer.release.server import ReleaseServer, main
+
+__all__ = [
+    "Expiry",
+    "KeyStoreError",
+    "main",
+    "mqtt_settings",
+    "ReleaseError",
+    "ReleaseRecord",
+    "ReleaseRepository",
+    "ReleaseServer",
+    "send_hint",
+]
