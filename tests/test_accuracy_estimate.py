@@ -194,15 +194,33 @@ def test_only_labelled_audit_samples_feed_the_estimate(tmp_path) -> None:  # typ
             [("audit", 0.01, (1, 0.97)), ("audit", 0.02, (0, 0.55)), ("low_confidence", None, (1, 0.2))]
         ):
             msg = Sample(
-                fleet="f", device="cam", session=1, frame=i, ts=100.0 + i, model=MODEL, reason=reason,  # type: ignore[arg-type]
-                inclusion=inclusion, top=[top], consent="t", faces_blurred=0, width=8, height=8,
-                sha256=f"{i:064x}", jpeg_b64="",
-            )  # fmt: skip
+                fleet="f",
+                device="cam",
+                session=1,
+                frame=i,
+                ts=100.0 + i,
+                model=MODEL,
+                reason=reason,  # type: ignore[arg-type]
+                inclusion=inclusion,
+                top=[top],
+                consent="t",
+                faces_blurred=0,
+                width=8,
+                height=8,
+                sha256=f"{i:064x}",
+                jpeg_b64="",
+            )
             prov = msg.model_dump(mode="json", exclude={"jpeg_b64", "v", "kind", "fleet", "device", "sha256"})
             sid = store.add_sample(
-                fleet="f", device="cam", ts=msg.ts, consent_policy="t", sha256=msg.sha256,
-                model_sha256=MODEL.sha256, image=b"x", provenance=prov,
-            )  # fmt: skip
+                fleet="f",
+                device="cam",
+                ts=msg.ts,
+                consent_policy="t",
+                sha256=msg.sha256,
+                model_sha256=MODEL.sha256,
+                image=b"x",
+                provenance=prov,
+            )
             assert sid is not None
             ids.append(sid)
         store.add_label(ids[0], "b", source="human")  # predicted 1 = "b": right

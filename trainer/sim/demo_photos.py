@@ -66,6 +66,23 @@ def _describe(topic: str, payload: bytes, labels: list[str]) -> str:
     return f"{topic}: {payload[:120]!r}"
 
 
+def _monitor(received: list[str], connected: threading.Event, labels: list[str]) -> mqtt.Client:
+    """An MQTT client that prints every demo message as it arrives and records it in ``received``."""
+    monitor = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-monitor")
+
+    def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        received.append(_describe(msg.topic, bytes(msg.payload), labels))
+        print(received[-1], flush=True)
+
+    def on_connect(client: mqtt.Client, *_: object) -> None:
+        client.subscribe("ef/v1/demo/#", qos=1)
+        connected.set()
+
+    monitor.on_message = on_message
+    monitor.on_connect = on_connect
+    return monitor
+
+
 def main() -> int:
     if not find_mosquitto():
         print("mosquitto is not installed (make demo installs it with apt-get)", file=sys.stderr)
@@ -84,11 +101,7 @@ def main() -> int:
     done = threading.Event()
     with MosquittoBroker(BUILD / "demo" / "broker") as broker:
         print(f"private broker at {broker.url}")
-        monitor = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-monitor")
-        monitor.on_message = lambda c, u, m: (
-            received.append(_describe(m.topic, m.payload, labels)) or (print(received[-1], flush=True))
-        )
-        monitor.on_connect = lambda c, u, f, rc, p: (c.subscribe("ef/v1/demo/#", qos=1), done.set())
+        monitor = _monitor(received, done, labels)
         monitor.connect("127.0.0.1", broker.port)
         monitor.loop_start()
         done.wait(5)
