@@ -35,9 +35,13 @@ demo-photos: $(STAMP) mosquitto
 bench: $(STAMP) mosquitto
 	$(BIN)/python -m bench.run
 
+# Style, types, the import contract (pyproject.toml [tool.importlinter]) and function lengths.
 lint: $(STAMP)
-	$(BIN)/ruff check edge_agent trainer tests bench
-	$(BIN)/mypy edge_agent
+	$(BIN)/ruff check edge_agent trainer tests bench tools
+	$(BIN)/ruff format --check edge_agent trainer tests bench tools
+	$(BIN)/mypy edge_agent trainer
+	$(BIN)/lint-imports
+	$(BIN)/python tools/function_length.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
