@@ -6,28 +6,19 @@ A bad file fails with one line naming the file, the field and the problem, e.g.
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edge_agent.backends.base import BackendOptions
-from edge_agent.errors import ConfigError
+from edge_agent.config_files import StrictModel, load_yaml_model, validate_model
 from edge_agent.protocol import Identifier
 from edge_agent.sampling import SamplingSettings
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class MqttSettings(_Strict):
+class MqttSettings(StrictModel):
     """Broker connection. mqtts:// enables TLS; cert+key enable mutual TLS."""
 
     url: str = "mqtt://127.0.0.1:1883"
@@ -72,7 +63,7 @@ class MqttSettings(_Strict):
         return urlsplit(self.url).port or (8883 if self.tls else 1883)
 
 
-class SourceSettings(_Strict):
+class SourceSettings(StrictModel):
     uri: str
     """camera:N, rtsp://..., http(s)://..., file:PATH, dir:PATH or synthetic:..."""
     loop: bool = False
@@ -86,14 +77,14 @@ class SourceSettings(_Strict):
     fps: float | None = Field(default=None, gt=0)
 
 
-class ModelSettings(_Strict):
+class ModelSettings(StrictModel):
     package: Path
     artifact: str = "auto"
     """``auto`` times every runnable artifact on first start and keeps the fastest."""
     backend: BackendOptions = Field(default_factory=BackendOptions)
 
 
-class TelemetrySettings(_Strict):
+class TelemetrySettings(StrictModel):
     window_seconds: float | None = Field(default=60.0, gt=0)
     window_frames: int | None = Field(default=None, ge=1)
     stats_every: int = Field(default=1, ge=1)
@@ -108,14 +99,14 @@ class TelemetrySettings(_Strict):
         return self
 
 
-class SpoolSettings(_Strict):
+class SpoolSettings(StrictModel):
     max_messages: int = Field(default=10_000, ge=1)
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     flush_timeout_s: float = Field(default=10.0, ge=0)
     """On shutdown, how long to wait for the broker to acknowledge spooled messages."""
 
 
-class UpdateSettings(_Strict):
+class UpdateSettings(StrictModel):
     """Over-the-air model updates (docs/updates.md); without this section the model never changes."""
 
     repository: str
@@ -154,7 +145,7 @@ class UpdateSettings(_Strict):
         return v
 
 
-class AgentConfig(_Strict):
+class AgentConfig(StrictModel):
     """The whole agent configuration (see firmware_configs/ for device profiles)."""
 
     device_id: Identifier
@@ -172,61 +163,14 @@ class AgentConfig(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-def _substitute_env(text: str, origin: str) -> str:
-    def repl(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(2)
-        if name in os.environ:
-            return os.environ[name]
-        if default is not None:
-            return default
-        raise ConfigError(f"{origin}: environment variable ${{{name}}} is not set and has no default")
-
-    return _ENV.sub(repl, text)
-
-
-def _relative_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
-    """Resolve relative paths in a config file against the file's directory."""
-
-    def fix(p: Path | None) -> Path | None:
-        return p if p is None or p.is_absolute() else (base / p)
-
-    cfg.state_dir = fix(cfg.state_dir)  # type: ignore[assignment]
-    cfg.model.package = fix(cfg.model.package)  # type: ignore[assignment]
-    cfg.mqtt.ca, cfg.mqtt.cert, cfg.mqtt.key = fix(cfg.mqtt.ca), fix(cfg.mqtt.cert), fix(cfg.mqtt.key)
-    if cfg.update is not None:
-        cfg.update.root = fix(cfg.update.root)  # type: ignore[assignment]
-    return cfg
-
-
 def validate_config(data: Any, origin: str) -> AgentConfig:
     """Validate a parsed mapping; errors name ``origin``, the field path and the problem."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return AgentConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{loc}: {msg}")
-        raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
+    return validate_model(AgentConfig, data, origin)
 
 
 def load_config(path: str | Path) -> AgentConfig:
-    """Read, substitute ``${ENV}`` / ``${ENV:-default}``, parse and validate an agent YAML file."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read ({exc.strerror})") from None
-    text = _substitute_env(text, str(p))
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    return _relative_paths(validate_config(data, str(p)), p.parent)
+    """Read, substitute ``${ENV}`` / ``${ENV:-default}``, parse and validate an agent YAML file.
+
+    Relative paths (state_dir, model.package, mqtt.ca/cert/key, update.root) resolve against the file.
+    """
+    return load_yaml_model(path, AgentConfig)

@@ -386,3 +386,25 @@ def test_a_canary_device_that_rolls_back_on_its_own_aborts_the_canary(canary_set
     assert outcome is not None and outcome.decision == "rollback" and "cam-3" in outcome.reasons[0]
     head = repo.current("canary", "f", "tiny")
     assert head is not None and head.package_sha256 == v1.sha256 and head.release > canary.release.release
+
+
+def test_service_config_reads_like_the_agents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.yaml takes ${ENV} defaults and resolves relative paths against itself, as agent.yaml does."""
+    from edge_agent.errors import ConfigError
+
+    (tmp_path / "etc").mkdir()
+    p = tmp_path / "etc" / "trainer.yaml"
+    p.write_text(
+        "fleet: f\nmqtt: {url: 'mqtts://127.0.0.1:8883', username: '${EF_MQTT_USER:-svc}',\n"
+        "       password: '${EF_MQTT_PASSWORD}', ca: pki/ca.crt}\n"
+        "release: {repo: releases}\ntraining: {base_data: d, work_dir: /abs/work}\n"
+    )
+    monkeypatch.delenv("EF_MQTT_PASSWORD", raising=False)
+    with pytest.raises(ConfigError, match=r"trainer\.yaml: environment variable \$\{EF_MQTT_PASSWORD\}"):
+        load_service_config(p)
+    monkeypatch.setenv("EF_MQTT_PASSWORD", "s3cret")
+    cfg = load_service_config(p)
+    assert (cfg.mqtt.username, cfg.mqtt.password) == ("svc", "s3cret")
+    assert cfg.release.repo == tmp_path / "etc" / "releases"
+    assert cfg.mqtt.ca == tmp_path / "etc" / "pki" / "ca.crt"
+    assert cfg.training.work_dir == Path("/abs/work")

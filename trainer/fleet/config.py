@@ -5,22 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from edge_agent.config import MqttSettings
-from edge_agent.errors import ConfigError
+from edge_agent.config_files import StrictModel, load_yaml_model
 from edge_agent.protocol import Identifier
 from trainer.drift.detector import DriftConfig
 from trainer.fleet.retrain_policy import RetrainPolicyConfig
 from trainer.fleet.rollout_policy import RolloutConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ReleaseServerSettings(_Strict):
+class ReleaseServerSettings(StrictModel):
     repo: Path
     """The TUF repository directory (created with ``edgefleet release init`` if missing)."""
     host: str = "127.0.0.1"
@@ -29,7 +24,7 @@ class ReleaseServerSettings(_Strict):
     """The URL devices use (default: http://host:port)."""
 
 
-class TrainingSettings(_Strict):
+class TrainingSettings(StrictModel):
     base_data: str
     """The original training data: an ImageFolder directory or ``builtin:NAME``."""
     model: str = Field(default="shapes", min_length=1, max_length=64)
@@ -49,7 +44,7 @@ class TrainingSettings(_Strict):
         return v
 
 
-class TrainerServiceConfig(_Strict):
+class TrainerServiceConfig(StrictModel):
     fleet: Identifier
     mqtt: MqttSettings
     db_url: str = "sqlite:///build/trainer/fleet.db"
@@ -74,17 +69,6 @@ class TrainerServiceConfig(_Strict):
 
 
 def load_service_config(path: str | Path) -> TrainerServiceConfig:
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML: {exc}") from None
-    try:
-        return TrainerServiceConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = [
-            "{}: {}".format(".".join(str(x) for x in e["loc"]) or "<root>", e["msg"]) for e in exc.errors()
-        ]
-        raise ConfigError(f"{p}: " + "; ".join(problems)) from None
+    """Read ``trainer.yaml`` the way the agent reads its config: ``${ENV}`` defaults, one-line errors,
+    relative paths (release.repo, training.work_dir, mqtt.ca/cert/key) resolved against the file."""
+    return load_yaml_model(path, TrainerServiceConfig)
