@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from importlib.metadata import entry_points
 
 from edge_agent import __version__
@@ -124,11 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except EdgeFleetError as exc:
-        print(f"edgefleet: error: {exc}", file=sys.stderr)
+    except (EdgeFleetError, OSError) as exc:
+        # bad input (a file, a flag, a URL) is one line naming it; -v adds the traceback
+        if args.verbose:
+            traceback.print_exc()
+        print(f"edgefleet: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line (an OSError names its path; multi-line messages are joined)."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

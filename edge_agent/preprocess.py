@@ -18,12 +18,13 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from edge_agent.errors import EdgeFleetError
 from edge_agent.package import PreprocessSpec, TensorSpec
 
 _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 
 
-class FrameError(ValueError):
+class FrameError(EdgeFleetError, ValueError):
     """A frame cannot be used (empty, wrong shape or type); the pipeline counts and skips it."""
 
 

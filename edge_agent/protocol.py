@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edge_agent.errors import EdgeFleetError
+
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "ef/v1"
 MAX_MESSAGE_BYTES = 256 * 1024
@@ -309,7 +311,7 @@ class UpdateEvent(_Message):
     """Health windows evaluated so far (``trial``, ``active``, ``rolled_back``)."""
 
 
-class MessageError(ValueError):
+class MessageError(EdgeFleetError, ValueError):
     """An inbound MQTT payload is oversized, not JSON, or not a valid message of the expected kind."""
 
 

@@ -14,7 +14,7 @@ from edge_agent.updater.boot import select_boot
 from edge_agent.updater.cohort import Cohort, cohort_position, in_cohort
 from edge_agent.updater.store import UpdateStore
 from edge_agent.updater.updater import Identity, Updater
-from trainer.release.errors import ReleaseError
+from trainer.errors import ReleaseError
 from trainer.release.repository import ReleaseRepository
 from trainer.release.server import ReleaseServer
 from trainer.sim.tiny import build_tiny_package

@@ -20,7 +20,7 @@ import pytest
 from edge_agent.updater.errors import UpdateRejected
 from edge_agent.updater.release_info import parse_release_info
 from edge_agent.updater.tufclient import ReleaseRepositoryClient
-from trainer.release.errors import KeyStoreError, ReleaseError
+from trainer.errors import KeyStoreError, ReleaseError
 from trainer.release.repository import Expiry, ReleaseRepository
 from trainer.release.server import ReleaseServer
 from trainer.sim.tiny import build_tiny_package

@@ -1,10 +1,28 @@
-"""Trainer errors for bad input: each message says what is wrong and what to do about it."""
+"""The trainer's errors: every one a user can see derives from :class:`EdgeFleetError`.
+
+Each message says what is wrong and where (a file, a line, a field, a URL); the ``edgefleet`` CLI
+prints it as one line and exits 2. Errors that also derive from a builtin (``ValueError``,
+``RuntimeError``) keep working for callers that catch the builtin.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from edge_agent.errors import EdgeFleetError
+from edge_agent.errors import ConfigError, EdgeFleetError
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "EdgeFleetError",
+    "ExportError",
+    "GateError",
+    "KeyStoreError",
+    "LabelImportError",
+    "LabelMismatchError",
+    "ReleaseError",
+    "StoreError",
+]
 
 
 class DataError(EdgeFleetError):
@@ -15,6 +33,10 @@ class LabelMismatchError(DataError):
     """The candidate's label set differs from the champion's, so the two cannot be compared."""
 
 
+class LabelImportError(DataError, ValueError):
+    """A labels CSV row is invalid; the message names the file, the line and the problem."""
+
+
 class GateError(EdgeFleetError):
     """The candidate failed the release gate; ``failures`` names every rule that failed."""
 
@@ -23,3 +45,19 @@ class GateError(EdgeFleetError):
         self.evaluation = evaluation
         """The candidate's full evaluation (the fleet loop logs why a retrained model was rejected)."""
         super().__init__("gate failed: " + "; ".join(failures))
+
+
+class ExportError(EdgeFleetError, RuntimeError):
+    """Export failed; nothing was written to the output directory."""
+
+
+class ReleaseError(EdgeFleetError):
+    """A release operation cannot be done (missing release, unknown channel, threshold not met, ...)."""
+
+
+class KeyStoreError(ReleaseError):
+    """A signing key is missing, unreadable or too widely readable."""
+
+
+class StoreError(EdgeFleetError, ValueError):
+    """The trainer's database cannot be opened as given (unsupported URL, missing directory or file)."""

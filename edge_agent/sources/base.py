@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_agent.backoff import Backoff
+from edge_agent.errors import EdgeFleetError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class EndOfStream(Exception):
     """A finite source has delivered its last frame."""
 
 
-class SourceLost(Exception):
+class SourceLost(EdgeFleetError):
     """The device or stream went away; the capture thread reopens it with backoff."""
 
 

@@ -16,13 +16,14 @@ import os
 import tarfile
 from pathlib import Path, PurePosixPath
 
+from edge_agent.errors import EdgeFleetError
 from edge_agent.package import MANIFEST
 from edge_agent.state import fsync_dir
 
 MAX_FILES = 256
 
 
-class ArchiveError(ValueError):
+class ArchiveError(EdgeFleetError, ValueError):
     """The archive is malformed or unsafe to unpack."""
 
 

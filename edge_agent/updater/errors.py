@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from edge_agent.errors import EdgeFleetError
 
-class UpdateRejected(Exception):
+
+class UpdateRejected(EdgeFleetError):
     """A release was refused; the current model keeps running.
 
     ``reason`` is a stable code published on the ``update`` topic (see docs/updates.md for the list);
@@ -18,5 +20,5 @@ class UpdateRejected(Exception):
         self.permanent = permanent
 
 
-class Unreachable(Exception):
+class Unreachable(EdgeFleetError):
     """The repository could not be reached (network): retried on the next hint or poll, not reported."""

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edge_agent.errors import EdgeFleetError
 from edge_agent.protocol import Identifier
 from edge_agent.updater.cohort import Cohort
 
@@ -61,7 +62,7 @@ def preprocess_text(spec: dict[str, Any]) -> str:
     return json.dumps(spec, sort_keys=True, separators=(",", ":"))
 
 
-class ReleaseInfoError(ValueError):
+class ReleaseInfoError(EdgeFleetError, ValueError):
     """A target's custom fields are missing or invalid."""
 
 

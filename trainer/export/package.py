@@ -52,13 +52,10 @@ from edge_agent.package import (
 from edge_agent.postprocess import to_probabilities
 from edge_agent.preprocess import Preprocessor, fit_frame
 from edge_agent.telemetry.histogram import default_edges
+from trainer.errors import ExportError
 from trainer.ops.progress import Steps
 
 ALL_FORMATS = ("onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8")
-
-
-class ExportError(RuntimeError):
-    """Export failed; nothing was written to the output directory."""
 
 
 @dataclass

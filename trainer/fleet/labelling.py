@@ -22,13 +22,10 @@ from edge_agent.reference import ReferenceStats
 from trainer.data.dataset import Dataset, sample_from_image
 from trainer.drift.accuracy import audit_label
 from trainer.drift.ppi import AuditLabel
+from trainer.errors import LabelImportError
 from trainer.store import Store
 
 CSV_FIELDS = ("sample_id", "device", "ts", "reason", "predicted", "image", "label")
-
-
-class LabelImportError(ValueError):
-    """A labels CSV row is invalid; the message names the file, the line and the problem."""
 
 
 def _provenance(sample: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Signed model releases: a TUF repository of model packages, its HTTP server, signing keys and MQTT hints (see docs/updates.md)."""
 
-from trainer.release.errors import KeyStoreError, ReleaseError
+from trainer.errors import KeyStoreError, ReleaseError
 from trainer.release.hints import mqtt_settings, send_hint
 from trainer.release.repository import Expiry, ReleaseRecord, ReleaseRepository
 from trainer.release.server import ReleaseServer, main

@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import MqttSettings
 from edge_agent.protocol import ReleaseHint, release_topic
-from trainer.release.errors import ReleaseError
+from trainer.errors import ReleaseError
 
 
 def send_hint(settings: MqttSettings, hint: ReleaseHint, timeout: float = 10.0) -> None:

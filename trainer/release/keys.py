@@ -19,7 +19,7 @@ from pathlib import Path
 from securesystemslib.signer import CryptoSigner, Key, Signer
 
 from edge_agent.state import write_json_atomic
-from trainer.release.errors import KeyStoreError
+from trainer.errors import KeyStoreError
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -64,7 +64,7 @@ from edge_agent.state import fsync_dir, write_json_atomic
 from edge_agent.updater.archive import pack_package
 from edge_agent.updater.cohort import Cohort
 from edge_agent.updater.release_info import CUSTOM_KEY, ReleaseInfo, preprocess_text, target_path
-from trainer.release.errors import ReleaseError
+from trainer.errors import ReleaseError
 from trainer.release.keys import KeyStore
 
 CHANNELS = ("canary", "stable")

@@ -16,12 +16,15 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
+
+from trainer.errors import StoreError
 
 try:
     import fcntl
@@ -37,8 +40,16 @@ PG_CONNECT_TIMEOUT_S = 5
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``sqlite:///file`` or ``postgresql+psycopg://...`` with the settings above."""
-    u = make_url(url)
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise StoreError(
+            f"{url}: not a database URL (use sqlite:///FILE or postgresql+psycopg://...)"
+        ) from None
     if u.get_backend_name() == "sqlite":
+        folder = Path(u.database or ".").parent
+        if u.database not in (None, "", ":memory:") and not folder.is_dir():
+            raise StoreError(f"{url}: directory {folder} does not exist")
         engine = create_engine(u, **kwargs)
         _configure_sqlite(engine)
         return engine
@@ -47,7 +58,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             u = u.set(drivername="postgresql+psycopg")
         connect_args = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **kwargs.pop("connect_args", {})}
         return create_engine(u, pool_pre_ping=True, connect_args=connect_args, **kwargs)
-    raise ValueError(f"unsupported database URL {url!r}: use sqlite:///FILE or postgresql+psycopg://...")
+    raise StoreError(f"{url}: unsupported database (use sqlite:///FILE or postgresql+psycopg://...)")
 
 
 def _configure_sqlite(engine: Engine) -> None:

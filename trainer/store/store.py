@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, delete, func, select, update
@@ -21,6 +22,7 @@ from edge_agent.package import ModelManifest, ModelPackage
 from edge_agent.protocol import Status, TelemetryWindow, UpdateEvent
 from edge_agent.reference import ReferenceStats
 from edge_agent.telemetry.merge import WindowSummary, merge_windows
+from trainer.errors import StoreError
 from trainer.store.engine import WriteLock, insert, make_engine, writer
 from trainer.store.ingest_writes import (
     ModelCheck,
@@ -74,6 +76,16 @@ class Store:
     def __init__(self, url: str, *, create: bool = True, **engine_kwargs: Any) -> None:
         self.url = url
         self.engine: Engine = make_engine(url, **engine_kwargs)
+        database = self.engine.url.database or ":memory:"
+        if (
+            not create
+            and database != ":memory:"
+            and self.dialect == "sqlite"
+            and not Path(database).is_file()
+        ):
+            raise StoreError(
+                f"{url}: no database file (the trainer service or `edgefleet ingest run` creates it)"
+            )
         self.write_engine: Engine = writer(self.engine)
         self._write_lock = WriteLock(url)
         if create:
