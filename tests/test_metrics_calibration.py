@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from trainer.drift.estimate import share_below
 from trainer.evaluation.calibration import fit_temperature, softmax
 from trainer.evaluation.metrics import (
     classification_report,
@@ -15,7 +16,7 @@ from trainer.evaluation.metrics import (
     precision_recall_f1,
     reliability,
 )
-from trainer.evaluation.reference import atc_estimate, atc_estimate_from_histogram, atc_threshold
+from trainer.evaluation.reference import atc_threshold
 
 
 def _random_case(seed: int, n: int = 300, k: int = 6) -> tuple[np.ndarray, np.ndarray]:
@@ -95,12 +96,12 @@ def test_atc_threshold_reproduces_the_accuracy_and_the_histogram_estimate_agrees
     conf = rng.uniform(0.2, 1.0, 1000)
     correct = rng.random(1000) < conf  # calibrated-ish
     t = atc_threshold(conf, correct)
-    assert atc_estimate(conf, t) == pytest.approx(correct.mean(), abs=1e-3)
-    assert atc_estimate(conf, atc_threshold(conf, np.ones(1000, bool))) == 1.0
-    assert atc_estimate(conf, atc_threshold(conf, np.zeros(1000, bool))) == 0.0
+    assert np.mean(conf > t) == pytest.approx(correct.mean(), abs=1e-3)
+    assert np.mean(conf > atc_threshold(conf, np.ones(1000, bool))) == 1.0
+    assert np.mean(conf > atc_threshold(conf, np.zeros(1000, bool))) == 0.0
     from edge_agent.protocol import Histogram
 
     edges = [round(x, 2) for x in np.linspace(0, 1, 21)]
     counts = np.histogram(conf, bins=edges)[0].tolist()
-    est = atc_estimate_from_histogram(Histogram(edges=edges, counts=counts), t)
-    assert est == pytest.approx(atc_estimate(conf, t), abs=0.02)
+    below = share_below(Histogram(edges=edges, counts=counts), t)  # what the drift service computes
+    assert below is not None and 1 - below == pytest.approx(np.mean(conf > t), abs=0.02)

@@ -13,8 +13,6 @@ from trainer.evaluation.metrics import (
     reliability,
 )
 from trainer.evaluation.reference import (
-    atc_estimate,
-    atc_estimate_from_histogram,
     atc_threshold,
     confidence_bin_accuracy,
     reference_stats,
@@ -31,8 +29,6 @@ from trainer.evaluation.runners import (
 
 __all__ = [
     "ArtifactRunner",
-    "atc_estimate",
-    "atc_estimate_from_histogram",
     "atc_threshold",
     "check_dataset",
     "check_gate",

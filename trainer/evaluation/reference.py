@@ -23,7 +23,6 @@ from edge_agent.backends import BackendOptions, load_backend
 from edge_agent.package import ModelPackage
 from edge_agent.postprocess import to_probabilities
 from edge_agent.preprocess import Preprocessor
-from edge_agent.protocol import Histogram
 from edge_agent.reference import ReferenceStats
 from edge_agent.telemetry.aggregator import FrameResult, TelemetryAggregator
 from edge_agent.telemetry.features import input_statistics, output_features
@@ -42,28 +41,6 @@ def atc_threshold(confidence: np.ndarray, correct: np.ndarray) -> float:
     if k <= 0:
         return float(c[-1])
     return float((c[n - k - 1] + c[n - k]) / 2)
-
-
-def atc_estimate(confidence: np.ndarray, threshold: float) -> float:
-    """Label-free accuracy estimate: share of predictions with confidence above the threshold."""
-    return float(np.mean(np.asarray(confidence) > threshold))
-
-
-def atc_estimate_from_histogram(hist: Histogram, threshold: float) -> float | None:
-    """The same estimate from a confidence histogram (uniform within the bin holding the threshold)."""
-    counts = np.asarray(hist.counts, np.float64)
-    total = counts.sum()
-    if total == 0:
-        return None
-    edges = np.asarray(hist.edges, np.float64)
-    above = 0.0
-    for i, n in enumerate(counts):
-        lo, hi = edges[i], edges[i + 1]
-        if lo >= threshold:
-            above += n
-        elif hi > threshold:
-            above += n * (hi - threshold) / (hi - lo)
-    return float(above / total)
 
 
 def confidence_bin_accuracy(

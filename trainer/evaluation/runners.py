@@ -10,7 +10,6 @@ so their robustness numbers are comparable image for image.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -177,11 +176,6 @@ def label_positions(dataset_labels: Sequence[str], model_labels: Sequence[str]) 
         )
     pos = {lab: i for i, lab in enumerate(model_labels)}
     return np.array([pos[lab] for lab in dataset_labels], dtype=np.int64)
-
-
-def class_balance(y: np.ndarray, labels: Sequence[str]) -> dict[str, int]:
-    c = Counter(y.tolist())
-    return {lab: int(c.get(i, 0)) for i, lab in enumerate(labels)}
 
 
 def evaluate_package(
