@@ -286,13 +286,19 @@ class Bench:
     def _workers(
         self, url: str, group: str, count: int, tag: str, on_ready: Callable[[], None] | None = None
     ) -> tuple[list[Any], list[Path]]:
+        from edge_agent.config import MqttSettings
         from trainer.ingest.worker import IngestConfig
 
         procs, files, readies = [], [], []
         go = self.ctx.Event()
         for i in range(count):
             cfg = IngestConfig(
-                broker_url=self.broker.url, db_url=url, fleet=FLEET, group=group, index=i, kinds=("tele",)
+                mqtt=MqttSettings(url=self.broker.url),
+                db_url=url,
+                fleet=FLEET,
+                group=group,
+                index=i,
+                kinds=("tele",),
             )
             f = self.work / f"stats-{tag}-{i}.json"
             f.unlink(missing_ok=True)

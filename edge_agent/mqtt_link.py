@@ -27,12 +27,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 
 from edge_agent.backoff import Backoff
 from edge_agent.config import MqttSettings
 from edge_agent.errors import ConfigError
 from edge_agent.events import EventCounter
+from edge_agent.mqtt_client import new_client
 from edge_agent.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -174,20 +175,7 @@ class MqttLink:
     def _new_client(self) -> mqtt.Client:
         """A fresh paho client with credentials, TLS, the last will and our callbacks."""
         s = self.settings
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=True,
-        )
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password)
-        if s.tls:
-            client.tls_set(
-                ca_certs=str(s.ca) if s.ca else None,
-                certfile=str(s.cert) if s.cert else None,
-                keyfile=str(s.key) if s.key else None,
-            )
+        client = new_client(s, self.client_id, clean_session=True)
         client.will_set(self.status_topic, self._will, qos=1, retain=True)
         client.max_inflight_messages_set(s.max_inflight + 10)  # room for birth/offline beside the spool
         client.on_connect = self._on_connect

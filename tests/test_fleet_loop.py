@@ -408,3 +408,28 @@ def test_service_config_reads_like_the_agents(tmp_path: Path, monkeypatch: pytes
     assert cfg.release.repo == tmp_path / "etc" / "releases"
     assert cfg.mqtt.ca == tmp_path / "etc" / "pki" / "ca.crt"
     assert cfg.training.work_dir == Path("/abs/work")
+
+
+def test_ingest_workers_use_the_services_broker_credentials(tmp_path: Path, broker_factory) -> None:
+    """A username and password in trainer.yaml reach every ingest worker, not only the publisher."""
+    import shutil
+    import subprocess
+
+    from .conftest import require
+
+    tool = shutil.which("mosquitto_passwd")
+    require(tool is not None, "mosquitto_passwd")
+    passwords = tmp_path / "passwd"
+    subprocess.run(
+        [str(tool), "-b", "-c", str(passwords), "trainer", "s3cret"], check=True, capture_output=True
+    )
+    b: MosquittoBroker = broker_factory(allow_anonymous=False, extra_conf=f"password_file {passwords}")
+    cfg = _service_config(tmp_path, b.url, base_data="builtin:shapes")
+    cfg.mqtt = MqttSettings(url=b.url, client_id="trainer-test", username="trainer", password="s3cret")
+    cfg.ingest_workers = 2
+    service = TrainerService(cfg, timeline=Timeline(echo=False)).start()
+    try:
+        assert len(service.workers) == 2
+        assert all(w.wait_connected(10) for w in service.workers), [w.stats() for w in service.workers]
+    finally:
+        service.stop()

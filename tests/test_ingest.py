@@ -25,6 +25,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy.engine import make_url
 
+from edge_agent.config import MqttSettings
 from edge_agent.protocol import (
     MAX_MESSAGE_BYTES,
     Status,
@@ -149,7 +150,7 @@ def test_validates_dedupes_dead_letters_and_flags_unknown_models(
     v1 = model_ref(version="1.0.0")
     with Store(db_url) as store:
         store.register_model(manifest("1.0.0"), v1.sha256)
-    worker = start_worker(broker_url=broker.url, db_url=db_url, fleet=fleet, group="val")
+    worker = start_worker(mqtt=MqttSettings(url=broker.url), db_url=db_url, fleet=fleet, group="val")
     good = windows("cam1", 20, fleet=fleet, model=v1)
     unknown = windows("cam2", 3, fleet=fleet, model=model_ref(version="6.6.6"), seed=1)
     online = Status(fleet=fleet, device="cam1", state="online", session=1, ts=1.0, model=v1)
@@ -193,7 +194,7 @@ def test_validates_dedupes_dead_letters_and_flags_unknown_models(
         assert dev is not None and dev.last_window_end == good[-1].end and dev.state == "online"
     worker.stop()
     # Everything was acknowledged: the same persistent session, resumed, gets nothing again.
-    again = start_worker(broker_url=broker.url, db_url=db_url, fleet=fleet, group="val")
+    again = start_worker(mqtt=MqttSettings(url=broker.url), db_url=db_url, fleet=fleet, group="val")
     time.sleep(1.0)
     assert again.stats()["received"] == 0
     from edge_agent.cli import main
@@ -228,7 +229,7 @@ def test_samples_and_update_events_are_stored_once(
     db_url: str, broker: MosquittoBroker, publisher: Publisher, start_worker
 ) -> None:
     fleet = f"smp{abs(hash(db_url)) % 10**6}"
-    worker = start_worker(broker_url=broker.url, db_url=db_url, fleet=fleet, group="smp")
+    worker = start_worker(mqtt=MqttSettings(url=broker.url), db_url=db_url, fleet=fleet, group="smp")
     image = b"\xff\xd8\xff\xe0fake-jpeg" + bytes(range(256))
     good = sample_message(fleet, "cam1", image)
     forged = sample_message(fleet, "cam1", image, sha256="0" * 64)
@@ -284,7 +285,7 @@ def test_redelivery_after_a_crash_between_commit_and_ack_is_stored_once(
     """A consumer stores windows and dies before acknowledging; the worker resuming its session gets
     them again (DUP) and stores nothing twice."""
     fleet, db = "redeliver", f"sqlite:///{tmp_path / 'r.db'}"
-    cfg = IngestConfig(broker_url=broker.url, db_url=db, fleet=fleet, group="red")
+    cfg = IngestConfig(mqtt=MqttSettings(url=broker.url), db_url=db, fleet=fleet, group="red")
     ws = windows("cam1", 40, fleet=fleet)
     got: list[mqtt.MQTTMessage] = []
     crashed = mqtt.Client(
@@ -325,7 +326,9 @@ def test_a_message_the_database_refuses_is_dead_lettered_alone(
     """A valid window whose seq does not fit a 64-bit column fails its batch; the worker retries the
     batch message by message, stores the others and dead-letters that one (ingest never stalls)."""
     fleet = f"ref{abs(hash(db_url)) % 10**6}"
-    worker = start_worker(broker_url=broker.url, db_url=db_url, fleet=fleet, group="ref", batch_linger_s=0.2)
+    worker = start_worker(
+        mqtt=MqttSettings(url=broker.url), db_url=db_url, fleet=fleet, group="ref", batch_linger_s=0.2
+    )
     ws = windows("cam1", 6, fleet=fleet)
     poison = ws[3].model_copy(update={"seq": 2**63})
     publisher.send_all(
@@ -345,7 +348,7 @@ def test_a_message_the_database_refuses_is_dead_lettered_alone(
 def test_ingest_over_tls(tls_broker: MosquittoBroker, pki: Path, tmp_path: Path, start_worker) -> None:
     """mqtts:// with the fleet CA, as deployed (the broker authenticates itself)."""
     fleet, db = "tls", f"sqlite:///{tmp_path / 'tls.db'}"
-    worker = start_worker(broker_url=tls_broker.url, db_url=db, fleet=fleet, ca=pki / "ca.crt")
+    worker = start_worker(mqtt=MqttSettings(url=tls_broker.url, ca=pki / "ca.crt"), db_url=db, fleet=fleet)
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     pub.tls_set(ca_certs=str(pki / "ca.crt"))
     pub.connect("127.0.0.1", tls_broker.port)
@@ -373,7 +376,7 @@ def test_shared_subscription_splits_the_load_between_two_workers(
 ) -> None:
     group = f"sh{abs(hash(db_url)) % 10**6}"
     workers = [
-        start_worker(broker_url=broker.url, db_url=db_url, fleet="shared", group=group, index=i)
+        start_worker(mqtt=MqttSettings(url=broker.url), db_url=db_url, fleet="shared", group=group, index=i)
         for i in (0, 1)
     ]
     publisher.send_all([tele("shared", w) for w in fleet_windows])
@@ -494,7 +497,12 @@ def test_database_outage_buffers_and_resumes_nothing_lost(
         Store(pg.url).close()
         fleet = "outage"
         worker = start_worker(
-            broker_url=broker.url, db_url=pg.url, fleet=fleet, group="out", max_buffered=50, retry_max_s=1.0
+            mqtt=MqttSettings(url=broker.url),
+            db_url=pg.url,
+            fleet=fleet,
+            group="out",
+            max_buffered=50,
+            retry_max_s=1.0,
         )
         ws = [tiny_window(f"cam{d}", i, fleet=fleet) for i in range(360) for d in range(5)]  # 18 s at 100/s
         sender = threading.Thread(
@@ -524,7 +532,7 @@ def test_database_outage_buffers_and_resumes_nothing_lost(
         stopped = worker.stop(timeout=1)
         assert stopped["stored"] == len(ws) and stopped["acked"] == len(ws)
         pg.start()
-        again = start_worker(broker_url=broker.url, db_url=pg.url, fleet=fleet, group="out")
+        again = start_worker(mqtt=MqttSettings(url=broker.url), db_url=pg.url, fleet=fleet, group="out")
         assert wait_until(lambda: again.stats()["stored"] == len(late), 20), again.stats()
         with Store(pg.url, create=False) as store:
             assert store.count_windows(device="late") == len(late)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--batch-max", type=int, default=200)
     r.add_argument("--batch-linger", type=float, default=0.0, help="seconds a batch waits for more messages")
     r.add_argument("--max-buffered", type=int, default=10_000)
+    r.add_argument("--username", help="broker user name (the password is read from EDGEFLEET_MQTT_PASSWORD)")
     r.add_argument("--ca", type=Path)
     r.add_argument("--cert", type=Path)
     r.add_argument("--key", type=Path)
@@ -48,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
+    from edge_agent.config import MqttSettings
     from trainer.ingest.worker import IngestConfig
 
     if args.workers < 1:
@@ -55,7 +58,14 @@ def _config(args: argparse.Namespace) -> Any:
     if args.client_id and args.workers > 1:
         raise SystemExit("--client-id names one worker; use --group/--index with --workers")
     return IngestConfig(
-        broker_url=args.broker,
+        mqtt=MqttSettings(
+            url=args.broker,
+            username=args.username,
+            password=os.environ.get("EDGEFLEET_MQTT_PASSWORD"),
+            ca=args.ca,
+            cert=args.cert,
+            key=args.key,
+        ),
         db_url=args.db,
         fleet=args.fleet,
         group=args.group,
@@ -65,9 +75,6 @@ def _config(args: argparse.Namespace) -> Any:
         batch_max=args.batch_max,
         batch_linger_s=args.batch_linger,
         max_buffered=args.max_buffered,
-        ca=args.ca,
-        cert=args.cert,
-        key=args.key,
     )
 
 

@@ -8,13 +8,10 @@ are sent after reconnecting (paho keeps them).
 from __future__ import annotations
 
 import logging
-import ssl
 import uuid
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 from edge_agent.config import MqttSettings
+from edge_agent.mqtt_client import new_client
 from edge_agent.protocol import Alert, Command, ReleaseHint, alert_topic, cmd_topic, release_topic
 
 log = logging.getLogger(__name__)
@@ -25,20 +22,7 @@ class FleetPublisher:
 
     def __init__(self, settings: MqttSettings, fleet: str) -> None:
         self.fleet = fleet
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=settings.client_id or f"edgefleet-trainer-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv311,
-        )
-        if settings.username is not None:
-            self.client.username_pw_set(settings.username, settings.password)
-        if settings.tls:
-            self.client.tls_set(
-                ca_certs=str(settings.ca) if settings.ca else None,
-                certfile=str(settings.cert) if settings.cert else None,
-                keyfile=str(settings.key) if settings.key else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+        self.client = new_client(settings, settings.client_id or f"edgefleet-trainer-{uuid.uuid4().hex[:8]}")
         self.client.reconnect_delay_set(1, 5)
         self.client.max_queued_messages_set(10_000)
         self.client.connect_async(settings.host, settings.port, keepalive=30)

@@ -147,15 +147,12 @@ class TrainerService:
         self.publisher = FleetPublisher(c.mqtt, c.fleet)
         for i in range(c.ingest_workers):
             ic = IngestConfig(
-                broker_url=c.mqtt.url,
+                mqtt=c.mqtt,
                 db_url=c.db_url,
                 fleet=c.fleet,
                 index=i,
                 shared=c.shared_subscription,
                 kinds=("tele", "status", "sample", "update"),
-                ca=c.mqtt.ca,
-                cert=c.mqtt.cert,
-                key=c.mqtt.key,
             )
             self.workers.append(IngestWorker(ic).start())
         self.rollout = RolloutManager(

@@ -2,8 +2,8 @@
 
 Workflow of one :class:`IngestWorker`::
 
-    worker = IngestWorker(IngestConfig(broker_url="mqtt://127.0.0.1:1883", db_url="sqlite:///fleet.db",
-                                       fleet="shop", index=0)).start()
+    mqtt = MqttSettings(url="mqtt://127.0.0.1:1883", username="ingest", password="...")
+    worker = IngestWorker(IngestConfig(mqtt=mqtt, db_url="sqlite:///fleet.db", fleet="shop")).start()
     ...                       # several workers (processes, hosts) with the same group share the load
     print(worker.stats())     # received, stored, duplicates, dead_lettered, db_errors, ...
     worker.stop()
@@ -42,15 +42,14 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import Connection
 
 from edge_agent.backoff import Backoff
+from edge_agent.config import MqttSettings
+from edge_agent.mqtt_client import new_client
 from trainer.ingest.routing import KINDS, Accepted, Kind, classify, subscription
 from trainer.store import ModelCheck, Rejected, Store, WriteResult, is_transient
 from trainer.store.ingest_writes import Received, write_dead_letters
@@ -62,8 +61,9 @@ log = logging.getLogger(__name__)
 class IngestConfig:
     """Every setting and limit of one ingest worker."""
 
-    broker_url: str
-    """mqtt://host:port or mqtts://host:port."""
+    mqtt: MqttSettings
+    """Broker URL, credentials and TLS: the trainer service passes its own (``client_id`` is not used:
+    each worker's id is ``{group}-{fleet}-{index}``)."""
     db_url: str
     fleet: str
     group: str = "ingest"
@@ -87,9 +87,6 @@ class IngestConfig:
     keepalive_s: int = 30
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 5.0
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
 
     @property
     def effective_client_id(self) -> str:
@@ -267,29 +264,13 @@ class IngestWorker:
     # -- lifecycle -------------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
         c = self.config
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=False,
-            manual_ack=True,
-        )
-        url = urlsplit(c.broker_url)
-        if url.scheme == "mqtts" or c.ca:
-            client.tls_set(
-                ca_certs=str(c.ca) if c.ca else None,
-                certfile=str(c.cert) if c.cert else None,
-                keyfile=str(c.key) if c.key else None,
-            )
+        client = new_client(c.mqtt, self.client_id, clean_session=False, manual_ack=True)
         client.reconnect_delay_set(c.reconnect_min_s, c.reconnect_max_s)  # type: ignore[arg-type]
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
-        self._host, self._port = (
-            url.hostname or "127.0.0.1",
-            url.port or (8883 if url.scheme == "mqtts" else 1883),
-        )
+        self._host, self._port = c.mqtt.host, c.mqtt.port
         return client
 
     def start(self) -> IngestWorker:
@@ -303,7 +284,7 @@ class IngestWorker:
         log.info(
             "ingest %s: %s -> %s (%s)",
             self.client_id,
-            self.config.broker_url,
+            self.config.mqtt.url,
             self.store.dialect,
             ", ".join(
                 subscription(self.config.group, self.config.fleet, k, self.config.shared) for k in self.kinds

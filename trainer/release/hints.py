@@ -7,34 +7,18 @@ is the only one the broker ACL lets write release topics (deploy/mosquitto/).
 
 from __future__ import annotations
 
-import ssl
 import uuid
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 from edge_agent.config import MqttSettings
+from edge_agent.mqtt_client import new_client
 from edge_agent.protocol import ReleaseHint, release_topic
 from trainer.errors import ReleaseError
 
 
 def send_hint(settings: MqttSettings, hint: ReleaseHint, timeout: float = 10.0) -> None:
     """Publish ``hint`` retained at QoS 1 and wait for the broker's PUBACK (one short-lived connection)."""
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=settings.client_id or f"edgefleet-release-{uuid.uuid4().hex[:8]}",
-        protocol=mqtt.MQTTv311,
-    )
-    if settings.username is not None:
-        client.username_pw_set(settings.username, settings.password)
-    if settings.tls:
-        client.tls_set(
-            ca_certs=str(settings.ca) if settings.ca else None,
-            certfile=str(settings.cert) if settings.cert else None,
-            keyfile=str(settings.key) if settings.key else None,
-            cert_reqs=ssl.CERT_REQUIRED,
-        )
+    client = new_client(settings, settings.client_id or f"edgefleet-release-{uuid.uuid4().hex[:8]}")
     try:
         client.connect(settings.host, settings.port, keepalive=30)
     except Exception as exc:  # noqa: BLE001 - refused, unreachable, TLS: one clear error

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import MqttSettings
+from edge_agent.mqtt_client import new_client
 from edge_agent.package import ModelPackage, load_package
 from trainer.drift.detector import DriftConfig
 from trainer.drift.estimate import estimate_accuracy
@@ -95,7 +95,7 @@ class PredictionTracker:
     def __init__(self, broker_port: int, fleet: str) -> None:
         self.lock = threading.Lock()
         self.records: list[tuple[float, str, str, bool]] = []  # (ts, device, model version, correct)
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="demo-accuracy")
+        self.client = new_client(MqttSettings(url=f"mqtt://127.0.0.1:{broker_port}"), "demo-accuracy")
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *a: c.subscribe(f"ef/v1/{fleet}/dev/+/pred", qos=0)
         self.client.connect("127.0.0.1", broker_port)

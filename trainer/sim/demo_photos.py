@@ -21,6 +21,8 @@ from pathlib import Path
 import cv2
 import paho.mqtt.client as mqtt
 
+from edge_agent.config import MqttSettings
+from edge_agent.mqtt_client import new_client
 from edge_agent.package import load_package
 from trainer.data.photos import PHOTO_FILES, load_photos
 from trainer.ops.broker import MosquittoBroker, find_mosquitto
@@ -66,9 +68,9 @@ def _describe(topic: str, payload: bytes, labels: list[str]) -> str:
     return f"{topic}: {payload[:120]!r}"
 
 
-def _monitor(received: list[str], connected: threading.Event, labels: list[str]) -> mqtt.Client:
+def _monitor(port: int, received: list[str], connected: threading.Event, labels: list[str]) -> mqtt.Client:
     """An MQTT client that prints every demo message as it arrives and records it in ``received``."""
-    monitor = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-monitor")
+    monitor = new_client(MqttSettings(url=f"mqtt://127.0.0.1:{port}"), "demo-monitor")
 
     def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         received.append(_describe(msg.topic, bytes(msg.payload), labels))
@@ -101,7 +103,7 @@ def main() -> int:
     done = threading.Event()
     with MosquittoBroker(BUILD / "demo" / "broker") as broker:
         print(f"private broker at {broker.url}")
-        monitor = _monitor(received, done, labels)
+        monitor = _monitor(broker.port, received, done, labels)
         monitor.connect("127.0.0.1", broker.port)
         monitor.loop_start()
         done.wait(5)
