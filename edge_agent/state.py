@@ -1,43 +1,12 @@
-"""The agent's small persistent state: session counter and cached choices, written crash-safely.
-
-Every write goes to a temp file, is fsynced, renamed over the old file and the directory fsynced, so a
-power cut at any instant leaves either the old or the new content, never a torn file.
-"""
+"""The agent's small persistent state: session counter and cached choices, written crash-safely
+(see :mod:`edge_agent.files`)."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace ``path`` with ``data`` as JSON atomically and durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_json(path: Path, default: Any = None) -> Any:
-    """Parsed JSON, or ``default`` if the file is missing or unreadable (a torn write is treated as absent)."""
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return default
+from edge_agent.files import read_json, write_json_atomic
 
 
 class AgentState:

@@ -17,8 +17,8 @@ import tarfile
 from pathlib import Path, PurePosixPath
 
 from edge_agent.errors import EdgeFleetError
+from edge_agent.files import fsync_dir, fsync_file
 from edge_agent.package import MANIFEST
-from edge_agent.state import fsync_dir
 
 MAX_FILES = 256
 
@@ -45,8 +45,7 @@ def pack_package(package_dir: str | Path, out: str | Path) -> Path:
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             tar.addfile(info, io.BytesIO(data))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_file(tmp)
     os.replace(tmp, out)
     return out
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from edge_agent.state import fsync_dir, write_json_atomic
+from edge_agent.files import fsync_dir, write_json_atomic
 from edge_agent.updater.state import SlotName, UpdateStateData
 
 log = logging.getLogger(__name__)

@@ -36,6 +36,7 @@ import torch
 
 from edge_agent.agreement import load_check, measure_agreement
 from edge_agent.backends import BackendOptions, load_backend
+from edge_agent.files import write_atomic
 from edge_agent.package import (
     MANIFEST,
     AgreementCheck,
@@ -404,13 +405,8 @@ def _hash_files(root: Path) -> dict[str, FileEntry]:
 
 
 def write_manifest(root: Path, manifest: ModelManifest) -> None:
-    """Write model.json atomically (temp file, fsync, rename)."""
-    tmp = root / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(manifest.model_dump(mode="json", exclude_none=True), indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST)
+    """Write model.json atomically (temp file, fsync, rename, fsync the directory)."""
+    write_atomic(root / MANIFEST, json.dumps(manifest.model_dump(mode="json", exclude_none=True), indent=1))
 
 
 def export_package(

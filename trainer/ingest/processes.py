@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge_agent.files import write_atomic
+
 log = logging.getLogger(__name__)
 RESTART_DELAY_S = 1.0
 
@@ -24,10 +26,7 @@ RESTART_DELAY_S = 1.0
 def _write_stats(path: str | None, index: int, stats: dict[str, Any]) -> None:
     if not path:
         return
-    target = Path(path.replace("{index}", str(index)))
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=1))
-    os.replace(tmp, target)
+    write_atomic(Path(path.replace("{index}", str(index))), json.dumps(stats, indent=1))
 
 
 def run_worker(config: Any, stats_file: str | None = None, stats_interval: float = 10.0) -> int:

@@ -167,6 +167,8 @@ class FeatureCache:
         if self.dir is not None:
             p = self._path(sha, view)
             p.parent.mkdir(parents=True, exist_ok=True)
+            # a cache: renamed into place so readers never see half a file, but not fsynced (a lost entry
+            # is recomputed; an fsync per entry would slow feature extraction)
             tmp = p.with_suffix(f".{os.getpid()}.tmp")
             with open(tmp, "wb") as f:
                 np.save(f, value, allow_pickle=False)

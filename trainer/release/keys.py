@@ -18,7 +18,7 @@ from pathlib import Path
 
 from securesystemslib.signer import CryptoSigner, Key, Signer
 
-from edge_agent.state import write_json_atomic
+from edge_agent.files import write_json_atomic
 from trainer.errors import KeyStoreError
 
 

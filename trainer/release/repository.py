@@ -58,9 +58,9 @@ from tuf.api.metadata import (
 )
 from tuf.repository import Repository
 
+from edge_agent.files import fsync_dir, write_atomic, write_json_atomic
 from edge_agent.package import MANIFEST, ModelManifest, load_package, sha256_file
 from edge_agent.protocol import ReleaseHint
-from edge_agent.state import fsync_dir, write_json_atomic
 from edge_agent.updater.archive import pack_package
 from edge_agent.updater.cohort import Cohort
 from edge_agent.updater.release_info import CUSTOM_KEY, ReleaseInfo, preprocess_text, target_path
@@ -136,16 +136,6 @@ class ReleaseRecord(BaseModel):
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class ReleaseRepository(Repository):
@@ -278,7 +268,7 @@ class ReleaseRepository(Repository):
             if role == Timestamp.type
             else self.metadata_dir / f"{md.signed.version}.{role}.json"
         )
-        _write_atomic(path, md.to_bytes())
+        write_atomic(path, md.to_bytes())
         return path
 
     @property

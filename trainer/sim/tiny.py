@@ -33,6 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent.backends.base import BackendOptions, load_backend
+from edge_agent.files import write_atomic
 from edge_agent.package import (
     MANIFEST,
     Artifact,
@@ -231,10 +232,7 @@ def build_tiny_package(
         manifest = _manifest(tmp, name, version, behaviour, golden)
         manifest.reference = reference
         data = json.dumps(manifest.model_dump(mode="json", exclude_none=True), indent=1)
-        with open(tmp / MANIFEST, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_atomic(tmp / MANIFEST, data)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
