@@ -54,6 +54,8 @@ from edge_agent.postprocess import to_probabilities
 from edge_agent.preprocess import Preprocessor, fit_frame
 from edge_agent.telemetry.histogram import default_edges
 from trainer.errors import ExportError
+from trainer.export.onnx import export_onnx_fp32, quantize_onnx_int8
+from trainer.export.tflite import convert_tflite, quantize_tflite_int8, tflite_tensor_specs
 from trainer.ops.progress import Steps
 
 ALL_FORMATS = ("onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8")
@@ -100,290 +102,6 @@ def _torch_logits(model: torch.nn.Module, x: np.ndarray, batch: int = 32) -> np.
     return np.concatenate(outs)
 
 
-def _export_onnx_fp32(model: torch.nn.Module, spec: PreprocessSpec, path: Path) -> None:
-    h, w = spec.size
-    dummy = torch.zeros(1, 3, h, w)
-    torch.onnx.export(
-        model,
-        (dummy,),
-        str(path),
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-
-
-FLOAT_PREFIX_SHARES = (0.0, 0.15, 0.3, 0.45)
-"""Shares of the network's convolutions, from the input on, that the int8 exports may keep in float."""
-AGREEMENT_TARGET = 0.97
-"""Top-1 agreement with fp32 on the check frames an int8 artifact should reach."""
-
-
-def _search_float_prefix(
-    out: Path, quantize: Callable[[Path, float], None], agrees: Callable[[Path], np.ndarray]
-) -> tuple[float, dict[str, float]]:
-    """Quantize with growing float prefixes (:data:`FLOAT_PREFIX_SHARES`) until one reaches
-    :data:`AGREEMENT_TARGET`; the best variant ends up at ``out``. Returns its share and every variant's
-    measured agreement."""
-    variants: dict[str, float] = {}
-    best: tuple[float, float, Path] | None = None
-    for share in FLOAT_PREFIX_SHARES:
-        path = out.with_name(f"{out.stem}.f{int(share * 100)}{out.suffix}")
-        quantize(path, share)
-        agreement = float(np.mean(agrees(path)))
-        variants[f"{share:.0%} float"] = round(agreement, 4)
-        if best is None or agreement > best[0]:
-            if best is not None:
-                best[2].unlink()
-            best = (agreement, share, path)
-        else:
-            path.unlink()
-        if agreement >= AGREEMENT_TARGET:
-            break
-    assert best is not None
-    os.replace(best[2], out)
-    return best[1], variants
-
-
-def _quantize_onnx(
-    fp32: Path, out: Path, calib: np.ndarray, float_share: float = 0.0, reduce_range: bool = False
-) -> None:
-    """Static QDQ int8 (u8 activations, s8 per-channel weights, MinMax), keeping every node before the
-    given share of the convolutions in float. ``reduce_range`` (7-bit weights) cannot saturate on CPUs
-    without VNNI, but cost 24 points of agreement on Lite0 (65.6% vs 89.1%), so it is not used."""
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter(calib[i : i + 1] for i in range(len(calib)))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            x = next(self._it, None)
-            return None if x is None else {"input": x}
-
-    pre = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(pre))  # fold BatchNorm into Conv before choosing ranges
-    try:
-        nodes = onnx.load(str(pre)).graph.node  # topologically sorted
-        convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
-        k = int(round(float_share * len(convs)))
-        exclude = [n.name for n in nodes[: convs[k - 1] + 1]] if k else []
-        quantize_static(
-            str(pre),
-            str(out),
-            _Reader(),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            reduce_range=reduce_range,
-            calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=exclude,
-        )
-    finally:
-        pre.unlink(missing_ok=True)
-
-
-def _choose_onnx_int8(fp32: Path, out: Path, calib: np.ndarray, check_x: np.ndarray) -> dict[str, Any]:
-    """The fewest leading layers in float that reach :data:`AGREEMENT_TARGET` on the check frames here
-    (see :func:`_quantize_tflite` for why early layers). Devices still check the result on their own CPU
-    (:mod:`edge_agent.agreement`): without VNNI the u8 x s8 kernels saturate whatever the prefix."""
-    import onnxruntime as ort
-
-    def top1(path: Path) -> np.ndarray:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = os.cpu_count() or 1
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        outs = [sess.run(None, {"input": check_x[i : i + 32]})[0] for i in range(0, len(check_x), 32)]
-        return np.concatenate(outs).argmax(1)
-
-    ref = top1(fp32)
-    share, variants = _search_float_prefix(
-        out, lambda path, share: _quantize_onnx(fp32, path, calib, share), lambda path: top1(path) == ref
-    )
-    return {
-        "tool": "onnxruntime.quantization.quantize_static",
-        "format": "QDQ",
-        "activations": "uint8 asymmetric",
-        "weights": "int8 per-channel symmetric",
-        "float_prefix": f"first {share:.0%} of the convolutions kept in float",
-        "variants": variants,
-        "check_frames": len(check_x),
-        "calibration": "MinMax",
-        "calibration_images": len(calib),
-    }
-
-
-def _convert_tflite(model: torch.nn.Module, spec: PreprocessSpec, path: Path) -> None:
-    import litert_torch
-
-    h, w = spec.size
-    wrapped = litert_torch.to_channel_last_io(model.eval(), args=[0]).eval()
-    edge = litert_torch.convert(wrapped, (torch.zeros(1, h, w, 3),))
-    edge.export(str(path))
-
-
-def _quantize_tflite(
-    fp32: Path, out: Path, calib_nhwc: np.ndarray, spec: PreprocessSpec, check_nhwc: np.ndarray
-) -> dict[str, Any]:
-    """Static int8 with the fewest leading layers kept in float that reaches :data:`AGREEMENT_TARGET`.
-
-    Why a float prefix: a per-layer error report (fp32 vs int8 output of every op on held-out frames)
-    of EfficientNet-Lite0 retrained for the demo showed the signal-to-noise ratio falling from 29 dB after
-    the stem to 15 dB by block 4 and staying there, almost all of it on dark (night) frames, whose small
-    activations get few int8 levels under ranges set by bright frames. Larger, augmented or percentile
-    calibration sets and a float head did not move it (89-93% agreement); keeping the first 30-45% of the
-    convolutions in float gave 96-97% agreement and an int8 loss of -0.8 to +1.4 points on 517 frames,
-    at 1.46 -> 1.59 ms against 2.98 ms fp32 (XNNPACK runs those early layers about as fast in float).
-    Each variant's agreement is measured here on the check frames and recorded.
-    """
-    from ai_edge_litert.interpreter import Interpreter
-
-    ref = _tflite_top1(fp32, check_nhwc)
-    prefix_ops = _leading_op_outputs(Interpreter(model_path=str(fp32)))
-    share, variants = _search_float_prefix(
-        out,
-        lambda path, share: _quantize_tflite_once(fp32, path, calib_nhwc, spec, prefix_ops(share)),
-        lambda path: _tflite_top1(path, check_nhwc) == ref,
-    )
-    return {
-        "tool": "ai-edge-quantizer",
-        "recipe": "static_wi8_ai8",
-        "activations": "int8",
-        "weights": "int8 per-channel",
-        "float_prefix": f"first {share:.0%} of the convolutions kept in float",
-        "variants": variants,
-        "check_frames": len(check_nhwc),
-        "calibration": "absolute min/max; input range fixed to the normalisation range",
-        "calibration_images": len(calib_nhwc),
-    }
-
-
-def _leading_op_outputs(interp: Any) -> Callable[[float], list[str]]:
-    """Names of the outputs of every op before the given share of the convolutions (execution order)."""
-    ops = interp._get_ops_details()
-    tensors = interp.get_tensor_details()
-    convs = [i for i, o in enumerate(ops) if o["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
-
-    def names(share: float) -> list[str]:
-        k = int(round(share * len(convs)))
-        if k == 0:
-            return []
-        cut = convs[k - 1] + 1
-        return [tensors[t]["name"] for o in ops[:cut] for t in o["outputs"]]
-
-    return names
-
-
-def _tflite_top1(path: Path, x_nhwc: np.ndarray) -> np.ndarray:
-    """Top-1 of a TFLite model on float NHWC inputs (quantizing them for an integer input tensor)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
-    interp.allocate_tensors()
-    i, o = interp.get_input_details()[0], interp.get_output_details()[0]
-    out = []
-    for k in range(len(x_nhwc)):
-        x = x_nhwc[k : k + 1]
-        if i["dtype"] != np.float32:
-            scale, zp = i["quantization"]
-            info = np.iinfo(i["dtype"])
-            x = np.clip(np.round(x / scale + zp), info.min, info.max).astype(i["dtype"])
-        interp.set_tensor(i["index"], x)
-        interp.invoke()
-        out.append(interp.get_tensor(o["index"])[0].astype(np.float32))
-    return np.stack(out).argmax(1)
-
-
-def _quantize_tflite_once(
-    fp32: Path, out: Path, calib_nhwc: np.ndarray, spec: PreprocessSpec, float_ops: list[str]
-) -> None:
-    import re
-
-    from ai_edge_litert.interpreter import Interpreter
-    from ai_edge_quantizer import calibrator, qtyping, quantizer, recipe_manager
-    from ai_edge_quantizer.algorithm_manager import AlgorithmName
-    from ai_edge_quantizer.utils import tfl_interpreter_utils
-
-    sig = tfl_interpreter_utils.DEFAULT_SIGNATURE_KEY
-    interp = Interpreter(model_path=str(fp32))
-    input_name = interp.get_signature_list()[sig]["inputs"][0]
-    tensor_name = interp.get_input_details()[0]["name"]
-    rm = recipe_manager.RecipeManager()
-    rm.add_static_config(
-        regex=".*",
-        operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
-        activation_num_bits=8,
-        weight_num_bits=8,
-    )
-    if float_ops:
-        # the quantizer's op scope is the op's output names joined by ";" with a trailing ";"
-        names = "^(" + "|".join(re.escape(n) for n in float_ops) + ");$"
-        for op in ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD"):  # ALL_SUPPORTED does not take NO_QUANTIZE
-            rm.add_quantization_config(
-                regex=names,
-                operation_name=getattr(qtyping.TFLOperationName, op),
-                algorithm_key=AlgorithmName.NO_QUANTIZE,
-            )
-    # Absolute min/max over all calibration frames (as onnxruntime's MinMax): the default moving
-    # average under-estimates ranges and cost 12 points of top-1 agreement on EfficientNet-Lite0.
-    calib = calibrator.Calibrator(
-        fp32.read_bytes(), num_threads=max(1, os.cpu_count() or 1), qsv_update_func=_absolute_min_max
-    )
-    calib.calibrate({sig: [{input_name: calib_nhwc[i : i + 1]} for i in range(len(calib_nhwc))]}, rm)
-    result = calib.get_model_qsvs()
-    # The input range is known exactly from the normalisation; the calibrator's moving-average
-    # min/max would clip the brightest and darkest pixels.
-    mean = np.asarray(spec.mean)
-    std = np.asarray(spec.std)
-    lo, hi = float(((0 - mean) / std).min()), float(((255 - mean) / std).max())
-    qsv = result[tensor_name]
-    result[tensor_name] = {
-        "min": np.full_like(np.asarray(qsv["min"], dtype=np.float32), lo),
-        "max": np.full_like(np.asarray(qsv["max"], dtype=np.float32), hi),
-    }
-    qt = quantizer.Quantizer(str(fp32))
-    qt.load_quantization_recipe(rm.get_quantization_recipe())
-    qt.quantize(result).export_model(str(out), overwrite=True)
-
-
-def _absolute_min_max(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    if not old:
-        return new
-    return {"min": np.minimum(old["min"], new["min"]), "max": np.maximum(old["max"], new["max"])}
-
-
-def _tflite_tensor_specs(path: Path) -> tuple[TensorSpec, TensorSpec]:
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_path=str(path))
-    specs = []
-    for d, layout in ((interp.get_input_details()[0], "NHWC"), (interp.get_output_details()[0], "NC")):
-        dtype = np.dtype(d["dtype"]).name
-        scale, zp = d["quantization"]
-        specs.append(
-            TensorSpec.model_validate(
-                {
-                    "layout": layout,
-                    "dtype": dtype,
-                    "scale": float(scale) if dtype != "float32" else None,
-                    "zero_point": int(zp) if dtype != "float32" else None,
-                }
-            )
-        )
-    return specs[0], specs[1]
-
-
 def _artifact_top1(
     pkg: ModelPackage, key: str, frames: Sequence[np.ndarray], output_kind: str, temperature: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -409,6 +127,81 @@ def write_manifest(root: Path, manifest: ModelManifest) -> None:
     write_atomic(root / MANIFEST, json.dumps(manifest.model_dump(mode="json", exclude_none=True), indent=1))
 
 
+@dataclass(frozen=True)
+class TorchReference:
+    """Torch fp32 on the calibration and check frames: what every artifact is measured against."""
+
+    calibration: np.ndarray
+    """Calibration frames as NCHW float, preprocessed like the device does."""
+    check: np.ndarray
+    """Check frames as NCHW float."""
+    probabilities: np.ndarray
+    """Torch fp32 probabilities on the check frames."""
+
+    @property
+    def top1(self) -> np.ndarray:
+        return self.probabilities.argmax(1)
+
+
+@dataclass(frozen=True)
+class RuntimeExporter:
+    """How one runtime's artifacts are made: an fp32 export and an int8 quantizer of it."""
+
+    name: str
+    fp32_file: str
+    int8_file: str
+    fp32_step: str
+    int8_step: str
+    export_fp32: Callable[[torch.nn.Module, PreprocessSpec, Path], None]
+    quantize_int8: Callable[[Path, Path, TorchReference, PreprocessSpec], dict[str, Any]]
+    runtime: str
+    tensor_specs: Callable[[Path], tuple[TensorSpec, TensorSpec]]
+
+
+def _onnx_specs(path: Path) -> tuple[TensorSpec, TensorSpec]:
+    return TensorSpec(name="input", layout="NCHW", dtype="float32"), TensorSpec(
+        name="output", layout="NC", dtype="float32"
+    )
+
+
+def _quantize_onnx(fp32: Path, out: Path, ref: TorchReference, preprocess: PreprocessSpec) -> dict[str, Any]:
+    return quantize_onnx_int8(fp32, out, ref.calibration, ref.check)
+
+
+def _quantize_tflite(
+    fp32: Path, out: Path, ref: TorchReference, preprocess: PreprocessSpec
+) -> dict[str, Any]:
+    nhwc = (np.ascontiguousarray(x.transpose(0, 2, 3, 1)) for x in (ref.calibration, ref.check))
+    return quantize_tflite_int8(fp32, out, next(nhwc), preprocess, next(nhwc))
+
+
+EXPORTERS = (
+    RuntimeExporter(
+        "onnx",
+        "model_fp32.onnx",
+        "model_int8.onnx",
+        "onnx fp32",
+        "onnx int8 (static QDQ; float prefix chosen by measured agreement)",
+        export_onnx_fp32,
+        _quantize_onnx,
+        "onnxruntime",
+        _onnx_specs,
+    ),
+    RuntimeExporter(
+        "tflite",
+        "model_fp32.tflite",
+        "model_int8.tflite",
+        "tflite fp32 (litert-torch)",
+        "tflite int8 (ai-edge-quantizer)",
+        convert_tflite,
+        _quantize_tflite,
+        "litert",
+        tflite_tensor_specs,
+    ),
+)
+"""One row per runtime; ``{name}-fp32`` and ``{name}-int8`` are the artifact keys (see ALL_FORMATS)."""
+
+
 def export_package(
     model: torch.nn.Module,
     spec: ExportSpec,
@@ -430,6 +223,41 @@ def export_package(
     model.json fields (temperature, reference statistics, evaluation) to write with it.
     """
     out_dir = Path(out_dir)
+    _check_request(spec, calibration_frames, out_dir, overwrite)
+    check_frames = list(check_frames if check_frames is not None else calibration_frames)
+    golden_frames = list(golden_frames if golden_frames is not None else check_frames)
+    model = model.eval()
+    steps = Steps("export", 3 + len(spec.formats), enabled=progress)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a package is read by agents, servers and other users
+    try:
+        with steps.step(f"torch fp32 reference on {len(check_frames)} check frames"):
+            ref = _torch_reference(model, spec, calibration_frames, check_frames)
+        artifacts = _export_artifacts(model, spec, ref, tmp, steps)
+        manifest = _draft_manifest(spec, artifacts, tmp)
+        write_manifest(tmp, manifest)
+        with steps.step(f"check every artifact against torch fp32 on {len(check_frames)} frames"):
+            agreement, decisive = _measure_artifacts(
+                load_package(tmp), artifacts, spec, ref, check_frames, steps
+            )
+        manifest = _add_golden_and_check(model, spec, manifest, [*check_frames], golden_frames, tmp, steps)
+        if before_commit is not None:
+            extra = before_commit(load_package(tmp))
+            manifest = ModelManifest.model_validate({**manifest.model_dump(), **extra})
+            write_manifest(tmp, manifest.model_copy(update={"files": _hash_files(tmp)}))
+        load_package(tmp)  # the finished package must verify before it is published
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportReport(package=load_package(out_dir), agreement=agreement, decisive_agreement=decisive)
+
+
+def _check_request(
+    spec: ExportSpec, calibration_frames: Sequence[np.ndarray], out_dir: Path, overwrite: bool
+) -> None:
+    """Refuse an export that cannot succeed before any work is done."""
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir}: already exists (pass overwrite to replace it)")
     unknown = set(spec.formats) - set(ALL_FORMATS)
@@ -437,154 +265,140 @@ def export_package(
         raise ExportError(f"unknown or no formats requested: {sorted(unknown)} (known: {ALL_FORMATS})")
     if len(calibration_frames) < 8:
         raise ExportError(f"need at least 8 calibration frames, got {len(calibration_frames)}")
-    check_frames = list(check_frames if check_frames is not None else calibration_frames)
-    golden_frames = list(golden_frames if golden_frames is not None else check_frames)
-    model = model.eval()
-    steps = Steps("export", 3 + len(spec.formats), enabled=progress)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a package is read by agents, servers and other users
-    try:
-        with steps.step(f"torch fp32 reference on {len(check_frames)} check frames"):
-            calib = _float_nchw(calibration_frames, spec.preprocess)
-            check_x = _float_nchw(check_frames, spec.preprocess)
-            check_logits = _torch_logits(model, check_x)
-            ref_probs = to_probabilities(check_logits, spec.output_kind, spec.temperature)
-            ref_top1 = ref_probs.argmax(1)
-        artifacts: dict[str, Artifact] = {}
-        nchw_in = TensorSpec(name="input", layout="NCHW", dtype="float32")
-        out_f = TensorSpec(name="output", layout="NC", dtype="float32")
-        if "onnx-fp32" in spec.formats or "onnx-int8" in spec.formats:
-            with steps.step("onnx fp32"):
-                _export_onnx_fp32(model, spec.preprocess, tmp / "model_fp32.onnx")
-            if "onnx-fp32" in spec.formats:
-                artifacts["onnx-fp32"] = Artifact(
-                    file="model_fp32.onnx",
-                    runtime="onnxruntime",
-                    precision="fp32",
-                    input=nchw_in,
-                    output=out_f,
-                )
-            if "onnx-int8" in spec.formats:
-                with steps.step("onnx int8 (static QDQ; weight range chosen by measured agreement)"):
-                    q = _choose_onnx_int8(tmp / "model_fp32.onnx", tmp / "model_int8.onnx", calib, check_x)
-                    steps.note(f"onnx int8 variants, top-1 agreement with onnx fp32: {q['variants']}")
-                artifacts["onnx-int8"] = Artifact(
-                    file="model_int8.onnx",
-                    runtime="onnxruntime",
-                    precision="int8",
-                    input=nchw_in,
-                    output=out_f,
-                    quantization=q,
-                )
-            if "onnx-fp32" not in spec.formats:
-                (tmp / "model_fp32.onnx").unlink()
-        if "tflite-fp32" in spec.formats or "tflite-int8" in spec.formats:
-            with steps.step("tflite fp32 (litert-torch)"):
-                _convert_tflite(model, spec.preprocess, tmp / "model_fp32.tflite")
-            if "tflite-fp32" in spec.formats:
-                i_spec, o_spec = _tflite_tensor_specs(tmp / "model_fp32.tflite")
-                artifacts["tflite-fp32"] = Artifact(
-                    file="model_fp32.tflite", runtime="litert", precision="fp32", input=i_spec, output=o_spec
-                )
-            if "tflite-int8" in spec.formats:
-                with steps.step("tflite int8 (ai-edge-quantizer)"):
-                    q = _quantize_tflite(
-                        tmp / "model_fp32.tflite",
-                        tmp / "model_int8.tflite",
-                        np.ascontiguousarray(calib.transpose(0, 2, 3, 1)),
-                        spec.preprocess,
-                        np.ascontiguousarray(check_x.transpose(0, 2, 3, 1)),
-                    )
-                    steps.note(f"tflite int8 variants, top-1 agreement with tflite fp32: {q['variants']}")
-                i_spec, o_spec = _tflite_tensor_specs(tmp / "model_int8.tflite")
-                artifacts["tflite-int8"] = Artifact(
-                    file="model_int8.tflite",
-                    runtime="litert",
-                    precision="int8",
-                    input=i_spec,
-                    output=o_spec,
-                    quantization=q,
-                )
-            if "tflite-fp32" not in spec.formats:
-                (tmp / "model_fp32.tflite").unlink()
 
-        manifest = ModelManifest(
-            name=spec.name,
-            version=spec.version,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            labels=list(spec.labels),
-            preprocess=spec.preprocess,
-            output_kind=spec.output_kind,  # type: ignore[arg-type]
-            temperature=spec.temperature,
-            artifacts=artifacts,
-            files=_hash_files(tmp),
-            telemetry_edges=default_edges(len(spec.labels)),
-            provenance={
-                **spec.provenance,
-                "exporter": {
-                    "torch": torch.__version__,
-                    **_versions("onnx", "onnxruntime", "litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
-                },
+def _torch_reference(
+    model: torch.nn.Module,
+    spec: ExportSpec,
+    calibration_frames: Sequence[np.ndarray],
+    check_frames: Sequence[np.ndarray],
+) -> TorchReference:
+    check = _float_nchw(check_frames, spec.preprocess)
+    probs = to_probabilities(_torch_logits(model, check), spec.output_kind, spec.temperature)
+    return TorchReference(_float_nchw(calibration_frames, spec.preprocess), check, probs)
+
+
+def _export_artifacts(
+    model: torch.nn.Module, spec: ExportSpec, ref: TorchReference, tmp: Path, steps: Steps
+) -> dict[str, Artifact]:
+    """Every requested artifact, runtime by runtime (:data:`EXPORTERS`), written into ``tmp``."""
+    artifacts: dict[str, Artifact] = {}
+    for ex in EXPORTERS:
+        wanted = [p for p in ("fp32", "int8") if f"{ex.name}-{p}" in spec.formats]
+        if not wanted:
+            continue
+        with steps.step(ex.fp32_step):
+            ex.export_fp32(model, spec.preprocess, tmp / ex.fp32_file)
+        if "fp32" in wanted:
+            artifacts[f"{ex.name}-fp32"] = _artifact(ex, tmp / ex.fp32_file, "fp32", None)
+        if "int8" in wanted:
+            with steps.step(ex.int8_step):
+                q = ex.quantize_int8(tmp / ex.fp32_file, tmp / ex.int8_file, ref, spec.preprocess)
+                steps.note(f"{ex.name} int8 variants, top-1 agreement with {ex.name} fp32: {q['variants']}")
+            artifacts[f"{ex.name}-int8"] = _artifact(ex, tmp / ex.int8_file, "int8", q)
+        if "fp32" not in wanted:
+            (tmp / ex.fp32_file).unlink()
+    return artifacts
+
+
+def _artifact(
+    ex: RuntimeExporter, path: Path, precision: str, quantization: dict[str, Any] | None
+) -> Artifact:
+    i_spec, o_spec = ex.tensor_specs(path)
+    return Artifact(
+        file=path.name,
+        runtime=ex.runtime,  # type: ignore[arg-type]
+        precision=precision,  # type: ignore[arg-type]
+        input=i_spec,
+        output=o_spec,
+        quantization=quantization,
+    )
+
+
+def _draft_manifest(spec: ExportSpec, artifacts: dict[str, Artifact], tmp: Path) -> ModelManifest:
+    """model.json for the artifacts in ``tmp`` (agreement, golden inputs and the check come later)."""
+    return ModelManifest(
+        name=spec.name,
+        version=spec.version,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        labels=list(spec.labels),
+        preprocess=spec.preprocess,
+        output_kind=spec.output_kind,  # type: ignore[arg-type]
+        temperature=spec.temperature,
+        artifacts=artifacts,
+        files=_hash_files(tmp),
+        telemetry_edges=default_edges(len(spec.labels)),
+        provenance={
+            **spec.provenance,
+            "exporter": {
+                "torch": torch.__version__,
+                **_versions("onnx", "onnxruntime", "litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
             },
-        )
-        write_manifest(tmp, manifest)
-        draft = load_package(tmp)
+        },
+    )
 
-        agreement: dict[str, float] = {}
-        decisive: dict[str, float] = {}
-        confident = ref_probs.max(1) >= 0.5
-        with steps.step(f"check every artifact against torch fp32 on {len(check_frames)} frames"):
-            for key in artifacts:
-                top1, _ = _artifact_top1(draft, key, check_frames, spec.output_kind, spec.temperature)
-                agreement[key] = float(np.mean(top1 == ref_top1))
-                decisive[key] = (
-                    float(np.mean(top1[confident] == ref_top1[confident]))
-                    if confident.any()
-                    else float("nan")
-                )
-                artifacts[key].top1_agreement = round(agreement[key], 4)
-                artifacts[key].agreement_images = len(check_frames)
-                if confident.any():
-                    artifacts[key].top1_agreement_confident = round(decisive[key], 4)
+
+def _measure_artifacts(
+    draft: ModelPackage,
+    artifacts: dict[str, Artifact],
+    spec: ExportSpec,
+    ref: TorchReference,
+    check_frames: Sequence[np.ndarray],
+    steps: Steps,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Each artifact's top-1 agreement with torch fp32 on the check frames (all, and where torch is
+    at least 50% confident), run from ``draft`` and recorded on ``artifacts``."""
+    agreement: dict[str, float] = {}
+    decisive: dict[str, float] = {}
+    confident = ref.probabilities.max(1) >= 0.5
+    for key, art in artifacts.items():
+        top1, _ = _artifact_top1(draft, key, check_frames, spec.output_kind, spec.temperature)
+        agreement[key] = float(np.mean(top1 == ref.top1))
+        decisive[key] = (
+            float(np.mean(top1[confident] == ref.top1[confident])) if confident.any() else float("nan")
+        )
+        art.top1_agreement = round(agreement[key], 4)
+        art.agreement_images = len(check_frames)
+        if confident.any():
+            art.top1_agreement_confident = round(decisive[key], 4)
+        steps.note(
+            f"{key}: top-1 agreement {agreement[key]:.1%} on {len(check_frames)} frames, "
+            f"{decisive[key]:.1%} on the {int(confident.sum())} where torch is >= 50% confident"
+        )
+    return agreement, decisive
+
+
+def _add_golden_and_check(
+    model: torch.nn.Module,
+    spec: ExportSpec,
+    manifest: ModelManifest,
+    check_frames: list[np.ndarray],
+    golden_frames: list[np.ndarray],
+    tmp: Path,
+    steps: Steps,
+) -> ModelManifest:
+    """Golden inputs for the self-test and the agreement check devices run, written into model.json."""
+    artifacts = manifest.artifacts
+    with steps.step("golden inputs"):
+        golden = _choose_golden(model, load_package(tmp), spec, golden_frames, tmp)
+        if not golden:
+            raise ExportError("no golden input is classified identically by torch and every artifact")
+    with steps.step(f"agreement check ({spec.check_count} inputs with fp32 references)"):
+        check = _build_agreement_check(model, load_package(tmp), spec, [*check_frames, *golden_frames], tmp)
+        manifest = manifest.model_copy(update={"agreement_check": check, "files": _hash_files(tmp)})
+        write_manifest(tmp, manifest)
+        check = _measure_check(load_package(tmp), artifacts, spec.agreement_allowance)
+        for key, art in artifacts.items():
+            if art.check_agreement is not None and art.check_agreement < check.floor:
                 steps.note(
-                    f"{key}: top-1 agreement {agreement[key]:.1%} on {len(check_frames)} frames, "
-                    f"{decisive[key]:.1%} on the {int(confident.sum())} where torch is >= 50% confident"
+                    f"warning: {key} agrees with fp32 on {art.check_agreement:.1%} of the check inputs on "
+                    f"this CPU, below the floor {check.floor:.1%}: devices like this one will not serve it"
                 )
-
-        with steps.step("golden inputs"):
-            golden = _choose_golden(model, draft, spec, golden_frames, tmp)
-            if not golden:
-                raise ExportError("no golden input is classified identically by torch and every artifact")
-        with steps.step(f"agreement check ({spec.check_count} inputs with fp32 references)"):
-            check = _build_agreement_check(model, draft, spec, [*check_frames, *golden_frames], tmp)
-            manifest = manifest.model_copy(update={"agreement_check": check, "files": _hash_files(tmp)})
-            write_manifest(tmp, manifest)
-            check = _measure_check(load_package(tmp), artifacts, spec.agreement_allowance)
-            manifest = manifest.model_copy(update={"agreement_check": check})
-            for key, art in artifacts.items():
-                if art.check_agreement is not None and art.check_agreement < check.floor:
-                    steps.note(
-                        f"warning: {key} agrees with fp32 on {art.check_agreement:.1%} of the check inputs on "
-                        f"this CPU, below the floor {check.floor:.1%}: devices like this one will not serve it"
-                    )
-        manifest = manifest.model_copy(
-            update={"artifacts": artifacts, "golden": golden, "files": _hash_files(tmp)}
-        )
-        write_manifest(tmp, manifest)
-        if before_commit is not None:
-            extra = before_commit(load_package(tmp))
-            manifest = ModelManifest.model_validate({**manifest.model_dump(), **extra})
-            manifest = manifest.model_copy(update={"files": _hash_files(tmp)})
-            write_manifest(tmp, manifest)
-        load_package(tmp)  # the finished package must verify before it is published
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    pkg = load_package(out_dir)
-    return ExportReport(package=pkg, agreement=agreement, decisive_agreement=decisive)
+    manifest = manifest.model_copy(
+        update={"agreement_check": check, "artifacts": artifacts, "golden": golden, "files": _hash_files(tmp)}
+    )
+    write_manifest(tmp, manifest)
+    return manifest
 
 
 def _choose_golden(

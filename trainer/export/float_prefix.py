@@ -1,0 +1,41 @@
+"""The float-prefix search both int8 exports share: keep the first convolutions in float until the int8
+artifact agrees with its fp32 on :data:`AGREEMENT_TARGET` of the check frames (see docs/quantization.md)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+FLOAT_PREFIX_SHARES = (0.0, 0.15, 0.3, 0.45)
+"""Shares of the network's convolutions, from the input on, that the int8 exports may keep in float."""
+AGREEMENT_TARGET = 0.97
+"""Top-1 agreement with fp32 on the check frames an int8 artifact should reach."""
+
+
+def search_float_prefix(
+    out: Path, quantize: Callable[[Path, float], None], agrees: Callable[[Path], np.ndarray]
+) -> tuple[float, dict[str, float]]:
+    """Quantize with growing float prefixes (:data:`FLOAT_PREFIX_SHARES`) until one reaches
+    :data:`AGREEMENT_TARGET`; the best variant ends up at ``out``. Returns its share and every variant's
+    measured agreement."""
+    variants: dict[str, float] = {}
+    best: tuple[float, float, Path] | None = None
+    for share in FLOAT_PREFIX_SHARES:
+        path = out.with_name(f"{out.stem}.f{int(share * 100)}{out.suffix}")
+        quantize(path, share)
+        agreement = float(np.mean(agrees(path)))
+        variants[f"{share:.0%} float"] = round(agreement, 4)
+        if best is None or agreement > best[0]:
+            if best is not None:
+                best[2].unlink()
+            best = (agreement, share, path)
+        else:
+            path.unlink()
+        if agreement >= AGREEMENT_TARGET:
+            break
+    assert best is not None
+    os.replace(best[2], out)
+    return best[1], variants
