@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             try:
                 result = train_package(data, Path(tmp) / name, config)
-                results["runs"][name] = summarize(result.evaluation, result.timings)
+                results["runs"][name] = summarize(result.evaluation.model_dump(mode="json"), result.timings)
                 if name == "calibration":
                     results["runs"][name]["shifted_domains"] = shifted_domains(result.package.root)
             except GateError as exc:  # the numbers are still measured; the run just produced no package

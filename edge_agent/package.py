@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.errors import PackageError
+from edge_agent.package_evaluation import Evaluation
 from edge_agent.protocol import ModelRef
 from edge_agent.reference import ReferenceStats
 
@@ -132,11 +133,16 @@ class ModelManifest(BaseModel):
     telemetry_edges: dict[str, list[float]]
     reference: ReferenceStats | None = None
     """Drift baseline computed by the trainer (reference histograms, class prior, ATC threshold)."""
-    evaluation: dict[str, Any] | None = None
+    evaluation: Evaluation | None = None
+    """What the trainer measured (see :mod:`edge_agent.package_evaluation`); absent for packaged pretrained models."""
     provenance: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references_exist(self) -> ModelManifest:
+        if self.evaluation is not None and self.evaluation.device_artifact not in self.evaluation.models:
+            raise ValueError(
+                f"evaluation: no test report for the device artifact {self.evaluation.device_artifact!r}"
+            )
         for key, art in self.artifacts.items():
             if art.file not in self.files:
                 raise ValueError(f"artifact {key!r} refers to {art.file!r}, which is not listed in files")

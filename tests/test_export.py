@@ -52,18 +52,58 @@ def _spec(**kw) -> ExportSpec:
     return ExportSpec(name="colour", labels=["red", "green", "blue"], preprocess=SPEC, **kw)
 
 
+def _evaluation(**drop: object) -> dict:
+    """A minimal evaluation block: one device artifact's report and a passed gate (keys in ``drop`` left out)."""
+    report = {
+        "images": 16,
+        "accuracy": 1.0,
+        "macro_f1": 1.0,
+        "ece": 0.01,
+        "nll": 0.05,
+        "mean_confidence": 0.97,
+        "per_class": {c: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 4} for c in "rgbw"},
+        "confusion": [[4, 0, 0, 0], [0, 4, 0, 0], [0, 0, 4, 0], [0, 0, 0, 4]],
+        "slices": {},
+    }
+    ev = {
+        "device_artifact": "onnx-int8",
+        "models": {"onnx-int8": report},
+        "heldout_accuracy": {"torch-fp32": 1.0, "onnx-int8": 1.0},
+        "gate": {"passed": True, "rules": [{"rule": "max_ece", "passed": True, "detail": "ECE 1.0%"}]},
+    }
+    return {k: v for k, v in ev.items() if k not in drop}
+
+
+def test_an_evaluation_without_the_gate_or_the_device_report_is_refused(tmp_path: Path) -> None:
+    """model.json's evaluation block is validated: a package cannot claim an evaluation it did not make."""
+    no_gate = _evaluation(gate=True)
+    no_device = {**_evaluation(), "device_artifact": "tflite-int8"}
+    for bad, why in ((no_gate, "gate"), (no_device, "no test report for the device artifact")):
+        with pytest.raises(ValueError, match=why):
+            export_package(
+                ColourNet(),
+                _spec(),
+                _frames(16, 0),
+                tmp_path / "bad",
+                before_commit=lambda draft, b=bad: {"evaluation": b},
+                progress=False,
+            )
+        assert not (tmp_path / "bad").exists()
+
+
 def test_export_writes_a_verified_package_with_hook_fields(tmp_path: Path) -> None:
     seen = {}
 
     def hook(draft):  # receives a loadable draft package
         seen["artifacts"] = sorted(draft.manifest.artifacts)
-        return {"temperature": 1.5, "evaluation": {"accuracy": 1.0}}
+        return {"temperature": 1.5, "evaluation": _evaluation()}
 
     out = tmp_path / "colour"
     report = export_package(ColourNet(), _spec(), _frames(16, 0), out, before_commit=hook, progress=False)
     pkg = load_package(out)
     assert seen["artifacts"] == ["onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"]
-    assert pkg.manifest.temperature == 1.5 and pkg.manifest.evaluation == {"accuracy": 1.0}
+    assert pkg.manifest.temperature == 1.5 and pkg.manifest.evaluation is not None
+    assert pkg.manifest.evaluation.device_report().accuracy == 1.0 and pkg.manifest.evaluation.gate.passed
     assert all(v == 1.0 for v in report.agreement.values()), report.agreement
     for key in pkg.manifest.artifacts:
         assert self_test(pkg, key).passed

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.evaluation.gate import GateRules, check_gate
+from edge_agent.package_evaluation import ReportScores
+from trainer.evaluation.gate import GateCandidate, GateRules, check_gate
 
 
 def _eval(
@@ -14,27 +15,34 @@ def _eval(
     night: float = 0.8,
     day: float = 0.95,
     held: dict | None = None,
-) -> dict:
-    return {
-        "device": {
-            "accuracy": acc,
-            "ece": ece,
-            "images": images,
-            "slices": {
-                "lighting": {
-                    "night": {"accuracy": night, "images": 60},
-                    "day": {"accuracy": day, "images": 300},
-                    "dusk": {"accuracy": 0.5, "images": 5},
-                }
+) -> GateCandidate:
+    return GateCandidate.model_validate(
+        {
+            "device": {
+                "accuracy": acc,
+                "ece": ece,
+                "images": images,
+                "slices": {
+                    "lighting": {
+                        "night": {"accuracy": night, "images": 60},
+                        "day": {"accuracy": day, "images": 300},
+                        "dusk": {"accuracy": 0.5, "images": 5},
+                    }
+                },
             },
-        },
-        "heldout_accuracy": held or {"torch-fp32": acc, "onnx-int8": acc, "tflite-int8": acc},
-        "int8": ["onnx-int8", "tflite-int8"],
-    }
+            "heldout_accuracy": held or {"torch-fp32": acc, "onnx-int8": acc, "tflite-int8": acc},
+            "int8": ["onnx-int8", "tflite-int8"],
+        }
+    )
+
+
+def _champ(acc: float, **kw: float) -> ReportScores:
+    """The champion's device report on the same test images."""
+    return _eval(acc, **kw).device  # type: ignore[arg-type]
 
 
 def test_a_good_candidate_passes_every_rule() -> None:
-    report = check_gate(_eval(0.92), _eval(0.91), GateRules())
+    report = check_gate(_eval(0.92), _champ(0.91), GateRules())
     assert report.passed, report.failures()
     names = {r.rule for r in report.results}
     assert {
@@ -50,7 +58,7 @@ def test_a_good_candidate_passes_every_rule() -> None:
 
 def test_each_rule_fails_on_its_own_and_says_why() -> None:
     rules = GateRules(max_slice_drop=2.0, max_int8_drop=1.0, max_ece=0.03, min_accuracy=0.9)
-    slice_drop = check_gate(_eval(0.92, night=0.77), _eval(0.92, night=0.80), rules)
+    slice_drop = check_gate(_eval(0.92, night=0.77), _champ(0.92, night=0.80), rules)
     assert slice_drop.failures() == [
         "max_slice_drop[lighting=night]: 77.0% vs champion 80.0% (-3.0 points, limit -2.0)"
     ]
@@ -63,7 +71,7 @@ def test_each_rule_fails_on_its_own_and_says_why() -> None:
     assert cal.failures() == ["max_ece: ECE 4.5% (limit 3.0%, 400 test images)"]
     low = check_gate(_eval(0.85), None, rules)
     assert [f.split(":")[0] for f in low.failures()] == ["min_accuracy"]
-    worse = check_gate(_eval(0.90), _eval(0.93), rules)
+    worse = check_gate(_eval(0.90), _champ(0.93), rules)
     assert "max_accuracy_drop" in [f.split(":")[0] for f in worse.failures()]
 
 
@@ -71,14 +79,14 @@ def test_small_test_sets_do_not_judge_ece_and_required_gains_are_enforced() -> N
     small = check_gate(_eval(0.9, ece=0.2, images=40), None, GateRules(max_ece=0.03))
     assert small.passed and "not judged" in small.results[0].detail
     rules = GateRules(min_slice_gain={"lighting=night": 5.0, "lighting=fog": 1.0})
-    report = check_gate(_eval(0.92, night=0.83), _eval(0.92, night=0.80), rules)
+    report = check_gate(_eval(0.92, night=0.83), _champ(0.92, night=0.80), rules)
     fails = report.failures()
     assert any(
         f.startswith("min_slice_gain[lighting=night]") and "+3.0 points, need +5.0" in f for f in fails
     )
     assert any(f.startswith("min_slice_gain[lighting=fog]") and "not present" in f for f in fails)
     assert check_gate(
-        _eval(0.92, night=0.90), _eval(0.92, night=0.80), GateRules(min_slice_gain={"lighting=night": 5.0})
+        _eval(0.92, night=0.90), _champ(0.92, night=0.80), GateRules(min_slice_gain={"lighting=night": 5.0})
     ).passed
 
 
@@ -110,5 +118,5 @@ def test_paired_drops_fail_only_when_significant() -> None:
     assert [f.split(":")[0] for f in raw.failures()] == ["max_int8_drop[onnx-int8]"]
     # a slice regression against the champion is judged on that slice's paired images
     slice_pairs = {"slice[lighting=night]": (12, 1), "overall": (12, 10)}
-    rep = check_gate(_eval(0.92, night=0.62), _eval(0.92, night=0.80), GateRules(), slice_pairs)
+    rep = check_gate(_eval(0.92, night=0.62), _champ(0.92, night=0.80), GateRules(), slice_pairs)
     assert [f.split(":")[0] for f in rep.failures()] == ["max_slice_drop[lighting=night]"]

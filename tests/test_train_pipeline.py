@@ -29,7 +29,7 @@ from trainer.model.fit import FitConfig, fit_suffix
 
 
 def test_training_learns_well_above_chance_for_torch_and_every_artifact(shapes_package) -> None:
-    ev = shapes_package.evaluation
+    ev = shapes_package.evaluation.model_dump(mode="json")
     chance = 1 / 8
     assert set(ev["models"]) == {"torch-fp32", "onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"}
     for key, r in ev["models"].items():
@@ -66,7 +66,8 @@ def test_package_is_complete_verified_and_self_tests(shapes_package, shapes_uri,
     manifest = json.loads((pkg.root / "data_manifest.json").read_text())
     assert len(manifest["entries"]) == 240 and all(len(e["sha256"]) == 64 for e in manifest["entries"])
     assert m.reference is not None and m.reference.artifact == "tflite-int8"
-    assert m.evaluation["gate"]["passed"] is True
+    assert m.evaluation is not None and m.evaluation.gate.passed is True
+    assert m.evaluation.device_report().accuracy == m.evaluation.models["tflite-int8"].accuracy
     assert edgefleet(["agent", "selftest", "--package", str(pkg.root)]) == 0
     assert capsys.readouterr().out.count("PASS") == 4
 
@@ -119,7 +120,7 @@ def test_reference_histograms_equal_what_the_agent_reports_on_the_same_images(
     assert window.confidence_mean == pytest.approx(ref.mean_confidence)
     # ATC on the reference data: the share above the threshold is the reference accuracy (within one image)
     assert abs(window.atc_above / window.frames.inferred - ref.accuracy) <= 1 / ref.images + 1e-9
-    assert ref.accuracy == pytest.approx(shapes_package.evaluation["heldout_accuracy"][ref.artifact])
+    assert ref.accuracy == pytest.approx(shapes_package.evaluation.heldout_accuracy[ref.artifact])
 
 
 def test_eval_command_reproduces_the_training_evaluation(
@@ -146,7 +147,7 @@ def test_eval_command_reproduces_the_training_evaluation(
         == 0
     )
     ev = json.loads(out.read_text())
-    trained = shapes_package.evaluation["models"]
+    trained = shapes_package.evaluation.model_dump(mode="json")["models"]
     assert set(ev["models"]) == set(trained) - {"torch-fp32"}
     for key, r in ev["models"].items():
         assert r["accuracy"] == pytest.approx(trained[key]["accuracy"]), key

@@ -8,7 +8,7 @@
 
     data = load_dataset("builtin:shapes").combine(new_labelled)      # content-hash splits stay stable
     result = train_package(data, "packages/v2", TrainConfig(version="2.0.0"), champion="packages/v1")
-    result.package, result.evaluation["gate"], result.reference.atc_threshold
+    result.package, result.evaluation.gate.passed, result.reference.atc_threshold
 
 Steps: features of the frozen EfficientNet-Lite0 prefix once per image and augmented view (cached) ->
 the new head (and optionally the last blocks) trained with early stopping on validation -> temperature
@@ -35,11 +35,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.errors import ConfigError
 from edge_agent.package import ModelPackage, PreprocessSpec, load_package
+from edge_agent.package_evaluation import Evaluation, ReportScores
 from edge_agent.reference import ReferenceStats
 from trainer.data.corruptions import CORRUPTIONS, SEVERITIES
 from trainer.data.dataset import Dataset, Sample
 from trainer.errors import GateError, LabelMismatchError
-from trainer.evaluation.gate import GateRules, check_gate
+from trainer.evaluation.gate import GateCandidate, GateDecision, GateRules, check_gate
+from trainer.export.package import ExportError, ExportReport, ExportSpec, export_package
 from trainer.model.fit import FitConfig, FitResult
 from trainer.ops.progress import Steps
 
@@ -96,10 +98,12 @@ class TrainConfig(BaseModel):
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainResult:
+    """A built package with what was measured on the way: evaluation, drift reference, the fit, timings."""
+
     package: ModelPackage
-    evaluation: dict[str, Any]
+    evaluation: Evaluation
     reference: ReferenceStats
     fit: FitResult
     timings: dict[str, float] = field(default_factory=dict)
@@ -202,187 +206,319 @@ def train_package(
     """Train on ``data`` and write a verified, evaluated, gated package to ``out_dir``."""
     import torch
 
-    from trainer.data.augment import AUGMENT_VERSION
-    from trainer.data.builtin import load_dataset
-    from trainer.evaluation.card import write_card
-    from trainer.evaluation.reference import reference_stats
-    from trainer.evaluation.runners import TorchRunner, report
-    from trainer.export.package import ExportError, ExportSpec, export_package
-    from trainer.model.backbone import build_classifier, split
-    from trainer.model.features import FeatureCache, FeatureExtractor, prefix_fingerprint
-    from trainer.model.fit import fit_suffix, predict_logits
-
     config = config or TrainConfig()
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir}: already exists (pass overwrite to replace it)")
+    inputs = _prepare(data, config, champion)
+    torch.set_num_threads(inputs.threads)
+    steps = Steps("train", 3, enabled=config.progress)
+    steps.note(inputs.describe())
+    features = _extract_features(config, inputs, steps)
+    fit = _fit(config, inputs, features, steps)
+    calibrated = _calibrated(fit, features, inputs, steps)
+    check = _ReleaseCheck(config, inputs, features, calibrated, fit, t_start)
+    with steps.step(f"export {', '.join(config.formats)} + evaluate + reference + gate + card"):
+        t = time.perf_counter()
+        pkg = _export(config, inputs, features, calibrated, check, out_dir, overwrite).package
+        check.timings["export_total_s"] = time.perf_counter() - t
+    check.timings["total_s"] = time.perf_counter() - t_start
+    assert pkg.manifest.evaluation is not None and check.reference is not None  # written by the check
+    return TrainResult(pkg, pkg.manifest.evaluation, check.reference, fit, dict(check.timings))
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The data split three ways, the labels, the champion to beat and where the model will run."""
+
+    dataset: Dataset
+    labels: list[str]
+    champion: ModelPackage | None
+    device: str
+    threads: int
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+
+    def y(self, samples: Sequence[Sample]) -> np.ndarray:
+        return self.dataset.index(samples)
+
+    def describe(self) -> str:
+        skipped = f", {len(self.dataset.skipped)} file(s) skipped" if self.dataset.skipped else ""
+        return (
+            f"{self.dataset.origin}: {len(self.labels)} classes, {len(self.train)} train / {len(self.val)} val / "
+            f"{len(self.test)} test images{skipped}"
+        )
+
+
+def _prepare(
+    data: Dataset | str | Path, config: TrainConfig, champion: str | Path | ModelPackage | None
+) -> _Inputs:
+    """Load and check the data, the champion and the formats before anything is computed."""
+    from trainer.data.builtin import load_dataset
+
     dataset = data if isinstance(data, Dataset) else load_dataset(data)
     dataset.require_trainable()
     for k in dataset.skipped:
         log.warning("skipped %s: %s", k.path, k.reason)
     labels = list(dataset.labels)
-    champ = _check_champion(champion, labels)
-    device = _device_artifact(config)
-    threads = config.threads or max(1, os.cpu_count() or 1)
-    torch.set_num_threads(threads)
-    steps = Steps("train", 3, enabled=config.progress)
-    train_s, val_s, test_s = dataset.split("train"), dataset.split("val"), dataset.split("test")
-    y_train, y_val, y_test = dataset.index(train_s), dataset.index(val_s), dataset.index(test_s)
-    steps.note(
-        f"{dataset.origin}: {len(labels)} classes, {len(train_s)} train / {len(val_s)} val / {len(test_s)} test images"
-        + (f", {len(dataset.skipped)} file(s) skipped" if dataset.skipped else "")
+    return _Inputs(
+        dataset,
+        labels,
+        _check_champion(champion, labels),
+        _device_artifact(config),
+        config.threads or max(1, os.cpu_count() or 1),
+        list(dataset.split("train")),
+        list(dataset.split("val")),
+        list(dataset.split("test")),
     )
 
-    # 1. features of the frozen prefix, once per image and view
+
+@dataclass(frozen=True)
+class _Features:
+    """The classifier split into a frozen prefix and the trainable suffix, and the prefix's features."""
+
+    model: Any
+    suffix: Any
+    extractor: Any
+    cache: Any
+    x_train: np.ndarray
+    x_val: np.ndarray
+    x_test: np.ndarray
+    seconds: float
+
+
+def _extract_features(config: TrainConfig, inputs: _Inputs, steps: Steps) -> _Features:
+    """Step 1: features of the frozen prefix, once per image and view (cached across runs)."""
+    from trainer.data.augment import AUGMENT_VERSION
+    from trainer.model.backbone import build_classifier, split
+    from trainer.model.features import FeatureCache, FeatureExtractor, prefix_fingerprint
+
     spec = config.preprocess()
     with steps.step(f"backbone features ({config.aug_views} augmented view(s) per training image)"):
         t = time.perf_counter()
-        model = build_classifier(len(labels), config.fit.seed)
+        model = build_classifier(len(inputs.labels), config.fit.seed)
         prefix, suffix = split(model, config.unfreeze_blocks)
-        extractor = FeatureExtractor(prefix, spec, threads=threads)
+        extractor = FeatureExtractor(prefix, spec, threads=inputs.threads)
         cache = FeatureCache(
             prefix_fingerprint(config.unfreeze_blocks, spec, f"{AUGMENT_VERSION}:seed{config.fit.seed}"),
             config.feature_cache,
         )
-        x_train = _features(extractor, cache, train_s, config.aug_views, config.fit.seed, config.progress)
-        x_val = _features(extractor, cache, val_s, 0, config.fit.seed, config.progress)
-        x_test = _features(extractor, cache, test_s, 0, config.fit.seed, config.progress)
-        y_train_views = np.repeat(y_train, config.aug_views + 1)
-        timings["features_s"] = time.perf_counter() - t
+        seed, bar = config.fit.seed, config.progress
+        x_train = _features(extractor, cache, inputs.train, config.aug_views, seed, bar)
+        x_val = _features(extractor, cache, inputs.val, 0, seed, bar)
+        x_test = _features(extractor, cache, inputs.test, 0, seed, bar)
         steps.note(f"features via {extractor.runtime}: {cache.misses} computed, {cache.hits} from cache")
+    return _Features(model, suffix, extractor, cache, x_train, x_val, x_test, time.perf_counter() - t)
 
-    # 2. the suffix
-    with steps.step(
-        f"train (head{f' + last {config.unfreeze_blocks} blocks' if config.unfreeze_blocks else ''})"
-    ):
+
+def _fit(config: TrainConfig, inputs: _Inputs, features: _Features, steps: Steps) -> FitResult:
+    """Step 2: the suffix (the head, and the last blocks when unfrozen), early-stopped on validation."""
+    from trainer.model.fit import fit_suffix
+
+    blocks = f" + last {config.unfreeze_blocks} blocks" if config.unfreeze_blocks else ""
+    fingerprint = ":".join(
+        [
+            features.cache.fingerprint,
+            _dataset_fingerprint(inputs.train),
+            _dataset_fingerprint(inputs.val),
+            str(config.aug_views),
+        ]
+    )
+    with steps.step(f"train (head{blocks})"):
         fit = fit_suffix(
-            suffix,
-            x_train,
-            y_train_views,
-            x_val,
-            y_val,
+            features.suffix,
+            features.x_train,
+            np.repeat(inputs.y(inputs.train), config.aug_views + 1),
+            features.x_val,
+            inputs.y(inputs.val),
             config.fit,
-            num_classes=len(labels),
+            num_classes=len(inputs.labels),
             checkpoint_dir=config.checkpoint_dir,
             progress=config.progress,
-            fingerprint=f"{cache.fingerprint}:{_dataset_fingerprint(train_s)}:{_dataset_fingerprint(val_s)}:{config.aug_views}",
+            fingerprint=fingerprint,
         )
-        timings["train_s"] = fit.seconds
         steps.note(
             f"best epoch {fit.best_epoch + 1} of {fit.epochs_run}: val accuracy {fit.best_val_accuracy:.1%}"
         )
+    return fit
 
-    # 3. temperature on validation; ECE before/after on test
-    temperature, calibration, p_val, p_test = _calibrate(
-        predict_logits(suffix, x_val), y_val, predict_logits(suffix, x_test), y_test
+
+@dataclass(frozen=True)
+class _Calibrated:
+    """Step 3: the temperature fitted on validation, its report, and calibrated torch probabilities."""
+
+    temperature: float
+    report: dict[str, Any]
+    p_val: np.ndarray
+    p_test: np.ndarray
+
+
+def _calibrated(fit: FitResult, features: _Features, inputs: _Inputs, steps: Steps) -> _Calibrated:
+    from trainer.model.fit import predict_logits
+
+    t, report, p_val, p_test = _calibrate(
+        predict_logits(features.suffix, features.x_val),
+        inputs.y(inputs.val),
+        predict_logits(features.suffix, features.x_test),
+        inputs.y(inputs.test),
     )
-    steps.note(
-        f"temperature {temperature:.3f}: test ECE {calibration['test']['ece_before']:.2%} -> {calibration['test']['ece_after']:.2%}"
-    )
-    heldout_y = np.concatenate([y_val, y_test])
-    test_meta = [
-        {**s.meta, **({"source": s.source} if len({x.source for x in test_s}) > 1 else {})} for s in test_s
-    ]
-    manifest = dataset.manifest()
-    evaluation: dict[str, Any] = {
-        "dataset": manifest.summary(),
-        "device_artifact": device,
-        "calibration": calibration,
-        "models": {"torch-fp32": report(p_test, y_test, labels, test_meta)},
-        "heldout_accuracy": {
-            "torch-fp32": float((np.concatenate([p_val, p_test]).argmax(1) == heldout_y).mean())
+    test = report["test"]
+    steps.note(f"temperature {t:.3f}: test ECE {test['ece_before']:.2%} -> {test['ece_after']:.2%}")
+    return _Calibrated(t, report, p_val, p_test)
+
+
+def _export(
+    config: TrainConfig,
+    inputs: _Inputs,
+    features: _Features,
+    calibrated: _Calibrated,
+    check: _ReleaseCheck,
+    out_dir: Path,
+    overwrite: bool,
+) -> ExportReport:
+    """Step 4: export every format; ``check`` evaluates, gates and writes the card before the commit."""
+    calib = _frames(_calibration_samples(inputs.train, inputs.labels, config.calibration_images))
+    manifest = inputs.dataset.manifest()
+    spec = ExportSpec(
+        name=config.name,
+        version=config.version,
+        labels=inputs.labels,
+        preprocess=config.preprocess(),
+        temperature=calibrated.temperature,
+        formats=config.formats,
+        golden_count=min(len(inputs.labels), 8),
+        provenance={
+            "trainer": "edgefleet train",
+            "dataset": inputs.dataset.origin,
+            "dataset_manifest_sha256": hashlib.sha256(manifest.model_dump_json().encode()).hexdigest(),
+            "config": config.model_dump(mode="json", exclude={"progress"}),
+            "calibration": f"{len(calib)} training images",
+            **({"champion": inputs.champion.sha256} if inputs.champion else {}),
         },
-        "training": _training_summary(config, fit, extractor.runtime, cache, len(x_train), threads),
-    }
+    )
+    held = check.held
+    return export_package(
+        features.model,
+        spec,
+        calib,
+        out_dir,
+        check_frames=held.frames[: held.n_val],
+        golden_frames=held.frames,
+        before_commit=check,
+        overwrite=overwrite,
+        progress=config.progress,
+    )
 
-    # 4. export; the hook evaluates every artifact, computes the reference, gates and writes the card
-    held = _Heldout(_frames(val_s) + _frames(test_s), heldout_y, len(val_s), test_meta)
-    calib = _frames(_calibration_samples(train_s, labels, config.calibration_images))
-    torch_runner = TorchRunner(extractor, suffix, temperature)
-    result: dict[str, Any] = {}
 
-    def before_commit(draft: ModelPackage) -> dict[str, Any]:
-        t_eval = time.perf_counter()
-        held_pred = _evaluate_artifacts(
-            draft, evaluation, held, labels, p_test, torch_runner, config, device, threads
+class _ReleaseCheck:
+    """Step 4's ``before_commit``: every artifact evaluated, the drift reference, the gate, the card.
+
+    It holds what it measures (``evaluation``, ``reference``, ``timings``) as attributes, so the build
+    reads them afterwards instead of a closure writing into outer dictionaries.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        inputs: _Inputs,
+        features: _Features,
+        calibrated: _Calibrated,
+        fit: FitResult,
+        t_start: float,
+    ) -> None:
+        from trainer.evaluation.runners import TorchRunner, report
+
+        self.config, self.inputs, self.calibrated, self.t_start = config, inputs, calibrated, t_start
+        self.timings: dict[str, float] = {"features_s": features.seconds, "train_s": fit.seconds}
+        self.reference: ReferenceStats | None = None
+        y_val, y_test = inputs.y(inputs.val), inputs.y(inputs.test)
+        several_sources = len({x.source for x in inputs.test}) > 1
+        test_meta = [{**s.meta, **({"source": s.source} if several_sources else {})} for s in inputs.test]
+        self.held = _Heldout(
+            _frames(inputs.val) + _frames(inputs.test), np.concatenate([y_val, y_test]), len(y_val), test_meta
         )
-        held_pred["torch-fp32"] = np.concatenate([p_val, p_test]).argmax(1)
-        timings["evaluate_s"] = time.perf_counter() - t_eval
-        t_ref = time.perf_counter()
+        self.torch_runner = TorchRunner(features.extractor, features.suffix, calibrated.temperature)
+        p_held = np.concatenate([calibrated.p_val, calibrated.p_test])
+        self.evaluation: dict[str, Any] = {
+            "dataset": inputs.dataset.manifest().summary(),
+            "device_artifact": inputs.device,
+            "calibration": calibrated.report,
+            "models": {"torch-fp32": report(calibrated.p_test, y_test, inputs.labels, test_meta)},
+            "heldout_accuracy": {"torch-fp32": float((p_held.argmax(1) == self.held.y).mean())},
+            "training": _training_summary(
+                config, fit, features.extractor.runtime, features.cache, len(features.x_train), inputs.threads
+            ),
+        }
+
+    def __call__(self, draft: ModelPackage) -> dict[str, Any]:
+        from trainer.evaluation.card import write_card
+        from trainer.evaluation.reference import reference_stats
+
+        config, inputs, held, device = self.config, self.inputs, self.held, self.inputs.device
+        t = time.perf_counter()
+        held_pred = _evaluate_artifacts(
+            draft,
+            self.evaluation,
+            held,
+            inputs.labels,
+            self.calibrated.p_test,
+            self.torch_runner,
+            config,
+            device,
+            inputs.threads,
+        )
+        held_pred["torch-fp32"] = np.concatenate([self.calibrated.p_val, self.calibrated.p_test]).argmax(1)
+        self.timings["evaluate_s"] = time.perf_counter() - t
+        t = time.perf_counter()
         reference, _ = reference_stats(draft, device, held.frames, held.y, threads=1)
-        timings["reference_s"] = time.perf_counter() - t_ref
-        evaluation["reference_data"] = {
+        self.timings["reference_s"] = time.perf_counter() - t
+        self.reference = reference
+        self.evaluation["reference_data"] = {
             "splits": ["val", "test"],
             "images": len(held.frames),
             "artifact": device,
             "accuracy": reference.accuracy,
             "atc_threshold": reference.atc_threshold,
         }
+        decision = self._gate(draft, held_pred)
+        if not decision.passed:
+            raise GateError(decision.failures(), evaluation=self.evaluation)
+        (Path(draft.root) / DATA_MANIFEST).write_text(
+            inputs.dataset.manifest().model_dump_json(indent=1), encoding="utf-8"
+        )
+        evaluation = Evaluation.model_validate(_jsonable(self.evaluation))
+        write_card(draft.root, draft.manifest, self.evaluation, reference)
+        return {
+            "reference": reference.model_dump(mode="json"),
+            "evaluation": evaluation.model_dump(mode="json"),
+        }
+
+    def _gate(self, draft: ModelPackage, held_pred: dict[str, np.ndarray]) -> GateDecision:
+        """The gate against the champion (if any) on the same test images; recorded in the evaluation."""
+        inputs, device, held = self.inputs, self.inputs.device, self.held
         champion_eval, champion_pred = (
-            _champion_report(champ, device, held, labels, threads) if champ else (None, None)
+            _champion_report(inputs.champion, device, held, inputs.labels, inputs.threads)
+            if inputs.champion
+            else (None, None)
         )
         if champion_eval is not None:
-            evaluation["champion"] = champion_eval
+            self.evaluation["champion"] = champion_eval
+        device_report = self.evaluation["models"][device]
         int8 = [k for k, a in draft.manifest.artifacts.items() if a.precision == "int8"]
-        pairs = _paired_counts(
-            held, held_pred, int8, device, champion_pred, evaluation["models"][device]["slices"]
+        pairs = _paired_counts(held, held_pred, int8, device, champion_pred, device_report["slices"])
+        candidate = GateCandidate(
+            device=ReportScores.model_validate(_jsonable(device_report)),
+            heldout_accuracy=self.evaluation["heldout_accuracy"],
+            int8=int8,
         )
-        gate = check_gate(
-            {
-                "device": evaluation["models"][device],
-                "heldout_accuracy": evaluation["heldout_accuracy"],
-                "int8": int8,
-            },
-            champion_eval,
-            config.gate,
-            pairs,
-        )
-        evaluation["gate"] = {**gate.as_dict(), "rules_config": config.gate.model_dump(), "discordant": pairs}
-        timings["total_s"] = time.perf_counter() - t_start
-        evaluation["timings_s"] = dict(timings)
-        result["reference"] = reference
-        if not gate.passed:
-            raise GateError(gate.failures(), evaluation=evaluation)
-        (Path(draft.root) / DATA_MANIFEST).write_text(manifest.model_dump_json(indent=1), encoding="utf-8")
-        write_card(draft.root, draft.manifest, evaluation, reference)
-        return {"reference": reference.model_dump(mode="json"), "evaluation": _jsonable(evaluation)}
-
-    spec_export = ExportSpec(
-        name=config.name,
-        version=config.version,
-        labels=labels,
-        preprocess=spec,
-        temperature=temperature,
-        formats=config.formats,
-        golden_count=min(len(labels), 8),
-        provenance={
-            "trainer": "edgefleet train",
-            "dataset": dataset.origin,
-            "dataset_manifest_sha256": hashlib.sha256(manifest.model_dump_json().encode()).hexdigest(),
-            "config": config.model_dump(mode="json", exclude={"progress"}),
-            "calibration": f"{len(calib)} training images",
-            **({"champion": champ.sha256} if champ else {}),
-        },
-    )
-    with steps.step(f"export {', '.join(config.formats)} + evaluate + reference + gate + card"):
-        t = time.perf_counter()
-        report_ = export_package(
-            model,
-            spec_export,
-            calib,
-            out_dir,
-            check_frames=held.frames[: held.n_val],
-            golden_frames=held.frames,
-            before_commit=before_commit,
-            overwrite=overwrite,
-            progress=config.progress,
-        )
-        timings["export_total_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_start
-    pkg = report_.package
-    return TrainResult(pkg, pkg.manifest.evaluation or {}, result["reference"], fit, timings)
+        champion = ReportScores.model_validate(_jsonable(champion_eval["device"])) if champion_eval else None
+        decision = check_gate(candidate, champion, self.config.gate, pairs)
+        self.evaluation["gate"] = decision.record(self.config.gate, pairs).model_dump(mode="json")
+        self.timings["total_s"] = time.perf_counter() - self.t_start
+        self.evaluation["timings_s"] = dict(self.timings)
+        return decision
 
 
 def _training_summary(

@@ -144,7 +144,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"edgefleet: error: {exc}", file=sys.stderr)
         return 2
     pkg = result.package
-    ev = result.evaluation
+    ev = result.evaluation.model_dump(mode="json")
     print(
         f"wrote {pkg.root} ({pkg.manifest.name} {pkg.manifest.version}, sha256 {pkg.sha256[:12]}), card: {pkg.root / 'card.html'}"
     )

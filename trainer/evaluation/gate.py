@@ -1,11 +1,13 @@
 """The release gate: configurable rules a candidate must pass, alone and against the champion.
 
-Pure logic on evaluation dictionaries (as written into model.json by the trainer). Each rule yields a
-:class:`RuleResult` saying what was measured and the limit, so a failure names the rule that failed::
+Pure logic on typed test reports (:mod:`edge_agent.package_evaluation`, as written into model.json).
+Each rule yields a :class:`RuleResult` saying what was measured and the limit, so a failure names the
+rule that failed::
 
-    report = check_gate(candidate, champion, GateRules(max_slice_drop=2.0, max_int8_drop=1.0, max_ece=0.03))
-    if not report.passed:
-        print(report.failures())   # ["slice lighting=night: 81.2% vs champion 85.0% (-3.8 points > 2.0)"]
+    decision = check_gate(GateCandidate(device=report, heldout_accuracy=held, int8=["onnx-int8"]),
+                          champion_report, GateRules(max_slice_drop=2.0, max_int8_drop=1.0, max_ece=0.03))
+    if not decision.passed:
+        print(decision.failures())   # ["max_slice_drop[lighting=night]: 81.2% vs champion 85.0% ..."]
 
 Accuracy differences are in percentage points. They are paired comparisons (int8 and fp32, candidate
 and champion, on the same images), so a drop rule fails when the observed loss exceeds its limit *and*
@@ -20,10 +22,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from edge_agent.package_evaluation import GateRecord, ReportScores, RuleResult
 
 
 class GateRules(BaseModel):
@@ -52,16 +54,19 @@ class GateRules(BaseModel):
     at this level; ``None`` fails on the observed difference alone."""
 
 
-@dataclass
-class RuleResult:
-    rule: str
-    passed: bool
-    detail: str
+class GateCandidate(BaseModel):
+    """What the gate judges of a candidate: its device artifact's test report, every model's held-out
+    accuracy (``torch-fp32`` and each artifact) and which artifacts are int8."""
+
+    device: ReportScores
+    heldout_accuracy: dict[str, float]
+    int8: list[str] = Field(default_factory=list)
 
 
-@dataclass
-class GateReport:
-    results: list[RuleResult] = field(default_factory=list)
+class GateDecision(BaseModel):
+    """Every rule's verdict, in the order judged; the candidate passes when all passed."""
+
+    results: list[RuleResult] = Field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -71,10 +76,16 @@ class GateReport:
         return [f"{r.rule}: {r.detail}" for r in self.results if not r.passed]
 
     def add(self, rule: str, passed: bool, detail: str) -> None:
-        self.results.append(RuleResult(rule, passed, detail))
+        self.results.append(RuleResult(rule=rule, passed=passed, detail=detail))
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "rules": [r.__dict__ for r in self.results]}
+    def record(self, rules: GateRules, discordant: Mapping[str, tuple[int, int]]) -> GateRecord:
+        """The decision as model.json keeps it, with the rules and paired counts it was made on."""
+        return GateRecord(
+            passed=self.passed,
+            rules=self.results,
+            rules_config=rules.model_dump(),
+            discordant=dict(discordant),
+        )
 
 
 def _pts(x: float) -> str:
@@ -91,7 +102,7 @@ def mcnemar_worse_p(worse: int, better: int) -> float:
 
 
 def _drop_rule(
-    report: GateReport,
+    report: GateDecision,
     rule: str,
     drop: float,
     limit: float,
@@ -116,29 +127,26 @@ def _drop_rule(
 
 
 def check_gate(
-    candidate: Mapping[str, Any],
-    champion: Mapping[str, Any] | None,
+    candidate: GateCandidate,
+    champion: ReportScores | None,
     rules: GateRules,
     discordant: Mapping[str, tuple[int, int]] | None = None,
-) -> GateReport:
-    """Judge ``candidate`` (and ``champion``, when given) evaluations with ``rules``.
-
-    ``candidate`` needs ``device`` (the device artifact's test report with ``accuracy``, ``ece`` and
-    ``slices``), ``heldout_accuracy`` (model -> accuracy on val+test) and ``int8`` (int8 artifact keys);
-    ``champion`` needs the champion's ``device`` report on the same test images. ``discordant`` holds the
-    paired counts (images lost, images gained) under ``int8[KEY]``, ``overall`` and ``slice[KEY=VALUE]``.
+) -> GateDecision:
+    """Judge ``candidate`` alone and, when given, against ``champion`` (the champion's device artifact on
+    the same test images) with ``rules``. ``discordant`` holds the paired counts (images lost, images
+    gained) under ``int8[KEY]``, ``overall`` and ``slice[KEY=VALUE]``.
     """
-    report = GateReport()
+    report = GateDecision()
     pairs = discordant or {}
     alpha = rules.significance
-    dev = candidate["device"]
+    dev = candidate.device
     if rules.min_accuracy is not None:
-        acc = dev["accuracy"]
+        acc = dev.accuracy
         report.add(
             "min_accuracy", acc >= rules.min_accuracy, f"{_pts(acc)} (limit {_pts(rules.min_accuracy)})"
         )
     if rules.max_ece is not None:
-        e, n = dev["ece"], dev["images"]
+        e, n = dev.ece, dev.images
         if n < rules.min_ece_images:
             report.add(
                 "max_ece", True, f"not judged: ECE {_pts(e)} on {n} test images < {rules.min_ece_images}"
@@ -148,9 +156,9 @@ def check_gate(
                 "max_ece", e <= rules.max_ece, f"ECE {_pts(e)} (limit {_pts(rules.max_ece)}, {n} test images)"
             )
     if rules.max_int8_drop is not None:
-        held = candidate["heldout_accuracy"]
+        held = candidate.heldout_accuracy
         fp32 = held["torch-fp32"]
-        for key in candidate["int8"]:
+        for key in candidate.int8:
             drop = 100 * (fp32 - held[key])
             _drop_rule(
                 report,
@@ -163,9 +171,9 @@ def check_gate(
             )
     if champion is None:
         return report
-    champ = champion["device"]
+    champ = champion
     if rules.max_accuracy_drop is not None:
-        d = 100 * (dev["accuracy"] - champ["accuracy"])
+        d = 100 * (dev.accuracy - champ.accuracy)
         _drop_rule(
             report,
             "max_accuracy_drop",
@@ -173,30 +181,30 @@ def check_gate(
             rules.max_accuracy_drop,
             pairs.get("overall"),
             alpha,
-            f"{_pts(dev['accuracy'])} vs champion {_pts(champ['accuracy'])} ({d:+.1f} points, limit -{rules.max_accuracy_drop:.1f})",
+            f"{_pts(dev.accuracy)} vs champion {_pts(champ.accuracy)} ({d:+.1f} points, limit -{rules.max_accuracy_drop:.1f})",
         )
-    cand_slices, champ_slices = dev.get("slices", {}), champ.get("slices", {})
+    cand_slices, champ_slices = dev.slices, champ.slices
     for key, values in cand_slices.items():
         for value, s in values.items():
             other = champ_slices.get(key, {}).get(value)
             name = f"{key}={value}"
             if other is None:
                 continue
-            d = 100 * (s["accuracy"] - other["accuracy"])
+            d = 100 * (s.accuracy - other.accuracy)
             gain = rules.min_slice_gain.get(name)
             if gain is not None:
                 report.add(
                     f"min_slice_gain[{name}]",
                     d >= gain,
-                    f"{_pts(s['accuracy'])} vs champion {_pts(other['accuracy'])} ({d:+.1f} points, need +{gain:.1f}; {s['images']} images)",
+                    f"{_pts(s.accuracy)} vs champion {_pts(other.accuracy)} ({d:+.1f} points, need +{gain:.1f}; {s.images} images)",
                 )
             if rules.max_slice_drop is None:
                 continue
-            if s["images"] < rules.min_slice_images:
+            if s.images < rules.min_slice_images:
                 report.add(
                     f"max_slice_drop[{name}]",
                     True,
-                    f"not judged: {s['images']} images < {rules.min_slice_images}",
+                    f"not judged: {s.images} images < {rules.min_slice_images}",
                 )
                 continue
             _drop_rule(
@@ -206,7 +214,7 @@ def check_gate(
                 rules.max_slice_drop,
                 pairs.get(f"slice[{name}]"),
                 alpha,
-                f"{_pts(s['accuracy'])} vs champion {_pts(other['accuracy'])} ({d:+.1f} points, limit -{rules.max_slice_drop:.1f})",
+                f"{_pts(s.accuracy)} vs champion {_pts(other.accuracy)} ({d:+.1f} points, limit -{rules.max_slice_drop:.1f})",
             )
     for name in rules.min_slice_gain:
         key, _, value = name.partition("=")

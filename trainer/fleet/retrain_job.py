@@ -83,8 +83,8 @@ def run(spec: RetrainSpec) -> dict[str, Any]:
         "status": "ok",
         "package": str(result.package.root),
         "sha256": result.package.sha256,
-        "heldout_accuracy": ev["heldout_accuracy"].get(ev["device_artifact"]),
-        "gate": ev.get("gate"),
+        "heldout_accuracy": ev.heldout_accuracy.get(ev.device_artifact),
+        "gate": ev.gate.model_dump(mode="json"),
         "seconds": time.time() - t0,
     }
 
