@@ -14,7 +14,6 @@ MAX_LINES = 60
 ROOTS = ("edge_agent", "trainer")
 
 KNOWN_LONG: dict[str, int] = {
-    "trainer/build.py:train_package": 192,
     "trainer/evaluation/data_check.py:check_dataset": 153,
     "trainer/evaluation/card.py:render_card": 130,
     "trainer/sim/demo.py:run_demo": 122,
