@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_agent.package_evaluation import GateRecord, ReportScores, RuleResult
+from edge_agent.package_evaluation import GateRecord, ReportScores, RuleResult, SliceScore
 
 
 class GateRules(BaseModel):
@@ -136,88 +136,112 @@ def check_gate(
     the same test images) with ``rules``. ``discordant`` holds the paired counts (images lost, images
     gained) under ``int8[KEY]``, ``overall`` and ``slice[KEY=VALUE]``.
     """
-    report = GateDecision()
+    decision = GateDecision()
     pairs = discordant or {}
-    alpha = rules.significance
+    _candidate_rules(decision, candidate, rules, pairs)
+    if champion is not None:
+        _champion_rules(decision, candidate.device, champion, rules, pairs)
+    return decision
+
+
+def _candidate_rules(
+    decision: GateDecision, candidate: GateCandidate, rules: GateRules, pairs: Mapping[str, tuple[int, int]]
+) -> None:
+    """The rules on the candidate alone: accuracy, calibration, and int8 against torch fp32."""
     dev = candidate.device
     if rules.min_accuracy is not None:
         acc = dev.accuracy
-        report.add(
+        decision.add(
             "min_accuracy", acc >= rules.min_accuracy, f"{_pts(acc)} (limit {_pts(rules.min_accuracy)})"
         )
     if rules.max_ece is not None:
         e, n = dev.ece, dev.images
         if n < rules.min_ece_images:
-            report.add(
+            decision.add(
                 "max_ece", True, f"not judged: ECE {_pts(e)} on {n} test images < {rules.min_ece_images}"
             )
         else:
-            report.add(
+            decision.add(
                 "max_ece", e <= rules.max_ece, f"ECE {_pts(e)} (limit {_pts(rules.max_ece)}, {n} test images)"
             )
-    if rules.max_int8_drop is not None:
-        held = candidate.heldout_accuracy
-        fp32 = held["torch-fp32"]
-        for key in candidate.int8:
-            drop = 100 * (fp32 - held[key])
-            _drop_rule(
-                report,
-                f"max_int8_drop[{key}]",
-                drop,
-                rules.max_int8_drop,
-                pairs.get(f"int8[{key}]"),
-                alpha,
-                f"{_pts(held[key])} vs torch fp32 {_pts(fp32)} ({-drop:+.1f} points, limit -{rules.max_int8_drop:.1f})",
-            )
-    if champion is None:
-        return report
-    champ = champion
+    if rules.max_int8_drop is None:
+        return
+    held = candidate.heldout_accuracy
+    fp32 = held["torch-fp32"]
+    for key in candidate.int8:
+        drop = 100 * (fp32 - held[key])
+        _drop_rule(
+            decision,
+            f"max_int8_drop[{key}]",
+            drop,
+            rules.max_int8_drop,
+            pairs.get(f"int8[{key}]"),
+            rules.significance,
+            f"{_pts(held[key])} vs torch fp32 {_pts(fp32)} ({-drop:+.1f} points, limit -{rules.max_int8_drop:.1f})",
+        )
+
+
+def _champion_rules(
+    decision: GateDecision,
+    dev: ReportScores,
+    champ: ReportScores,
+    rules: GateRules,
+    pairs: Mapping[str, tuple[int, int]],
+) -> None:
+    """The rules against the champion on the same test images: overall, then slice by slice."""
     if rules.max_accuracy_drop is not None:
         d = 100 * (dev.accuracy - champ.accuracy)
         _drop_rule(
-            report,
+            decision,
             "max_accuracy_drop",
             -d,
             rules.max_accuracy_drop,
             pairs.get("overall"),
-            alpha,
+            rules.significance,
             f"{_pts(dev.accuracy)} vs champion {_pts(champ.accuracy)} ({d:+.1f} points, limit -{rules.max_accuracy_drop:.1f})",
         )
-    cand_slices, champ_slices = dev.slices, champ.slices
-    for key, values in cand_slices.items():
+    for key, values in dev.slices.items():
         for value, s in values.items():
-            other = champ_slices.get(key, {}).get(value)
-            name = f"{key}={value}"
-            if other is None:
-                continue
-            d = 100 * (s.accuracy - other.accuracy)
-            gain = rules.min_slice_gain.get(name)
-            if gain is not None:
-                report.add(
-                    f"min_slice_gain[{name}]",
-                    d >= gain,
-                    f"{_pts(s.accuracy)} vs champion {_pts(other.accuracy)} ({d:+.1f} points, need +{gain:.1f}; {s.images} images)",
-                )
-            if rules.max_slice_drop is None:
-                continue
-            if s.images < rules.min_slice_images:
-                report.add(
-                    f"max_slice_drop[{name}]",
-                    True,
-                    f"not judged: {s.images} images < {rules.min_slice_images}",
-                )
-                continue
-            _drop_rule(
-                report,
-                f"max_slice_drop[{name}]",
-                -d,
-                rules.max_slice_drop,
-                pairs.get(f"slice[{name}]"),
-                alpha,
-                f"{_pts(s.accuracy)} vs champion {_pts(other.accuracy)} ({d:+.1f} points, limit -{rules.max_slice_drop:.1f})",
-            )
+            other = champ.slices.get(key, {}).get(value)
+            if other is not None:
+                _slice_rules(decision, f"{key}={value}", s, other, rules, pairs)
     for name in rules.min_slice_gain:
         key, _, value = name.partition("=")
-        if value not in cand_slices.get(key, {}) or value not in champ_slices.get(key, {}):
-            report.add(f"min_slice_gain[{name}]", False, "slice not present in the test data")
-    return report
+        if value not in dev.slices.get(key, {}) or value not in champ.slices.get(key, {}):
+            decision.add(f"min_slice_gain[{name}]", False, "slice not present in the test data")
+
+
+def _slice_rules(
+    decision: GateDecision,
+    name: str,
+    s: SliceScore,
+    other: SliceScore,
+    rules: GateRules,
+    pairs: Mapping[str, tuple[int, int]],
+) -> None:
+    """One slice (``lighting=night``) against the champion: a required gain, and the drop limit."""
+    d = 100 * (s.accuracy - other.accuracy)
+    vs = f"{_pts(s.accuracy)} vs champion {_pts(other.accuracy)}"
+    gain = rules.min_slice_gain.get(name)
+    if gain is not None:
+        decision.add(
+            f"min_slice_gain[{name}]",
+            d >= gain,
+            f"{vs} ({d:+.1f} points, need +{gain:.1f}; {s.images} images)",
+        )
+    if rules.max_slice_drop is None:
+        return
+    if s.images < rules.min_slice_images:
+        decision.add(
+            f"max_slice_drop[{name}]", True, f"not judged: {s.images} images < {rules.min_slice_images}"
+        )
+        return
+    _drop_rule(
+        decision,
+        f"max_slice_drop[{name}]",
+        -d,
+        rules.max_slice_drop,
+        pairs.get(f"slice[{name}]"),
+        rules.significance,
+        f"{vs} ({d:+.1f} points, limit -{rules.max_slice_drop:.1f})",
+    )
