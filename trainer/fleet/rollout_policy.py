@@ -172,25 +172,9 @@ def compare_canary(
     v = CanaryVerdict("wait", canary_windows=len(ca), control_windows=len(co))
     v.canary_accuracy = float(np.mean(ca)) if ca else None
     v.control_accuracy = float(np.mean(co)) if co else None
-    frames = sum(w.frames.inferred + w.frames.failed for w in canary)
-    failed = sum(w.frames.failed for w in canary)
-    if frames and failed / frames > cfg.max_failure_rate:
-        v.decision, v.reasons = (
-            "rollback",
-            [f"frame failure rate {failed / frames:.1%} > {cfg.max_failure_rate:.1%}"],
-        )
-        return v
-    lat_c, lat_o = _p95(canary), _p95(control)  # judged on min_windows: a swap's first window runs cold
-    if (
-        len(ca) >= cfg.min_windows
-        and lat_c is not None
-        and lat_o is not None
-        and lat_c > cfg.max_latency_ratio * lat_o
-    ):
-        v.decision, v.reasons = (
-            "rollback",
-            [f"p95 inference {lat_c:.1f} ms > {cfg.max_latency_ratio:g} x control {lat_o:.1f} ms"],
-        )
+    unhealthy = _health_rollback(canary, control, len(ca), cfg)
+    if unhealthy:
+        v.decision, v.reasons = "rollback", [unhealthy]
         return v
     looks = decision_points(cfg)
     at = max((n for n in looks if n <= len(ca)), default=0)
@@ -204,14 +188,41 @@ def compare_canary(
             f"control {len(co)}"
         ]
         return v
-    effect, var, how = effect_var_how
+    _sequential_test(v, *effect_var_how, at=at, looks=len(looks), cfg=cfg)
+    return v
+
+
+def _health_rollback(
+    canary: Sequence[TelemetryWindow], control: Sequence[TelemetryWindow], scored: int, cfg: RolloutConfig
+) -> str | None:
+    """Why the canary must roll back whatever its accuracy (failed frames, slow inference), or None."""
+    frames = sum(w.frames.inferred + w.frames.failed for w in canary)
+    failed = sum(w.frames.failed for w in canary)
+    if frames and failed / frames > cfg.max_failure_rate:
+        return f"frame failure rate {failed / frames:.1%} > {cfg.max_failure_rate:.1%}"
+    lat_c, lat_o = _p95(canary), _p95(control)  # judged on min_windows: a swap's first window runs cold
+    if (
+        scored >= cfg.min_windows
+        and lat_c is not None
+        and lat_o is not None
+        and lat_c > cfg.max_latency_ratio * lat_o
+    ):
+        return f"p95 inference {lat_c:.1f} ms > {cfg.max_latency_ratio:g} x control {lat_o:.1f} ms"
+    return None
+
+
+def _sequential_test(
+    v: CanaryVerdict, effect: float, var: float, how: str, *, at: int, looks: int, cfg: RolloutConfig
+) -> None:
+    """Non-inferiority at this decision point (alpha spent evenly over the looks): promote, roll back
+    (worse beyond the margin, or inconclusive at the last look) or keep waiting; written into ``v``."""
     se = max(float(np.sqrt(var)), 1e-4)
     margin = cfg.margin_points / 100
     p_ni = float(stats.norm.sf((effect + margin) / se))  # H0: effect <= -margin
     p_worse = float(stats.norm.cdf((effect + margin) / se))  # H0: effect >= -margin
     v.p_noninferior = p_ni
     text = f"estimated accuracy effect {effect * 100:+.1f} points ({how}, {at} canary windows)"
-    alpha = cfg.alpha / len(looks)
+    alpha = cfg.alpha / looks
     if p_ni < alpha:
         v.decision, v.reasons = (
             "promote",
@@ -226,4 +237,3 @@ def compare_canary(
         v.decision, v.reasons = "rollback", [f"{text}: inconclusive after {at} windows, p={p_ni:.3g}"]
     else:
         v.reasons = [f"{text}: inconclusive so far, p={p_ni:.3g}"]
-    return v
