@@ -37,7 +37,13 @@ def register_release(sub: argparse._SubParsersAction) -> None:
     """Add the ``release`` group."""
     p = sub.add_parser("release", help="signed model releases (TUF): init, publish, promote, rollback, serve")
     rs = p.add_subparsers(dest="release_cmd", required=True)
+    _register_signing(rs)
+    _register_channels(rs)
+    _register_operations(rs)
 
+
+def _register_signing(rs: argparse._SubParsersAction) -> None:
+    """``init`` and ``publish``: create the repository, sign a package into a channel."""
     i = rs.add_parser("init", help="create keys and a new repository")
     i.add_argument("--repo", required=True)
     i.add_argument("--root-keys", type=int, default=3)
@@ -64,6 +70,9 @@ def register_release(sub: argparse._SubParsersAction) -> None:
     _add_broker(pub)
     pub.set_defaults(func=_publish)
 
+
+def _register_channels(rs: argparse._SubParsersAction) -> None:
+    """``promote`` and ``rollback``: move what a channel offers."""
     pr = rs.add_parser("promote", help="offer a channel's current release on another channel")
     pr.add_argument("--repo", required=True)
     pr.add_argument("--fleet", required=True)
@@ -85,6 +94,9 @@ def register_release(sub: argparse._SubParsersAction) -> None:
     _add_broker(rb)
     rb.set_defaults(func=_rollback)
 
+
+def _register_operations(rs: argparse._SubParsersAction) -> None:
+    """``rotate-key``, ``status``, ``serve``, ``refresh`` and ``export-root``: keep the repository running."""
     rk = rs.add_parser("rotate-key", help="replace a role's keys (root: signed by old and new keys)")
     rk.add_argument("role", help="root, targets, snapshot, timestamp or a channel")
     rk.add_argument("--repo", required=True)
