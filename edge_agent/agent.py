@@ -25,13 +25,13 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from edge_agent import __version__
 from edge_agent.backends.select import choose_artifact
-from edge_agent.config import AgentConfig, load_config, validate_config
+from edge_agent.config import AgentConfig, UpdateSettings, load_config, validate_config
 from edge_agent.errors import ConfigError
 from edge_agent.events import EventCounter
 from edge_agent.mqtt_link import MqttLink
@@ -85,20 +85,34 @@ def process_start_time() -> float:
         return time.time()
 
 
+class AgentObserver(Protocol):
+    """Hears what the agent publishes, as it publishes it (``edgefleet agent run --print`` is one)."""
+
+    def window(self, window: TelemetryWindow, labels: Sequence[str]) -> None: ...
+
+    def prediction(self, message: Prediction) -> None: ...
+
+    def update(self, event: UpdateEvent) -> None: ...
+
+
 class Agent:
-    """One agent process serving one frame source."""
+    """One agent process serving one frame source.
+
+    The constructor builds every running part (the verified model, the source, the spool, the MQTT link,
+    the aggregator, the pipeline and, when updates are on, the updater) and fails fast, naming the path
+    or field, if one cannot be built; :meth:`run` starts them and serves until :meth:`stop`.
+    """
 
     def __init__(
         self,
         config: AgentConfig,
         *,
-        print_messages: bool = False,
+        observer: AgentObserver | None = None,
         source_factory: Callable[[int], FrameSource] | None = None,
     ) -> None:
         """``source_factory(session)`` replaces the config's source URI (simulators, embedding)."""
-        self.config = config
-        self._source_factory = source_factory
-        self.print_messages = print_messages
+        cfg = self.config = config
+        self.observer = observer
         self.events = EventCounter()
         self.state = AgentState(config.state_dir)
         self._stop = threading.Event()
@@ -106,18 +120,80 @@ class Agent:
         self._started = process_start_time()
         self.first_inference_s: float | None = None
         self.windows_published = 0
-        self.session = 0
-        self.choice: BackendChoice | None = None
-        self.pipeline: Pipeline | None = None
-        self.link: MqttLink | None = None
-        self.source: FrameSource | None = None
-        self.aggregator: TelemetryAggregator | None = None
         self._last_source = SourceStats()
-        self._serving: LoadedModel | None = None
-        self.spool: Spool | None = None
         self.sampler: SampleSelector[Inferred] = SampleSelector(config.sampling, now=time.time())
-        self.updater: Updater | None = None
-        self._update_store: UpdateStore | None = None
+        # the committed update slot, verified, when updates are on; else the config's package
+        booted = self._boot(cfg.update) if cfg.update else None
+        package = (
+            booted[1].package if booted else load_package(cfg.model.package)
+        )  # fails fast, naming the check
+        self.session = self.state.next_session()
+        self.choice: BackendChoice = choose_artifact(
+            package, cfg.model.artifact, cfg.model.backend, self.state
+        )
+        self._serving: LoadedModel = LoadedModel.load(package, self.choice.artifact, cfg.model.backend)
+        self.source: FrameSource = self._open_source(source_factory)
+        self.spool = Spool(
+            self.state.spool_path, cfg.spool.max_messages, cfg.spool.max_bytes, events=self.events
+        )
+        self.link: MqttLink = self._make_link()
+        self.updater: Updater | None = (
+            self._make_updater(cfg.update, *booted) if cfg.update and booted else None
+        )
+        self.aggregator: TelemetryAggregator = self._make_aggregator(package)
+        self.pipeline = Pipeline(
+            self.source,
+            self._serving,
+            batch=cfg.model.backend.batch,
+            stats_every=cfg.telemetry.stats_every,
+            on_first_inference=self._first_inference,
+            keep_frames=cfg.sampling.enabled,
+        )
+
+    def _open_source(self, source_factory: Callable[[int], FrameSource] | None) -> FrameSource:
+        if source_factory:
+            return source_factory(self.session)
+        s = self.config.source
+        return open_source(
+            s.uri,
+            loop=s.loop,
+            realtime=s.realtime,
+            width=s.width,
+            height=s.height,
+            fps=s.fps,
+            reconnect_min_s=s.reconnect_min_s,
+            reconnect_max_s=s.reconnect_max_s,
+        )
+
+    def _make_link(self) -> MqttLink:
+        cfg = self.config
+        return MqttLink(
+            cfg.mqtt,
+            client_id=cfg.mqtt.client_id or f"{cfg.fleet}-{cfg.device_id}",
+            status_topic=status_topic(cfg.fleet, cfg.device_id),
+            birth=self._birth,
+            will=self._status("offline").to_bytes(),
+            spool=self.spool,
+            events=self.events,
+            subscriptions=[(cmd_topic(cfg.fleet, cfg.device_id), 1)] + [(t, 1) for t in self._hint_topics()],
+            on_message=self._on_message,
+        )
+
+    def _make_aggregator(self, package: ModelPackage) -> TelemetryAggregator:
+        cfg, t = self.config, self.config.telemetry
+        return TelemetryAggregator(
+            fleet=cfg.fleet,
+            device=cfg.device_id,
+            session=self.session,
+            model=self._serving.ref,
+            agent_version=__version__,
+            edges=package.manifest.telemetry_edges,
+            now=time.time(),
+            window_seconds=t.window_seconds,
+            window_frames=t.window_frames,
+            stats_every=t.stats_every,
+            atc_threshold=_atc_threshold(package),
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -125,15 +201,8 @@ class Agent:
         self._stop.set()
 
     def run(self) -> int:
-        cfg = self.config
-        boot = self._boot() if cfg.update else None  # the committed update slot, verified; else the config's
-        package = (
-            boot.package if boot else load_package(cfg.model.package)
-        )  # fails fast, naming the path and the check
-        self.session = self.state.next_session()
-        self.choice = choose_artifact(package, cfg.model.artifact, cfg.model.backend, self.state)
-        model = LoadedModel.load(package, self.choice.artifact, cfg.model.backend)
-        self._serving = model
+        """Start the source, the link and the pipeline; serve until :meth:`stop` or the source ends."""
+        cfg, package = self.config, self._serving.package
         log.info(
             "device %s/%s session %d: %s %s via %s (%s)",
             cfg.fleet,
@@ -144,67 +213,15 @@ class Agent:
             self.choice.artifact,
             "forced" if self.choice.forced else "fastest measured",
         )
-        s = cfg.source
-        source = (
-            self._source_factory(self.session)
-            if self._source_factory
-            else open_source(
-                s.uri,
-                loop=s.loop,
-                realtime=s.realtime,
-                width=s.width,
-                height=s.height,
-                fps=s.fps,
-                reconnect_min_s=s.reconnect_min_s,
-                reconnect_max_s=s.reconnect_max_s,
-            )
-        )
-        self.source = source.start()
-        spool = Spool(self.state.spool_path, cfg.spool.max_messages, cfg.spool.max_bytes, events=self.events)
-        self.spool = spool
-        self.link = MqttLink(
-            cfg.mqtt,
-            client_id=cfg.mqtt.client_id or f"{cfg.fleet}-{cfg.device_id}",
-            status_topic=status_topic(cfg.fleet, cfg.device_id),
-            birth=self._birth,
-            will=self._status("offline").to_bytes(),
-            spool=spool,
-            events=self.events,
-            subscriptions=[(cmd_topic(cfg.fleet, cfg.device_id), 1)] + [(t, 1) for t in self._hint_topics()],
-            on_message=self._on_message,
-        )
-        if boot is not None:
-            self.updater = self._make_updater(boot)
+        self.source.start()
         self.link.start()
-        t = cfg.telemetry
-        now = time.time()
-        self.aggregator = TelemetryAggregator(
-            fleet=cfg.fleet,
-            device=cfg.device_id,
-            session=self.session,
-            model=model.ref,
-            agent_version=__version__,
-            edges=package.manifest.telemetry_edges,
-            now=now,
-            window_seconds=t.window_seconds,
-            window_frames=t.window_frames,
-            stats_every=t.stats_every,
-            atc_threshold=_atc_threshold(package),
-        )
-        self.pipeline = Pipeline(
-            self.source,
-            model,
-            batch=cfg.model.backend.batch,
-            stats_every=t.stats_every,
-            on_first_inference=self._first_inference,
-            keep_frames=cfg.sampling.enabled,
-        ).start()
+        self.pipeline.start()
         if self.updater:
             self.updater.start(self.pipeline)
         try:
             self._loop()
         finally:
-            self._shutdown(spool)
+            self._shutdown()
         return 0
 
     def _first_inference(self) -> None:
@@ -212,7 +229,6 @@ class Agent:
         log.info("first inference %.3f s after process start", self.first_inference_s)
 
     def _loop(self) -> None:
-        assert self.pipeline and self.aggregator and self.link
         agg = self.aggregator
         pred = self.config.telemetry.publish_predictions
         while not self._stop.is_set():
@@ -239,43 +255,38 @@ class Agent:
                 self._close_window(now)
 
     def _add(self, r: Inferred) -> None:
-        assert self.aggregator
         (features,) = output_features(r.probs)
         self.aggregator.add(FrameResult(output=features, inputs=r.inputs, latency_ms=r.latency_ms))
         if r.image is not None:
             self.sampler.offer(features.confidence, r, time.time())
 
-    def _shutdown(self, spool: Spool) -> None:
+    def _shutdown(self) -> None:
         """Close the last window, stop threads, deliver the spool (bounded wait), mark offline."""
         if self.updater:
             self.updater.stop()
-        if self.pipeline:
-            self.pipeline.stop()
-            try:  # frames already inferred still count
-                for r in self.pipeline.results(timeout=0):
-                    if r.model is self._serving:
-                        self._add(r)
-            except EndOfStream:
-                pass
-        if self.aggregator:  # the last window: frames, counters and incidents since the previous one
-            self._close_window(time.time())
-        if self.source:
-            self.source.close()
-        if self.link:
-            drained = self.link.stop(self.config.spool.flush_timeout_s)
-            if not drained:
-                log.warning("%d message(s) stay in the spool for the next start", len(spool))
-        spool.close()
+        self.pipeline.stop()
+        try:  # frames already inferred still count
+            for r in self.pipeline.results(timeout=0):
+                if r.model is self._serving:
+                    self._add(r)
+        except EndOfStream:
+            pass
+        self._close_window(
+            time.time()
+        )  # the last window: frames, counters and incidents since the previous one
+        self.source.close()
+        if not self.link.stop(self.config.spool.flush_timeout_s):
+            log.warning("%d message(s) stay in the spool for the next start", len(self.spool))
+        self.spool.close()
 
     # -- telemetry -----------------------------------------------------------------------------
     def _close_window(self, now: float) -> None:
-        assert self.aggregator and self.source and self.pipeline
         stats = self.source.stats()
         d = stats.minus(self._last_source)
         self._last_source = stats
         failed, reasons = self.pipeline.take_failures()
         self.aggregator.add_counts(captured=d.captured, dropped=d.dropped, failed=d.corrupt + failed)
-        evicted = self.spool.take_evictions() if self.spool is not None else 0
+        evicted = self.spool.take_evictions()
         self.aggregator.add_events(
             {
                 "source_reconnects": d.reconnects,
@@ -290,29 +301,18 @@ class Agent:
         self._publish_samples(now)
 
     def _publish_window(self, window: TelemetryWindow) -> None:
-        assert self.link
         self.link.publish_spooled(tele_topic(window.fleet, window.device), window.to_bytes())
         self.windows_published += 1
         if self.updater:
             self.updater.on_window(window)  # the health window of a model on trial
-        if self.print_messages:
-            conf = window.histograms["confidence"]
-            top = sorted(window.class_counts.items(), key=lambda kv: -kv[1])[:3]
-            labels = self._serving.package.manifest.labels if self._serving else []
-            named = ", ".join(f"{labels[c] if c < len(labels) else c} x{n}" for c, n in top)
-            print(
-                f"tele seq={window.seq} frames={window.frames.model_dump()} top=[{named}] "
-                f"conf_hist={conf.counts} latency_ms={ {k: v.p50 for k, v in window.latency_ms.items()} } "
-                f"events={window.events}",
-                flush=True,
-            )
+        if self.observer:
+            self.observer.window(window, self._serving.package.manifest.labels)
 
     def _publish_samples(self, now: float) -> None:
         """The window's chosen frames, privacy-filtered on the device, to the ``sample`` topic (QoS 1)."""
         chosen = self.sampler.choose(now)
         if not chosen:
             return
-        assert self.link
         cfg, s = self.config, self.config.sampling
         for c in chosen:
             r = c.item
@@ -339,7 +339,6 @@ class Agent:
         self.events.add("samples_sent", len(chosen))
 
     def _publish_prediction(self, r: Inferred) -> None:
-        assert self.link
         cfg = self.config
         top = top_k(r.probs, cfg.telemetry.top_k)
         labels = r.model.package.manifest.labels
@@ -353,12 +352,8 @@ class Agent:
             model_version=r.model.package.manifest.version,
         )
         self.link.publish_now(pred_topic(cfg.fleet, cfg.device_id), msg.to_bytes())
-        if self.print_messages:
-            print(
-                f"pred frame={r.index} "
-                + ", ".join(f"{lab} {p:.2f}" for lab, (_, p) in zip(msg.labels, top)),
-                flush=True,
-            )
+        if self.observer:
+            self.observer.prediction(msg)
 
     # -- over-the-air updates (edge_agent/updater, docs/updates.md) ------------------------------
     def _hint_topics(self) -> list[str]:
@@ -368,28 +363,23 @@ class Agent:
         u = self.config.update
         return [release_topic(self.config.fleet, ch) for ch in followed_channels(u.channel)] if u else []
 
-    def _boot(self) -> Boot:
+    def _boot(self, update: UpdateSettings) -> tuple[UpdateStore, Boot]:
         """Pick and verify the model to start with: committed slot, else previous, else factory."""
         from edge_agent.updater.boot import select_boot
         from edge_agent.updater.store import UpdateStore
 
-        assert self.config.update
-        self._update_store = UpdateStore(self.config.state_dir / "update")
-        return select_boot(
-            self._update_store, self.config.model.package, max_attempts=self.config.update.max_trial_attempts
-        )
+        store = UpdateStore(self.config.state_dir / "update")
+        return store, select_boot(store, self.config.model.package, max_attempts=update.max_trial_attempts)
 
-    def _make_updater(self, boot: Boot) -> Updater:
+    def _make_updater(self, update: UpdateSettings, store: UpdateStore, boot: Boot) -> Updater:
         from edge_agent.updater.updater import Identity, Updater
 
         cfg = self.config
-        assert cfg.update
-        assert self._update_store is not None
         ident = Identity(cfg.fleet, cfg.device_id, self.session, cfg.model.artifact, cfg.model.backend)
         return Updater(
-            cfg.update,
+            update,
             ident,
-            self._update_store,
+            store,
             boot,
             publish=self._publish_update,
             agent_state=self.state,
@@ -397,18 +387,14 @@ class Agent:
         )
 
     def _publish_update(self, event: UpdateEvent) -> None:
-        assert self.link
         self.link.publish_spooled(update_topic(event.fleet, event.device), event.to_bytes())
-        if self.print_messages:
-            print(
-                f"update {event.state} {event.reason or ''} {event.version or ''} {event.detail or ''}".rstrip(),
-                flush=True,
-            )
+        if self.observer:
+            self.observer.update(event)
 
     # -- status and commands ---------------------------------------------------------------------
     def _status(self, state: str) -> Status:
         cfg = self.config
-        model = self._serving.ref if self._serving else None
+        model = self._serving.ref
         return Status(
             fleet=cfg.fleet,
             device=cfg.device_id,
@@ -506,10 +492,10 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     return validate_config(data, origin)
 
 
-def run_agent_from_args(args: argparse.Namespace) -> int:
+def run_agent_from_args(args: argparse.Namespace, observer: AgentObserver | None = None) -> int:
     cfg = config_from_args(args)
     logging.getLogger().setLevel(cfg.log_level if not args.verbose else "DEBUG")
-    agent = Agent(cfg, print_messages=args.print_messages)
+    agent = Agent(cfg, observer=observer)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
     return agent.run()

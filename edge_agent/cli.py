@@ -11,10 +11,15 @@ import argparse
 import logging
 import sys
 import traceback
+from collections.abc import Sequence
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 from edge_agent import __version__
 from edge_agent.errors import EdgeFleetError
+
+if TYPE_CHECKING:  # kept out of `edgefleet --help`'s imports
+    from edge_agent.protocol import Prediction, TelemetryWindow, UpdateEvent
 
 _GROUP = "edgefleet.commands"
 
@@ -61,7 +66,32 @@ def _register_agent(sub: argparse._SubParsersAction) -> None:
 def _agent_run(args: argparse.Namespace) -> int:
     from edge_agent.agent import run_agent_from_args
 
-    return run_agent_from_args(args)
+    return run_agent_from_args(args, observer=PrintObserver() if args.print_messages else None)
+
+
+class PrintObserver:
+    """``agent run --print``: one line on stdout per window, prediction and update event published."""
+
+    def window(self, window: TelemetryWindow, labels: Sequence[str]) -> None:
+        conf = window.histograms["confidence"]
+        top = sorted(window.class_counts.items(), key=lambda kv: -kv[1])[:3]
+        named = ", ".join(f"{labels[c] if c < len(labels) else c} x{n}" for c, n in top)
+        latency = {k: v.p50 for k, v in window.latency_ms.items()}
+        print(
+            f"tele seq={window.seq} frames={window.frames.model_dump()} top=[{named}] "
+            f"conf_hist={conf.counts} latency_ms={latency} events={window.events}",
+            flush=True,
+        )
+
+    def prediction(self, message: Prediction) -> None:
+        best = ", ".join(f"{lab} {p:.2f}" for lab, (_, p) in zip(message.labels, message.top))
+        print(f"pred frame={message.frame} {best}", flush=True)
+
+    def update(self, event: UpdateEvent) -> None:
+        print(
+            f"update {event.state} {event.reason or ''} {event.version or ''} {event.detail or ''}".rstrip(),
+            flush=True,
+        )
 
 
 def _agent_bench(args: argparse.Namespace) -> int:
