@@ -220,34 +220,7 @@ def run_bench(
     options = BackendOptions(threads=threads)
     frames = bench_frames(package)
     keys = artifacts or runnable_artifacts(package)
-    results: dict[str, dict] = {}
-    for key in keys:
-        bare_fps, pipe_fps, bare_lat, pipe_lat = [], [], [], []
-        for _ in range(rounds):  # alternate so that noise hits both modes alike
-            f, lat = _bare(package, key, frames, options, seconds / rounds)
-            bare_fps.append(f)
-            bare_lat += lat
-            f, lat = _pipeline(package, key, frames, options, seconds / rounds)
-            pipe_fps.append(f)
-            pipe_lat += lat
-        b, p = float(np.median(bare_fps)), float(np.median(pipe_fps))
-        art = package.manifest.artifacts[key]
-        results[key] = {
-            "bare_fps": round(b, 2),
-            "pipeline_fps": round(p, 2),
-            "ratio": round(p / b, 3),
-            "p50_ms": round(float(np.percentile(pipe_lat, 50)) * 1000, 2),
-            "p99_ms": round(float(np.percentile(pipe_lat, 99)) * 1000, 2),
-            "bare_p50_ms": round(float(np.percentile(bare_lat, 50)) * 1000, 2),
-            "bare_p99_ms": round(float(np.percentile(bare_lat, 99)) * 1000, 2),
-            "top1_agreement": art.top1_agreement,
-            "top1_agreement_confident": art.top1_agreement_confident,
-        }
-        print(
-            f"  {key:12s} bare {b:7.1f} fps  pipeline {p:7.1f} fps  ratio {p / b:.3f}",
-            file=sys.stderr,
-            flush=True,
-        )
+    results = {key: _bench_artifact(package, key, frames, options, seconds, rounds) for key in keys}
     with tempfile.TemporaryDirectory() as tmp:
         state = AgentState(Path(tmp) / "state")
         choice = choose_artifact(package, "auto", options, state)
@@ -277,6 +250,44 @@ def run_bench(
         "first_inference_s": warm["first_inference_s"],
         "first_inference_cold_s": cold["first_inference_s"],
         "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+    }
+
+
+def _bench_artifact(
+    package: ModelPackage,
+    key: str,
+    frames: list[np.ndarray],
+    options: BackendOptions,
+    seconds: float,
+    rounds: int,
+) -> dict:
+    """One artifact bare (runtime alone) and in the agent's pipeline, alternating ``rounds`` times so
+    that noise hits both modes alike."""
+    bare_fps, pipe_fps, bare_lat, pipe_lat = [], [], [], []
+    for _ in range(rounds):
+        f, lat = _bare(package, key, frames, options, seconds / rounds)
+        bare_fps.append(f)
+        bare_lat += lat
+        f, lat = _pipeline(package, key, frames, options, seconds / rounds)
+        pipe_fps.append(f)
+        pipe_lat += lat
+    b, p = float(np.median(bare_fps)), float(np.median(pipe_fps))
+    art = package.manifest.artifacts[key]
+    print(
+        f"  {key:12s} bare {b:7.1f} fps  pipeline {p:7.1f} fps  ratio {p / b:.3f}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {
+        "bare_fps": round(b, 2),
+        "pipeline_fps": round(p, 2),
+        "ratio": round(p / b, 3),
+        "p50_ms": round(float(np.percentile(pipe_lat, 50)) * 1000, 2),
+        "p99_ms": round(float(np.percentile(pipe_lat, 99)) * 1000, 2),
+        "bare_p50_ms": round(float(np.percentile(bare_lat, 50)) * 1000, 2),
+        "bare_p99_ms": round(float(np.percentile(bare_lat, 99)) * 1000, 2),
+        "top1_agreement": art.top1_agreement,
+        "top1_agreement_confident": art.top1_agreement_confident,
     }
 
 

@@ -63,34 +63,9 @@ def self_test(
     except Exception as exc:  # noqa: BLE001 - any load failure fails the test
         result.fail(f"cannot load: {exc}")
         return result
-    pre = Preprocessor(m.preprocess, m.artifacts[artifact].input)
     times: list[float] = []
     try:
-        for g in m.golden:
-            image = cv2.imread(str(package.path(g.file)), cv2.IMREAD_COLOR)
-            if image is None:
-                result.fail(f"{g.file}: cannot decode golden input")
-                continue
-            x, _ = pre(image)
-            probs = None
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                raw = b.run(x)
-                times.append((time.perf_counter() - t0) * 1000)
-                probs = to_probabilities(raw, m.output_kind, m.temperature)[0]
-            result.golden += 1
-            assert probs is not None
-            if not np.isfinite(probs).all():
-                result.fail(f"{g.file}: output is not finite")
-                continue
-            if abs(float(probs.sum()) - 1.0) > 1e-3 or probs.min() < 0:
-                result.fail(f"{g.file}: output is not a probability distribution (sum {probs.sum():.4f})")
-                continue
-            top1 = int(probs.argmax())
-            if top1 != g.expected_top1:
-                result.fail(
-                    f"{g.file}: top-1 {top1} ({m.labels[top1]}), expected {g.expected_top1} ({m.labels[g.expected_top1]})"
-                )
+        _check_golden(package, artifact, b, result, times, repeats)
         check = load_check(package)
         if check is not None:
             agreement = measure_agreement(package, artifact, check, backend=b)
@@ -100,7 +75,7 @@ def self_test(
     except Exception as exc:  # noqa: BLE001 - a runtime error is a failed self-test, not a crash
         result.fail(f"runtime error: {type(exc).__name__}: {exc}")
     finally:
-        if backend is None and "b" in locals():
+        if backend is None:
             b.close()
     if times:
         result.latency_ms = float(np.median(times))
@@ -109,3 +84,37 @@ def self_test(
                 f"median latency {result.latency_ms:.1f} ms exceeds budget {latency_budget_ms:.1f} ms"
             )
     return result
+
+
+def _check_golden(
+    package: ModelPackage, artifact: str, b: Backend, result: SelfTestResult, times: list[float], repeats: int
+) -> None:
+    """Each golden input: a finite probability distribution whose top-1 is the recorded one; ``times``
+    collects the milliseconds of every run."""
+    m = package.manifest
+    pre = Preprocessor(m.preprocess, m.artifacts[artifact].input)
+    for g in m.golden:
+        image = cv2.imread(str(package.path(g.file)), cv2.IMREAD_COLOR)
+        if image is None:
+            result.fail(f"{g.file}: cannot decode golden input")
+            continue
+        x, _ = pre(image)
+        probs = None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            raw = b.run(x)
+            times.append((time.perf_counter() - t0) * 1000)
+            probs = to_probabilities(raw, m.output_kind, m.temperature)[0]
+        result.golden += 1
+        assert probs is not None  # repeats >= 1
+        if not np.isfinite(probs).all():
+            result.fail(f"{g.file}: output is not finite")
+            continue
+        if abs(float(probs.sum()) - 1.0) > 1e-3 or probs.min() < 0:
+            result.fail(f"{g.file}: output is not a probability distribution (sum {probs.sum():.4f})")
+            continue
+        top1 = int(probs.argmax())
+        if top1 != g.expected_top1:
+            result.fail(
+                f"{g.file}: top-1 {top1} ({m.labels[top1]}), expected {g.expected_top1} ({m.labels[g.expected_top1]})"
+            )

@@ -145,18 +145,29 @@ def slices_figure(slices: Mapping[str, Mapping[str, Mapping[str, float]]], title
 def render_card(
     manifest: ModelManifest, evaluation: Mapping[str, Any], reference: ReferenceStats | None
 ) -> str:
-    """The HTML text of the card."""
+    """The HTML text of the card: summary, gate, confusion, calibration, robustness, slices, drift
+    reference, data and training, each section from its own function."""
     ev = evaluation
     device = ev["device_artifact"]
-    models = ev["models"]
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(manifest.name)} {_e(manifest.version)}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{_e(manifest.name)} {_e(manifest.version)}</h1>",
         f"<p class='muted'>created {_e(manifest.created)} &middot; {len(manifest.labels)} classes &middot; "
         f"temperature {manifest.temperature:.3f} &middot; devices run <b>{_e(device)}</b></p>",
-        "<h2>Summary (test split)</h2>",
+        *_summary_section(ev),
+        *_gate_section(ev),
+        *_device_section(ev, manifest.labels),
+        *_calibration_section(ev),
+        *_other_sections(ev, manifest, reference),
+        "</body></html>",
     ]
+    return "\n".join(parts)
+
+
+def _summary_section(ev: Mapping[str, Any]) -> list[str]:
+    models = ev["models"]
+    parts = ["<h2>Summary (test split)</h2>"]
     rob = ev.get("robustness")
     rows = []
     for key, r in models.items():
@@ -186,6 +197,11 @@ def render_card(
             rows,
         )
     )
+    return parts
+
+
+def _gate_section(ev: Mapping[str, Any]) -> list[str]:
+    parts: list[str] = []
     gate = ev.get("gate")
     if gate:
         parts.append("<h2>Gate</h2>")
@@ -207,10 +223,15 @@ def render_card(
                 ],
             )
         )
+    return parts
+
+
+def _device_section(ev: Mapping[str, Any], labels: list[str]) -> list[str]:
+    device, models = ev["device_artifact"], ev["models"]
     d = models[device]
-    parts += [
+    parts = [
         "<h2>Confusion matrix</h2>",
-        confusion_figure(d["confusion"], manifest.labels, f"{device}, test split"),
+        confusion_figure(d["confusion"], labels, f"{device}, test split"),
     ]
     parts.append(
         _table(
@@ -221,8 +242,12 @@ def render_card(
             ],
         )
     )
+    return parts
+
+
+def _calibration_section(ev: Mapping[str, Any]) -> list[str]:
     cal = ev["calibration"]
-    parts += [
+    return [
         "<h2>Calibration</h2>",
         f"<p>Temperature {cal['temperature']:.3f} fitted on {cal['fitted_on']} ({cal['fit_images']} images) by NLL; "
         f"torch fp32 on the test split: ECE {_pct(cal['test']['ece_before'])} &rarr; {_pct(cal['test']['ece_after'])}, "
@@ -234,6 +259,15 @@ def render_card(
             cal["test"]["ece_after"],
         ),
     ]
+
+
+def _other_sections(
+    ev: Mapping[str, Any], manifest: ModelManifest, reference: ReferenceStats | None
+) -> list[str]:
+    """Robustness, slices, the drift reference, the data and the training settings."""
+    device, rob = ev["device_artifact"], ev.get("robustness")
+    d = ev["models"][device]
+    parts: list[str] = []
     if rob:
         parts += [
             f"<h2>Robustness</h2><p>{rob['images']} test images per corruption and severity (ImageNet-C corruptions, "
@@ -270,8 +304,7 @@ def render_card(
             "<h2>Training</h2>",
             _table(["setting", "value"], [[k, v] for k, v in tr.items() if not isinstance(v, (dict, list))]),
         ]
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 def write_card(

@@ -203,6 +203,18 @@ def check_dataset(
             "sources": dict(Counter(s.source for s in ds.samples)),
         },
     )
+    _check_files(rep, ds)
+    _check_classes(rep, ds, counts, per_class, min_class_images, max_imbalance)
+    _check_exact_duplicates(rep, ds)
+    frames = [s.frame() for s in ds.samples]
+    _check_near_duplicates(rep, ds, frames, near_dup_bits)
+    if label_check and len(ds.samples) >= 10 and len(ds.labels) >= 2:
+        _check_labels(rep, ds, frames, package, disagreement)
+    return rep
+
+
+def _check_files(rep: CheckReport, ds: Dataset) -> None:
+    """Files that could not be read (blocking) and files that are not images (info)."""
     corrupt = [k for k in ds.skipped if k.corrupt]
     if corrupt:
         rep.add(
@@ -219,6 +231,17 @@ def check_dataset(
             f"{len(ignored)} non-image file(s) ignored",
             [f"{k.path}: {k.reason}" for k in ignored],
         )
+
+
+def _check_classes(
+    rep: CheckReport,
+    ds: Dataset,
+    counts: dict[str, dict[str, int]],
+    per_class: dict[str, int],
+    min_class_images: int,
+    max_imbalance: float,
+) -> None:
+    """Empty, tiny and unsplit classes, classes missing from val or test, and imbalance."""
     empty = [lab for lab, n in per_class.items() if n == 0]
     if empty:
         rep.add("blocking", "empty-class", f"{len(empty)} class folder(s) without usable images", empty)
@@ -253,6 +276,9 @@ def check_dataset(
             [f"{k}: {v}" for k, v in per_class.items()],
         )
 
+
+def _check_exact_duplicates(rep: CheckReport, ds: Dataset) -> None:
+    """Byte-identical images: under different labels (blocking) or repeated (warning)."""
     by_sha: dict[str, list[Sample]] = defaultdict(list)
     for sample in ds.samples:
         by_sha[sample.sha256].append(sample)
@@ -273,7 +299,11 @@ def check_dataset(
             [" = ".join(s.name for s in g) for g in dupes],
         )
 
-    frames = [s.frame() for s in ds.samples]
+
+def _check_near_duplicates(
+    rep: CheckReport, ds: Dataset, frames: list[np.ndarray], near_dup_bits: int
+) -> None:
+    """Perceptual near-duplicates across splits (leakage, blocking) or under different labels."""
     hashes = [phash(f) for f in frames]
     thumbs = np.stack([thumbnail(f) for f in frames]) if frames else np.zeros((0, 256), np.float32)
     leaks, near_conflicts = [], []
@@ -301,33 +331,36 @@ def check_dataset(
             near_conflicts,
         )
 
-    if label_check and len(ds.samples) >= 10 and len(ds.labels) >= 2:
-        y = ds.index(ds.samples)
-        if package is not None:
-            probs, who = (
-                _package_probabilities(package, frames, ds.labels),
-                f"{package.manifest.name} {package.manifest.version}",
-            )
-        else:
-            probs, who = (
-                _probe(ds.samples, frames, y, len(ds.labels)),
-                "an out-of-fold linear probe on Lite0 features",
-            )
-        pred = probs.argmax(1)
-        suspects = [
-            (
-                float(probs[i, pred[i]]),
-                f"{s.name}: labelled {s.label}, {who} says {ds.labels[pred[i]]} ({probs[i, pred[i]]:.0%}; "
-                f"{probs[i, y[i]]:.0%} for {s.label})",
-            )
-            for i, s in enumerate(ds.samples)
-            if pred[i] != y[i] and probs[i, pred[i]] >= disagreement
-        ]
-        if suspects:
-            rep.add(
-                "warning",
-                "label",
-                f"{len(suspects)} image(s) whose label the model strongly disagrees with (check them)",
-                [t for _, t in sorted(suspects, reverse=True)],
-            )
-    return rep
+
+def _check_labels(
+    rep: CheckReport, ds: Dataset, frames: list[np.ndarray], package: ModelPackage | None, disagreement: float
+) -> None:
+    """Images whose label a model (the package, else an out-of-fold probe) strongly disagrees with."""
+    y = ds.index(ds.samples)
+    if package is not None:
+        probs, who = (
+            _package_probabilities(package, frames, ds.labels),
+            f"{package.manifest.name} {package.manifest.version}",
+        )
+    else:
+        probs, who = (
+            _probe(ds.samples, frames, y, len(ds.labels)),
+            "an out-of-fold linear probe on Lite0 features",
+        )
+    pred = probs.argmax(1)
+    suspects = [
+        (
+            float(probs[i, pred[i]]),
+            f"{s.name}: labelled {s.label}, {who} says {ds.labels[pred[i]]} ({probs[i, pred[i]]:.0%}; "
+            f"{probs[i, y[i]]:.0%} for {s.label})",
+        )
+        for i, s in enumerate(ds.samples)
+        if pred[i] != y[i] and probs[i, pred[i]] >= disagreement
+    ]
+    if suspects:
+        rep.add(
+            "warning",
+            "label",
+            f"{len(suspects)} image(s) whose label the model strongly disagrees with (check them)",
+            [t for _, t in sorted(suspects, reverse=True)],
+        )

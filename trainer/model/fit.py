@@ -106,90 +106,144 @@ def fit_suffix(
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     params = suffix.parameters_to_train()
-    head = list(suffix.m._fc.parameters())
-    head_ids = {id(p) for p in head}
-    groups = [{"params": head, "lr": config.lr}]
-    rest = [p for p in params if id(p) not in head_ids]
-    if rest:
-        groups.append({"params": rest, "lr": config.lr / 10})
-    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    opt = _optimizer(suffix, params, config)
     weight = class_weights(y_train, num_classes) if config.balance else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.int64))
-    yv = y_val.astype(np.int64)
-
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    start, history = 0, []
-    best = _Best(state=_state(params))
-    resumed_from = None
-    if ckpt is not None and (ckpt / "last.pt").is_file():
-        saved = torch.load(ckpt / "last.pt", weights_only=False)
-        same = {k: v for k, v in saved.get("config", {}).items() if k != "epochs"} == config.model_dump(
-            exclude={"epochs"}
-        )
-        if saved.get("fingerprint") == fingerprint and same:  # more epochs may be asked for
-            _load(params, saved["params"])
-            opt.load_state_dict(saved["optimizer"])
-            gen.set_state(saved["generator"])
-            torch.set_rng_state(saved["torch_rng"])
-            start, history, best = saved["epoch"] + 1, saved["history"], _Best(**saved["best"])
-            resumed_from = saved["epoch"]
-
-    bar = tqdm(range(start, config.epochs), desc="train", unit="epoch", disable=not progress, leave=False)
+    run = _resume(ckpt, config, fingerprint, params, opt, gen)
+    bar = tqdm(range(run.start, config.epochs), desc="train", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
-        if best.epoch >= 0 and epoch - best.epoch > config.patience:
+        if run.best.epoch >= 0 and epoch - run.best.epoch > config.patience:
             break
-        suffix.train()
-        perm = torch.randperm(len(xt), generator=gen)
-        total = 0.0
-        for i in range(0, len(perm), config.batch_size):
-            idx = perm[i : i + config.batch_size]
-            opt.zero_grad()
-            loss = loss_fn(suffix(xt[idx]), yt[idx])
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        logits = predict_logits(suffix, x_val)
-        z = logits - logits.max(1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-        val_nll = float(-logp[np.arange(len(yv)), yv].mean())
-        val_acc = float((logits.argmax(1) == yv).mean())
-        history.append(
-            {"epoch": epoch, "train_loss": total / len(perm), "val_nll": val_nll, "val_accuracy": val_acc}
+        train_loss = _train_epoch(suffix, opt, loss_fn, xt, yt, gen, config.batch_size)
+        val_nll, val_acc = _validate(suffix, x_val, y_val.astype(np.int64))
+        run.history.append(
+            {"epoch": epoch, "train_loss": train_loss, "val_nll": val_nll, "val_accuracy": val_acc}
         )
-        bar.set_postfix(loss=f"{total / len(perm):.3f}", val_nll=f"{val_nll:.3f}", val_acc=f"{val_acc:.3f}")
-        if val_nll < best.nll - 1e-4:
-            best = _Best(val_nll, val_acc, epoch, _state(params))
+        bar.set_postfix(loss=f"{train_loss:.3f}", val_nll=f"{val_nll:.3f}", val_acc=f"{val_acc:.3f}")
+        if val_nll < run.best.nll - 1e-4:
+            run.best = _Best(val_nll, val_acc, epoch, _state(params))
             if ckpt is not None:
-                _save(ckpt / "best.pt", {"epoch": epoch, "params": best.state, "fingerprint": fingerprint})
+                _save(
+                    ckpt / "best.pt", {"epoch": epoch, "params": run.best.state, "fingerprint": fingerprint}
+                )
         if ckpt is not None:
-            _save(
-                ckpt / "last.pt",
-                {
-                    "epoch": epoch,
-                    "params": _state(params),
-                    "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                    "best": best.__dict__,
-                    "fingerprint": fingerprint,
-                    "config": config.model_dump(),
-                },
-            )
+            _save(ckpt / "last.pt", _checkpoint(epoch, params, opt, gen, run, fingerprint, config))
     bar.close()
     if config.restore_best:
-        _load(params, best.state)
+        _load(params, run.best.state)
     suffix.eval()
     return FitResult(
-        best_epoch=best.epoch,
-        epochs_run=len(history),
-        best_val_nll=best.nll,
-        best_val_accuracy=best.acc,
+        best_epoch=run.best.epoch,
+        epochs_run=len(run.history),
+        best_val_nll=run.best.nll,
+        best_val_accuracy=run.best.acc,
         seconds=time.perf_counter() - t0,
-        history=history,
-        resumed_from=resumed_from,
+        history=run.history,
+        resumed_from=run.resumed_from,
     )
+
+
+def _optimizer(suffix: Suffix, params: list[torch.nn.Parameter], config: FitConfig) -> torch.optim.Optimizer:
+    """AdamW with the new head at ``lr`` and unfrozen backbone blocks at a tenth of it."""
+    head = list(suffix.m._fc.parameters())
+    head_ids = {id(p) for p in head}
+    groups: list[dict[str, Any]] = [{"params": head, "lr": config.lr}]
+    rest = [p for p in params if id(p) not in head_ids]
+    if rest:
+        groups.append({"params": rest, "lr": config.lr / 10})
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+@dataclass
+class _Run:
+    """Where training starts (fresh or resumed from ``last.pt``) and what it has seen so far."""
+
+    start: int
+    history: list[dict[str, float]]
+    best: _Best
+    resumed_from: int | None = None
+
+
+def _resume(
+    ckpt: Path | None,
+    config: FitConfig,
+    fingerprint: str,
+    params: list[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> _Run:
+    """Continue from ``last.pt`` when it was written for the same data and config (more epochs may be
+    asked for); else start fresh."""
+    fresh = _Run(0, [], _Best(state=_state(params)))
+    if ckpt is None or not (ckpt / "last.pt").is_file():
+        return fresh
+    saved = torch.load(ckpt / "last.pt", weights_only=False)
+    same = {k: v for k, v in saved.get("config", {}).items() if k != "epochs"} == config.model_dump(
+        exclude={"epochs"}
+    )
+    if saved.get("fingerprint") != fingerprint or not same:
+        return fresh
+    _load(params, saved["params"])
+    opt.load_state_dict(saved["optimizer"])
+    gen.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    return _Run(saved["epoch"] + 1, saved["history"], _Best(**saved["best"]), saved["epoch"])
+
+
+def _train_epoch(
+    suffix: Suffix,
+    opt: torch.optim.Optimizer,
+    loss_fn: torch.nn.Module,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    gen: torch.Generator,
+    batch_size: int,
+) -> float:
+    """One pass over the training features in a seeded order; the mean training loss."""
+    suffix.train()
+    perm = torch.randperm(len(xt), generator=gen)
+    total = 0.0
+    for i in range(0, len(perm), batch_size):
+        idx = perm[i : i + batch_size]
+        opt.zero_grad()
+        loss = loss_fn(suffix(xt[idx]), yt[idx])
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+    return total / len(perm)
+
+
+def _validate(suffix: Suffix, x_val: np.ndarray, yv: np.ndarray) -> tuple[float, float]:
+    """Validation NLL and accuracy of the current weights."""
+    logits = predict_logits(suffix, x_val)
+    z = logits - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-logp[np.arange(len(yv)), yv].mean()), float((logits.argmax(1) == yv).mean())
+
+
+def _checkpoint(
+    epoch: int,
+    params: list[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    run: _Run,
+    fingerprint: str,
+    config: FitConfig,
+) -> dict[str, Any]:
+    """Everything :func:`_resume` needs to continue after ``epoch``."""
+    return {
+        "epoch": epoch,
+        "params": _state(params),
+        "optimizer": opt.state_dict(),
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "history": run.history,
+        "best": run.best.__dict__,
+        "fingerprint": fingerprint,
+        "config": config.model_dump(),
+    }
 
 
 def _save(path: Path, obj: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edge_agent.config import MqttSettings
+from edge_agent.config import AgentConfig, MqttSettings
 from edge_agent.mqtt_client import new_client
 from edge_agent.package import ModelPackage, load_package
 from trainer.drift.detector import DriftConfig
@@ -200,27 +200,7 @@ def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, A
         stack.callback(broker.stop)
         timeline.add("broker", f"{type(broker).__name__} at {broker.url}")
         v1 = _train_v1(s, workdir, timeline)
-        cfg = TrainerServiceConfig(
-            fleet=fleet,
-            mqtt=MqttSettings(url=broker.url, client_id="trainer"),
-            db_url=f"sqlite:///{workdir / 'fleet.db'}",
-            release=ReleaseServerSettings(repo=workdir / "repo", port=0),
-            shared_subscription=getattr(broker, "shared_subscriptions", True),
-            training=TrainingSettings(
-                base_data=_base_data(s),
-                model="shapes",
-                min_field_gain=3.0,
-                train=_train_overrides(s),
-                work_dir=workdir / "trainer",
-            ),
-            drift=DriftConfig(min_window_frames=20, rebase_windows=3),
-            slot_s=s.window_s,
-            grace_s=3.0,
-            labeller="oracle",
-            sample_minutes=60,
-            retrain=RetrainPolicyConfig(min_labels=s.min_labels, cooldown_s=60),
-            rollout=RolloutConfig(canary_share=0.5, min_windows=4, margin_points=3.0),
-        )
+        cfg = _service_config(s, workdir, fleet, broker)
         service = TrainerService(cfg, labeller=oracle_label, timeline=timeline).start()
         stack.callback(service.stop)
         factory = build_tiny_package(workdir / "factory", version="0.1.0", name="placeholder")
@@ -231,34 +211,7 @@ def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, A
         summary.update(devices=devices, shifted=sorted(shifted))
         schedule = ShiftSchedule()
         configs = [
-            device_config(
-                d,
-                fleet,
-                workdir / "devices",
-                factory.root,
-                broker.url,
-                repo_url=service.repo_url,
-                root=root,
-                window_seconds=s.window_s,
-                extra={
-                    "update": {
-                        "repository": service.repo_url,
-                        "root": str(root),
-                        "channel": "auto",
-                        "model": "shapes",
-                        "poll_seconds": 10,
-                        "health_windows": 2,
-                        "latency_budget_ms": 400,
-                    },
-                    "sampling": {
-                        "enabled": True,
-                        "consent": "simulation",
-                        "per_window": s.samples_per_window,
-                        "audit_per_window": s.audit_per_window,
-                        "max_per_hour": 3600,
-                    },
-                },
-            )
+            _device_config(s, d, fleet, workdir, factory.root, broker.url, service.repo_url, root)
             for d in devices
         ]
         tracker = PredictionTracker(broker.port, fleet)
@@ -270,45 +223,121 @@ def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, A
             f"{len(devices)} simulated cameras started on a placeholder model ({s.fps:g} fps, "
             f"{s.window_s:g} s windows)",
         )
-        service.release_initial(v1)
-        deadline = time.time() + s.timeout_s
-        _wait(
-            lambda: tracker.running("1.0.0", time.time() - s.window_s) >= set(devices),
-            deadline,
-            "every device on v1",
-        )
-        t_v1 = time.time()
-        timeline.add("fleet_on_v1", "every device runs v1")
-        time.sleep(s.clean_windows * s.window_s)
-        shift_at = time.time()
-        schedule.shifts.append(
-            Shift(shift_at - sim.t0, frozenset(shifted), lighting=s.lighting, sensor=s.sensor)
-        )
-        timeline.add(
-            "shift", f"{'+'.join(p for p in (s.lighting, s.sensor) if p)} hits {', '.join(sorted(shifted))}"
-        )
-        _wait(
-            lambda: (
-                service.champion is not None
-                and service.champion.manifest.version != "1.0.0"
-                and tracker.running(service.champion.manifest.version, time.time() - s.window_s)
-                >= set(devices)
-            ),
-            deadline,
-            "v2 on every device",
-        )
-        t_v2 = time.time()
-        v2 = service.champion.manifest.version  # type: ignore[union-attr]
-        timeline.add("fleet_on_v2", f"every device runs {v2}")
-        time.sleep(s.settle_s)
-        summary.update(
-            _measure(service, tracker, timeline, shifted, set(devices), t_v1, shift_at, t_v2, time.time(), v2)
-        )
+        summary.update(_scenario(s, service, tracker, sim, schedule, v1, shifted, set(devices), timeline))
         summary["service_errors"] = service.errors
     summary["timeline"] = timeline.to_json()
     (workdir / "demo.json").write_text(json.dumps(summary, indent=1, default=str))
     _print_summary(summary, workdir)
     return summary
+
+
+def _scenario(
+    s: DemoSettings,
+    service: TrainerService,
+    tracker: PredictionTracker,
+    sim: FleetSimulator,
+    schedule: ShiftSchedule,
+    v1: ModelPackage,
+    shifted: set[str],
+    devices: set[str],
+    timeline: Timeline,
+) -> dict[str, Any]:
+    """v1 to every device, the shift, then wait until the retrained model runs everywhere; measured."""
+    service.release_initial(v1)
+    deadline = time.time() + s.timeout_s
+    _wait(
+        lambda: tracker.running("1.0.0", time.time() - s.window_s) >= devices,
+        deadline,
+        "every device on v1",
+    )
+    t_v1 = time.time()
+    timeline.add("fleet_on_v1", "every device runs v1")
+    time.sleep(s.clean_windows * s.window_s)
+    shift_at = time.time()
+    schedule.shifts.append(Shift(shift_at - sim.t0, frozenset(shifted), lighting=s.lighting, sensor=s.sensor))
+    timeline.add(
+        "shift", f"{'+'.join(p for p in (s.lighting, s.sensor) if p)} hits {', '.join(sorted(shifted))}"
+    )
+    _wait(
+        lambda: (
+            service.champion is not None
+            and service.champion.manifest.version != "1.0.0"
+            and tracker.running(service.champion.manifest.version, time.time() - s.window_s) >= devices
+        ),
+        deadline,
+        "v2 on every device",
+    )
+    t_v2 = time.time()
+    v2 = service.champion.manifest.version  # type: ignore[union-attr]
+    timeline.add("fleet_on_v2", f"every device runs {v2}")
+    time.sleep(s.settle_s)
+    return _measure(service, tracker, timeline, shifted, devices, t_v1, shift_at, t_v2, time.time(), v2)
+
+
+def _service_config(s: DemoSettings, workdir: Path, fleet: str, broker: Any) -> TrainerServiceConfig:
+    """The trainer service of the demo: oracle labels, short slots, a 50% canary."""
+    return TrainerServiceConfig(
+        fleet=fleet,
+        mqtt=MqttSettings(url=broker.url, client_id="trainer"),
+        db_url=f"sqlite:///{workdir / 'fleet.db'}",
+        release=ReleaseServerSettings(repo=workdir / "repo", port=0),
+        shared_subscription=getattr(broker, "shared_subscriptions", True),
+        training=TrainingSettings(
+            base_data=_base_data(s),
+            model="shapes",
+            min_field_gain=3.0,
+            train=_train_overrides(s),
+            work_dir=workdir / "trainer",
+        ),
+        drift=DriftConfig(min_window_frames=20, rebase_windows=3),
+        slot_s=s.window_s,
+        grace_s=3.0,
+        labeller="oracle",
+        sample_minutes=60,
+        retrain=RetrainPolicyConfig(min_labels=s.min_labels, cooldown_s=60),
+        rollout=RolloutConfig(canary_share=0.5, min_windows=4, margin_points=3.0),
+    )
+
+
+def _device_config(
+    s: DemoSettings,
+    d: str,
+    fleet: str,
+    workdir: Path,
+    factory: Path,
+    broker_url: str,
+    repo_url: str,
+    root: Path,
+) -> AgentConfig:
+    """One simulated camera: updates on the ``auto`` channel, opt-in samples for labelling."""
+    return device_config(
+        d,
+        fleet,
+        workdir / "devices",
+        factory,
+        broker_url,
+        repo_url=repo_url,
+        root=root,
+        window_seconds=s.window_s,
+        extra={
+            "update": {
+                "repository": repo_url,
+                "root": str(root),
+                "channel": "auto",
+                "model": "shapes",
+                "poll_seconds": 10,
+                "health_windows": 2,
+                "latency_budget_ms": 400,
+            },
+            "sampling": {
+                "enabled": True,
+                "consent": "simulation",
+                "per_window": s.samples_per_window,
+                "audit_per_window": s.audit_per_window,
+                "max_per_hour": 3600,
+            },
+        },
+    )
 
 
 def _wait(pred: Any, deadline: float, what: str) -> None:
@@ -341,25 +370,8 @@ def _measure(
     retrain = timeline.first("retrain_started")
     if retrain:
         phases["v1 after shift"] = (shift_at, retrain.t)
-    rows = []
-    for name, (a, b) in phases.items():
-        row: dict[str, Any] = {
-            "phase": name,
-            "from_s": round(a - timeline.t0, 1),
-            "to_s": round(b - timeline.t0, 1),
-        }
-        for group, devs in (("shifted", shifted), ("others", others)):
-            acc, n = tracker.accuracy(a, b, devs)
-            ws = [w for d in devs for w in service.store.windows(device=d, since=a, until=b)]
-            est = estimate_accuracy(ws)
-            row[group] = {
-                "true": acc,
-                "frames": n,
-                "atc": est.atc,
-                "avg_conf": est.average_confidence,
-                **_ppi(service, ws, a, b),
-            }
-        rows.append(row)
+    groups = {"shifted": shifted, "others": others}
+    rows = [_phase_row(service, tracker, timeline, name, a, b, groups) for name, (a, b) in phases.items()]
     detect = (drift.t - shift_at) if drift else None
     windows_until = None
     if drift is not None:  # windows of that device that saw the shift, up to the one that set drift
@@ -379,6 +391,35 @@ def _measure(
         "time_to_recovery_s": t_v2 - shift_at,
         "promoted_at_s": (promoted.t - timeline.t0) if promoted else None,
     }
+
+
+def _phase_row(
+    service: TrainerService,
+    tracker: PredictionTracker,
+    timeline: Timeline,
+    name: str,
+    a: float,
+    b: float,
+    groups: dict[str, set[str]],
+) -> dict[str, Any]:
+    """True accuracy and every estimate of one phase, per device group."""
+    row: dict[str, Any] = {
+        "phase": name,
+        "from_s": round(a - timeline.t0, 1),
+        "to_s": round(b - timeline.t0, 1),
+    }
+    for group, devs in groups.items():
+        acc, n = tracker.accuracy(a, b, devs)
+        ws = [w for d in devs for w in service.store.windows(device=d, since=a, until=b)]
+        est = estimate_accuracy(ws)
+        row[group] = {
+            "true": acc,
+            "frames": n,
+            "atc": est.atc,
+            "avg_conf": est.average_confidence,
+            **_ppi(service, ws, a, b),
+        }
+    return row
 
 
 def _ppi(service: TrainerService, windows: list[Any], since: float, until: float) -> dict[str, Any]:

@@ -401,6 +401,23 @@ def write_statuses(
     result = WriteResult(stored=len(stored), duplicates=len(items) - len(stored))
     if not stored:
         return result
+    _advance_devices(conn, stored)
+    seen = {
+        (it.message.device, it.message.model.sha256): (it.message.fleet, it.message.model)
+        for it in stored
+        if it.message.model is not None
+    }
+    if seen:
+        known = check.known(conn, {sha for _, sha in seen})
+        result.unknown_model = sum(
+            1 for it in stored if it.message.model and it.message.model.sha256 not in known
+        )
+        result.alerts = _model_alerts(conn, seen, known, check, actor)
+    return result
+
+
+def _advance_devices(conn: Connection, stored: Sequence[Received[Status]]) -> None:
+    """Move each device's row forward to its newest status (older statuses never overwrite newer)."""
     # Per device: the newest status, preceded by the newest one that names a model (a last will names
     # none), so a batch holding "online (model)" then "offline" still records the model.
     newest: dict[str, Received[Status]] = {}
@@ -426,18 +443,6 @@ def write_statuses(
                 up.on_conflict_do_update(index_elements=["device"], set_=set_),
                 [_device_row(i) for i in rows_],
             )
-    seen = {
-        (it.message.device, it.message.model.sha256): (it.message.fleet, it.message.model)
-        for it in stored
-        if it.message.model is not None
-    }
-    if seen:
-        known = check.known(conn, {sha for _, sha in seen})
-        result.unknown_model = sum(
-            1 for it in stored if it.message.model and it.message.model.sha256 not in known
-        )
-        result.alerts = _model_alerts(conn, seen, known, check, actor)
-    return result
 
 
 def _device_row(it: Received[Status]) -> dict:
