@@ -61,14 +61,14 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from pathlib import Path
-
-    import yaml
-
+    from edge_agent.config_files import read_yaml, validate_model
     from trainer.build import TrainConfig
 
-    base = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    cfg = TrainConfig.model_validate(base or {})
+    cfg = (
+        validate_model(TrainConfig, read_yaml(args.config) or {}, args.config)
+        if args.config
+        else TrainConfig()
+    )
     top = {
         k: getattr(args, k)
         for k in (

@@ -81,8 +81,11 @@ class ExportSpec:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportReport:
+    """The published package and each artifact's top-1 agreement with torch fp32 on the check frames
+    (all of them, and those where torch is at least 50% confident)."""
+
     package: ModelPackage
     agreement: dict[str, float]
     decisive_agreement: dict[str, float]
