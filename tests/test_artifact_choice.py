@@ -97,9 +97,9 @@ def test_timing_keeps_its_pick_under_a_cpu_burning_neighbour(pretrained_package:
     pkg = load_package(pretrained_package)
     # one runtime, so the neighbour slows both alike (LiteRT int8 slowed 4.1 -> 6.7 ms under two burners in
     # CI while ONNX Runtime fp32 went 6.4 -> 6.7 ms): the comparison is of the timing, not of runtimes.
-    # The neighbour leaves one core free: with every core burning, ONNX int8 lost more than fp32 on this
-    # VNNI/AMX Xeon (6.7 -> 13.4 ms against 10.7 -> 12.0 ms in one run), so on an oversubscribed CPU
-    # the faster artifact can really change.
+    # The neighbour leaves one core free: with every core burning, ONNX int8 lost more than fp32 on a
+    # 2-core AMD EPYC with AVX-512 VNNI (6.7 -> 13.4 ms against 10.7 -> 12.0 ms in one run), so on an
+    # oversubscribed CPU the faster artifact can really change.
     keys = ["onnx-fp32", "onnx-int8"]
     quiet = time_artifacts(pkg, BackendOptions(), seconds=0.5, keys=keys)
     stop = mp.Event()
