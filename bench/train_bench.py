@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                     results["runs"][name]["shifted_domains"] = shifted_domains(result.package.root)
             except GateError as exc:  # the numbers are still measured; the run just produced no package
                 assert exc.evaluation is not None
-                results["runs"][name] = summarize(exc.evaluation, exc.evaluation["timings_s"])
+                results["runs"][name] = summarize(
+                    exc.evaluation.model_dump(mode="json"), exc.evaluation.timings_s
+                )
             print(
                 f"[train-bench] {name} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True
             )

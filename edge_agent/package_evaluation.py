@@ -86,6 +86,10 @@ class Evaluation(_Open):
     calibration: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     timings_s: dict[str, float] = Field(default_factory=dict)
+    robustness: dict[str, Any] | None = None
+    """Accuracy per corruption and severity for each model (absent when robustness was switched off)."""
+    reference_data: dict[str, Any] | None = None
+    """Which held-out images and artifact the drift reference was computed from."""
 
     def device_report(self) -> ModelReport:
         """The device artifact's test report (its presence is checked on load)."""

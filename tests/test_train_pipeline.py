@@ -169,7 +169,9 @@ def test_gate_failure_leaves_no_package_and_names_the_rule(
     with pytest.raises(GateError) as info:
         train_package(shapes_dataset, out, cfg, champion=shapes_package.package.root)
     assert info.value.failures and info.value.failures[0].startswith("min_slice_gain[lighting=dusk]")
-    assert info.value.evaluation["champion"]["version"] == "1.0.0"
+    ev = info.value.evaluation
+    assert ev is not None and ev.champion is not None and ev.champion["version"] == "1.0.0"
+    assert not ev.gate.passed and ev.gate.rules
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

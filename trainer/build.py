@@ -484,12 +484,14 @@ class _ReleaseCheck:
         }
         decision = self._gate(draft, held_pred)
         if not decision.passed:
-            raise GateError(decision.failures(), evaluation=self.evaluation)
+            raise GateError(
+                decision.failures(), evaluation=Evaluation.model_validate(_jsonable(self.evaluation))
+            )
         (Path(draft.root) / DATA_MANIFEST).write_text(
             inputs.dataset.manifest().model_dump_json(indent=1), encoding="utf-8"
         )
         evaluation = Evaluation.model_validate(_jsonable(self.evaluation))
-        write_card(draft.root, draft.manifest, self.evaluation, reference)
+        write_card(draft.root, draft.manifest, evaluation, reference)
         return {
             "reference": reference.model_dump(mode="json"),
             "evaluation": evaluation.model_dump(mode="json"),

@@ -7,9 +7,8 @@ prints it as one line and exits 2. Errors that also derive from a builtin (``Val
 
 from __future__ import annotations
 
-from typing import Any
-
 from edge_agent.errors import ConfigError, EdgeFleetError
+from edge_agent.package_evaluation import Evaluation
 
 __all__ = [
     "ConfigError",
@@ -40,7 +39,7 @@ class LabelImportError(DataError, ValueError):
 class GateError(EdgeFleetError):
     """The candidate failed the release gate; ``failures`` names every rule that failed."""
 
-    def __init__(self, failures: list[str], evaluation: dict[str, Any] | None = None) -> None:
+    def __init__(self, failures: list[str], evaluation: Evaluation | None = None) -> None:
         self.failures = failures
         self.evaluation = evaluation
         """The candidate's full evaluation (the fleet loop logs why a retrained model was rejected)."""

@@ -138,7 +138,7 @@ def _train(args: argparse.Namespace) -> int:
         result = train_package(data, args.out, config, champion=args.champion, overwrite=args.overwrite)
     except GateError as exc:
         print(f"gate FAILED; no package written to {args.out}")
-        _print_gate(exc.evaluation or {})
+        _print_gate(exc.evaluation.model_dump(mode="json") if exc.evaluation else {})
         return 3
     except ExportError as exc:
         print(f"edgefleet: error: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.package import ModelManifest
+from edge_agent.package_evaluation import Evaluation, SliceScore
 from edge_agent.reference import ReferenceStats
 
 CARD = "card.html"
@@ -128,10 +129,10 @@ def robustness_figure(rob: Mapping[str, Any], model: str) -> str:
     return _png(fig)
 
 
-def slices_figure(slices: Mapping[str, Mapping[str, Mapping[str, float]]], title: str) -> str:
+def slices_figure(slices: Mapping[str, Mapping[str, SliceScore]], title: str) -> str:
     import matplotlib.pyplot as plt
 
-    bars = [(f"{k}={v}", s["accuracy"], s["images"]) for k, vals in slices.items() for v, s in vals.items()]
+    bars = [(f"{k}={v}", s.accuracy, s.images) for k, vals in slices.items() for v, s in vals.items()]
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(bars) + 1.2))
     ax.barh(range(len(bars)), [b[1] for b in bars], color="#4a7ab5")
     ax.set_yticks(range(len(bars)), [f"{b[0]} (n={b[2]})" for b in bars])
@@ -142,13 +143,11 @@ def slices_figure(slices: Mapping[str, Mapping[str, Mapping[str, float]]], title
     return _png(fig)
 
 
-def render_card(
-    manifest: ModelManifest, evaluation: Mapping[str, Any], reference: ReferenceStats | None
-) -> str:
+def render_card(manifest: ModelManifest, evaluation: Evaluation, reference: ReferenceStats | None) -> str:
     """The HTML text of the card: summary, gate, confusion, calibration, robustness, slices, drift
     reference, data and training, each section from its own function."""
     ev = evaluation
-    device = ev["device_artifact"]
+    device = ev.device_artifact
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(manifest.name)} {_e(manifest.version)}</title>",
         f"<style>{_CSS}</style></head><body>",
@@ -165,21 +164,21 @@ def render_card(
     return "\n".join(parts)
 
 
-def _summary_section(ev: Mapping[str, Any]) -> list[str]:
-    models = ev["models"]
+def _summary_section(ev: Evaluation) -> list[str]:
+    models = ev.models
     parts = ["<h2>Summary (test split)</h2>"]
-    rob = ev.get("robustness")
+    rob = ev.robustness
     rows = []
     for key, r in models.items():
         mca = rob["models"][key]["mean_corruption_accuracy"] if rob and key in rob["models"] else None
         rows.append(
             [
                 key,
-                r["images"],
-                _pct(r["accuracy"]),
-                _pct(ev["heldout_accuracy"].get(key)),
-                _pct(r["macro_f1"]),
-                _pct(r["ece"]),
+                r.images,
+                _pct(r.accuracy),
+                _pct(ev.heldout_accuracy.get(key)),
+                _pct(r.macro_f1),
+                _pct(r.ece),
                 _pct(mca),
             ]
         )
@@ -200,13 +199,13 @@ def _summary_section(ev: Mapping[str, Any]) -> list[str]:
     return parts
 
 
-def _gate_section(ev: Mapping[str, Any]) -> list[str]:
+def _gate_section(ev: Evaluation) -> list[str]:
     parts: list[str] = []
-    gate = ev.get("gate")
+    gate = ev.gate
     if gate:
         parts.append("<h2>Gate</h2>")
-        if ev.get("champion"):
-            ch = ev["champion"]
+        if ev.champion:
+            ch = ev.champion
             parts.append(
                 f"<p>champion: {_e(ch['name'])} {_e(ch['version'])} (test accuracy {_pct(ch['device']['accuracy'])})</p>"
             )
@@ -215,38 +214,38 @@ def _gate_section(ev: Mapping[str, Any]) -> list[str]:
                 ["rule", "result", "detail"],
                 [
                     [
-                        r["rule"],
-                        f"<span class='{'pass' if r['passed'] else 'fail'}'>{'pass' if r['passed'] else 'FAIL'}</span>",
-                        r["detail"],
+                        r.rule,
+                        f"<span class='{'pass' if r.passed else 'fail'}'>{'pass' if r.passed else 'FAIL'}</span>",
+                        r.detail,
                     ]
-                    for r in gate["rules"]
+                    for r in gate.rules
                 ],
             )
         )
     return parts
 
 
-def _device_section(ev: Mapping[str, Any], labels: list[str]) -> list[str]:
-    device, models = ev["device_artifact"], ev["models"]
+def _device_section(ev: Evaluation, labels: list[str]) -> list[str]:
+    device, models = ev.device_artifact, ev.models
     d = models[device]
     parts = [
         "<h2>Confusion matrix</h2>",
-        confusion_figure(d["confusion"], labels, f"{device}, test split"),
+        confusion_figure(d.confusion, labels, f"{device}, test split"),
     ]
     parts.append(
         _table(
             ["class", "precision", "recall", "F1", "support"],
             [
-                [lab, _pct(c["precision"]), _pct(c["recall"]), _pct(c["f1"]), c["support"]]
-                for lab, c in d["per_class"].items()
+                [lab, _pct(c.precision), _pct(c.recall), _pct(c.f1), c.support]
+                for lab, c in d.per_class.items()
             ],
         )
     )
     return parts
 
 
-def _calibration_section(ev: Mapping[str, Any]) -> list[str]:
-    cal = ev["calibration"]
+def _calibration_section(ev: Evaluation) -> list[str]:
+    cal = ev.calibration
     return [
         "<h2>Calibration</h2>",
         f"<p>Temperature {cal['temperature']:.3f} fitted on {cal['fitted_on']} ({cal['fit_images']} images) by NLL; "
@@ -261,12 +260,10 @@ def _calibration_section(ev: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _other_sections(
-    ev: Mapping[str, Any], manifest: ModelManifest, reference: ReferenceStats | None
-) -> list[str]:
+def _other_sections(ev: Evaluation, manifest: ModelManifest, reference: ReferenceStats | None) -> list[str]:
     """Robustness, slices, the drift reference, the data and the training settings."""
-    device, rob = ev["device_artifact"], ev.get("robustness")
-    d = ev["models"][device]
+    device, rob = ev.device_artifact, ev.robustness
+    d = ev.device_report()
     parts: list[str] = []
     if rob:
         parts += [
@@ -274,8 +271,8 @@ def _other_sections(
             "same corrupted frames for every model).</p>",
             robustness_figure(rob, device),
         ]
-    if d.get("slices"):
-        parts += ["<h2>Slices</h2>", slices_figure(d["slices"], f"{device}: accuracy per slice (test split)")]
+    if d.slices:
+        parts += ["<h2>Slices</h2>", slices_figure(d.slices, f"{device}: accuracy per slice (test split)")]
     if reference is not None:
         parts += [
             "<h2>Drift reference</h2>",
@@ -286,7 +283,7 @@ def _other_sections(
                 ["class", "prior"], [[lab, _pct(p)] for lab, p in zip(manifest.labels, reference.class_prior)]
             ),
         ]
-    data = ev["dataset"]
+    data = ev.dataset
     parts += [
         "<h2>Data</h2>",
         f"<p>{_e(data['origin'])}: {data['images']} images, {data['skipped']} skipped; split fractions "
@@ -298,7 +295,7 @@ def _other_sections(
         _table(["source", "images"], list(data["sources"].items())),
         _table(["licence / consent", "images"], list(data["licences"].items())),
     ]
-    tr = ev.get("training", {})
+    tr = ev.training
     if tr:
         parts += [
             "<h2>Training</h2>",
@@ -308,7 +305,7 @@ def _other_sections(
 
 
 def write_card(
-    root: Path, manifest: ModelManifest, evaluation: Mapping[str, Any], reference: ReferenceStats | None
+    root: Path, manifest: ModelManifest, evaluation: Evaluation, reference: ReferenceStats | None
 ) -> Path:
     """Write ``card.html`` into the package directory ``root``."""
     import matplotlib
