@@ -38,7 +38,7 @@ from edge_agent.package import ModelPackage, PreprocessSpec, load_package
 from edge_agent.package_evaluation import Evaluation, ReportScores
 from edge_agent.reference import ReferenceStats
 from trainer.data.corruptions import CORRUPTIONS, SEVERITIES
-from trainer.data.dataset import Dataset, Sample
+from trainer.data.dataset import Dataset, DatasetManifest, Sample
 from trainer.errors import GateError, LabelMismatchError
 from trainer.evaluation.gate import GateCandidate, GateDecision, GateRules, check_gate
 from trainer.export.package import ExportError, ExportReport, ExportSpec, export_package
@@ -233,6 +233,8 @@ class _Inputs:
     """The data split three ways, the labels, the champion to beat and where the model will run."""
 
     dataset: Dataset
+    manifest: DatasetManifest
+    """Every image's hash, label and split: provenance, the card's data section and data_manifest.json."""
     labels: list[str]
     champion: ModelPackage | None
     device: str
@@ -265,6 +267,7 @@ def _prepare(
     labels = list(dataset.labels)
     return _Inputs(
         dataset,
+        dataset.manifest(),
         labels,
         _check_champion(champion, labels),
         _device_artifact(config),
@@ -380,7 +383,7 @@ def _export(
 ) -> ExportReport:
     """Step 4: export every format; ``check`` evaluates, gates and writes the card before the commit."""
     calib = _frames(_calibration_samples(inputs.train, inputs.labels, config.calibration_images))
-    manifest = inputs.dataset.manifest()
+    manifest = inputs.manifest
     spec = ExportSpec(
         name=config.name,
         version=config.version,
@@ -442,7 +445,7 @@ class _ReleaseCheck:
         self.torch_runner = TorchRunner(features.extractor, features.suffix, calibrated.temperature)
         p_held = np.concatenate([calibrated.p_val, calibrated.p_test])
         self.evaluation: dict[str, Any] = {
-            "dataset": inputs.dataset.manifest().summary(),
+            "dataset": inputs.manifest.summary(),
             "device_artifact": inputs.device,
             "calibration": calibrated.report,
             "models": {"torch-fp32": report(calibrated.p_test, y_test, inputs.labels, test_meta)},
@@ -488,7 +491,7 @@ class _ReleaseCheck:
                 decision.failures(), evaluation=Evaluation.model_validate(_jsonable(self.evaluation))
             )
         (Path(draft.root) / DATA_MANIFEST).write_text(
-            inputs.dataset.manifest().model_dump_json(indent=1), encoding="utf-8"
+            inputs.manifest.model_dump_json(indent=1), encoding="utf-8"
         )
         evaluation = Evaluation.model_validate(_jsonable(self.evaluation))
         write_card(draft.root, draft.manifest, evaluation, reference)
