@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from edge_agent.backends.base import BackendOptions
 from edge_agent.config_files import StrictModel, load_yaml_model, validate_model
-from edge_agent.protocol import Identifier
+from edge_agent.protocol import DeviceId, Identifier
 from edge_agent.sampling import SamplingSettings
 
 
@@ -148,7 +148,7 @@ class UpdateSettings(StrictModel):
 class AgentConfig(StrictModel):
     """The whole agent configuration (see firmware_configs/ for device profiles)."""
 
-    device_id: Identifier
+    device_id: DeviceId
     fleet: Identifier = "default"
     state_dir: Path = Path("/var/lib/edgefleet")
     """Spool, session counter, backend choice and (later) update slots live here."""

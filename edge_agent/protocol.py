@@ -11,7 +11,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    ValidationError,
+    model_validator,
+)
 
 from edge_agent.errors import EdgeFleetError
 
@@ -23,6 +31,25 @@ MAX_MESSAGE_BYTES = 256 * 1024
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 Identifier = Annotated[str, Field(pattern=_ID_PATTERN)]
 """Device ids, fleet names and channels: no MQTT wildcards or separators, at most 64 characters."""
+
+SERVICE_IDENTITIES = frozenset({"trainer", "monitor", "ingest", "broker"})
+"""Certificate names of the services: the broker ACL grants these names a service's rights."""
+RESERVED_DEVICE_IDS = SERVICE_IDENTITIES | {"fleet", "homeassistant", "all", "none"}
+"""Names no device may take (compared case-insensitively): the services' identities, the fleet-wide
+drift key ``fleet``, and names that read as something else in the console and in Home Assistant."""
+
+
+def check_device_id(device: str) -> str:
+    """``device`` if it may name a device; ValueError naming the clash if it is reserved."""
+    if device.lower() in RESERVED_DEVICE_IDS:
+        raise ValueError(
+            f"{device!r} is reserved (services and fleet-wide keys use it); choose another device id"
+        )
+    return device
+
+
+DeviceId = Annotated[str, Field(pattern=_ID_PATTERN), AfterValidator(check_device_id)]
+"""A device id: an :data:`Identifier` that is not one of :data:`RESERVED_DEVICE_IDS`."""
 
 
 def _topic(fleet: str, *parts: str) -> str:
@@ -74,8 +101,14 @@ def device_topics(fleet: str, device: str = "+") -> str:
     return _topic(fleet, "dev", device, "#")
 
 
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+class _Strict(BaseModel):
+    """Every wire model: unknown fields and non-finite numbers (NaN, Infinity, 1e400) are refused, so
+    neither side stores or sends a number JSON cannot carry and statistics cannot add up."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Message(_Strict):
     v: Literal[1] = 1
 
     def to_bytes(self) -> bytes:
@@ -83,33 +116,38 @@ class _Message(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
 
-class ModelRef(BaseModel):
+class ModelRef(_Strict):
     """Which model a device runs: enough to find its package and reference statistics."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str
     version: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     artifact: str | None = None
 
 
-class Histogram(BaseModel):
+class Histogram(_Strict):
     """Fixed-edge histogram; ``counts[i]`` counts values in ``[edges[i], edges[i+1])``.
 
     The first and last bins are open-ended (values outside the edges are clipped into them), so no
     sample is ever lost and two histograms with equal edges merge exactly by adding counts.
     """
 
-    model_config = ConfigDict(extra="forbid")
-    edges: list[float] = Field(min_length=2)
-    counts: list[int]
+    edges: list[float] = Field(min_length=2, max_length=1025)
+    counts: list[NonNegativeInt]
+
+    @model_validator(mode="after")
+    def _one_count_per_bin(self) -> Histogram:
+        if len(self.counts) != len(self.edges) - 1:
+            raise ValueError(f"{len(self.counts)} counts for {len(self.edges)} edges (needs one per bin)")
+        if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError("edges must increase strictly")
+        return self
 
 
-class LatencySummary(BaseModel):
+class LatencySummary(_Strict):
     """Latency of one pipeline stage over a window, in milliseconds."""
 
-    model_config = ConfigDict(extra="forbid")
-    count: int = 0
+    count: NonNegativeInt = 0
     p50: float | None = None
     p90: float | None = None
     p99: float | None = None
@@ -117,14 +155,13 @@ class LatencySummary(BaseModel):
     hist: Histogram | None = None
 
 
-class FrameCounts(BaseModel):
+class FrameCounts(_Strict):
     """What happened to frames during a window."""
 
-    model_config = ConfigDict(extra="forbid")
-    captured: int = 0
-    inferred: int = 0
-    dropped: int = 0
-    failed: int = 0
+    captured: NonNegativeInt = 0
+    inferred: NonNegativeInt = 0
+    dropped: NonNegativeInt = 0
+    failed: NonNegativeInt = 0
 
 
 class TelemetryWindow(_Message):
@@ -132,7 +169,7 @@ class TelemetryWindow(_Message):
 
     kind: Literal["tele"] = "tele"
     fleet: str
-    device: str
+    device: DeviceId
     session: int = Field(ge=0)
     seq: int = Field(ge=0)
     start: float
@@ -140,24 +177,23 @@ class TelemetryWindow(_Message):
     model: ModelRef
     agent_version: str
     frames: FrameCounts
-    class_counts: dict[int, int] = Field(default_factory=dict)
+    class_counts: dict[NonNegativeInt, NonNegativeInt] = Field(default_factory=dict)
     histograms: dict[str, Histogram] = Field(default_factory=dict)
     latency_ms: dict[str, LatencySummary] = Field(default_factory=dict)
     stats_every: int = Field(default=1, ge=1)
     """Input statistics were computed on every k-th inferred frame (on the model-input-sized frame)."""
-    events: dict[str, int] = Field(default_factory=dict)
+    events: dict[str, NonNegativeInt] = Field(default_factory=dict)
     """Counted incidents since the previous window: source_reconnects, spool_evicted, bad_inbound, ..."""
     confidence_mean: float | None = None
     """Exact mean max-softmax confidence of the inferred frames (the average-confidence estimate)."""
-    atc_above: int | None = None
+    atc_above: NonNegativeInt | None = None
     """Inferred frames whose confidence exceeds the model's ATC threshold (reference.atc_threshold);
     atc_above / frames.inferred is the label-free accuracy estimate (Garg et al., ICLR 2022)."""
 
 
-class BackendChoice(BaseModel):
+class BackendChoice(_Strict):
     """Which artifact the agent runs and why (reported in the status birth)."""
 
-    model_config = ConfigDict(extra="forbid")
     artifact: str
     runtime: str
     forced: bool = False
@@ -174,7 +210,7 @@ class Status(_Message):
 
     kind: Literal["status"] = "status"
     fleet: str
-    device: str
+    device: DeviceId
     state: Literal["online", "offline"]
     session: int = Field(ge=0)
     ts: float
@@ -187,7 +223,7 @@ class Prediction(_Message):
     """One frame's result (topic ``pred``, QoS 0, opt-in)."""
 
     kind: Literal["pred"] = "pred"
-    device: str
+    device: DeviceId
     session: int
     frame: int
     ts: float
@@ -202,7 +238,7 @@ class Sample(_Message):
 
     kind: Literal["sample"] = "sample"
     fleet: str
-    device: str
+    device: DeviceId
     session: int = Field(ge=0)
     frame: int
     ts: float
@@ -286,7 +322,7 @@ class UpdateEvent(_Message):
 
     kind: Literal["update"] = "update"
     fleet: str
-    device: str
+    device: DeviceId
     session: int = Field(ge=0)
     seq: int = Field(ge=0)
     """Counts update events within a session; dedupe on (device, session, seq)."""

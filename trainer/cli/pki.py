@@ -34,11 +34,13 @@ def register_pki(sub: argparse._SubParsersAction) -> None:
     d.add_argument("id")
     d.add_argument("--dir", default="pki")
     d.add_argument("--days", type=int, default=825)
+    d.add_argument("--force", action="store_true", help="replace an existing certificate and key")
     d.set_defaults(func=_issue, kind="device")
     s = ps.add_parser("issue-service", help="a client certificate for a service (trainer, monitor)")
     s.add_argument("id", metavar="NAME")
     s.add_argument("--dir", default="pki")
     s.add_argument("--days", type=int, default=825)
+    s.add_argument("--force", action="store_true", help="replace an existing certificate and key")
     s.set_defaults(func=_issue, kind="service")
 
 
@@ -70,7 +72,10 @@ def _issue(args: argparse.Namespace) -> int:
         )
     if not (Path(args.dir) / pki.CA_KEY).exists():
         raise ConfigError(f"{args.dir}: no CA here (run `edgefleet pki init --dir {args.dir}` first)")
-    files = pki.issue(args.dir, args.id, kind=args.kind, days=args.days)
+    try:
+        files = pki.issue(args.dir, args.id, kind=args.kind, days=args.days, force=args.force)
+    except (ValueError, FileExistsError) as exc:
+        raise ConfigError(str(exc)) from None
     print(f"{args.kind} {args.id}: {files.cert} {files.key} (CA {files.ca})")
     if args.kind == "device":
         print(

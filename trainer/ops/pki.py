@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edge_agent.protocol import check_device_id
+
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 
@@ -87,6 +89,17 @@ def init_ca(
     return CertFiles(cert=d / CA_CERT, key=d / CA_KEY, ca=d / CA_CERT)
 
 
+def _alt_names(hosts: tuple[str, ...]) -> x509.SubjectAlternativeName:
+    """Subject alternative names of a server: IP addresses as IPs, anything else as a DNS name."""
+    names: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            names.append(x509.DNSName(h))
+    return x509.SubjectAlternativeName(names)
+
+
 def issue(
     directory: str | Path,
     common_name: str,
@@ -94,15 +107,23 @@ def issue(
     hosts: tuple[str, ...] = (),
     days: int = 825,
     out_dir: str | Path | None = None,
+    force: bool = False,
 ) -> CertFiles:
     """Issue a certificate signed by the CA in ``directory``.
 
     ``kind`` is ``server`` (a broker or HTTP server: serverAuth, ``hosts`` as subject alt names),
-    ``device`` or ``service`` (clientAuth; the common name becomes the MQTT username).
+    ``device`` or ``service`` (clientAuth; the common name becomes the MQTT username). A device may not
+    take a reserved name (a service's identity would get the service's ACL), and an existing key is
+    replaced only with ``force`` (FileExistsError otherwise).
     """
     if kind not in ("server", "device", "service"):
         raise ValueError(f"kind must be server, device or service, got {kind!r}")
+    if kind == "device":
+        check_device_id(common_name)
     d = Path(directory)
+    out = Path(out_dir) if out_dir else d / kind
+    if (out / f"{common_name}.key").exists() and not force:
+        raise FileExistsError(f"{out / common_name}.key exists: re-issuing replaces the key (use --force)")
     ca_key = serialization.load_pem_private_key((d / CA_KEY).read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((d / CA_CERT).read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
@@ -131,15 +152,8 @@ def issue(
         )
     )
     if kind == "server":
-        names: list[x509.GeneralName] = []
-        for h in hosts or ("localhost", "127.0.0.1"):
-            try:
-                names.append(x509.IPAddress(ipaddress.ip_address(h)))
-            except ValueError:
-                names.append(x509.DNSName(h))
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        builder = builder.add_extension(_alt_names(hosts or ("localhost", "127.0.0.1")), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    out = Path(out_dir) if out_dir else d / kind
     out.mkdir(parents=True, exist_ok=True)
     _write_key(out / f"{common_name}.key", key)
     _write_cert(out / f"{common_name}.crt", cert)

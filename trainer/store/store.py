@@ -8,12 +8,14 @@ a person or the trainer takes (ingest itself is not an action: its rows are the 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, Select, delete, func, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.orm import Session
@@ -56,6 +58,21 @@ LABEL_SOURCES = ("human", "oracle")
 
 def _json(details: dict[str, Any] | None) -> str | None:
     return None if details is None else json.dumps(details, separators=(",", ":"), default=str)
+
+
+log = logging.getLogger(__name__)
+
+
+def _still_valid(payloads: Iterable[str]) -> Iterator[TelemetryWindow]:
+    """Stored windows that still validate. A row stored before a check existed (a histogram with a
+    count too few, NaN on SQLite) is left out with a warning: one bad window costs only itself."""
+    for payload in payloads:
+        try:
+            yield TelemetryWindow.model_validate_json(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            log.warning("a stored window no longer validates and is left out (%s: %s)", where, first["msg"])
 
 
 class Store:
@@ -184,7 +201,7 @@ class Store:
         q = self._window_query(Window.payload, device, model_sha256, fleet, since, until, ended)
         q = q.order_by(Window.start, Window.device, Window.session, Window.seq).limit(limit)
         with self.engine.connect() as conn:
-            return [TelemetryWindow.model_validate_json(p) for p in conn.scalars(q)]
+            return list(_still_valid(conn.scalars(q)))
 
     def count_windows(
         self,
