@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from edge_agent.errors import SourceError
+from edge_agent.image_header import ImageHeaderError, check_image_size
 from edge_agent.sources.base import EndOfStream, FrameSource
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
@@ -40,4 +41,8 @@ class DirectorySource(FrameSource):
             return None
         if data.size == 0:
             return None
-        return cv2.imdecode(data, cv2.IMREAD_COLOR)
+        try:
+            check_image_size(data.tobytes())
+            return cv2.imdecode(data, cv2.IMREAD_COLOR)
+        except (ImageHeaderError, cv2.error):  # counted as a corrupt frame, like undecodable bytes
+            return None

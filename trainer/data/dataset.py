@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from edge_agent.image_header import ImageHeaderError, check_image_size
 from trainer.errors import DataError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -44,11 +45,13 @@ def image_sha256(image: np.ndarray) -> str:
 
 
 def decode_image(data: bytes, max_side: int | None = None) -> np.ndarray | None:
-    """Decode image bytes to BGR uint8 (None when undecodable), bounded to ``max_side`` pixels."""
+    """Decode image bytes to BGR uint8 (None when undecodable or when the header declares more pixels than
+    MAX_IMAGE_PIXELS: such a file is never decoded), bounded to ``max_side`` pixels."""
     arr = np.frombuffer(data, np.uint8)
     try:
+        check_image_size(data)
         img = cv2.imdecode(arr, cv2.IMREAD_COLOR) if arr.size else None
-    except cv2.error:
+    except (cv2.error, ImageHeaderError):
         img = None
     if img is None or img.size == 0 or min(img.shape[:2]) < 2:
         return None

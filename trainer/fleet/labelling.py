@@ -15,11 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-
 from edge_agent.reference import ReferenceStats
-from trainer.data.dataset import Dataset, sample_from_image
+from trainer.data.dataset import Dataset, decode_image, sample_from_image
 from trainer.drift.accuracy import audit_label
 from trainer.drift.ppi import AuditLabel
 from trainer.errors import LabelImportError
@@ -128,7 +125,7 @@ def field_dataset(
             or s.image is None
         ):
             continue
-        img = cv2.imdecode(np.frombuffer(s.image, np.uint8), cv2.IMREAD_COLOR)
+        img = decode_image(s.image)  # header checked first: a hostile size is skipped, not decoded
         if img is None or newest[s.id] not in labels:
             continue
         samples.append(
