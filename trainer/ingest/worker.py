@@ -52,7 +52,12 @@ from edge_agent.config import MqttSettings
 from edge_agent.mqtt_client import new_client
 from trainer.ingest.routing import KINDS, Accepted, Kind, classify, subscription
 from trainer.store import ModelCheck, Rejected, Store, WriteResult, is_transient
-from trainer.store.ingest_writes import Received, write_dead_letters
+from trainer.store.ingest_writes import (
+    Received,
+    foreign_fleet_alert,
+    registered_fleets,
+    write_dead_letters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +212,8 @@ class IngestStats:
     duplicates: int = 0
     dead_lettered: int = 0
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
+    dead_letters_dropped: int = 0
+    """Dead letters only counted (over the caps), included in ``dead_lettered``."""
     by_kind: Counter[str] = field(default_factory=Counter)
     unknown_model: int = 0
     alerts: int = 0
@@ -427,8 +434,11 @@ class IngestWorker:
             s.duplicates += result.duplicates
             s.unknown_model += result.unknown_model
             s.alerts += result.alerts
-            s.dead_lettered += len(rejected)
+            s.dead_lettered += len(rejected) + result.refused
             s.dead_letter_reasons.update(r.reason for r in rejected)
+            if result.refused:
+                s.dead_letter_reasons["fleet_mismatch"] += result.refused
+            s.dead_letters_dropped += result.dead_letters_dropped
             s.by_kind.update(a.kind for a in accepted)
             s.last_committed_at = time.time()
         self._ack(batch)
@@ -436,14 +446,37 @@ class IngestWorker:
     def _write_all(
         self, conn: Connection, accepted: Sequence[Accepted], rejected: Sequence[Rejected]
     ) -> WriteResult:
+        accepted, foreign = self._own_fleet_only(conn, accepted)
+        rejected = [*rejected, *foreign]
         by_kind: dict[str, list[Received[Any]]] = {}
         for a in accepted:
             by_kind.setdefault(a.kind, []).append(a.item)
-        result = WriteResult()
+        result = WriteResult(refused=len(foreign))
         for name, items in by_kind.items():
             result.add(self.kinds[name].write(conn, items, self._check, self.actor))
-        write_dead_letters(conn, rejected)
+        result.dead_letters_dropped += write_dead_letters(conn, rejected, actor=self.actor)
         return result
+
+    def _own_fleet_only(
+        self, conn: Connection, accepted: Sequence[Accepted]
+    ) -> tuple[list[Accepted], list[Rejected]]:
+        """Refuse messages a device sent under a fleet other than the one it is registered in: the
+        ACL lets a device write its topics in any fleet's tree, so the store holds each device to one."""
+        fleets = registered_fleets(conn, {a.item.message.device for a in accepted})
+        own: list[Accepted] = []
+        foreign: list[Rejected] = []
+        for a in accepted:
+            m = a.item.message
+            registered = fleets.get(m.device, m.fleet)
+            if registered == m.fleet:
+                own.append(a)
+                continue
+            detail = f"device {m.device} is registered in fleet {registered}, not {m.fleet}"
+            foreign.append(
+                Rejected(a.topic, a.item.raw.encode(), "fleet_mismatch", detail, a.item.received_at)
+            )
+            foreign_fleet_alert(conn, m.device, registered, m.fleet, self.actor)
+        return own, foreign
 
     def _commit(self, work: Callable[[Connection], WriteResult]) -> WriteResult:
         """Run ``work`` in one write transaction; retry outages with backoff; raise _Refused otherwise."""

@@ -30,8 +30,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from sqlalchemy import Connection, and_, case, or_, select
+from sqlalchemy import Connection, and_, case, func, or_, select
 
+from edge_agent.image_header import check_image_size
 from edge_agent.protocol import ModelRef, Status, TelemetryWindow, UpdateEvent
 from edge_agent.protocol import Sample as SampleMessage
 from trainer.store.engine import bulk_insert, insert
@@ -85,8 +86,14 @@ class WriteResult:
     """Stored windows/statuses whose model is not registered."""
     alerts: int = 0
     """New alerts raised (unknown model, model never sent)."""
+    refused: int = 0
+    """Valid messages refused for what the store knows (a fleet other than the device's), dead-lettered."""
+    dead_letters_dropped: int = 0
+    """Rejected messages only counted, not kept, because the dead-letter caps were reached."""
 
     def add(self, other: WriteResult) -> WriteResult:
+        self.dead_letters_dropped += other.dead_letters_dropped
+        self.refused += other.refused
         self.stored += other.stored
         self.duplicates += other.duplicates
         self.unknown_model += other.unknown_model
@@ -463,10 +470,24 @@ def _device_row(it: Received[Status]) -> dict:
     }
 
 
-def write_dead_letters(conn: Connection, items: Sequence[Rejected]) -> int:
-    """Keep rejected messages (truncated) with their reason; identical ones on a topic count up."""
-    if not items:
-        return 0
+DEAD_LETTERS_PER_TOPIC = 50
+"""Distinct rejected payloads kept per topic (one device's topic): a device flooding junk fills only this."""
+DEAD_LETTERS_TOTAL = 5000
+"""Distinct rejected payloads kept in all (about 20 MB at most with the kept prefix)."""
+OVERFLOW_SHA256 = "0" * 64
+"""payload_sha256 of a topic's overflow row: its ``count`` is how many messages the caps dropped."""
+
+
+@dataclass(frozen=True)
+class DeadLetterCaps:
+    """How many distinct rejected payloads are kept, per topic and in all."""
+
+    per_topic: int = DEAD_LETTERS_PER_TOPIC
+    total: int = DEAD_LETTERS_TOTAL
+
+
+def _dead_letter_rows(items: Sequence[Rejected]) -> dict[tuple[str, str], dict]:
+    """One row per (topic, payload sha256): identical rejected payloads on a topic count up."""
     rows: dict[tuple[str, str], dict] = {}
     for r in items:
         sha = hashlib.sha256(r.payload).hexdigest()
@@ -486,6 +507,68 @@ def write_dead_letters(conn: Connection, items: Sequence[Rejected]) -> int:
         else:
             row["count"] += 1
             row["last_received_at"] = max(row["last_received_at"], r.received_at)
+    return rows
+
+
+def _within_caps(
+    conn: Connection, rows: dict[tuple[str, str], dict], caps: DeadLetterCaps
+) -> tuple[list[dict], dict[str, dict]]:
+    """Split new rows into those kept and, per topic, an overflow row counting the ones dropped."""
+    topics = {t for t, _ in rows}
+    kept_rows = DEAD.c.payload_sha256 != OVERFLOW_SHA256
+    have = set(
+        conn.execute(
+            select(DEAD.c.topic, DEAD.c.payload_sha256).where(
+                DEAD.c.topic.in_(topics), DEAD.c.payload_sha256.in_({s for _, s in rows})
+            )
+        ).all()
+    )
+    per_topic: dict[str, int] = dict(
+        conn.execute(
+            select(DEAD.c.topic, func.count())
+            .where(DEAD.c.topic.in_(topics), kept_rows)
+            .group_by(DEAD.c.topic)
+        ).all()
+    )
+    total = conn.scalar(select(func.count()).select_from(DEAD).where(kept_rows)) or 0
+    keep: list[dict] = []
+    overflow: dict[str, dict] = {}
+    for key, row in sorted(rows.items(), key=lambda kv: kv[1]["first_received_at"]):
+        topic = key[0]
+        if key in have:  # a known payload only counts up
+            keep.append(row)
+        elif per_topic.get(topic, 0) < caps.per_topic and total < caps.total:
+            keep.append(row)
+            per_topic[topic] = per_topic.get(topic, 0) + 1
+            total += 1
+        else:
+            over = overflow.setdefault(
+                topic,
+                {
+                    **row,
+                    "payload": b"",
+                    "payload_size": 0,
+                    "payload_sha256": OVERFLOW_SHA256,
+                    "reason": "over_cap",
+                    "detail": f"dropped over the caps ({caps.per_topic} per topic, {caps.total} in all)",
+                    "count": 0,
+                },
+            )
+            over["count"] += row["count"]
+            over["last_received_at"] = max(over["last_received_at"], row["last_received_at"])
+    return keep, overflow
+
+
+def write_dead_letters(
+    conn: Connection, items: Sequence[Rejected], caps: DeadLetterCaps | None = None, actor: str = "ingest"
+) -> int:
+    """Keep rejected messages (truncated) with their reason, within ``caps``; identical ones on a topic
+    count up. Returns how many were dropped over the caps: they are counted in the topic's ``over_cap``
+    row, and the first drop on a topic raises a ``dead_letters_capped`` alert."""
+    if not items:
+        return 0
+    caps = caps or DeadLetterCaps()
+    keep, overflow = _within_caps(conn, _dead_letter_rows(items), caps)
     stmt = insert(conn, DEAD)
     stmt = stmt.on_conflict_do_update(
         index_elements=["topic", "payload_sha256"],
@@ -494,12 +577,62 @@ def write_dead_letters(conn: Connection, items: Sequence[Rejected]) -> int:
             "last_received_at": stmt.excluded.last_received_at,
         },
     )
-    conn.execute(stmt, list(rows.values()))
-    return len(items)
+    conn.execute(stmt, keep + list(overflow.values()))
+    for topic in overflow:
+        fleet, device = _fleet_and_device(topic)
+        insert_alert(
+            conn,
+            kind="dead_letters_capped",
+            message=f"rejected messages on {topic} exceed the dead-letter caps; further ones are only counted",
+            fleet=fleet,
+            device=device,
+            details={"per_topic": caps.per_topic, "total": caps.total},
+            dedupe_key=f"dead_letters_capped:{topic}",
+            actor=actor,
+        )
+    return sum(row["count"] for row in overflow.values())
+
+
+def registered_fleets(conn: Connection, devices: Iterable[str]) -> dict[str, str]:
+    """The fleet each of ``devices`` is registered in (devices never heard from are absent)."""
+    wanted = set(devices)
+    if not wanted:
+        return {}
+    return dict(conn.execute(select(Device.device, Device.fleet).where(Device.device.in_(wanted))).all())
+
+
+def foreign_fleet_alert(
+    conn: Connection, device: str, registered: str, claimed: str, actor: str
+) -> int | None:
+    """Alert once per (device, claimed fleet) that a device sent messages under a fleet not its own."""
+    return insert_alert(
+        conn,
+        kind="fleet_mismatch",
+        severity="critical",
+        message=f"device {device} of fleet {registered} sent messages under fleet {claimed}: refused",
+        fleet=registered,
+        device=device,
+        details={"claimed_fleet": claimed},
+        dedupe_key=f"fleet_mismatch:{device}:{claimed}",
+        actor=actor,
+    )
+
+
+def _fleet_and_device(topic: str) -> tuple[str | None, str | None]:
+    """Fleet and device of a device topic ``ef/v1/{fleet}/dev/{device}/...`` (None for other topics)."""
+    parts = topic.split("/")
+    if len(parts) >= 5 and parts[3] == "dev":
+        return parts[2], parts[4]
+    return None, None
+
+
+SAMPLE_MAX_SIDE = 1920
+"""Largest side of a sample image (the agent's ``sampling.max_side`` is at most this)."""
 
 
 def sample_image(sample: SampleMessage) -> bytes:
-    """The JPEG bytes of a sample message; raises ValueError if they are not base64 or not its sha256."""
+    """The JPEG bytes of a sample message; raises ValueError if they are not base64, not its sha256, or
+    a JPEG whose header declares other dimensions than the message (or a side over SAMPLE_MAX_SIDE)."""
     try:
         image = base64.b64decode(sample.jpeg_b64, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -508,6 +641,15 @@ def sample_image(sample: SampleMessage) -> bytes:
     if digest != sample.sha256:
         raise ValueError(
             f"image sha256 {digest[:12]}... does not match the message's {sample.sha256[:12]}..."
+        )
+    size = check_image_size(
+        image, max_pixels=SAMPLE_MAX_SIDE * SAMPLE_MAX_SIDE
+    )  # ImageHeaderError is a ValueError
+    if size is None:
+        raise ValueError("the image is not a JPEG")
+    if size != (sample.width, sample.height):
+        raise ValueError(
+            f"the JPEG header declares {size[0]}x{size[1]}, the message {sample.width}x{sample.height}"
         )
     return image
 
