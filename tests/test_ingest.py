@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
+import numpy as np
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
@@ -230,7 +232,8 @@ def test_samples_and_update_events_are_stored_once(
 ) -> None:
     fleet = f"smp{abs(hash(db_url)) % 10**6}"
     worker = start_worker(mqtt=MqttSettings(url=broker.url), db_url=db_url, fleet=fleet, group="smp")
-    image = b"\xff\xd8\xff\xe0fake-jpeg" + bytes(range(256))
+    ok, buf = cv2.imencode(".jpg", np.full((48, 64, 3), 90, np.uint8))  # 64x48, as the message says
+    image = buf.tobytes()
     good = sample_message(fleet, "cam1", image)
     forged = sample_message(fleet, "cam1", image, sha256="0" * 64)
     staged = UpdateEvent(
@@ -343,6 +346,71 @@ def test_a_message_the_database_refuses_is_dead_lettered_alone(
         assert [k[2] for k in store.window_keys()] == [0, 1, 2, 4, 5]
         (dead,) = store.dead_letters()
         assert dead.reason == "db_rejected" and TelemetryWindow.model_validate_json(dead.payload).seq == 2**63
+
+
+def test_a_device_cannot_move_itself_into_another_fleet(
+    db_url: str, broker: MosquittoBroker, publisher: Publisher, start_worker
+) -> None:
+    """The ACL lets a device write its own topics under any fleet's tree; ingest holds it to the fleet it
+    is registered in: the foreign windows are dead-lettered, alerted once, and the device stays put."""
+    home, other = (f"{n}{abs(hash(db_url)) % 10**6}" for n in ("home", "othr"))
+    for fleet in (home, other):
+        start_worker(mqtt=MqttSettings(url=broker.url), db_url=db_url, fleet=fleet, group="mv")
+    own = windows("cam1", 3, fleet=home)
+    publisher.send_all([tele(home, w) for w in own])
+    publisher.wait()
+    with Store(db_url, create=False) as store:
+        assert wait_until(lambda: store.count_windows() == 3, 20)
+    foreign = windows("cam1", 4, fleet=other, first_seq=3, start=own[-1].end)
+    publisher.send_all([tele(other, w) for w in foreign])
+    publisher.wait()
+    with Store(db_url, create=False) as store:
+        assert wait_until(lambda: len(store.dead_letters()) == 4, 20), store.dead_letters()
+        assert {d.reason for d in store.dead_letters()} == {"fleet_mismatch"}
+        assert store.count_windows() == 3
+        dev = store.device("cam1")
+        assert dev is not None and dev.fleet == home and dev.last_window_end == own[-1].end
+        (alert,) = [a for a in store.alerts() if a.kind == "fleet_mismatch"]
+        assert (alert.device, alert.fleet, alert.severity) == ("cam1", home, "critical")
+
+
+def test_ingest_taken_over_mid_stream_reconnects_and_loses_nothing(
+    broker: MosquittoBroker, publisher: Publisher, tmp_path: Path, start_worker
+) -> None:
+    """A client that connects with the worker's client id (the deployed broker forbids it; a plain one
+    does not) takes its session and the messages in flight, never acknowledging them. The worker is
+    thrown off, reconnects, takes the session back and gets those messages again: each stored once."""
+    fleet = "takeover"
+    db_url = f"sqlite:///{tmp_path / 'store.db'}"
+    worker = start_worker(mqtt=MqttSettings(url=broker.url), db_url=db_url, fleet=fleet, group="tko")
+    ws = [tiny_window(f"cam{d}", i, fleet=fleet) for i in range(15) for d in range(2)]
+    publisher.send_all([tele(fleet, w) for w in ws[:10]])
+    publisher.wait()
+    impostor = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=worker.client_id,
+        clean_session=False,
+        protocol=mqtt.MQTTv311,
+        manual_ack=True,  # takes messages and never acknowledges them
+    )
+    got: list[bytes] = []
+    impostor.on_message = lambda _c, _u, m: got.append(m.payload)
+    impostor.connect("127.0.0.1", broker.port)
+    impostor.loop_start()
+    try:
+        publisher.send_all([tele(fleet, w) for w in ws[10:25]])
+        publisher.wait()
+        assert wait_until(lambda: len(got) > 0, 10), "the impostor received nothing"
+    finally:
+        impostor.disconnect()
+        impostor.loop_stop()
+    publisher.send_all([tele(fleet, w) for w in ws[25:]])
+    publisher.wait()
+    with Store(db_url, create=False) as store:
+        assert wait_until(lambda: store.count_windows() == len(ws), 30), store.count_windows()
+        assert store.window_keys() == sorted((w.device, w.session, w.seq) for w in ws)
+    s = worker.stats()
+    assert s["connects"] >= 2 and s["stored"] == len(ws), s
 
 
 def test_ingest_over_tls(tls_broker: MosquittoBroker, pki: Path, tmp_path: Path, start_worker) -> None:
