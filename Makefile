@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo demo-photos bench lint mosquitto clean
+.PHONY: install test demo demo-photos bench lint mosquitto broker-plugin clean
 
 install: $(STAMP)
 
@@ -23,7 +23,18 @@ mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 		{ echo "installing mosquitto with apt-get"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q mosquitto; }
 
-test: $(STAMP) mosquitto
+# The broker guard plugin (deploy/mosquitto/edgefleet_guard.c): the deployed broker config loads it.
+GUARD := build/edgefleet_guard.so
+broker-plugin: $(GUARD)
+
+$(GUARD): deploy/mosquitto/edgefleet_guard.c
+	@test -f /usr/include/mosquitto_plugin.h -a -f /usr/include/mosquitto.h && command -v gcc >/dev/null || \
+		{ echo "installing gcc, mosquitto-dev and libmosquitto-dev with apt-get"; \
+		  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q gcc mosquitto-dev libmosquitto-dev; }
+	mkdir -p build
+	gcc -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ $<
+
+test: $(STAMP) mosquitto $(GUARD)
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 demo: $(STAMP) mosquitto

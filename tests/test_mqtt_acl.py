@@ -33,7 +33,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, mosquitto_binary: str, pk
 def test_device_cannot_write_another_devices_topics_or_release_hints(
     deployed: DeployedBroker, pki: Path
 ) -> None:
-    trainer = TlsClient(deployed.port, pki, "trainer", "service", subscribe="ef/v1/#")
+    trainer = TlsClient(deployed.service_port, pki, "trainer", "service", subscribe="ef/v1/#")
     a = TlsClient(deployed.port, pki, "dev-a")
     try:
         a.publish(f"ef/v1/{FLEET}/dev/dev-b/tele", b"forged telemetry")
@@ -52,7 +52,7 @@ def test_device_cannot_write_another_devices_topics_or_release_hints(
 def test_device_reads_only_its_commands_and_release_hints(deployed: DeployedBroker, pki: Path) -> None:
     a = TlsClient(deployed.port, pki, "dev-a", subscribe="ef/v1/#")  # asks for everything
     b = TlsClient(deployed.port, pki, "dev-b")
-    trainer = TlsClient(deployed.port, pki, "trainer", "service")
+    trainer = TlsClient(deployed.service_port, pki, "trainer", "service")
     try:
         b.publish(f"ef/v1/{FLEET}/dev/dev-b/tele", b"b's telemetry")
         trainer.publish(f"ef/v1/{FLEET}/dev/dev-b/cmd/flush", b"for b")
@@ -64,9 +64,58 @@ def test_device_reads_only_its_commands_and_release_hints(deployed: DeployedBrok
     finally:
         for c in (a, b, trainer):
             c.close()
-        cleaner = TlsClient(deployed.port, pki, "trainer", "service")
+        cleaner = TlsClient(deployed.service_port, pki, "trainer", "service")
         cleaner.publish(f"ef/v1/{FLEET}/release/stable", b"", retain=True)  # clear the retained hint
         cleaner.close()
+
+
+def test_only_a_service_can_join_the_ingest_share_group(deployed: DeployedBroker, pki: Path) -> None:
+    """mosquitto 2.0's acl_file grants any subscription; the guard plugin refuses $share/... to devices,
+    so a device cannot be dealt (and lose) a share of the fleet's telemetry."""
+    share = f"$share/ingest/ef/v1/{FLEET}/dev/+/tele"
+    ingest = TlsClient(deployed.service_port, pki, "trainer", "service", client_id="ingest-acl-0")
+    thief = TlsClient(deployed.port, pki, "dev-b")
+    a = TlsClient(deployed.port, pki, "dev-a")
+    try:
+        assert ingest.subscribe(share) == 1
+        assert thief.subscribe(share) == 0x80  # refused in the SUBACK
+        assert thief.subscribe(f"$share/other/ef/v1/{FLEET}/dev/+/tele") == 0x80
+        for i in range(40):
+            a.publish(f"ef/v1/{FLEET}/dev/dev-a/tele", f"window {i}".encode())
+        assert wait_for(lambda: len(ingest.messages) == 40, 10), len(ingest.messages)
+        assert not thief.messages
+    finally:
+        for c in (ingest, thief, a):
+            c.close()
+
+
+def test_a_device_cannot_take_over_another_clients_session(deployed: DeployedBroker, pki: Path) -> None:
+    """The device listener makes the certificate's name the client id, so naming the ingest's or another
+    device's client id takes over nothing; on the services' listener a device identity is refused
+    everything unless its client id is its own name."""
+    ingest = TlsClient(deployed.service_port, pki, "trainer", "service", client_id="ingest-acl-1")
+    victim = TlsClient(deployed.port, pki, "dev-a", client_id="dev-a")
+    try:
+        assert ingest.subscribe(f"$share/ingest/ef/v1/{FLEET}/dev/+/tele") == 1
+        impostors = [
+            TlsClient(deployed.port, pki, "dev-b", client_id="ingest-acl-1"),
+            TlsClient(deployed.port, pki, "dev-b", client_id="dev-a"),
+        ]
+        for i in range(30):
+            victim.publish(f"ef/v1/{FLEET}/dev/dev-a/tele", f"window {i}".encode())
+        assert wait_for(lambda: len(ingest.messages) == 30, 10), len(ingest.messages)
+        assert (ingest.disconnects, victim.disconnects) == (0, 0)
+        for c in impostors:
+            c.close()
+        sneak = TlsClient(deployed.service_port, pki, "dev-b", client_id="dev-b-as-service")
+        sneak.publish(f"ef/v1/{FLEET}/dev/dev-b/tele", b"via the services' listener")
+        victim.publish(f"ef/v1/{FLEET}/dev/dev-a/tele", b"control")
+        assert wait_for(lambda: ingest.messages[-1][1] == b"control", 10)
+        assert all(t.endswith("dev-a/tele") for t, _, _ in ingest.messages)
+        sneak.close()
+    finally:
+        ingest.close()
+        victim.close()
 
 
 def _handshake(port: int, ca: Path, cert: Path | None = None, key: Path | None = None) -> str:

@@ -133,7 +133,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory, mosquitto_binary: str, pki: Pa
     server = ReleaseServer(served).start()
     (tmp / "root.json").write_bytes(repo.root_bytes())  # pinned at provisioning
     factory = build_tiny_package(tmp / "pkgs" / "1.0.0", version="1.0.0")
-    trainer = TlsClient(broker.port, pki, "trainer", "service", subscribe=f"ef/v1/{FLEET}/dev/{DEVICE}/#")
+    trainer = TlsClient(
+        broker.service_port, pki, "trainer", "service", subscribe=f"ef/v1/{FLEET}/dev/{DEVICE}/#"
+    )
     state = tmp / "state"
     config = agent_yaml(
         tmp / "agent.yaml",

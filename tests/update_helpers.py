@@ -19,11 +19,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from trainer.ops.broker import BrokerTLS, MosquittoBroker
+from trainer.ops.broker import BrokerTLS, MosquittoBroker, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_CONF = ROOT / "deploy" / "mosquitto" / "edgefleet.conf"
 DEPLOY_ACL = ROOT / "deploy" / "mosquitto" / "edgefleet.acl"
+GUARD_PLUGIN = ROOT / "build" / "edgefleet_guard.so"
+"""Built by ``make broker-plugin`` (``make test`` builds it first)."""
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
@@ -37,7 +39,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
 
 
 class DeployedBroker(MosquittoBroker):
-    """mosquitto running deploy/mosquitto/edgefleet.conf as shipped, with only paths and port rewritten."""
+    """mosquitto running deploy/mosquitto/edgefleet.conf as shipped, with only paths and ports rewritten:
+    ``port`` is the device listener, ``service_port`` the services' listener."""
 
     def __init__(self, workdir: Path, pki: Path, binary: str) -> None:
         tls = BrokerTLS(
@@ -49,21 +52,26 @@ class DeployedBroker(MosquittoBroker):
         )
         super().__init__(workdir, tls=tls, binary=binary)
         self.pki = pki
+        self.service_port = free_port()
 
     def config_text(self) -> str:
         assert self.tls is not None
+        from .conftest import require
+
+        require(GUARD_PLUGIN.exists(), f"the broker guard plugin {GUARD_PLUGIN} (make broker-plugin)")
         swap = {
-            "listener": f"listener {self.port} 127.0.0.1",
             "cafile": f"cafile {self.tls.ca}",
             "certfile": f"certfile {self.tls.cert}",
             "keyfile": f"keyfile {self.tls.key}",
             "acl_file": f"acl_file {DEPLOY_ACL}",
+            "plugin": f"plugin {GUARD_PLUGIN}",
             "persistence_location": f"persistence_location {self.workdir}/",
         }
+        ports = iter((self.port, self.service_port))
         out = []
         for line in DEPLOY_CONF.read_text().splitlines():
             key = line.split(" ", 1)[0]
-            out.append(swap.get(key, line))
+            out.append(f"listener {next(ports)} 127.0.0.1" if key == "listener" else swap.get(key, line))
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             out.append("user root")
         out += [f"log_dest file {self.log_path}", "log_type error", "log_type warning", "log_type notice"]
@@ -82,24 +90,45 @@ class TlsClient:
         *,
         subscribe: str | None = None,
         cert_dir: Path | None = None,
+        client_id: str | None = None,
     ) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
+        self.granted: list[int] = []
+        """SUBACK reason codes of every subscription (0x80: refused)."""
+        self.disconnects = 0
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"{name}-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv311
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"{name}-{uuid.uuid4().hex[:6]}",
+            protocol=mqtt.MQTTv311,
         )
         d = cert_dir or pki / kind
         self.client.tls_set(
             ca_certs=str(pki / "ca.crt"), certfile=str(d / f"{name}.crt"), keyfile=str(d / f"{name}.key")
         )
         self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
         self.client.connect("127.0.0.1", url_port, keepalive=10)
         self.client.loop_start()
         if subscribe:
             self.client.subscribe(subscribe, qos=1)
             assert self._subscribed.wait(10), f"{name} could not subscribe to {subscribe}"
+
+    def subscribe(self, topic: str) -> int:
+        """Subscribe at QoS 1 and wait for the SUBACK: its reason code (0x80 when refused)."""
+        self._subscribed.clear()
+        self.client.subscribe(topic, qos=1)
+        assert self._subscribed.wait(10), f"no SUBACK for {topic}"
+        return self.granted[-1]
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, codes: list, _p: object) -> None:
+        self.granted += [c.value for c in codes]
+        self._subscribed.set()
+
+    def _on_disconnect(self, *_args: object) -> None:
+        self.disconnects += 1
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
