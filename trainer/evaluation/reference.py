@@ -76,7 +76,7 @@ def reference_stats(
     art = m.artifacts[artifact]
     agg = TelemetryAggregator(
         fleet="reference",
-        device="trainer",
+        device="reference-set",  # not a device: the held-out set run through the aggregator
         session=0,
         model=package.ref(artifact),
         agent_version=agent_version,
