@@ -59,7 +59,7 @@ from edge_agent.protocol import (
 )
 from edge_agent.sampling import SampleSelector
 from edge_agent.sources import EndOfStream, open_source
-from edge_agent.sources.base import FrameSource, SourceStats
+from edge_agent.sources.base import FrameSource, SourceStats, redact_credentials
 from edge_agent.spool import Spool
 from edge_agent.state import AgentState
 from edge_agent.telemetry.aggregator import FrameResult, TelemetryAggregator
@@ -235,7 +235,7 @@ class Agent:
             try:
                 results = self.pipeline.results(timeout=0.2)
             except EndOfStream:
-                log.info("source %s ended", self.config.source.uri)
+                log.info("source %s ended", redact_credentials(self.config.source.uri))
                 break
             for r in results:
                 if r.model is not self._serving:  # a swapped-in model: its frames get their own window
@@ -301,7 +301,11 @@ class Agent:
         self._publish_samples(now)
 
     def _publish_window(self, window: TelemetryWindow) -> None:
-        self.link.publish_spooled(tele_topic(window.fleet, window.device), window.to_bytes())
+        self.link.publish_spooled(
+            tele_topic(window.fleet, window.device),
+            window.to_bytes(),
+            carries=window.events.get("spool_evicted", 0),  # evicted in turn, it is reported again
+        )
         self.windows_published += 1
         if self.updater:
             self.updater.on_window(window)  # the health window of a model on trial

@@ -33,6 +33,11 @@ class MqttSettings(StrictModel):
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
     max_inflight: int = Field(default=20, ge=1, le=1000)
+    identity_check_s: float = Field(default=10.0, ge=0)
+    """After connecting, spooled messages wait until the broker echoes this device's retained birth back
+    (MQTT 3.1.1 brokers acknowledge publishes they drop, so the echo is the only proof the ACL accepts
+    this device id); no echo within this time ends the connection and says why. 0 turns it off (brokers
+    that do not keep retained messages)."""
 
     @field_validator("url")
     @classmethod
@@ -135,6 +140,12 @@ class UpdateSettings(StrictModel):
     hardware: list[str] | None = None
     """Hardware tags of this device (default: the machine architecture, e.g. aarch64)."""
     http_timeout_s: float = Field(default=30.0, gt=0)
+    """Longest wait to connect, and for each read."""
+    selftest_timeout_s: float = Field(default=120.0, gt=0)
+    """A new model's self-test runs in a child process killed after this long (inference that never
+    returns fails the self-test instead of hanging the updater)."""
+    fetch_deadline_s: float = Field(default=600.0, gt=0)
+    """Longest a whole metadata or package transfer may take (a partial download resumes next time)."""
 
     @field_validator("repository")
     @classmethod

@@ -91,6 +91,9 @@ class MqttLink:
         self._up = False
         self._subscribed = False
         self._delays: deque[float] = deque(maxlen=10)
+        self._echo: bytes | None = None
+        """The birth sent on this connection; spooled messages wait until the broker echoes it back."""
+        self._confirmed = False
 
     # ----- public API -------------------------------------------------------------------------------
 
@@ -110,11 +113,14 @@ class MqttLink:
         """Block until connected or ``timeout`` seconds have passed."""
         return self._connected.wait(timeout)
 
-    def publish_spooled(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        """Queue a message on the durable spool; the link thread delivers it whenever the broker is up."""
+    def publish_spooled(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, carries: int = 0
+    ) -> None:
+        """Queue a message on the durable spool; the link thread delivers it whenever the broker is up.
+        ``carries``: the spool evictions the message reports (see :class:`~edge_agent.spool.SpoolItem`)."""
         if not topic or "+" in topic or "#" in topic:
             raise ValueError(f"cannot publish to topic {topic!r}: empty or contains a wildcard")
-        self._spool.put(topic, payload, qos, retain)
+        self._spool.put(topic, payload, qos, retain, carries)
 
     def publish_now(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
         """Best-effort send (per-frame predictions): False, counted as ``pred_dropped``, when offline."""
@@ -147,6 +153,7 @@ class MqttLink:
             "spooled": len(self._spool),
             "spool_bytes": self._spool.size_bytes(),
             "subscribed": self._subscribed,
+            "identity_confirmed": self._confirmed,
             "queued_now": len(self._now),
             "recent_reconnect_delays_s": list(self._delays),
             "events": self._events.totals(),
@@ -205,11 +212,24 @@ class MqttLink:
             if self._stop.is_set():
                 return
         backoff.reset()
+        connected_at = time.monotonic()
         while True:
             if self._stop.is_set():
                 self._shutdown(client)
                 return
-            self._pump(client)
+            if self._confirmed:
+                self._pump(client)
+            elif time.monotonic() - connected_at > self.settings.identity_check_s:
+                self._events.add("mqtt_identity_unconfirmed")
+                log.error(
+                    "MQTT: %s does not echo this device's status on %s: it drops what this device sends "
+                    "(does the device id match the certificate's name, and does the ACL allow it?); "
+                    "%d messages stay spooled",
+                    self._url,
+                    self.status_topic,
+                    len(self._spool),
+                )
+                return
             rc = client.loop(LOOP_TIMEOUT_S)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not self._connected.is_set():
                 log.warning(
@@ -224,7 +244,8 @@ class MqttLink:
         """Forget per-connection state; unacknowledged rows are still in the spool and will be re-sent."""
         if self._up and not self._stop.is_set():
             self._events.add("mqtt_disconnects")
-        self._up = self._subscribed = False
+        self._up = self._subscribed = self._confirmed = False
+        self._echo = None
         self._connected.clear()
         self._apply_acks()
         self._inflight.clear()
@@ -245,6 +266,7 @@ class MqttLink:
                 len(self._spool) == 0
                 or time.monotonic() >= self._flush_deadline
                 or not self._connected.is_set()
+                or not self._confirmed
             ):
                 break
             self._pump(client)
@@ -336,18 +358,30 @@ class MqttLink:
             birth = self._birth()
         except Exception:
             log.exception("MQTT: building the birth message failed; no birth on this connection")
+            self._confirmed = True  # nothing to echo: the identity cannot be checked on this connection
         else:
             client.publish(self.status_topic, birth, qos=1, retain=True)
-        if self._subscriptions:
-            rc, _mid = client.subscribe(self._subscriptions)
+            self._echo = birth
+            self._confirmed = self.settings.identity_check_s == 0
+        wanted = self._wanted_subscriptions()
+        if wanted:
+            rc, _mid = client.subscribe(wanted)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                log.warning("MQTT: subscribing to %s failed: %s", self._subscriptions, mqtt.error_string(rc))
+                log.warning("MQTT: subscribing to %s failed: %s", wanted, mqtt.error_string(rc))
+
+    def _wanted_subscriptions(self) -> list[tuple[str, int]]:
+        """The caller's subscriptions, and this device's own status topic while its echo is awaited."""
+        own = [] if self._confirmed else [(self.status_topic, 1)]
+        return own + self._subscriptions
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
     ) -> None:
         """SUBACK: name every filter the broker refused (usually an ACL problem)."""
-        refused = [t for (t, _), rc in zip(self._subscriptions, reason_codes, strict=False) if rc.is_failure]
+        wanted = ([] if len(reason_codes) == len(self._subscriptions) else [(self.status_topic, 1)]) + list(
+            self._subscriptions
+        )
+        refused = [t for (t, _), rc in zip(wanted, reason_codes, strict=False) if rc.is_failure]
         if refused:
             log.error("MQTT: %s refused the subscription to %s", self._url, ", ".join(refused))
         self._subscribed = not refused
@@ -370,6 +404,11 @@ class MqttLink:
         topic = "<undecodable topic>"
         try:
             topic = message.topic
+            if topic == self.status_topic:  # our own birth coming back: the broker accepts this identity
+                if self._echo is not None and bytes(message.payload) == self._echo and not self._confirmed:
+                    self._confirmed = True
+                    log.info("MQTT: %s confirmed this device's identity (its status came back)", self._url)
+                return
             if self._on_message is not None:
                 self._on_message(topic, bytes(message.payload))
         except Exception as exc:

@@ -43,7 +43,8 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS spool (
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
     retain INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    carries INTEGER NOT NULL DEFAULT 0
 )"""
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
 _ADD_UNREPORTED = (
@@ -66,6 +67,9 @@ class SpoolItem:
     qos: int
     retain: bool
     created: float = 0.0
+    carries: int = 0
+    """Evictions this message reports (a telemetry window's ``spool_evicted``): if it is evicted in turn,
+    they are reported again by the next one, so the reports always add up to what was evicted."""
 
 
 def _is_corrupt(exc: sqlite3.Error) -> bool:
@@ -118,9 +122,10 @@ class Spool:
 
     # ----- public API -------------------------------------------------------------------------------
 
-    def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        """Append a message; evict the oldest beyond the bounds; never raise on disk trouble."""
-        item = SpoolItem(0, topic, bytes(payload), int(qos), bool(retain), time.time())
+    def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, carries: int = 0) -> None:
+        """Append a message; evict the oldest beyond the bounds; never raise on disk trouble. ``carries``:
+        how many evictions (from :meth:`take_evictions`) the message reports."""
+        item = SpoolItem(0, topic, bytes(payload), int(qos), bool(retain), time.time(), int(carries))
         with self._lock:
             for _attempt in range(2):
                 if self._overflow or self._conn is None:
@@ -262,6 +267,8 @@ class Spool:
             if self._max_pages:
                 conn.execute(f"PRAGMA max_page_count={int(self._max_pages)}").fetchone()
             conn.execute(_SCHEMA)
+            if "carries" not in {r[1] for r in conn.execute("PRAGMA table_info(spool)")}:  # an older spool
+                conn.execute("ALTER TABLE spool ADD COLUMN carries INTEGER NOT NULL DEFAULT 0")
             conn.execute(_META)
             self._count, self._bytes = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(length(payload)), 0) FROM spool"
@@ -337,26 +344,29 @@ class Spool:
         count = self._count + len(items)
         size = self._bytes + sum(len(i.payload) for i in items)
         evict_upto = 0
-        evicted = 0
+        evicted = carried = 0
         with self._transaction() as conn:
             if self._over(count, size):
-                cur = conn.execute("SELECT id, length(payload) FROM spool ORDER BY id")
-                for row_id, n in cur:
+                cur = conn.execute("SELECT id, length(payload), carries FROM spool ORDER BY id")
+                for row_id, n, c in cur:
                     if not self._over(count, size):
                         break
                     count, size, evict_upto, evicted = count - 1, size - n, row_id, evicted + 1
+                    carried += c
                 cur.close()
                 if evict_upto:
                     conn.execute("DELETE FROM spool WHERE id <= ?", (evict_upto,))
             skip = 0
             while self._over(count, size) and skip < len(items):
-                count, size, skip = count - 1, size - len(items[skip].payload), skip + 1
+                count, size = count - 1, size - len(items[skip].payload)
+                carried += items[skip].carries
+                skip += 1
             conn.executemany(
-                "INSERT INTO spool (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)",
-                [(i.topic, i.payload, i.qos, int(i.retain), i.created) for i in items[skip:]],
+                "INSERT INTO spool (topic, payload, qos, retain, created, carries) VALUES (?, ?, ?, ?, ?, ?)",
+                [(i.topic, i.payload, i.qos, int(i.retain), i.created, i.carries) for i in items[skip:]],
             )
-            if evicted + skip:  # remembered on disk until reported, so a restart cannot lose the report
-                conn.execute(_ADD_UNREPORTED, (evicted + skip,))
+            if evicted + skip + carried:  # remembered on disk until reported: a restart cannot lose it
+                conn.execute(_ADD_UNREPORTED, (evicted + skip + carried,))
         self._count, self._bytes = count, size
         if evicted + skip:
             self._count_evicted(
@@ -366,7 +376,13 @@ class Spool:
     def _to_overflow(self, item: SpoolItem) -> None:
         """Keep a message in memory (negative id) while the disk refuses it; drop the oldest beyond bounds."""
         item = SpoolItem(
-            self._next_overflow_id, item.topic, item.payload, item.qos, item.retain, item.created
+            self._next_overflow_id,
+            item.topic,
+            item.payload,
+            item.qos,
+            item.retain,
+            item.created,
+            item.carries,
         )
         self._next_overflow_id -= 1
         self._overflow[item.id] = item
@@ -375,6 +391,7 @@ class Spool:
         while len(self._overflow) > self._overflow_max or self._overflow_bytes > self._overflow_max_bytes:
             _, old = self._overflow.popitem(last=False)
             self._overflow_bytes -= len(old.payload)
+            self._unreported_memory += old.carries  # what it reported is reported again
             dropped += 1
         if dropped:
             self._count_evicted(

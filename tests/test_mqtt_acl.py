@@ -7,9 +7,11 @@ connection (delivery is in order, so once the control arrived the forbidden mess
 
 from __future__ import annotations
 
+import logging
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -116,6 +118,65 @@ def test_a_device_cannot_take_over_another_clients_session(deployed: DeployedBro
     finally:
         ingest.close()
         victim.close()
+
+
+def test_an_agent_whose_device_id_is_not_its_certificate_keeps_its_windows_and_says_so(
+    deployed: DeployedBroker, pki: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker acknowledges and drops every publish of a device id the ACL does not grant (MQTT
+    3.1.1); the link waits for its own birth to come back before it sends the spool, so nothing is lost,
+    and it logs why. The same link with the right id delivers everything."""
+    from edge_agent.config import MqttSettings
+    from edge_agent.events import EventCounter
+    from edge_agent.mqtt_link import MqttLink
+    from edge_agent.protocol import Status, status_topic, tele_topic
+    from edge_agent.spool import Spool
+
+    trainer = TlsClient(
+        deployed.service_port, pki, "trainer", "service", subscribe=f"ef/v1/{FLEET}/dev/+/tele"
+    )
+    settings = MqttSettings(
+        url=f"mqtts://127.0.0.1:{deployed.port}",
+        ca=pki / "ca.crt",
+        cert=pki / "device" / "dev-a.crt",
+        key=pki / "device" / "dev-a.key",
+        identity_check_s=1.0,
+        reconnect_min_s=0.2,
+        reconnect_max_s=0.5,
+    )
+
+    def run(device: str) -> tuple[MqttLink, Spool, EventCounter]:
+        events = EventCounter()
+        spool = Spool(tmp_path / f"{device}.sqlite", 1000, 1 << 20, events=events)
+        for i in range(5):
+            spool.put(tele_topic(FLEET, device), f"{device} window {i}".encode(), 1, False)
+        link = MqttLink(
+            settings,
+            client_id=device,
+            status_topic=status_topic(FLEET, device),
+            birth=lambda: Status(
+                fleet=FLEET, device=device, state="online", session=1, ts=time.time()
+            ).to_bytes(),
+            will=Status(fleet=FLEET, device=device, state="offline", session=1, ts=0.0).to_bytes(),
+            spool=spool,
+            events=events,
+        )
+        link.start()
+        return link, spool, events
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="edge_agent.mqtt_link"):
+            wrong, spool, events = run("dev-b")  # dev-a's certificate
+            assert wait_for(lambda: events.totals().get("mqtt_identity_unconfirmed", 0) >= 2, 15)
+            wrong.stop(flush_timeout=1)
+        assert len(spool) == 5 and not trainer.messages
+        assert "does the device id match the certificate's name" in caplog.text
+        right, spool, events = run("dev-a")
+        assert wait_for(lambda: len(trainer.messages) == 5, 15), trainer.messages
+        assert wait_for(lambda: len(spool) == 0, 10) and right.stats()["identity_confirmed"]
+        right.stop(flush_timeout=1)
+    finally:
+        trainer.close()
 
 
 def _handshake(port: int, ca: Path, cert: Path | None = None, key: Path | None = None) -> str:

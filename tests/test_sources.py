@@ -161,6 +161,25 @@ def test_http_stream_reconnects_after_the_server_goes_away(tmp_path: Path) -> No
         server.stop()
 
 
+def test_a_password_in_a_stream_url_never_reaches_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """It was logged on every reconnect."""
+    port = free_port()  # nothing listens: every open fails and is logged
+    src = open_source(
+        f"http://admin:s3cret@127.0.0.1:{port}/cam.mjpg", reconnect_min_s=0.05, reconnect_max_s=0.1
+    )
+    with caplog.at_level("DEBUG", logger="edge_agent.sources"):
+        src.start()
+        try:
+            assert wait_until(lambda: src.stats().open_failures >= 2, 20), src.stats()
+        finally:
+            src.close()
+    assert "http://admin:***@127.0.0.1" in caplog.text
+    assert "s3cret" not in caplog.text and "s3cret" not in src.name
+    with pytest.raises(SourceError) as exc:
+        open_source("rtsp://admin:s3cret@/stream")  # no host
+    assert "s3cret" not in str(exc.value) and "admin:***@" in str(exc.value)
+
+
 def test_backoff_schedule() -> None:
     import random
 

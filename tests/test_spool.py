@@ -68,6 +68,34 @@ def test_byte_bound_evicts_oldest_first(tmp_path: Path) -> None:
         assert spool.take_evictions() == 5
 
 
+def test_eviction_reports_add_up_even_when_the_reporting_windows_are_evicted(tmp_path: Path) -> None:
+    """Each window reports the evictions since the previous one; when it is evicted in turn, its report
+    went with it (4 reported for 9 evicted). What a message carries is reported again."""
+    with Spool(tmp_path / "s.sqlite", max_messages=3, max_bytes=1 << 20) as spool:
+        for i in range(12):  # the agent: take the count, put it in the next window
+            n = spool.take_evictions()
+            spool.put("tele", f"window {i} reports {n}".encode(), carries=n)
+        delivered = sum(int(p.split()[-1]) for p in _payloads(spool))  # the broker gets these three
+        assert delivered + spool.take_evictions() == spool.evicted == 9
+
+
+def test_an_older_spool_file_gains_the_carries_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE spool (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
+            "payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, created REAL NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO spool (topic, payload, qos, retain, created) VALUES ('t', x'01', 1, 0, 1.0)"
+        )
+    with Spool(path, max_messages=1, max_bytes=1 << 20) as spool:
+        spool.put("t", b"new", carries=2)
+        assert _payloads(spool) == [b"new"] and spool.take_evictions() == 1
+
+
 def test_unreported_evictions_survive_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
     with Spool(path, max_messages=2, max_bytes=1 << 20) as spool:

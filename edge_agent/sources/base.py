@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -26,6 +27,14 @@ from edge_agent.backoff import Backoff
 from edge_agent.errors import EdgeFleetError
 
 log = logging.getLogger(__name__)
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/@\s:]*)(?::[^/@\s]*)?@")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with every ``scheme://user:password@`` written as ``scheme://user:***@`` (for logs)."""
+    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
 
 _MAX_CORRUPT_IN_A_ROW = 50
 """After this many corrupt frames in a row a live source is treated as lost and reopened."""
@@ -71,6 +80,8 @@ class FrameSource(ABC):
 
     def __init__(self, uri: str, reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0) -> None:
         self.uri = uri
+        self.name = redact_credentials(uri)
+        """The URI as logs and errors show it (no password)."""
         self._backoff = Backoff(reconnect_min_s, reconnect_max_s)
         self._stats = SourceStats()
         self._lock = threading.Lock()
@@ -97,7 +108,7 @@ class FrameSource(ABC):
 
     # -- public ----------------------------------------------------------------------------------
     def start(self) -> FrameSource:
-        self._thread = threading.Thread(target=self._run, name=f"capture:{self.uri}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"capture:{self.name}", daemon=True)
         self._thread.start()
         return self
 
@@ -109,17 +120,17 @@ class FrameSource(ABC):
                     self._mail_ready.wait(timeout)
                 frame, self._mailbox = self._mailbox, None
                 if frame is None and self._ended:
-                    raise EndOfStream(self.uri)
+                    raise EndOfStream(self.name)
                 return frame
         if self._ended and self._queue.empty():
-            raise EndOfStream(self.uri)
+            raise EndOfStream(self.name)
         try:
             item = self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
         if item is None:
             self._ended = True
-            raise EndOfStream(self.uri)
+            raise EndOfStream(self.name)
         return item
 
     def stats(self) -> SourceStats:
@@ -149,7 +160,7 @@ class FrameSource(ABC):
         try:
             self._release()
         except Exception:  # noqa: BLE001 - releasing a dead device must not kill the thread
-            log.debug("release of %s failed", self.uri, exc_info=True)
+            log.debug("release of %s failed", self.name, exc_info=True)
 
     def _deliver(self, frame: Frame) -> None:
         if self.live:
@@ -197,10 +208,10 @@ class FrameSource(ABC):
                     break
                 except Exception as exc:  # noqa: BLE001 - any open failure is retried
                     self._count("open_failures")
-                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.last_error = redact_credentials(f"{type(exc).__name__}: {exc}")
                     delay = self._backoff.next()
                     log.warning(
-                        "source %s unavailable (%s); retrying in %.1f s", self.uri, self.last_error, delay
+                        "source %s unavailable (%s); retrying in %.1f s", self.name, self.last_error, delay
                     )
                     self._wait(delay)
                     continue
@@ -210,8 +221,8 @@ class FrameSource(ABC):
             except EndOfStream:
                 break
             except Exception as exc:  # noqa: BLE001 - SourceLost or a driver error: reopen
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("source %s lost (%s); reconnecting", self.uri, self.last_error)
+                self.last_error = redact_credentials(f"{type(exc).__name__}: {exc}")
+                log.warning("source %s lost (%s); reconnecting", self.name, self.last_error)
                 self._safe_release()
                 opened = False
                 self._count("reconnects")
@@ -227,7 +238,7 @@ class FrameSource(ABC):
                 corrupt_in_a_row += 1
                 if self.live and corrupt_in_a_row >= _MAX_CORRUPT_IN_A_ROW:
                     log.warning(
-                        "source %s: %d corrupt frames in a row; reopening", self.uri, corrupt_in_a_row
+                        "source %s: %d corrupt frames in a row; reopening", self.name, corrupt_in_a_row
                     )
                     self._safe_release()
                     opened = False

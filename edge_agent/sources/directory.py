@@ -32,7 +32,7 @@ class DirectorySource(FrameSource):
 
     def _grab(self) -> np.ndarray | None:
         if self._pos >= len(self.files):
-            raise EndOfStream(self.uri)
+            raise EndOfStream(self.name)
         self.current_file = self.files[self._pos]
         self._pos += 1
         try:

@@ -27,7 +27,7 @@ class MemorySource(FrameSource):
 
     def _grab(self) -> np.ndarray | None:
         if self._n >= self._total:
-            raise EndOfStream(self.uri)
+            raise EndOfStream(self.name)
         img = self._frames[self._n % len(self._frames)]
         self._n += 1
         return img

@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import FrameSource
+from edge_agent.sources.base import FrameSource, redact_credentials
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def open_source(
     opener = _OPENERS.get(scheme.lower())
     if opener is None:
         raise SourceError(
-            f"{uri}: unknown source scheme {scheme.lower()!r} (camera:N, rtsp://, http(s)://, file:, dir:, synthetic:)"
+            f"{redact_credentials(uri)}: unknown source scheme {scheme.lower()!r} (camera:N, rtsp://, http(s)://, file:, dir:, synthetic:)"
         )
     options = SourceOptions(loop, realtime, width, height, fps, reconnect_min_s, reconnect_max_s)
     return opener(uri, rest, options)
@@ -50,7 +50,9 @@ def _camera(uri: str, rest: str, o: SourceOptions) -> FrameSource:
     try:
         index = int(rest)
     except ValueError:
-        raise SourceError(f"{uri}: camera index must be an integer, e.g. camera:0") from None
+        raise SourceError(
+            f"{redact_credentials(uri)}: camera index must be an integer, e.g. camera:0"
+        ) from None
     from edge_agent.sources.video import VideoCaptureSource
 
     return VideoCaptureSource(
@@ -66,7 +68,7 @@ def _camera(uri: str, rest: str, o: SourceOptions) -> FrameSource:
 
 def _stream(uri: str, rest: str, o: SourceOptions) -> FrameSource:
     if not urlsplit(uri).hostname:
-        raise SourceError(f"{uri}: stream URL has no host")
+        raise SourceError(f"{redact_credentials(uri)}: stream URL has no host")
     from edge_agent.sources.video import VideoCaptureSource
 
     return VideoCaptureSource(
@@ -77,7 +79,7 @@ def _stream(uri: str, rest: str, o: SourceOptions) -> FrameSource:
 def _file(uri: str, rest: str, o: SourceOptions) -> FrameSource:
     path = Path(rest)
     if not path.is_file():
-        raise SourceError(f"{uri}: video file {path} not found")
+        raise SourceError(f"{redact_credentials(uri)}: video file {path} not found")
     from edge_agent.sources.video import VideoCaptureSource
 
     return VideoCaptureSource(
@@ -108,7 +110,7 @@ def _synthetic(uri: str, rest: str, o: SourceOptions) -> FrameSource:
     unknown = set(query) - _SYNTHETIC_PARAMETERS
     if unknown:
         raise SourceError(
-            f"{uri}: unknown synthetic parameter(s) {sorted(unknown)} (known: {sorted(_SYNTHETIC_PARAMETERS)})"
+            f"{redact_credentials(uri)}: unknown synthetic parameter(s) {sorted(unknown)} (known: {sorted(_SYNTHETIC_PARAMETERS)})"
         )
     try:
         return SyntheticSource(
@@ -121,7 +123,7 @@ def _synthetic(uri: str, rest: str, o: SourceOptions) -> FrameSource:
             seed=int(query.get("seed", 0)),
         )
     except ValueError as exc:
-        raise SourceError(f"{uri}: bad synthetic parameter ({exc})") from None
+        raise SourceError(f"{redact_credentials(uri)}: bad synthetic parameter ({exc})") from None
 
 
 _OPENERS: dict[str, Callable[[str, str, SourceOptions], FrameSource]] = {

@@ -53,7 +53,7 @@ class SyntheticSource(FrameSource):
 
     def _grab(self) -> np.ndarray | None:
         if self.frames is not None and self._n >= self.frames:
-            raise EndOfStream(self.uri)
+            raise EndOfStream(self.name)
         if self.period:
             wait = self._next_due - time.monotonic()
             if wait > 0:

@@ -47,7 +47,7 @@ class VideoCaptureSource(FrameSource):
             cap = cv2.VideoCapture(self.target, cv2.CAP_FFMPEG)
         if not cap.isOpened():
             cap.release()
-            raise SourceLost(f"cannot open {self.uri}")
+            raise SourceLost(f"cannot open {self.name}")
         if self.width:
             cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
         if self.height:
@@ -74,8 +74,8 @@ class VideoCaptureSource(FrameSource):
                 if self.loop and self._cap.get(cv2.CAP_PROP_POS_FRAMES) > 0:
                     self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
                     return self._grab()
-                raise EndOfStream(self.uri)
-            raise SourceLost(f"{self.uri}: no frame (device or stream gone)")
+                raise EndOfStream(self.name)
+            raise SourceLost(f"{self.name}: no frame (device or stream gone)")
         ok, image = self._cap.retrieve()
         return image if ok else None
 
