@@ -101,14 +101,14 @@ def _agent_bench(args: argparse.Namespace) -> int:
 
 
 def _agent_selftest(args: argparse.Namespace) -> int:
-    from edge_agent.backends.base import available_runtimes
     from edge_agent.package import load_package
-    from edge_agent.selftest import self_test
+    from edge_agent.selftest import runnable_artifacts, self_test
 
     pkg = load_package(args.package)
     ok = True
+    runnable = runnable_artifacts(pkg)
     for key, art in pkg.manifest.artifacts.items():
-        if art.runtime not in available_runtimes():
+        if key not in runnable:
             print(f"{key}: skipped ({art.runtime} not installed)")
             continue
         result = self_test(pkg, key)

@@ -9,15 +9,19 @@ be within the budget when one is given.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 from edge_agent.agreement import load_check, measure_agreement
-from edge_agent.backends.base import Backend, BackendOptions, load_backend
-from edge_agent.package import ModelPackage
+from edge_agent.backends.base import Backend, BackendOptions, available_runtimes, load_backend
+from edge_agent.package import ModelPackage, load_package
 from edge_agent.postprocess import to_probabilities
 from edge_agent.preprocess import Preprocessor
 
@@ -30,6 +34,8 @@ class SelfTestResult:
     latency_ms: float | None = None
     golden: int = 0
     agreement: float | None = None
+    completed: bool = True
+    """False when the test itself did not finish: the child process hung past its deadline or died."""
 
     def fail(self, why: str) -> None:
         self.passed = False
@@ -118,3 +124,52 @@ def _check_golden(
             result.fail(
                 f"{g.file}: top-1 {top1} ({m.labels[top1]}), expected {g.expected_top1} ({m.labels[g.expected_top1]})"
             )
+
+
+def runnable_artifacts(package: ModelPackage) -> list[str]:
+    """The package's artifacts whose runtime is installed here, in manifest order."""
+    runtimes = available_runtimes()
+    return [k for k, a in package.manifest.artifacts.items() if a.runtime in runtimes]
+
+
+def self_test_in_child(
+    package_dir: str | Path,
+    artifact: str,
+    *,
+    options: BackendOptions | None = None,
+    latency_budget_ms: float | None = None,
+    deadline_s: float = 120.0,
+) -> SelfTestResult:
+    """:func:`self_test` in a child process killed after ``deadline_s``: a model whose inference never
+    returns, or that crashes the runtime, fails (``completed`` False) instead of hanging or killing us."""
+    spec = {"options": options.model_dump(mode="json") if options else None, "budget": latency_budget_ms}
+    cmd = [sys.executable, "-m", "edge_agent.selftest", str(package_dir), artifact, json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=deadline_s)
+    except subprocess.TimeoutExpired:
+        return _unfinished(artifact, f"no result within {deadline_s:.0f} s (inference does not return)")
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+        return _unfinished(artifact, f"the self-test process died (exit {proc.returncode}): {tail[0][:300]}")
+    return SelfTestResult(**json.loads(lines[-1]))
+
+
+def _unfinished(artifact: str, why: str) -> SelfTestResult:
+    result = SelfTestResult(artifact=artifact, completed=False)
+    result.fail(why)
+    return result
+
+
+def _child_main(argv: list[str]) -> int:
+    """``python -m edge_agent.selftest PACKAGE ARTIFACT SPEC``: one self-test, its result as JSON."""
+    package_dir, artifact, spec_text = argv
+    spec = json.loads(spec_text)
+    options = BackendOptions.model_validate(spec["options"]) if spec["options"] else None
+    result = self_test(load_package(package_dir), artifact, options=options, latency_budget_ms=spec["budget"])
+    print(json.dumps(asdict(result)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

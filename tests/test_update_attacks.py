@@ -147,6 +147,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, mosquitto_binary: str, pki: Pa
         repo_url=server.url,
         root=tmp / "root.json",
         tls=(pki / "ca.crt", pki / "device" / f"{DEVICE}.crt", pki / "device" / f"{DEVICE}.key"),
+        update={"selftest_timeout_s": 8},
     )
     agent = AgentProcess(config, tmp / "agent.log").start()
     r = Rig(
@@ -347,8 +348,31 @@ def test_a_target_for_another_fleet(rig: Rig) -> None:
     rec = rig.publish(rig.package(), fleet="warehouse")
     assert rec.target == target_path(CHANNEL, "warehouse", "colour")
     forged = rec.hint(rig.server.url).model_copy(update={"fleet": FLEET})  # pointed at this device
-    ev = rig.expect_rejected(forged, "wrong_fleet")
+    ev = rig.expect_rejected(forged, "not_followed")
     assert "warehouse" in ev["detail"]
+
+
+def test_a_hint_naming_a_channel_the_device_does_not_follow(rig: Rig) -> None:
+    """A canary device hinted at a stable target (or a stable one at a 0% canary) takes nothing: the
+    target path must be one it follows, and the signed channel and cohort must include it."""
+    rec = rig.publish(rig.package(), channel="stable")
+    forged = rec.hint(rig.server.url).model_copy(update={"channel": CHANNEL})
+    ev = rig.expect_rejected(forged, "not_followed")
+    assert rec.target in ev["detail"]
+
+
+def test_a_release_refused_for_its_metadata_is_taken_once_corrected(rig: Rig) -> None:
+    """Refusals are remembered by what was wrong: the metadata here, not the archive, so the same
+    archive re-signed with fitting metadata installs."""
+    pkg = rig.package()
+    bad = rig.publish(pkg, min_agent_version="99.0")
+    rig.expect_rejected(bad, "agent_too_old")
+    good = rig.publish(pkg)
+    assert good.sha256 == bad.sha256 and good.release > bad.release  # the same archive bytes
+    n = len(rig.events())
+    rig.hint(good)
+    ev = rig.wait_event(lambda e: e["state"] in ("active", "rejected", "rolled_back"), n, timeout=60)
+    assert (ev["state"], ev["release"]) == ("active", good.release), ev
 
 
 @pytest.mark.parametrize(
@@ -361,6 +385,19 @@ def test_models_that_fail_their_self_test(rig: Rig, behaviour: str, detail: str)
     assert detail in ev["detail"], ev["detail"]
     assert rig.state()["rejected"][rec.sha256]["reason"] == "selftest_failed"  # never tried again
     rig.installed[behaviour] = rec
+
+
+def test_a_model_whose_inference_never_returns_is_refused_and_the_updater_goes_on(rig: Rig) -> None:
+    """It hung the updater for good (no newer release installed, SIGTERM ended in SIGABRT): the
+    self-test now runs in a child process with a deadline."""
+    rec = rig.publish(rig.package("hang"))
+    ev = rig.expect_rejected(rec, "selftest_failed")
+    assert "does not return" in ev["detail"], ev["detail"]
+    good = rig.publish(rig.package())
+    n = len(rig.events())
+    rig.hint(good)
+    done = rig.wait_event(lambda e: e["state"] in ("active", "rejected", "rolled_back"), n, timeout=60)
+    assert (done["state"], done["release"]) == ("active", good.release), done
 
 
 def test_a_rejected_release_is_never_retried(rig: Rig) -> None:

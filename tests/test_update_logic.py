@@ -39,19 +39,25 @@ def _staged(state: UpdateStateData, release: int, sha: str = SHA) -> None:
     state.mark_staged()
 
 
+def _trial(state: UpdateStateData, now: float) -> Installed:
+    """Verify (counting the attempt) and start the trial of the staged release."""
+    state.begin_verifying()
+    return state.start_trial(now)
+
+
 def test_state_lifecycle_keeps_the_committed_slot_untouched() -> None:
     st = UpdateStateData()
     st.ensure_committed(Installed(slot="factory", package_sha256="00" * 32, model="m", version="1"))
     assert st.staging_slot() == "a"
     _staged(st, 5)
-    trial = st.start_trial(100.0)
+    trial = _trial(st, 100.0)
     assert trial.slot == "a" and st.max_release == 5 and st.attempts[SHA] == 1
     assert st.problems() == []
     st.commit()
     assert st.committed and st.committed.slot == "a" and st.previous and st.previous.slot == "factory"
     assert st.staging_slot() == "b"  # never the committed slot
     _staged(st, 6, "ef" * 32)
-    st.start_trial(101.0)
+    _trial(st, 101.0)
     st.rollback("health_confidence", 102.0)
     assert st.committed.slot == "a" and st.trial is None and st.is_rejected("ef" * 32)
     assert st.max_release == 6  # a rolled-back release still raises the downgrade floor
@@ -66,12 +72,26 @@ def test_interrupted_trial_is_resumed_once_then_given_up() -> None:
     st = UpdateStateData()
     st.ensure_committed(Installed(slot="factory", package_sha256="00" * 32, model="m", version="1"))
     _staged(st, 3)
-    st.start_trial(1.0)
+    _trial(st, 1.0)
     t = st.abandon_interrupted(max_attempts=2, now=2.0)
     assert t is not None and st.trial is None and st.committed.slot == "factory"
     assert st.staging and st.staging.phase == "staged" and not st.is_rejected(SHA)  # kept for a cheap retry
-    st.start_trial(3.0)
+    _trial(st, 3.0)
     st.abandon_interrupted(max_attempts=2, now=4.0)
+    assert st.is_rejected(SHA) and st.rejected[SHA].reason == "interrupted" and st.staging is None
+
+
+def test_an_agent_killed_while_verifying_counts_an_attempt() -> None:
+    """A model that crashes the agent while it is loaded or self-tested used to be retried on every
+    start (a crash loop): the attempt is counted before verifying."""
+    st = UpdateStateData()
+    st.ensure_committed(Installed(slot="factory", package_sha256="00" * 32, model="m", version="1"))
+    _staged(st, 3)
+    st.begin_verifying()  # ... and the agent dies here
+    assert st.abandon_interrupted(max_attempts=2, now=1.0) is None
+    assert st.staging and st.staging.phase == "staged" and st.attempts[SHA] == 1  # one more try
+    st.begin_verifying()  # dies again
+    st.abandon_interrupted(max_attempts=2, now=2.0)
     assert st.is_rejected(SHA) and st.rejected[SHA].reason == "interrupted" and st.staging is None
 
 
@@ -276,6 +296,21 @@ def test_hostile_archive_names_are_refused(tmp_path: Path, member: tarfile.TarIn
     assert not (tmp_path / "escape.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("golden/red.png", "golden//red.png"),
+        ("model.json.bak", "./model.json.bak"),
+        ("golden", "golden/red.png"),  # a file, then a child of it
+    ],
+)
+def test_one_file_under_two_spellings_is_an_archive_error(tmp_path: Path, first: str, second: str) -> None:
+    """These raised an unhandled FileExistsError: no event, staging stuck at writing on every hint."""
+    members = [(tarfile.TarInfo(n), b"x") for n in ("model.json", first, second)]
+    with pytest.raises(ArchiveError, match="unsafe member name|clashes with another member"):
+        unpack_archive(_tar(tmp_path / "dup.tar", members), tmp_path / "out", max_bytes=1000)
+
+
 def test_links_devices_and_oversize_archives_are_refused(tmp_path: Path) -> None:
     link = tarfile.TarInfo("model.json")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
@@ -347,3 +382,47 @@ def test_update_config_section(tmp_path: Path) -> None:
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_a_server_dripping_bytes_cannot_hang_a_fetch(tmp_path: Path) -> None:
+    """One byte every half second never trips the read timeout; the whole-transfer deadline ends it as
+    too slow (the updater then counts the repository as unreachable and retries later)."""
+    import socket
+    import threading
+    import time
+
+    from tuf.api import exceptions as tuf_exc
+
+    from edge_agent.updater.fetcher import HttpFetcher
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = srv.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        while not stop.is_set():
+            try:
+                conn.sendall(b"x")
+            except OSError:
+                break
+            time.sleep(0.5)
+        conn.close()
+
+    t = threading.Thread(target=drip, daemon=True)
+    t.start()
+    fetcher = HttpFetcher(timeout_s=5.0, deadline_s=2.0)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(tuf_exc.SlowRetrievalError, match="not complete within 2 s"):
+            fetcher.download_resumable(
+                f"http://127.0.0.1:{srv.getsockname()[1]}/t.tar", tmp_path / "t.part", 1000
+            )
+        assert time.monotonic() - t0 < 4.5
+    finally:
+        stop.set()
+        fetcher.close()
+        srv.close()

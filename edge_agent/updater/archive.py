@@ -51,10 +51,34 @@ def pack_package(package_dir: str | Path, out: str | Path) -> Path:
 
 
 def _safe_name(name: str) -> PurePosixPath:
+    """The member's path if it is plain, relative and written in exactly one way (no ``//``, ``./`` or
+    trailing ``/``: two spellings of one file would otherwise both pass the duplicate check)."""
     p = PurePosixPath(name)
-    if not name or "\\" in name or p.is_absolute() or any(part in ("", ".", "..") for part in p.parts):
+    if (
+        not name
+        or "\\" in name
+        or p.is_absolute()
+        or p.as_posix() != name
+        or any(part in ("", ".", "..") for part in p.parts)
+    ):
         raise ArchiveError(f"unsafe member name {name!r}")
     return p
+
+
+def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    """Write one regular member to ``target`` (a new file), fsynced; a path that clashes with what is
+    already there (a file, then a child of it) is an ArchiveError, not an OSError."""
+    src = tar.extractfile(member)
+    assert src is not None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "xb") as f:
+            while block := src.read(1 << 20):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+        raise ArchiveError(f"member {member.name!r} clashes with another member: {exc.strerror}") from None
 
 
 def unpack_archive(
@@ -86,15 +110,7 @@ def unpack_archive(
                     raise ArchiveError(f"more than {max_files} files")
                 if total > max_bytes:
                     raise ArchiveError(f"unpacked size exceeds {max_bytes} bytes")
-                target = dest.joinpath(*rel.parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(m)
-                assert src is not None
-                with open(target, "xb") as f:
-                    while block := src.read(1 << 20):
-                        f.write(block)
-                    f.flush()
-                    os.fsync(f.fileno())
+                _write_member(tar, m, dest.joinpath(*rel.parts))
         except tarfile.TarError as exc:
             raise ArchiveError(f"corrupt tar archive: {exc}") from None
     for d in sorted({p.parent for p in dest.rglob("*")} | {dest}, key=lambda p: -len(p.parts)):

@@ -44,7 +44,7 @@ def check_compatible(info: ReleaseInfo, length: int, device: DeviceProfile) -> N
     """Raise :class:`UpdateRejected` (permanent) naming the first incompatibility; return if none."""
 
     def no(reason: str, detail: str) -> UpdateRejected:
-        return UpdateRejected(reason, detail, permanent=True)
+        return UpdateRejected(reason, detail, permanent=True, about_metadata=True)
 
     if info.fleet != device.fleet:
         raise no("wrong_fleet", f"release is for fleet {info.fleet!r}, this device is in {device.fleet!r}")

@@ -10,6 +10,7 @@ fails at once). The caller then checks length and hashes against the same signed
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,10 +26,15 @@ FSYNC_EVERY = 4 * 1024 * 1024
 
 
 class HttpFetcher(FetcherInterface):
-    """One connection pool per updater check; ``close`` releases it."""
+    """One connection pool per updater check; ``close`` releases it.
 
-    def __init__(self, timeout_s: float = 30.0) -> None:
+    ``timeout_s`` bounds each connect and each read; ``deadline_s`` bounds a whole transfer, so a server
+    dripping a byte every few seconds (never idle long enough for the read timeout) cannot hang it.
+    """
+
+    def __init__(self, timeout_s: float = 30.0, deadline_s: float = 600.0) -> None:
         self.timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
+        self.deadline_s = deadline_s
         self._pool = urllib3.PoolManager(
             headers={"User-Agent": f"edgefleet-agent/{__version__}"},
             retries=urllib3.Retry(total=2, connect=2, read=0, redirect=0, backoff_factor=0.2),
@@ -41,7 +47,7 @@ class HttpFetcher(FetcherInterface):
         if response.status >= 400:
             _discard(response)
             raise tuf_exc.DownloadHTTPError(f"HTTP {response.status} for {url}", response.status)
-        return self._chunks(response)
+        return self._chunks(response, url)
 
     def _request(self, url: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
         self.requests += 1
@@ -56,15 +62,30 @@ class HttpFetcher(FetcherInterface):
         except urllib3.exceptions.HTTPError as exc:
             raise tuf_exc.DownloadError(f"cannot reach {url}: {exc}") from exc
 
-    @staticmethod
-    def _chunks(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    def _chunks(self, response: urllib3.BaseHTTPResponse, url: str) -> Iterator[bytes]:
+        """The body as it arrives; past ``deadline_s`` the socket is shut down from a timer (a blocked
+        read cannot otherwise be interrupted) and the transfer fails as too slow."""
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            response.shutdown()
+
+        timer = threading.Timer(self.deadline_s, expire)
+        timer.daemon = True
+        timer.start()
         try:
             yield from response.stream(CHUNK)  # bytes reach the partial file as they arrive
-        except urllib3.exceptions.TimeoutError as exc:
-            raise tuf_exc.SlowRetrievalError(str(exc)) from exc
-        except urllib3.exceptions.HTTPError as exc:
+            if expired.is_set():
+                raise tuf_exc.SlowRetrievalError(f"{url}: not complete within {self.deadline_s:.0f} s")
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if expired.is_set() or isinstance(exc, urllib3.exceptions.TimeoutError):
+                raise tuf_exc.SlowRetrievalError(
+                    f"{url}: not complete within {self.deadline_s:.0f} s"
+                ) from exc
             raise tuf_exc.DownloadError(str(exc)) from exc
         finally:
+            timer.cancel()
             response.release_conn()
 
     def download_resumable(self, url: str, part: Path, length: int) -> int:
@@ -91,7 +112,7 @@ class HttpFetcher(FetcherInterface):
         got = start
         since_sync = 0
         with open(part, mode) as f:
-            for chunk in self._chunks(response):
+            for chunk in self._chunks(response, url):
                 got += len(chunk)
                 if got > length:
                     f.close()

@@ -7,6 +7,7 @@ fetching a byte of the artifact. Target paths follow one naming rule, :func:`tar
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, Literal
 
@@ -24,6 +25,13 @@ ARCHIVE_SUFFIX = ".tar"
 def target_path(channel: str, fleet: str, model: str) -> str:
     """The TUF target path of a channel's current release of ``model`` for ``fleet``."""
     return f"{channel}/{fleet}/{model}{ARCHIVE_SUFFIX}"
+
+
+def metadata_key(path: str, target_sha256: str, custom: Any) -> str:
+    """What a refusal caused by the metadata is remembered by: the target path, its hash and its signed
+    custom fields, so a corrected release of the same archive (other fields) is a different key."""
+    text = json.dumps({"path": path, "sha256": target_sha256, "custom": custom}, sort_keys=True, default=str)
+    return "metadata:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 class ReleaseInfo(BaseModel):

@@ -46,7 +46,9 @@ class Staging(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     slot: WritableSlot
-    phase: Literal["writing", "staged"]
+    phase: Literal["writing", "staged", "verifying"]
+    """``verifying``: its attempt is counted, so an agent killed by the model while verifying it does
+    not retry it for ever."""
     target: str
     target_sha256: str
     release: int
@@ -147,6 +149,13 @@ class UpdateStateData(BaseModel):
             version=version,
         )
 
+    def begin_verifying(self) -> None:
+        """Count an install attempt before the package is loaded and self-tested (they may crash us)."""
+        s = self.staging
+        assert s is not None and s.phase in ("staged", "verifying")
+        s.phase = "verifying"
+        self.attempts[s.target_sha256] = self.attempts.get(s.target_sha256, 0) + 1
+
     def mark_staged(self) -> None:
         assert self.staging is not None
         self.staging.phase = "staged"
@@ -154,7 +163,7 @@ class UpdateStateData(BaseModel):
     def start_trial(self, now: float) -> Installed:
         """The staged release becomes the trial; its counter becomes the new floor."""
         s = self.staging
-        assert s is not None and s.phase == "staged"
+        assert s is not None and s.phase == "verifying", "begin_verifying() counts the attempt first"
         self.trial = Installed(
             slot=s.slot,
             package_sha256=s.package_sha256,
@@ -167,7 +176,6 @@ class UpdateStateData(BaseModel):
         )
         self.staging = None
         self.max_release = max(self.max_release, s.release)
-        self.attempts[s.target_sha256] = self.attempts.get(s.target_sha256, 0) + 1
         return self.trial
 
     def commit(self) -> Installed:
@@ -218,6 +226,13 @@ class UpdateStateData(BaseModel):
         """
         if self.staging is not None and self.staging.phase == "writing":
             self.staging = None
+        s = self.staging
+        if s is not None and s.phase == "verifying":  # the agent died while loading or testing it
+            if self.attempts.get(s.target_sha256, 0) >= max_attempts:
+                self.reject(s.target_sha256, s.release, "interrupted", now)
+                self.staging = None
+            else:
+                s.phase = "staged"
         t = self.trial
         if t is None:
             return None

@@ -55,7 +55,9 @@ def classify(exc: Exception) -> Exception:
 class ReleaseRepositoryClient:
     """Verified target lookups and downloads against one repository URL."""
 
-    def __init__(self, url: str, root: Path, cache_dir: Path, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, url: str, root: Path, cache_dir: Path, *, timeout_s: float = 30.0, deadline_s: float = 600.0
+    ) -> None:
         base = url.rstrip("/")
         self.metadata_url = f"{base}/metadata/"
         self.targets_url = f"{base}/targets/"
@@ -63,6 +65,7 @@ class ReleaseRepositoryClient:
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
         self._fetcher: HttpFetcher | None = None
         self._updater: Updater | None = None
         self.requests = 0
@@ -70,7 +73,7 @@ class ReleaseRepositoryClient:
     def targetinfo(self, path: str) -> TargetFile | None:
         """Refresh all top-level metadata and return the verified info of target ``path`` (None: no such target)."""
         self.close()
-        self._fetcher = HttpFetcher(self.timeout_s)
+        self._fetcher = HttpFetcher(self.timeout_s, self.deadline_s)
         try:
             self._updater = Updater(
                 str(self.cache_dir),

@@ -47,7 +47,7 @@ from edge_agent.protocol import (
     parse_message,
     release_topic,
 )
-from edge_agent.selftest import self_test
+from edge_agent.selftest import runnable_artifacts, self_test, self_test_in_child
 from edge_agent.state import AgentState
 from edge_agent.updater.archive import ArchiveError, unpack_archive
 from edge_agent.updater.boot import Boot
@@ -58,6 +58,7 @@ from edge_agent.updater.health import HealthPolicy, HealthWindow
 from edge_agent.updater.release_info import (
     ReleaseInfo,
     ReleaseInfoError,
+    metadata_key,
     parse_release_info,
     preprocess_text,
     target_path,
@@ -124,7 +125,11 @@ class Updater:
         self.track_targets = [target_path(ch, identity.fleet, self.track) for ch in self.channels]
         self.hint_topics = frozenset(release_topic(identity.fleet, ch) for ch in self.channels)
         self.repo = ReleaseRepositoryClient(
-            settings.repository, settings.root, store.tuf, timeout_s=settings.http_timeout_s
+            settings.repository,
+            settings.root,
+            store.tuf,
+            timeout_s=settings.http_timeout_s,
+            deadline_s=settings.fetch_deadline_s,
         )
         self.profile = DeviceProfile(
             fleet=identity.fleet,
@@ -253,7 +258,13 @@ class Updater:
             return
         info: ReleaseInfo | None = None
         sha: str | None = None
+        meta_key: str | None = None
         try:
+            if path not in self.track_targets:  # a hint may name any target: only the followed ones count
+                raise UpdateRejected(
+                    "not_followed",
+                    f"{path} is not a target this device follows ({', '.join(self.track_targets)})",
+                )
             tinfo = self.repo.targetinfo(path)
             if tinfo is None:
                 if from_hint:
@@ -262,13 +273,18 @@ class Updater:
             sha = tinfo.hashes.get("sha256")
             if not sha:
                 raise UpdateRejected("metadata_invalid", f"{path}: no sha256 hash")
+            meta_key = metadata_key(path, sha, tinfo.custom)
+            if self.state.is_rejected(meta_key):
+                return  # reported when it was rejected; a corrected release has other metadata
             try:
                 info = parse_release_info(tinfo.custom)
             except ReleaseInfoError as exc:
-                raise UpdateRejected("bad_release_info", str(exc), permanent=True) from None
+                raise UpdateRejected(
+                    "bad_release_info", str(exc), permanent=True, about_metadata=True
+                ) from None
             self._consider(tinfo, info, sha, from_hint)
         except UpdateRejected as r:
-            self._rejected(r, path, info, sha, always=from_hint)
+            self._rejected(r, path, info, sha, meta_key if r.about_metadata else sha, always=from_hint)
         except Unreachable as exc:
             self.events.add("update_unreachable")
             log.warning("release repository unreachable: %s", exc)
@@ -330,10 +346,32 @@ class Updater:
                 "release_rollback",
                 f"release {info.release} is not above {st.max_release}, the highest installed on this device",
             )
+        self._check_followed(info)
         check_compatible(info, tinfo.length, self.profile)
         pkg = self._stage(tinfo, info, sha, resumable)
+        st.begin_verifying()
+        self.store.save(st)  # the attempt counts before the model can crash or hang us
         loaded = self._verify(pkg, info)
         self._start_trial(loaded, info)
+
+    def _check_followed(self, info: ReleaseInfo) -> None:
+        """The release's signed channel is one this device follows, and under ``auto`` a canary release's
+        signed cohort includes this device (a hint or a target path alone decides neither)."""
+        if info.channel not in self.channels:
+            raise UpdateRejected(
+                "wrong_channel",
+                f"release is on channel {info.channel!r}; this device follows {', '.join(self.channels)}",
+                permanent=True,
+                about_metadata=True,
+            )
+        auto_canary = len(self.channels) > 1 and info.channel != "stable"
+        if auto_canary and (info.cohort is None or not in_cohort(self.identity.device, info.cohort)):
+            raise UpdateRejected(
+                "not_in_cohort",
+                f"{info.channel} release {info.release} is for a cohort this device is not in",
+                permanent=True,
+                about_metadata=True,
+            )
 
     def _stage(self, tinfo: TargetFile, info: ReleaseInfo, sha: str, resumable: bool) -> ModelPackage:
         """The release's package verified in a writable slot (downloading it unless already staged)."""
@@ -408,8 +446,21 @@ class Updater:
         return pkg
 
     def _verify(self, pkg: ModelPackage, info: ReleaseInfo) -> LoadedModel:
-        """Load the package in a second backend instance and self-test it there."""
+        """Self-test every artifact the device might serve in a child process with a deadline (a model
+        whose inference never returns, or that crashes the runtime, is refused there), then load the
+        package in a second backend instance and self-test it in this process."""
         ident = self.identity
+        candidates = [ident.artifact] if ident.artifact != "auto" else runnable_artifacts(pkg)
+        for artifact in candidates:
+            isolated = self_test_in_child(
+                pkg.root,
+                artifact,
+                options=ident.backend,
+                latency_budget_ms=self.settings.latency_budget_ms,
+                deadline_s=self.settings.selftest_timeout_s,
+            )
+            if not isolated.completed:
+                raise UpdateRejected("selftest_failed", f"{artifact}: {isolated.summary()}", permanent=True)
         try:
             current = self._host.active.artifact  # kept unless another eligible one is clearly faster
             choice = choose_artifact(pkg, ident.artifact, ident.backend, self.agent_state, current=current)
@@ -498,13 +549,22 @@ class Updater:
 
     # -- reporting -------------------------------------------------------------------------------
     def _rejected(
-        self, r: UpdateRejected, path: str, info: ReleaseInfo | None, sha: str | None, *, always: bool
+        self,
+        r: UpdateRejected,
+        path: str,
+        info: ReleaseInfo | None,
+        sha: str | None,
+        remember: str | None,
+        *,
+        always: bool,
     ) -> None:
+        """Report a refusal; a permanent one is remembered under ``remember`` (the archive's sha256, or
+        the metadata's key when the metadata was what was wrong)."""
         st = self.state
         if st.staging is not None and (sha is None or st.staging.target_sha256 == sha) and r.permanent:
             st.drop_staging()
-        if r.permanent and sha is not None:
-            st.reject(sha, info.release if info else 0, r.reason, time.time())
+        if r.permanent and remember is not None:
+            st.reject(remember, info.release if info else 0, r.reason, time.time())
         self.store.save(st)
         key = (r.reason, sha or r.detail)
         if not always and key in self._reported:

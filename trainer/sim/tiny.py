@@ -54,11 +54,46 @@ from edge_agent.telemetry.aggregator import FrameResult, TelemetryAggregator
 from edge_agent.telemetry.features import input_statistics, output_features
 from edge_agent.telemetry.histogram import default_edges
 
-Behaviour = Literal["ok", "nan", "slow", "wrong_golden", "collapse"]
+Behaviour = Literal["ok", "nan", "slow", "hang", "wrong_golden", "collapse"]
 LABELS = ["red", "green", "blue"]
 ARTIFACT = "onnx-fp32"
 SIZE = 16
 GAIN = 20.0
+
+
+def _hang(logits: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """A Loop of 10^15 additions that the logits depend on (times zero): inference never returns."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Or", ["cond_in", "cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["c_in", "ONE"], ["c_out"]),
+        ],
+        "spin",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("c_in", TensorProto.FLOAT, ["N"]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("c_out", TensorProto.FLOAT, ["N"]),
+        ],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "ONE")],
+    )
+    inits = [
+        numpy_helper.from_array(np.array(10**15, np.int64), "TRIPS"),
+        numpy_helper.from_array(np.array(True), "TRUE"),
+        numpy_helper.from_array(np.array([1], np.int64), "AXH"),
+        numpy_helper.from_array(np.array([0.0], np.float32), "ZEROH"),
+    ]
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["c0"], axes=[1, 2, 3], keepdims=0),  # input-dependent
+        helper.make_node("Loop", ["TRIPS", "TRUE", "c0"], ["spun"], body=body),
+        helper.make_node("Unsqueeze", ["spun", "AXH"], ["spun1"]),
+        helper.make_node("Mul", ["spun1", "ZEROH"], ["zh"]),
+        helper.make_node("Add", [logits, "zh"], ["hung"]),
+    ]
+    return nodes, inits
 
 
 def _graph(behaviour: Behaviour, slow_steps: int) -> onnx.ModelProto:
@@ -99,6 +134,11 @@ def _graph(behaviour: Behaviour, slow_steps: int) -> onnx.ModelProto:
             helper.make_node("Add", [out, "z"], ["slowed"]),
         ]
         out = "slowed"
+    elif behaviour == "hang":
+        nodes_, inits_ = _hang(out)
+        nodes += nodes_
+        inits += inits_
+        out = "hung"
     graph = helper.make_graph(
         nodes,
         "colour",
