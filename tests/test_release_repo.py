@@ -25,6 +25,8 @@ from trainer.release.repository import Expiry, ReleaseRepository
 from trainer.release.server import ReleaseServer
 from trainer.sim.tiny import build_tiny_package
 
+from .mqtt_helpers import wait_until
+
 
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -175,6 +177,49 @@ def test_server_ranges_traversal_and_resumed_download(tmp_path: Path) -> None:
             c.download(info, part)
         assert rej.value.reason == "artifact_mismatch" and not part.exists()
         c.close()
+
+
+def test_server_serves_only_regular_files_answers_416_and_bounds_connections(tmp_path: Path) -> None:
+    """A symlink under targets/ into keys/ was served with 200; an inverted range gave 206 with a
+    negative Content-Length; 900 slow connections made 904 threads."""
+    import socket
+
+    repo = ReleaseRepository.init(tmp_path / "repo")
+    rec = repo.publish(
+        build_tiny_package(tmp_path / "p", version="1.0.0").root, channel="canary", fleet="shop"
+    )
+    key = next((repo.path / "keys").rglob("*"))
+    (repo.path / "targets" / "leak").symlink_to(key)
+    (repo.path / "targets" / "keysdir").symlink_to(repo.path / "keys", target_is_directory=True)
+    with ReleaseServer(repo.path) as server:
+        for bad in ("/targets/leak", f"/targets/keysdir/{key.name}"):
+            with pytest.raises(urllib.error.HTTPError) as exc:
+                urllib.request.urlopen(server.url + bad)
+            assert exc.value.code == 404, bad
+        url = f"{server.url}/targets/canary/shop/{rec.sha256}.colour.tar"
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(urllib.request.Request(url, headers={"Range": "bytes=10-5"}))
+        assert exc.value.code == 416
+        server._httpd.max_connections = 8
+        server._httpd.idle_timeout_s = 1.5
+        slow = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
+        for s in slow:
+            s.sendall(b"GET /targets/")  # a request that never finishes
+        time.sleep(0.3)
+        assert server._httpd.open_connections() == 8
+        assert server.stats()["by_status"].get("503", 0) == 12
+        drip = slow[0]
+        for _ in range(4):  # one byte a second is no progress: the whole request must come in time
+            time.sleep(0.8)
+            try:
+                drip.sendall(b"x")
+            except OSError:
+                break
+        assert wait_until(lambda: server._httpd.open_connections() == 0, 10)
+        with urllib.request.urlopen(url) as r:  # and it serves again
+            assert r.status == 200
+        for s in slow:
+            s.close()
 
 
 def test_server_keeps_the_timestamp_fresh(tmp_path: Path) -> None:

@@ -16,10 +16,13 @@ object store can serve the same two directories instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
+import socket
+import stat
 import sys
 import threading
 import time
@@ -32,6 +35,11 @@ log = logging.getLogger(__name__)
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 SERVED = ("metadata", "targets")
+MAX_CONNECTIONS = 256
+"""Connections served at once; more are answered 503 and closed (one thread each)."""
+IDLE_TIMEOUT_S = 10.0
+"""A connection that makes no progress for this long is closed: a request's line and headers must
+arrive within it in total (one byte every few seconds is no progress), and a download must move."""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -60,17 +68,29 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def setup(self) -> None:
+        super().setup()
+        self.server.watch(self.connection)
+
+    def finish(self) -> None:
+        self.server.unwatch(self.connection)
+        super().finish()
+
     def _resolve(self) -> Path | None:
+        """The regular file a path names inside ``metadata/`` or ``targets/``, reached without any
+        symbolic link (a link under targets/ could point at the signing keys)."""
         path = self.path.split("?", 1)[0]
         parts = [p for p in path.split("/") if p]
         if len(parts) < 2 or parts[0] not in SERVED or any(p in (".", "..") or "\\" in p for p in parts):
             return None
-        f = self.server.root.joinpath(*parts)
+        served = Path(os.path.realpath(self.server.root / parts[0]))
+        f = served.joinpath(*parts[1:])
         try:
-            f.resolve().relative_to(self.server.root.resolve())
-        except ValueError:
+            if os.path.realpath(f) != str(f) or not stat.S_ISREG(os.lstat(f).st_mode):
+                return None
+        except OSError:
             return None
-        return f if f.is_file() else None
+        return f
 
     def _serve(self, head: bool) -> None:
         f = self._resolve()
@@ -82,7 +102,7 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         if rng:
             m = _RANGE.match(rng.strip())
-            if not m or int(m.group(1)) >= size:
+            if not m or int(m.group(1)) >= size or (m.group(2) and int(m.group(2)) < int(m.group(1))):
                 self.server.count(416, 0)
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{size}")
@@ -120,9 +140,10 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 try:
                     self.wfile.write(block)
-                except (BrokenPipeError, ConnectionResetError):
+                except OSError:  # the client went away, or the watchdog closed a stalled connection
                     break
                 sent += len(block)
+                self.server.progress(self.connection)
                 if rate:
                     ahead = sent / rate - (time.monotonic() - t0)
                     if ahead > 0:
@@ -139,9 +160,67 @@ class _Server(ThreadingHTTPServer):
         super().__init__(addr, _Handler)
         self.root = root
         self.rate_limit_bps = rate_limit_bps
+        self.max_connections = MAX_CONNECTIONS
+        self.idle_timeout_s = IDLE_TIMEOUT_S
         self._lock = threading.Lock()
         self._status: Counter[int] = Counter()
         self._bytes = 0
+        self._deadlines: dict[socket.socket, float] = {}
+        self._open = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """One thread per connection, up to ``max_connections``; beyond that a 503 and close."""
+        with self._lock:
+            full = self._open >= self.max_connections
+            if not full:
+                self._open += 1
+        if full:
+            self.count(503, 0)
+            with contextlib.suppress(OSError):
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self._open -= 1
+
+    def watch(self, conn: socket.socket) -> None:
+        """Start the idle clock of a connection (its request must arrive within the idle timeout)."""
+        with self._lock:
+            self._deadlines[conn] = time.monotonic() + self.idle_timeout_s
+
+    def progress(self, conn: socket.socket) -> None:
+        """The connection moved data: restart its idle clock."""
+        with self._lock:
+            if conn in self._deadlines:
+                self._deadlines[conn] = time.monotonic() + self.idle_timeout_s
+
+    def unwatch(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._deadlines.pop(conn, None)
+
+    def close_stalled(self) -> int:
+        """Shut down every connection past its deadline (its thread then ends); returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            stalled = [c for c, t in self._deadlines.items() if t < now]
+            for c in stalled:
+                self._deadlines.pop(c, None)
+        for c in stalled:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        return len(stalled)
+
+    def open_connections(self) -> int:
+        with self._lock:
+            return self._open
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away mid-transfer (devices lose power too) is normal, not a traceback."""
@@ -158,6 +237,7 @@ class _Server(ThreadingHTTPServer):
                 "requests": sum(self._status.values()),
                 "bytes": self._bytes,
                 "by_status": {str(k): v for k, v in sorted(self._status.items())},
+                "open_connections": self._open,
             }
 
 
@@ -215,11 +295,21 @@ class ReleaseServer:
         )
         t.start()
         self._threads.append(t)
+        w = threading.Thread(target=self._watchdog, name="release-http-watchdog", daemon=True)
+        w.start()
+        self._threads.append(w)
         if self.repository is not None and self.resign_interval_s > 0:
             r = threading.Thread(target=self._resign_loop, name="release-resign", daemon=True)
             r.start()
             self._threads.append(r)
         return self
+
+    def _watchdog(self) -> None:
+        """Close connections that made no progress within the idle timeout (slow drips included)."""
+        while not self._stop.wait(0.5):
+            n = self._httpd.close_stalled()
+            if n:
+                log.info("closed %d stalled connection(s)", n)
 
     def _resign_loop(self) -> None:
         """Keep the online metadata fresh: re-sign what has used half its lifetime."""
