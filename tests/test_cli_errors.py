@@ -30,6 +30,13 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_tiny_package(d / "pkg")
     (d / "labels.csv").write_text("sample_id,label\n1,not-a-label\n")
     (d / "afile").write_text("a file, not a directory\n")
+    from trainer.release.repository import ReleaseRepository
+    from trainer.store import Store
+
+    Store(f"sqlite:///{d / 'fleet.db'}").close()
+    repo = ReleaseRepository.init(d / "repo")
+    for name in ("colour", "shade"):  # two models in one fleet: rollout commands must be told which
+        repo.publish(build_tiny_package(d / name, name=name).root, channel="stable", fleet="f")
     return d
 
 
@@ -55,6 +62,31 @@ CASES = [
         "missing-repo",
     ),
     ("demo", ["demo", "--workdir", "afile"], "afile"),
+    (
+        "labels-typo",
+        ["labels", "export", "--db", "sqlite:///fleeet.db", "--out", "q.csv", "--package", "pkg"],
+        "fleeet.db",
+    ),
+    (
+        "rollout-model",
+        # TLS flags are accepted (they were not); the model is not guessed as the demo's
+        [
+            *("rollout", "promote", "--db", "sqlite:///fleet.db", "--repo", "repo", "--fleet", "f"),
+            *(
+                "--reason",
+                "r",
+                "--broker",
+                "mqtts://broker:8884",
+                "--ca",
+                "ca.crt",
+                "--cert",
+                "t.crt",
+                "--key",
+                "t.key",
+            ),
+        ],
+        "models colour, shade: pass --model",
+    ),
 ]
 
 
@@ -63,6 +95,7 @@ def test_bad_input_is_one_line_and_exit_code_2(
     workdir: Path, group: str, args: list[str], names: str
 ) -> None:
     result = _edgefleet(*args, cwd=workdir)
+    assert not (workdir / "fleeet.db").exists()  # a mistyped URL creates no empty database
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("edgefleet: error: "), result.stderr[-2000:]

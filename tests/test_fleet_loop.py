@@ -93,6 +93,25 @@ def test_labels_import_rejects_a_bad_file_whole(tmp_path: Path) -> None:
         bad.write_text("id,label\n1,circle\n")
         with pytest.raises(LabelImportError, match="missing column"):
             import_labels(store, bad, LABELS, "bob")
+        for text, problem in (
+            (f"sample_id,label\n{ids[0]},circle\n999999,square\n", r"bad\.csv:3: no sample with id 999999"),
+            (f"sample_id,label\n{ids[0]},circle\n{ids[1]}\n", r"bad\.csv:3: 2 cells expected"),
+            (f"sample_id,label\n{ids[0]},circle,extra\n", r"bad\.csv:2: 2 cells expected"),
+            (
+                f"sample_id,label\n{ids[0]},circle\n{ids[0]},square\n",
+                r"bad\.csv:3: sample \d+ is labelled 'circle'",
+            ),
+        ):
+            bad.write_text(text)
+            with pytest.raises(LabelImportError, match=problem):
+                import_labels(store, bad, LABELS, "bob")
+            assert store.count_labelled_samples() == 0, text  # nothing stored before the bad line either
+        good = tmp_path / "good.csv"
+        good.write_text(f"sample_id,label\n{ids[0]},circle\n{ids[1]},square\n")
+        assert import_labels(store, good, LABELS, "bob") == 2
+        assert import_labels(store, good, LABELS, "bob") == 0  # re-importing stacks nothing
+        assert len(store.labels()) == 2
+        assert {(lab.labeller, lab.source) for lab in store.labels()} == {("bob", "human")}
 
 
 def _service_config(tmp_path: Path, broker_url: str, base_data: str) -> TrainerServiceConfig:

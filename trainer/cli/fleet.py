@@ -8,6 +8,10 @@ import json
 import signal
 import threading
 from pathlib import Path
+from typing import Any
+
+from edge_agent.errors import ConfigError
+from trainer.cli.release import add_hint_broker
 
 
 def register_trainer(sub: argparse._SubParsersAction) -> None:
@@ -73,7 +77,7 @@ def _export(args: argparse.Namespace) -> int:
     from trainer.fleet.labelling import export_queue
     from trainer.store import Store
 
-    with Store(args.db) as store:
+    with Store(args.db, create=False) as store:
         n = export_queue(store, Path(args.out), _labels_of(args.package), args.limit)
     print(
         f"wrote {n} unlabelled samples to {args.out}; fill in the label column, then `edgefleet labels import`"
@@ -85,9 +89,9 @@ def _import(args: argparse.Namespace) -> int:
     from trainer.fleet.labelling import import_labels
     from trainer.store import Store
 
-    with Store(args.db) as store:
+    with Store(args.db, create=False) as store:
         n = import_labels(store, Path(args.csv), _labels_of(args.package), args.labeller or getpass.getuser())
-    print(f"stored {n} labels")
+    print(f"stored {n} new labels")
     return 0
 
 
@@ -103,11 +107,30 @@ def register_rollout(sub: argparse._SubParsersAction) -> None:
         r.add_argument("--db", required=True)
         r.add_argument("--repo", required=True)
         r.add_argument("--fleet", required=True)
-        r.add_argument("--model", default="shapes")
+        r.add_argument("--model", help="the model (default: the only one released in this fleet)")
         if name != "status":
             r.add_argument("--reason", required=True)
-            r.add_argument("--broker", help="send the release hint through this broker")
+            add_hint_broker(r, with_url=False)
         r.set_defaults(func=_rollout, rollout_action=name)
+
+
+def _rollout_model(repo: Any, fleet: str, model: str | None) -> str:
+    """``model``, or the only model released in ``fleet`` (ConfigError naming the choices otherwise)."""
+    if model:
+        return model
+    models = sorted({r.model for r in repo.releases() if r.fleet == fleet})
+    if len(models) != 1:
+        raise ConfigError(
+            f"fleet {fleet!r} has {'no releases' if not models else 'models ' + ', '.join(models)}: pass --model"
+        )
+    return models[0]
+
+
+def _print_rollouts(rollouts: list[Any]) -> None:
+    """One JSON line per rollout."""
+    for r in rollouts:
+        fields = ("id", "release_id", "cohort", "state", "started_at", "updated_at")
+        print(json.dumps({f: getattr(r, f) for f in fields}))
 
 
 def _rollout(args: argparse.Namespace) -> int:
@@ -117,39 +140,29 @@ def _rollout(args: argparse.Namespace) -> int:
     from trainer.store import Store
 
     repo = ReleaseRepository(args.repo)
-    with Store(args.db) as store:
+    with Store(args.db, create=False) as store:
         rollouts = store.rollouts(args.fleet)
         if args.rollout_action == "status":
-            for r in rollouts:
-                print(
-                    json.dumps(
-                        {
-                            "id": r.id,
-                            "release_id": r.release_id,
-                            "cohort": r.cohort,
-                            "state": r.state,
-                            "started_at": r.started_at,
-                            "updated_at": r.updated_at,
-                        }
-                    )
-                )
+            _print_rollouts(rollouts)
             return 0
+        model = _rollout_model(repo, args.fleet, args.model)
         active = [r for r in rollouts if r.state == "active" and (r.cohort or "").startswith("canary")]
         if not active:
             print("no canary is running")
             return 1
-        canary = repo.current("canary", args.fleet, args.model)
-        stable = repo.current("stable", args.fleet, args.model)
+        canary = repo.current("canary", args.fleet, model)
+        stable = repo.current("stable", args.fleet, model)
         if canary is None or stable is None or canary.cohort is None:
             print("the repository has no canary release with a cohort for this model")
             return 1
         publisher = None
         if args.broker:
-            from edge_agent.config import MqttSettings
             from trainer.fleet.messaging import FleetPublisher
+            from trainer.release.hints import mqtt_settings
 
-            publisher = FleetPublisher(MqttSettings(url=args.broker), args.fleet)
-        mgr = RolloutManager(store, repo, publisher, fleet=args.fleet, model=args.model, cfg=RolloutConfig())
+            settings = mqtt_settings(args.broker, args.ca, args.cert, args.key)
+            publisher = FleetPublisher(settings, args.fleet)
+        mgr = RolloutManager(store, repo, publisher, fleet=args.fleet, model=model, cfg=RolloutConfig())
         mgr.active = ActiveRollout(
             active[-1].id,
             canary,

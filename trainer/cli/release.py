@@ -22,7 +22,8 @@ from pathlib import Path
 from edge_agent.updater.cohort import Cohort
 
 
-def _add_broker(p: argparse.ArgumentParser) -> None:
+def add_hint_broker(p: argparse.ArgumentParser, with_url: bool = True) -> None:
+    """``--broker --ca --cert --key [--url]``: where a command sends its release hint (mutual TLS)."""
     g = p.add_argument_group("release hint (optional)")
     g.add_argument("--broker", help="send the retained hint to this broker (mqtt:// or mqtts://)")
     g.add_argument("--ca")
@@ -30,7 +31,8 @@ def _add_broker(p: argparse.ArgumentParser) -> None:
         "--cert", help="the trainer's service certificate (the ACL lets only it write release topics)"
     )
     g.add_argument("--key")
-    g.add_argument("--url", help="repository URL named in the hint (default: the one given at init)")
+    if with_url:
+        g.add_argument("--url", help="repository URL named in the hint (default: the one given at init)")
 
 
 def register_release(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +69,7 @@ def _register_signing(rs: argparse._SubParsersAction) -> None:
         "--canary-share", type=float, help="canary only: share of the fleet (0..1) that takes it"
     )
     pub.add_argument("--cohort-salt", help="salt of the canary cohort hash (default: the fleet name)")
-    _add_broker(pub)
+    add_hint_broker(pub)
     pub.set_defaults(func=_publish)
 
 
@@ -80,7 +82,7 @@ def _register_channels(rs: argparse._SubParsersAction) -> None:
     pr.add_argument("--from", dest="from_channel", default="canary")
     pr.add_argument("--to", dest="to_channel", default="stable")
     pr.add_argument("--release", type=int, help="promote this release instead of the current one")
-    _add_broker(pr)
+    add_hint_broker(pr)
     pr.set_defaults(func=_promote)
 
     rb = rs.add_parser(
@@ -91,7 +93,7 @@ def _register_channels(rs: argparse._SubParsersAction) -> None:
     rb.add_argument("--model", required=True)
     rb.add_argument("--channel", required=True)
     rb.add_argument("--to", dest="to_release", type=int, help="the release whose artifact to restore")
-    _add_broker(rb)
+    add_hint_broker(rb)
     rb.set_defaults(func=_rollback)
 
 

@@ -63,16 +63,33 @@ def export_queue(store: Store, out_csv: Path, labels: Sequence[str], limit: int 
 
 
 def import_labels(store: Store, csv_path: Path, labels: Sequence[str], labeller: str) -> int:
-    """Store the labels filled in a queue CSV; empty labels are skipped, unknown ones are an error."""
-    known = set(labels)
-    rows = []
+    """Store the labels filled in a queue CSV, all or nothing; returns how many were new.
+
+    Empty labels are skipped; an unknown label, a missing or malformed sample id, a sample that does not
+    exist, a row with too few or too many cells, or one sample given two labels fails the whole file
+    naming the line. Importing the same file again stores nothing (a label equal to the sample's newest
+    label is not stacked)."""
+    rows = _read_label_rows(csv_path, set(labels), labels)
+    found = store.sample_ids_present(rows)
+    for sid, (_, line) in rows.items():
+        if sid not in found:
+            raise LabelImportError(f"{csv_path}:{line}: no sample with id {sid}")
+    pairs = [(sid, lab) for sid, (lab, _) in rows.items()]
+    return store.add_labels(pairs, source="human", labeller=labeller)
+
+
+def _read_label_rows(csv_path: Path, known: set[str], labels: Sequence[str]) -> dict[int, tuple[str, int]]:
+    """``{sample_id: (label, line)}`` of the labelled rows; LabelImportError naming the first bad line."""
+    out: dict[int, tuple[str, int]] = {}
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         missing = {"sample_id", "label"} - set(reader.fieldnames or [])
         if missing:
             raise LabelImportError(f"{csv_path}: missing column(s) {sorted(missing)}")
         for line, row in enumerate(reader, start=2):
-            label = (row.get("label") or "").strip()
+            if None in row or None in row.values():
+                raise LabelImportError(f"{csv_path}:{line}: {len(reader.fieldnames or [])} cells expected")
+            label = (row["label"] or "").strip()
             if not label:
                 continue
             if label not in known:
@@ -80,14 +97,17 @@ def import_labels(store: Store, csv_path: Path, labels: Sequence[str], labeller:
                     f"{csv_path}:{line}: unknown label {label!r} (labels: {', '.join(labels)})"
                 )
             try:
-                rows.append((int(row["sample_id"]), label))
+                sid = int(row["sample_id"])
             except ValueError:
                 raise LabelImportError(
                     f"{csv_path}:{line}: sample_id {row['sample_id']!r} is not a number"
                 ) from None
-    for sample_id, label in rows:  # validated first: a bad file stores nothing
-        store.add_label(sample_id, label, source="human", labeller=labeller)
-    return len(rows)
+            if sid in out and out[sid][0] != label:
+                raise LabelImportError(
+                    f"{csv_path}:{line}: sample {sid} is labelled {out[sid][0]!r} on line {out[sid][1]} already"
+                )
+            out.setdefault(sid, (label, line))
+    return out
 
 
 def label_with(

@@ -63,6 +63,24 @@ def _json(details: dict[str, Any] | None) -> str | None:
 log = logging.getLogger(__name__)
 
 
+def _insert_label(conn: Connection, sample_id: int, label: str, source: str, labeller: str | None) -> int:
+    """One label row and its audit entry (who labelled what, from which source)."""
+    lid = conn.execute(
+        sa_insert(Label).returning(Label.id),
+        {
+            "sample_id": sample_id,
+            "label": label,
+            "source": source,
+            "labeller": labeller,
+            "created_at": time.time(),
+        },
+    ).scalar_one()
+    insert_audit(
+        conn, labeller or source, "label.add", f"sample/{sample_id}", {"label": label, "source": source}
+    )
+    return int(lid)
+
+
 def _still_valid(payloads: Iterable[str]) -> Iterator[TelemetryWindow]:
     """Stored windows that still validate. A row stored before a check existed (a histogram with a
     count too few, NaN on SQLite) is left out with a warning: one bad window costs only itself."""
@@ -613,24 +631,36 @@ class Store:
         if source not in LABEL_SOURCES:
             raise ValueError(f"label source must be one of {LABEL_SOURCES}, not {source!r}")
         with self.write() as conn:
-            lid = conn.execute(
-                sa_insert(Label).returning(Label.id),
-                {
-                    "sample_id": sample_id,
-                    "label": label,
-                    "source": source,
-                    "labeller": labeller,
-                    "created_at": time.time(),
-                },
-            ).scalar_one()
-            insert_audit(
-                conn,
-                labeller or source,
-                "label.add",
-                f"sample/{sample_id}",
-                {"label": label, "source": source},
-            )
-            return int(lid)
+            return _insert_label(conn, sample_id, label, source, labeller)
+
+    def sample_ids_present(self, ids: Iterable[int]) -> set[int]:
+        """Which of ``ids`` are stored samples."""
+        wanted = set(ids)
+        with self.engine.connect() as conn:
+            return set(conn.scalars(select(Sample.id).where(Sample.id.in_(wanted)))) if wanted else set()
+
+    def add_labels(
+        self, labels: Sequence[tuple[int, str]], *, source: str, labeller: str | None = None
+    ) -> int:
+        """Store ``(sample_id, label)`` pairs all or nothing, in one transaction: StoreError naming the
+        sample ids that do not exist; a pair equal to the sample's newest label is not stored again (a
+        re-imported file adds nothing). Returns how many were stored."""
+        if source not in LABEL_SOURCES:
+            raise ValueError(f"label source must be one of {LABEL_SOURCES}, not {source!r}")
+        ids = {sid for sid, _ in labels}
+        with self.write() as conn:
+            found = set(conn.scalars(select(Sample.id).where(Sample.id.in_(ids))))
+            if missing := sorted(ids - found):
+                raise StoreError(f"no sample with id {', '.join(map(str, missing[:10]))}")
+            newest: dict[int, str] = {}
+            for sid, lab in conn.execute(
+                select(Label.sample_id, Label.label).where(Label.sample_id.in_(ids)).order_by(Label.id)
+            ):
+                newest[sid] = lab
+            fresh = [(sid, lab) for sid, lab in labels if newest.get(sid) != lab]
+            for sid, lab in fresh:
+                _insert_label(conn, sid, lab, source, labeller)
+            return len(fresh)
 
     def unlabelled_samples(self, limit: int | None = None) -> list[Sample]:
         """Samples without any label, oldest first: the labelling queue."""
