@@ -254,6 +254,19 @@ class _Inputs:
         )
 
 
+def _added_since_champion(inputs: _Inputs) -> dict[str, Any]:
+    """The training-set diff against the champion's data manifest (empty without a champion)."""
+    if inputs.champion is None:
+        return {}
+    m = inputs.champion.manifest
+    name = f"{m.name} {m.version}"
+    path = Path(inputs.champion.root) / DATA_MANIFEST
+    if not path.is_file():
+        return {"added_since_champion": {"champion": name, "note": "the champion records no data manifest"}}
+    before = DatasetManifest.model_validate_json(path.read_text(encoding="utf-8"))
+    return {"added_since_champion": {"champion": name, **inputs.manifest.added_since(before)}}
+
+
 def _prepare(
     data: Dataset | str | Path, config: TrainConfig, champion: str | Path | ModelPackage | None
 ) -> _Inputs:
@@ -445,7 +458,7 @@ class _ReleaseCheck:
         self.torch_runner = TorchRunner(features.extractor, features.suffix, calibrated.temperature)
         p_held = np.concatenate([calibrated.p_val, calibrated.p_test])
         self.evaluation: dict[str, Any] = {
-            "dataset": inputs.manifest.summary(),
+            "dataset": inputs.manifest.summary() | _added_since_champion(inputs),
             "device_artifact": inputs.device,
             "calibration": calibrated.report,
             "models": {"torch-fp32": report(calibrated.p_test, y_test, inputs.labels, test_meta)},

@@ -75,6 +75,8 @@ class Sample:
     source: str = "unknown"
     licence: str = "unspecified"
     meta: Mapping[str, str] = field(default_factory=dict)
+    provenance: Mapping[str, str] = field(default_factory=dict)
+    """Where a field label came from (sample id, device, labeller, when); recorded, never sliced on."""
     path: Path | None = None
     file: str | None = None
     """Path relative to the dataset directory (what the manifest records)."""
@@ -104,10 +106,20 @@ def sample_from_image(
     licence: str = "unspecified",
     meta: Mapping[str, str] | None = None,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    provenance: Mapping[str, str] | None = None,
 ) -> Sample:
     """An in-memory sample (a rendered frame or a labelled field sample) with its content split."""
     sha = image_sha256(image)
-    return Sample(sha, label, split_of(sha, fractions), source, licence, dict(meta or {}), image=image)
+    return Sample(
+        sha,
+        label,
+        split_of(sha, fractions),
+        source,
+        licence,
+        dict(meta or {}),
+        dict(provenance or {}),
+        image=image,
+    )
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,8 @@ class ManifestEntry(BaseModel):
     source: str
     licence: str
     meta: dict[str, str] = Field(default_factory=dict)
+    provenance: dict[str, str] = Field(default_factory=dict)
+    """Field labels: sample id, device, labeller and when it was labelled."""
 
 
 class DatasetManifest(BaseModel):
@@ -154,6 +168,21 @@ class DatasetManifest(BaseModel):
             "sources": dict(Counter(e.source for e in self.entries)),
             "licences": dict(Counter(e.licence for e in self.entries)),
             "meta_keys": sorted({k for e in self.entries for k in e.meta}),
+        }
+
+    def added_since(self, before: DatasetManifest) -> dict[str, object]:
+        """What this training set has that ``before`` (the champion's) did not: images per device (or
+        source) and class, and per labeller; the model card's training-set diff."""
+        old = {e.sha256 for e in before.entries}
+        new = [e for e in self.entries if e.sha256 not in old]
+        by_device: dict[str, Counter[str]] = {}
+        for e in new:
+            by_device.setdefault(e.meta.get("device") or e.source, Counter())[e.label] += 1
+        return {
+            "images": len(new),
+            "removed": len(old - {e.sha256 for e in self.entries}),
+            "by_device": {d: dict(c) for d, c in sorted(by_device.items())},
+            "labellers": dict(Counter(e.provenance["labeller"] for e in new if "labeller" in e.provenance)),
         }
 
 
@@ -198,6 +227,7 @@ class Dataset:
                     source=s.source,
                     licence=s.licence,
                     meta=dict(s.meta),
+                    provenance=dict(s.provenance),
                 )
                 for s in self.samples
             ],

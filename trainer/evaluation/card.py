@@ -260,6 +260,27 @@ def _calibration_section(ev: Evaluation) -> list[str]:
     ]
 
 
+def _added_section(added: dict[str, Any] | None, labels: list[str]) -> list[str]:
+    """The training-set diff against the champion: images per device (or source) and class, labellers."""
+    if not added:
+        return []
+    head = f"<h3>Added since the champion ({_e(added['champion'])})</h3>"
+    if "note" in added:
+        return [head, f"<p class='muted'>{_e(added['note'])}</p>"]
+    rows = [
+        [dev, *(per.get(lab, 0) for lab in labels), sum(per.values())]
+        for dev, per in added["by_device"].items()
+    ]
+    parts = [
+        head,
+        f"<p>{added['images']} images added, {added['removed']} removed.</p>",
+        _table(["device / source", *labels, "total"], rows),
+    ]
+    if added.get("labellers"):
+        parts.append(_table(["labeller", "labels"], list(added["labellers"].items())))
+    return parts
+
+
 def _other_sections(ev: Evaluation, manifest: ModelManifest, reference: ReferenceStats | None) -> list[str]:
     """Robustness, slices, the drift reference, the data and the training settings."""
     device, rob = ev.device_artifact, ev.robustness
@@ -294,6 +315,7 @@ def _other_sections(ev: Evaluation, manifest: ModelManifest, reference: Referenc
         ),
         _table(["source", "images"], list(data["sources"].items())),
         _table(["licence / consent", "images"], list(data["licences"].items())),
+        *_added_section(data.get("added_since_champion"), manifest.labels),
     ]
     tr = ev.training
     if tr:

@@ -11,12 +11,16 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_agent.reference import ReferenceStats
 from trainer.data.dataset import Dataset, decode_image, sample_from_image
+from trainer.data.phash import dhash
+from trainer.data.screening import FieldLabel, ScreenReport, ScreenRules, screen_field
 from trainer.drift.accuracy import audit_label
 from trainer.drift.ppi import AuditLabel
 from trainer.errors import LabelImportError
@@ -69,7 +73,7 @@ def import_labels(store: Store, csv_path: Path, labels: Sequence[str], labeller:
     exist, a row with too few or too many cells, or one sample given two labels fails the whole file
     naming the line. Importing the same file again stores nothing (a label equal to the sample's newest
     label is not stacked)."""
-    rows = _read_label_rows(csv_path, set(labels), labels)
+    rows = read_label_rows(csv_path, labels)
     found = store.sample_ids_present(rows)
     for sid, (_, line) in rows.items():
         if sid not in found:
@@ -78,36 +82,54 @@ def import_labels(store: Store, csv_path: Path, labels: Sequence[str], labeller:
     return store.add_labels(pairs, source="human", labeller=labeller)
 
 
-def _read_label_rows(csv_path: Path, known: set[str], labels: Sequence[str]) -> dict[int, tuple[str, int]]:
+def read_label_rows(csv_path: Path, labels: Sequence[str]) -> dict[int, tuple[str, int]]:
     """``{sample_id: (label, line)}`` of the labelled rows; LabelImportError naming the first bad line."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            return _label_rows(csv.DictReader(f), csv_path, labels)
+    except UnicodeDecodeError as exc:
+        raise LabelImportError(f"{csv_path}: not UTF-8 text (byte {exc.start})") from None
+    except csv.Error as exc:
+        raise LabelImportError(f"{csv_path}: not a CSV file ({exc})") from None
+
+
+def _label_rows(reader: csv.DictReader, csv_path: Path, labels: Sequence[str]) -> dict[int, tuple[str, int]]:
+    known = set(labels)
     out: dict[int, tuple[str, int]] = {}
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"sample_id", "label"} - set(reader.fieldnames or [])
-        if missing:
-            raise LabelImportError(f"{csv_path}: missing column(s) {sorted(missing)}")
-        for line, row in enumerate(reader, start=2):
-            if None in row or None in row.values():
-                raise LabelImportError(f"{csv_path}:{line}: {len(reader.fieldnames or [])} cells expected")
-            label = (row["label"] or "").strip()
-            if not label:
-                continue
-            if label not in known:
-                raise LabelImportError(
-                    f"{csv_path}:{line}: unknown label {label!r} (labels: {', '.join(labels)})"
-                )
-            try:
-                sid = int(row["sample_id"])
-            except ValueError:
-                raise LabelImportError(
-                    f"{csv_path}:{line}: sample_id {row['sample_id']!r} is not a number"
-                ) from None
-            if sid in out and out[sid][0] != label:
-                raise LabelImportError(
-                    f"{csv_path}:{line}: sample {sid} is labelled {out[sid][0]!r} on line {out[sid][1]} already"
-                )
-            out.setdefault(sid, (label, line))
+    missing = {"sample_id", "label"} - set(reader.fieldnames or [])
+    if missing:
+        raise LabelImportError(f"{csv_path}: missing column(s) {sorted(missing)}")
+    for row in reader:
+        line = reader.line_num
+        if None in row or None in row.values():
+            raise LabelImportError(f"{csv_path}:{line}: {len(reader.fieldnames or [])} cells expected")
+        label = (row["label"] or "").strip()
+        if not label:
+            continue
+        if label not in known:
+            raise LabelImportError(
+                f"{csv_path}:{line}: unknown label {label!r} (labels: {', '.join(labels)})"
+            )
+        sid = _sample_id(row["sample_id"])
+        if sid is None:
+            raise LabelImportError(
+                f"{csv_path}:{line}: sample_id {row['sample_id'][:40]!r} is not a sample id"
+            )
+        if sid in out and out[sid][0] != label:
+            raise LabelImportError(
+                f"{csv_path}:{line}: sample {sid} is labelled {out[sid][0]!r} on line {out[sid][1]} already"
+            )
+        out.setdefault(sid, (label, line))
     return out
+
+
+def _sample_id(text: str) -> int | None:
+    """A positive 64-bit integer, or None."""
+    text = text.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 19:
+        return None
+    sid = int(text)
+    return sid if 0 < sid < 2**63 else None
 
 
 def label_with(
@@ -127,38 +149,67 @@ def label_with(
 class FieldData:
     dataset: Dataset
     devices: dict[str, int]
+    """Field samples kept, per device."""
+    screen: ScreenReport = field(default_factory=ScreenReport)
+    """What the poisoning defences dropped or held for review, and why."""
 
 
 def field_dataset(
-    store: Store, labels: Sequence[str], *, since: float | None = None, devices: set[str] | None = None
+    store: Store,
+    labels: Sequence[str],
+    *,
+    since: float | None = None,
+    devices: set[str] | None = None,
+    base_size: int | None = None,
+    rules: ScreenRules | None = None,
 ) -> FieldData:
-    """Labelled field samples as a dataset (``origin=field`` slice), newest label per sample wins."""
-    newest: dict[int, str] = {}
-    for lab in store.labels():
-        newest[lab.sample_id] = lab.label
+    """Labelled field samples as a dataset (``origin=field`` slice), newest label per sample wins,
+    screened (:func:`~trainer.data.screening.screen_field`; the share caps against a training set of
+    ``base_size`` original images, none without it); each kept sample records its provenance (sample id, device, labeller, when)."""
+    newest = {lab.sample_id: lab for lab in store.labels()}  # ordered by id: the last one wins
+    candidates: dict[int, tuple[Any, np.ndarray]] = {}
+    items: list[FieldLabel] = []
+    for s in store.samples(ids=list(newest)):
+        lab = newest[s.id]
+        if (since is not None and s.ts < since) or (devices is not None and s.device not in devices):
+            continue
+        img = decode_image(s.image) if s.image is not None else None  # header checked before decoding
+        if img is None or lab.label not in labels:
+            continue
+        top = _provenance(s).get("top") or []
+        predicted = labels[top[0][0]] if top and 0 <= top[0][0] < len(labels) else None
+        confidence = float(top[0][1]) if top else None
+        who = lab.labeller or lab.source
+        items.append(
+            FieldLabel(s.id, s.device, who, lab.label, lab.created_at, dhash(img), predicted, confidence)
+        )
+        candidates[s.id] = (s, img)
+    report = screen_field(items, base_size, rules or ScreenRules())
+    by_id = {i.sample_id: i for i in items}
     samples = []
     per_device: dict[str, int] = {}
-    for s in store.samples(ids=list(newest)):
-        if (
-            (since is not None and s.ts < since)
-            or (devices is not None and s.device not in devices)
-            or s.image is None
-        ):
-            continue
-        img = decode_image(s.image)  # header checked first: a hostile size is skipped, not decoded
-        if img is None or newest[s.id] not in labels:
-            continue
+    for sid in report.kept:
+        s, img = candidates[sid]
+        it = by_id[sid]
+        prov = {
+            "sample_id": str(sid),
+            "device": s.device,
+            "labeller": it.labeller,
+            "labelled_at": f"{it.labelled_at:.3f}",
+        }
         samples.append(
             sample_from_image(
                 img,
-                newest[s.id],
+                it.label,
                 source=f"field:{s.device}",
                 licence=s.consent_policy,
                 meta={"origin": "field", "device": s.device},
+                provenance=prov,
             )
         )
         per_device[s.device] = per_device.get(s.device, 0) + 1
-    return FieldData(Dataset(labels=list(labels), samples=samples, origin="field samples"), per_device)
+    dataset = Dataset(labels=list(labels), samples=samples, origin="field samples")
+    return FieldData(dataset, per_device, report)
 
 
 def audit_labels(

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from trainer.data.screening import ScreenRules
 from trainer.ops.broker import die_with_parent
 
 
@@ -38,6 +39,8 @@ class RetrainSpec(BaseModel):
     """Points the candidate must gain on the field slice (origin=field) over the champion."""
     train: dict[str, Any] = Field(default_factory=dict)
     """Overrides of :class:`trainer.build.TrainConfig`."""
+    screen: ScreenRules = Field(default_factory=ScreenRules)
+    """Poisoning defences for the field labels (caps, near-duplicates, outlier labellers)."""
     result: str
 
 
@@ -61,10 +64,17 @@ def run(spec: RetrainSpec) -> dict[str, Any]:
                 base.labels,
                 since=spec.field_since,
                 devices=set(spec.field_devices) if spec.field_devices else None,
+                base_size=len(base.samples),
+                rules=spec.screen,
             )
         data = base.combine(field.dataset)
         gate_rules["min_slice_gain"] = {"origin=field": spec.min_field_gain}
-        out = {"field_samples": len(field.dataset.samples), "field_devices": field.devices}
+        out = {
+            "field_samples": len(field.dataset.samples),
+            "field_devices": field.devices,
+            "screening": field.screen.summary(),
+            "held_for_review": {str(k): v for k, v in sorted(field.screen.review.items())},
+        }
     cfg = TrainConfig.model_validate(
         {
             **overrides,

@@ -432,6 +432,15 @@ class TrainerService:
     def _finish_job(self, job: _Job) -> None:
         result = read_result(job.spec, job.proc.returncode)
         took = time.time() - job.started
+        held = result.get("held_for_review") or {}
+        if held:  # poisoning defences: these labels were not trained on until a person looks at them
+            reasons = sorted({why.split(":")[0] for why in held.values()})
+            self._alert(
+                "labels_held_for_review",
+                f"{len(held)} field label(s) held for review ({', '.join(reasons)}); {job.version} trained without them",
+                version=job.version,
+                samples=sorted(held)[:50],
+            )
         if result.get("status") == "ok":
             pkg = load_package(result["package"])
             self.timeline.add(
