@@ -374,6 +374,31 @@ def test_a_device_cannot_move_itself_into_another_fleet(
         assert (alert.device, alert.fleet, alert.severity) == ("cam1", home, "critical")
 
 
+def test_a_window_with_other_histogram_bins_costs_only_itself(
+    db_url: str, broker: MosquittoBroker, publisher: Publisher, start_worker
+) -> None:
+    """Windows whose bins differ from their registered model's are refused at ingest (drift could not
+    compare them: one such window used to stop drift for every device of the model)."""
+    fleet = f"bins{abs(hash(db_url)) % 10**6}"
+    v1 = model_ref(version="1.0.0")
+    with Store(db_url) as store:
+        store.register_model(manifest("1.0.0"), v1.sha256)
+    worker = start_worker(mqtt=MqttSettings(url=broker.url), db_url=db_url, fleet=fleet, group="bins")
+    good = windows("cam1", 3, fleet=fleet, model=v1)
+    odd = json.loads(windows("cam2", 1, fleet=fleet, model=v1)[0].to_bytes())
+    odd["histograms"]["confidence"] = {"edges": [0.0, 0.5, 1.0], "counts": [1, 29]}
+    publisher.send_all(
+        [tele(fleet, w) for w in good] + [(tele_topic(fleet, "cam2"), json.dumps(odd).encode())]
+    )
+    publisher.wait()
+    assert wait_until(lambda: handled(worker) == 4, 20), worker.stats()
+    s = worker.stats()
+    assert (s["stored"], s["dead_letter_reasons"]) == (3, {"histogram_edges": 1}), s
+    with Store(db_url, create=False) as store:
+        (dead,) = store.dead_letters()
+        assert dead.reason == "histogram_edges" and "confidence" in dead.detail
+
+
 def test_ingest_taken_over_mid_stream_reconnects_and_loses_nothing(
     broker: MosquittoBroker, publisher: Publisher, tmp_path: Path, start_worker
 ) -> None:

@@ -10,7 +10,7 @@ import pytest
 from edge_agent.package import Artifact, FileEntry, ModelManifest, PreprocessSpec, TensorSpec
 from edge_agent.protocol import Status
 from edge_agent.telemetry.histogram import default_edges
-from trainer.sim.windows import model_ref, windows
+from trainer.sim.windows import NUM_CLASSES, model_ref, windows
 from trainer.store import Rejected, Store
 from trainer.store.ingest_writes import write_dead_letters
 from trainer.store.schema import DEAD_LETTER_KEEP_BYTES
@@ -33,7 +33,7 @@ def manifest(version: str) -> ModelManifest:
             )
         },
         files={"model.onnx": FileEntry(sha256="0" * 64, size=1)},
-        telemetry_edges=default_edges(2),
+        telemetry_edges=default_edges(NUM_CLASSES),  # the bins of the simulated windows tests send
     )
 
 

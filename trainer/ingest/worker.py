@@ -434,10 +434,9 @@ class IngestWorker:
             s.duplicates += result.duplicates
             s.unknown_model += result.unknown_model
             s.alerts += result.alerts
-            s.dead_lettered += len(rejected) + result.refused
+            s.dead_lettered += len(rejected) + sum(result.refused.values())
             s.dead_letter_reasons.update(r.reason for r in rejected)
-            if result.refused:
-                s.dead_letter_reasons["fleet_mismatch"] += result.refused
+            s.dead_letter_reasons.update(result.refused)
             s.dead_letters_dropped += result.dead_letters_dropped
             s.by_kind.update(a.kind for a in accepted)
             s.last_committed_at = time.time()
@@ -446,37 +445,38 @@ class IngestWorker:
     def _write_all(
         self, conn: Connection, accepted: Sequence[Accepted], rejected: Sequence[Rejected]
     ) -> WriteResult:
-        accepted, foreign = self._own_fleet_only(conn, accepted)
-        rejected = [*rejected, *foreign]
+        accepted, refused = self._store_checks(conn, accepted)
+        rejected = [*rejected, *refused]
         by_kind: dict[str, list[Received[Any]]] = {}
         for a in accepted:
             by_kind.setdefault(a.kind, []).append(a.item)
-        result = WriteResult(refused=len(foreign))
+        result = WriteResult(refused=Counter(r.reason for r in refused))
         for name, items in by_kind.items():
             result.add(self.kinds[name].write(conn, items, self._check, self.actor))
         result.dead_letters_dropped += write_dead_letters(conn, rejected, actor=self.actor)
         return result
 
-    def _own_fleet_only(
+    def _store_checks(
         self, conn: Connection, accepted: Sequence[Accepted]
     ) -> tuple[list[Accepted], list[Rejected]]:
-        """Refuse messages a device sent under a fleet other than the one it is registered in: the
-        ACL lets a device write its topics in any fleet's tree, so the store holds each device to one."""
+        """Refuse what only the store can judge: a device writing under a fleet other than the one it is
+        registered in (the ACL lets it write its topics in any fleet's tree), and windows whose histogram
+        bins differ from their model's (drift could not compare them)."""
         fleets = registered_fleets(conn, {a.item.message.device for a in accepted})
-        own: list[Accepted] = []
-        foreign: list[Rejected] = []
+        ok: list[Accepted] = []
+        refused: list[Rejected] = []
         for a in accepted:
-            m = a.item.message
+            m, it = a.item.message, a.item
             registered = fleets.get(m.device, m.fleet)
-            if registered == m.fleet:
-                own.append(a)
-                continue
-            detail = f"device {m.device} is registered in fleet {registered}, not {m.fleet}"
-            foreign.append(
-                Rejected(a.topic, a.item.raw.encode(), "fleet_mismatch", detail, a.item.received_at)
-            )
-            foreign_fleet_alert(conn, m.device, registered, m.fleet, self.actor)
-        return own, foreign
+            if registered != m.fleet:
+                detail = f"device {m.device} is registered in fleet {registered}, not {m.fleet}"
+                refused.append(Rejected(a.topic, it.raw.encode(), "fleet_mismatch", detail, it.received_at))
+                foreign_fleet_alert(conn, m.device, registered, m.fleet, self.actor)
+            elif a.kind == "tele" and (problem := self._check.edges_problem(conn, m)):
+                refused.append(Rejected(a.topic, it.raw.encode(), "histogram_edges", problem, it.received_at))
+            else:
+                ok.append(a)
+        return ok, refused
 
     def _commit(self, work: Callable[[Connection], WriteResult]) -> WriteResult:
         """Run ``work`` in one write transaction; retry outages with backoff; raise _Refused otherwise."""

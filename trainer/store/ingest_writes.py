@@ -26,8 +26,9 @@ import binascii
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from sqlalchemy import Connection, and_, case, func, or_, select
@@ -86,14 +87,15 @@ class WriteResult:
     """Stored windows/statuses whose model is not registered."""
     alerts: int = 0
     """New alerts raised (unknown model, model never sent)."""
-    refused: int = 0
-    """Valid messages refused for what the store knows (a fleet other than the device's), dead-lettered."""
+    refused: Counter[str] = field(default_factory=Counter)
+    """Valid messages refused for what the store knows (another fleet, other histogram bins), by reason;
+    they are dead-lettered."""
     dead_letters_dropped: int = 0
     """Rejected messages only counted, not kept, because the dead-letter caps were reached."""
 
     def add(self, other: WriteResult) -> WriteResult:
         self.dead_letters_dropped += other.dead_letters_dropped
-        self.refused += other.refused
+        self.refused.update(other.refused)
         self.stored += other.stored
         self.duplicates += other.duplicates
         self.unknown_model += other.unknown_model
@@ -121,6 +123,7 @@ class ModelCheck:
         self._sent_pending: set[tuple[str, str]] = set()
         self._alerted: set[str] = set()
         self._alerting: set[str] = set()
+        self._edges: dict[str, dict[str, list[float]]] = {}
 
     def alerted(self, key: str) -> bool:
         """Whether an alert with this dedupe key is known to be stored."""
@@ -140,6 +143,29 @@ class ModelCheck:
     def rolled_back(self) -> None:
         self._alerting.clear()
         self._sent_pending.clear()
+
+    def edges(self, conn: Connection, sha: str) -> dict[str, list[float]] | None:
+        """The histogram edges of a registered model (its ``telemetry_edges``); None if not registered.
+        Cached for good: a registered model's package never changes."""
+        if sha in self._edges:
+            return self._edges[sha]
+        text = conn.scalar(select(ModelRecord.manifest).where(ModelRecord.sha256 == sha))
+        if text is None:
+            return None
+        edges = json.loads(text).get("telemetry_edges") or {}
+        self._edges[sha] = edges
+        return edges
+
+    def edges_problem(self, conn: Connection, window: TelemetryWindow) -> str | None:
+        """Why a window's histograms cannot be compared with its model's reference (other bins), or None.
+        Such a window would be skipped by drift detection; refused at ingest it costs only itself."""
+        edges = self.edges(conn, window.model.sha256)
+        if not edges:
+            return None
+        bad = sorted(n for n, h in window.histograms.items() if n in edges and h.edges != edges[n])
+        if not bad:
+            return None
+        return f"histogram bins of {', '.join(bad)} differ from those of model {window.model.name} {window.model.version}"
 
     def known(self, conn: Connection, shas: Iterable[str]) -> set[str]:
         """The subset of ``shas`` registered in ``models``."""
