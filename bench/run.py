@@ -28,6 +28,8 @@ EXTRA = {
     "drift": "bench.drift_bench",
     "accuracy": "bench.accuracy_bench",
     "demo": "bench.demo_bench",
+    "fuzz": "bench.fuzz_bench",
+    "soak": "bench.soak_bench",
 }
 
 
