@@ -10,13 +10,14 @@ stores them in a private PostgreSQL. During ``--seconds``:
 
 Then the devices stop (their spools flushed) and ingest drains. Reported: windows sent, stored, lost,
 duplicates received (a second copy cannot be stored: (device, session, seq) is unique), dead letters kept and dropped over the caps, and the ingest processes' memory (RSS)
-after warm-up and at the end. Results: ``bench/results/soak.json`` and a table.
+after warm-up and at the end. Results: ``bench/results/soak-<workers>w-<shared|plain>.json`` and a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -118,6 +119,14 @@ def _ingest_pids(sup: subprocess.Popen) -> list[int]:
     return [sup.pid, *kids]
 
 
+def _gaps(lost: set[tuple[str, int]]) -> dict[str, list[int]]:
+    """The lost windows' sequence numbers per device (a gap shows when it happened)."""
+    out: dict[str, list[int]] = {}
+    for dev, seq in sorted(lost):
+        out.setdefault(dev, []).append(seq)
+    return out
+
+
 def _stats(work: Path, index: int) -> dict:
     try:
         return json.loads((work / f"stats-{index}.json").read_text())
@@ -135,6 +144,7 @@ def _wait(pred, timeout: float) -> bool:
 
 
 def run(args: argparse.Namespace) -> dict:
+    logging.getLogger("edge_agent").setLevel(logging.ERROR)  # 50 links reconnecting would flood the output
     from tests.pg_helpers import PrivatePostgres, find_pg_bin
     from trainer.ops.broker import MosquittoBroker
     from trainer.store import Store
@@ -150,9 +160,13 @@ def run(args: argparse.Namespace) -> dict:
     log_file = (work / "ingest.log").open("w")  # noqa: SIM115 - closed with the run
     sup = subprocess.Popen(
         [sys.executable, "-m", "edge_agent.cli", "ingest", "run", "--broker", broker.url, "--db", pg.url,
-         "--fleet", FLEET, "--workers", "2", "--stats-file", str(work / "stats-{index}.json")],
+         "--fleet", FLEET, "--workers", str(args.workers), "--stats-file", str(work / "stats-{index}.json"),
+         *(["--no-shared"] if args.no_shared else [])],
         cwd=work, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True,
     )  # fmt: skip
+    # messages sent before ingest first subscribes have nowhere to go: start the devices after it
+    _wait(lambda: all(_stats(work, i).get("connects", 0) >= 1 for i in range(args.workers)), 60)
+    time.sleep(1.0)
     devices = [_Device(f"cam-{i:02d}", broker.url, work, args.period) for i in range(args.devices)]
     stop_junk, junk_sent = threading.Event(), [0]
     junk = threading.Thread(
@@ -183,7 +197,7 @@ def run(args: argparse.Namespace) -> dict:
         flushed = all(d.stop(flush_s=60.0) for d in devices)
         sent = {d.name: d.sent for d in devices}
         with Store(pg.url, create=False) as store:
-            _wait(lambda: store.count_windows() >= sum(sent.values()), 300)
+            _wait(lambda: store.count_windows() >= sum(sent.values()), 120)
             time.sleep(3.0)
             keys = store.window_keys()
             dead = store.dead_letters()
@@ -210,8 +224,11 @@ def run(args: argparse.Namespace) -> dict:
         "windows_sent": sum(sent.values()),
         "windows_stored": len(stored & expected),
         "windows_lost": len(expected - stored),
-        "duplicates_received": sum(_stats(work, i).get("duplicates", 0) for i in range(2)),
-        "ingest_received": sum(_stats(work, i).get("received", 0) for i in range(2)),
+        "duplicates_received": sum(_stats(work, i).get("duplicates", 0) for i in range(args.workers)),
+        "ingest_received": sum(_stats(work, i).get("received", 0) for i in range(args.workers)),
+        "ingest_workers": args.workers,
+        "shared_subscription": not args.no_shared,
+        "lost_by_device": _gaps(expected - stored),
         "spools_flushed": flushed,
         "junk_sent": junk_sent[0],
         "dead_letters_kept": sum(d.count for d in dead if d.payload_sha256 != OVERFLOW_SHA256),
@@ -224,6 +241,10 @@ def run(args: argparse.Namespace) -> dict:
 
 def format_table(r: dict) -> str:
     rows = [
+        (
+            "ingest",
+            f"{r['ingest_workers']} worker(s), {'shared' if r['shared_subscription'] else 'plain'} subscription",
+        ),
         ("devices x seconds", f"{r['devices']} x {r['seconds']:.0f} s (a window every {r['period_s']} s)"),
         ("faults", "; ".join(r["timeline"])),
         (
@@ -248,12 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--period", type=float, default=2.0, help="seconds between a device's windows")
     ap.add_argument("--db-down", type=float, default=60.0)
     ap.add_argument("--junk-rate", type=float, default=200.0)
+    ap.add_argument("--workers", type=int, default=2, help="ingest worker processes")
+    ap.add_argument("--no-shared", action="store_true", help="one worker on a plain durable subscription")
     args = ap.parse_args(argv)
     from bench.accuracy_bench import cpu_flags
 
     result = run(args) | {"machine": {"cpu_flags": cpu_flags()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(result, indent=2))
+    name = f"soak-{args.workers}w-{'plain' if args.no_shared else 'shared'}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2))
     print(format_table(result), flush=True)
     return 0 if result["windows_lost"] == 0 else 1
 

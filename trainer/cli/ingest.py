@@ -31,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     r.add_argument("--index", type=int, default=0, help="index of the first worker (stable client ids)")
     r.add_argument("--group", default="ingest", help="shared-subscription group")
+    r.add_argument(
+        "--no-shared",
+        action="store_true",
+        help="a plain durable subscription (one worker): mosquitto before 2.0.12 does not restore shared "
+        "subscriptions after a restart, so windows sent before the workers reconnect would be lost",
+    )
     r.add_argument("--client-id", help="client id of a single worker (default {group}-{fleet}-{index})")
     r.add_argument("--kinds", default="tele,status,sample,update", help="message kinds to ingest")
     r.add_argument("--batch-max", type=int, default=200)
@@ -57,6 +63,10 @@ def _config(args: argparse.Namespace) -> Any:
         raise SystemExit("--workers must be >= 1")
     if args.client_id and args.workers > 1:
         raise SystemExit("--client-id names one worker; use --group/--index with --workers")
+    if args.no_shared and args.workers > 1:
+        raise SystemExit(
+            "--no-shared is one worker: without a shared subscription each would get every message"
+        )
     return IngestConfig(
         mqtt=MqttSettings(
             url=args.broker,
@@ -69,6 +79,7 @@ def _config(args: argparse.Namespace) -> Any:
         db_url=args.db,
         fleet=args.fleet,
         group=args.group,
+        shared=not args.no_shared,
         index=args.index,
         client_id=args.client_id,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
