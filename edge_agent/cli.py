@@ -13,10 +13,12 @@ import sys
 import traceback
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_agent import __version__
 from edge_agent.errors import EdgeFleetError
+from edge_agent.files import write_atomic
 
 if TYPE_CHECKING:  # kept out of `edgefleet --help`'s imports
     from edge_agent.protocol import Prediction, TelemetryWindow, UpdateEvent
@@ -117,6 +119,38 @@ def _agent_selftest(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _register_protocol(sub: argparse._SubParsersAction) -> None:
+    """``edgefleet protocol asyncapi|schemas``: the machine-readable MQTT contract."""
+    p = sub.add_parser("protocol", help="the MQTT contract: AsyncAPI document and JSON Schemas")
+    ps = p.add_subparsers(dest="protocol_cmd", required=True)
+    a = ps.add_parser("asyncapi", help="the AsyncAPI 3.0 document of every topic and message")
+    a.add_argument("--out", type=Path, help="write it here (default: standard output)")
+    a.set_defaults(func=_protocol_asyncapi)
+    s = ps.add_parser("schemas", help="one JSON Schema per message kind")
+    s.add_argument("--out", type=Path, required=True, help="directory for <kind>.json")
+    s.set_defaults(func=_protocol_schemas)
+
+
+def _protocol_asyncapi(args: argparse.Namespace) -> int:
+    from edge_agent.asyncapi import asyncapi_document, dumps
+
+    text = dumps(asyncapi_document())
+    if args.out:
+        write_atomic(args.out, text.encode())
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _protocol_schemas(args: argparse.Namespace) -> int:
+    from edge_agent.asyncapi import dumps, message_schemas
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for kind, schema in message_schemas().items():
+        write_atomic(args.out / f"{kind}.json", dumps(schema).encode())
+    return 0
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """A parser with the agent group and, when named in ``argv`` (or for help), the plugin groups."""
     parser = argparse.ArgumentParser(
@@ -128,9 +162,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="group", metavar="GROUP")
     sub.required = True
     _register_agent(sub)
+    _register_protocol(sub)
     plugins = _plugin_names()
     first = next((a for a in argv if not a.startswith("-")), None)
-    if first == "agent":
+    if first in ("agent", "protocol"):
         to_load: list[str] = []  # the agent path never touches trainer code
     elif first in plugins:
         to_load = [first]

@@ -296,6 +296,11 @@ def test_fleet_loop_end_to_end_fast_demo(tmp_path: Path, broker: MosquittoBroker
         load_package(next((tmp_path / "demo" / "trainer").glob("retrain-*/package"))).manifest.reference
         is not None
     )
+    # what a monitoring service received validates against the published JSON Schemas (jsonschema)
+    from .test_protocol_contract import validate_captured
+
+    seen = validate_captured(tmp_path / "demo" / "messages.jsonl")
+    assert set(seen) == {"status", "tele", "pred", "sample", "update", "cmd", "release", "alert"}, seen
 
 
 def test_drift_service_assesses_every_window_whatever_its_phase_in_the_slot(tmp_path: Path) -> None:

@@ -89,6 +89,37 @@ class DemoSettings:
         )
 
 
+class MessageRecorder:
+    """Keeps the first ``per_kind`` messages of every topic kind seen on the broker (``messages.jsonl``
+    in the work directory): what monitoring services receive, for checking against the JSON Schemas."""
+
+    def __init__(self, broker_port: int, fleet: str, per_kind: int = 40) -> None:
+        self.per_kind = per_kind
+        self.lock = threading.Lock()
+        self.kept: dict[str, list[dict[str, str]]] = {}
+        self.client = new_client(MqttSettings(url=f"mqtt://127.0.0.1:{broker_port}"), "demo-recorder")
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *a: c.subscribe(f"ef/v1/{fleet}/#", qos=1)
+        self.client.connect("127.0.0.1", broker_port)
+        self.client.loop_start()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        parts = msg.topic.split("/")
+        kind = parts[5] if len(parts) > 5 and parts[3] == "dev" else parts[3]
+        with self.lock:
+            kept = self.kept.setdefault(kind, [])
+            if len(kept) < self.per_kind and msg.payload:  # an empty retained payload clears a topic
+                kept.append({"topic": msg.topic, "payload": msg.payload.decode("utf-8", "replace")})
+
+    def write(self, path: Path) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+        with self.lock, open(path, "w") as f:
+            for rows in self.kept.values():
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+
+
 class PredictionTracker:
     """Subscribes to every device's predictions and scores them against the simulator's ground truth."""
 
@@ -216,6 +247,8 @@ def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, A
         ]
         tracker = PredictionTracker(broker.port, fleet)
         stack.callback(tracker.close)
+        recorder = MessageRecorder(broker.port, fleet)
+        stack.callback(recorder.write, workdir / "messages.jsonl")
         sim = FleetSimulator(configs, schedule, fps=s.fps).start()
         stack.callback(sim.stop)
         timeline.add(

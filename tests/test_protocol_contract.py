@@ -1,0 +1,115 @@
+"""The published MQTT contract: docs/asyncapi.json and docs/schemas/*.json are what the code generates,
+the AsyncAPI document is valid AsyncAPI 3.0, and real messages validate against the JSON Schemas with a
+generic validator (``jsonschema``, not pydantic): what third parties build on is what the code sends.
+
+``tests/data/asyncapi-3.0.0.schema.json`` is the official AsyncAPI 3.0.0 JSON Schema from the npm
+package @asyncapi/specs 6.8.0 (Apache-2.0), vendored so the check needs no network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from edge_agent.asyncapi import CHANNELS, asyncapi_document, dumps, message_schemas
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def test_the_committed_contract_is_what_the_code_generates() -> None:
+    assert (DOCS / "asyncapi.json").read_text() == dumps(asyncapi_document()), (
+        "docs/asyncapi.json is stale: edgefleet protocol asyncapi --out docs/asyncapi.json"
+    )
+    for kind, schema in message_schemas().items():
+        assert (DOCS / "schemas" / f"{kind}.json").read_text() == dumps(schema), (
+            f"docs/schemas/{kind}.json is stale: edgefleet protocol schemas --out docs/schemas"
+        )
+    assert sorted(p.stem for p in (DOCS / "schemas").glob("*.json")) == sorted(c.name for c in CHANNELS)
+    assert "asyncapi.json" in (DOCS / "protocol.md").read_text()
+
+
+def test_the_asyncapi_document_is_valid_asyncapi_3() -> None:
+    official = json.loads((ROOT / "tests" / "data" / "asyncapi-3.0.0.schema.json").read_text())
+    errors = list(jsonschema.Draft7Validator(official).iter_errors(asyncapi_document()))
+    assert not errors, [f"{list(e.absolute_path)}: {e.message[:200]}" for e in errors[:5]]
+
+
+def test_the_schemas_refuse_what_the_receivers_refuse() -> None:
+    """A generic validator reading only the schema refuses a wrong kind, an unknown field and a bad id."""
+    tele = jsonschema.Draft202012Validator(message_schemas()["tele"])
+    from trainer.sim.windows import tiny_window
+
+    good = json.loads(tiny_window("cam-1", 0, fleet="f").to_bytes())
+    assert not list(tele.iter_errors(good))
+    for bad in (
+        {**good, "kind": "status"},
+        {**good, "extra": 1},
+        {**good, "device": "cam/1"},
+        {**good, "seq": -1},
+    ):
+        assert list(tele.iter_errors(bad)), bad
+
+
+def validate_captured(path: Path) -> dict[str, int]:
+    """Validate every message of a ``messages.jsonl`` capture against its kind's schema; returns the
+    count per kind. Used on the end-to-end demo's capture (tests/test_fleet_loop.py)."""
+    validators = {k: jsonschema.Draft202012Validator(s) for k, s in message_schemas().items()}
+    counts: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        parts = row["topic"].split("/")
+        kind = parts[5] if parts[3] == "dev" else parts[3]
+        errors = [
+            f"{list(e.absolute_path)}: {e.message[:200]}"
+            for e in validators[kind].iter_errors(json.loads(row["payload"]))
+        ]
+        if errors:
+            pytest.fail(f"{row['topic']}: {errors[:3]}")
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def test_the_example_consumer_validates_and_tabulates_what_it_receives(broker) -> None:  # noqa: ANN001
+    """docs/examples/monitor.py, run as a user would, on a private broker."""
+    import subprocess
+    import sys
+    import time
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge_agent.protocol import Status, status_topic, tele_topic
+    from trainer.sim.windows import windows
+
+    fleet = "example"
+    proc = subprocess.Popen(
+        [sys.executable, str(DOCS / "examples" / "monitor.py"), "--broker", broker.url, "--fleet", fleet, "--seconds", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(1.5)  # subscribed
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2)
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    ws = windows("cam-7", 3, fleet=fleet)
+    msgs = [
+        (
+            status_topic(fleet, "cam-7"),
+            Status(fleet=fleet, device="cam-7", state="online", session=1, ts=1.0).to_bytes(),
+        )
+    ]
+    msgs += [(tele_topic(fleet, "cam-7"), w.to_bytes()) for w in ws]
+    bad = json.loads(ws[0].to_bytes()) | {"seq": -1}
+    msgs += [(tele_topic(fleet, "cam-8"), json.dumps(bad).encode())]
+    for topic, payload in msgs:
+        pub.publish(topic, payload, qos=1).wait_for_publish(5)
+    pub.loop_stop()
+    pub.disconnect()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err  # one message failed validation
+    row = next(line for line in out.splitlines() if line.startswith("cam-7"))
+    assert row.split()[1] == "online" and row.split()[4:6] == ["3", str(sum(w.frames.inferred for w in ws))]
+    assert "invalid: ef/v1/example/dev/cam-8/tele" in out and "cam-8 " not in out.split("invalid:")[0]
