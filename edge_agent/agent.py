@@ -172,7 +172,7 @@ class Agent:
             client_id=cfg.mqtt.client_id or f"{cfg.fleet}-{cfg.device_id}",
             status_topic=status_topic(cfg.fleet, cfg.device_id),
             birth=self._birth,
-            will=self._status("offline").to_bytes(),
+            will=lambda: self._status("offline").to_bytes(),
             spool=self.spool,
             events=self.events,
             subscriptions=[(cmd_topic(cfg.fleet, cfg.device_id), 1)] + [(t, 1) for t in self._hint_topics()],

@@ -56,7 +56,7 @@ class MqttLink:
         client_id: str,
         status_topic: str,
         birth: Callable[[], bytes],
-        will: bytes,
+        will: bytes | Callable[[], bytes],
         spool: Spool,
         events: EventCounter,
         subscriptions: Sequence[tuple[str, int]] = (),
@@ -71,7 +71,9 @@ class MqttLink:
         self.client_id = client_id
         self.status_topic = status_topic
         self._birth = birth
-        self._will = bytes(will)
+        self._will = will if callable(will) else (lambda data=bytes(will): data)
+        """The offline status: built when a connection registers it as its last will, and again for the
+        clean shutdown, so each carries the time it was made."""
         self._spool = spool
         self._events = events
         self._subscriptions = list(subscriptions)
@@ -183,7 +185,7 @@ class MqttLink:
         """A fresh paho client with credentials, TLS, the last will and our callbacks."""
         s = self.settings
         client = new_client(s, self.client_id, clean_session=True)
-        client.will_set(self.status_topic, self._will, qos=1, retain=True)
+        client.will_set(self.status_topic, self._will(), qos=1, retain=True)
         client.max_inflight_messages_set(s.max_inflight + 10)  # room for birth/offline beside the spool
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -276,7 +278,7 @@ class MqttLink:
         left = len(self._spool)
         if left:
             log.warning("MQTT: %d messages stay spooled for the next start (flush timeout)", left)
-        info = client.publish(self.status_topic, self._will, qos=1, retain=True)
+        info = client.publish(self.status_topic, self._will(), qos=1, retain=True)
         deadline = time.monotonic() + OFFLINE_ACK_TIMEOUT_S
         while (
             info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS

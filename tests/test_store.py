@@ -125,6 +125,23 @@ def test_status_history_and_latest_status(store: Store) -> None:
     assert [s.state for s in store.status_history("cam1")] == ["online", "offline"]
 
 
+def test_a_last_will_older_than_its_birth_still_marks_the_device_offline(store: Store) -> None:
+    """The will is registered at connect, before the birth is built: its ts is older. Within a session
+    offline follows online; a later session wins whatever the clocks say."""
+    online = Status(fleet="t", device="cam2", state="online", session=5, ts=100.0, model=model_ref())
+    will = Status(fleet="t", device="cam2", state="offline", session=5, ts=99.5)
+    store.add_statuses([online])
+    store.add_statuses([will])
+    assert store.latest_status()["cam2"] == will
+    dev = store.device("cam2")
+    assert dev is not None and dev.state == "offline"
+    back = Status(fleet="t", device="cam2", state="online", session=6, ts=90.0)  # a clock set back
+    store.add_statuses([back])
+    assert store.latest_status()["cam2"] == back
+    dev = store.device("cam2")
+    assert dev is not None and (dev.state, dev.session) == ("online", 6)
+
+
 def test_dead_letters_keep_reason_size_and_count(store: Store) -> None:
     big = b"x" * (DEAD_LETTER_KEEP_BYTES * 3)
     with store.write() as conn:

@@ -449,20 +449,38 @@ def write_statuses(
     return result
 
 
+def _status_order(it: Received[Status]) -> tuple[int, int, float]:
+    """Statuses of a device in the order they happened: session, then online before offline, then ts."""
+    m = it.message
+    return (m.session, 1 if m.state == "offline" else 0, m.ts)
+
+
 def _advance_devices(conn: Connection, stored: Sequence[Received[Status]]) -> None:
     """Move each device's row forward to its newest status (older statuses never overwrite newer)."""
     # Per device: the newest status, preceded by the newest one that names a model (a last will names
     # none), so a batch holding "online (model)" then "offline" still records the model.
     newest: dict[str, Received[Status]] = {}
     newest_model: dict[str, Received[Status]] = {}
-    for it in sorted(stored, key=lambda i: i.message.ts):
+    for it in sorted(stored, key=_status_order):
         newest[it.message.device] = it
         if it.message.model is not None:
             newest_model[it.message.device] = it
     passes = [[it for dev, it in newest_model.items() if newest[dev] is not it], list(newest.values())]
     up = insert(conn, DEVICES)
     ex, d = up.excluded, DEVICES.c
-    newer = or_(d.status_ts.is_(None), ex.status_ts >= d.status_ts)
+    # A later session wins; within a session "offline" (a last will registered at connect, so its ts
+    # may be older than the birth) follows "online"; otherwise the newer ts wins.
+    newer = or_(
+        d.status_ts.is_(None),
+        ex.session > d.session,
+        and_(
+            ex.session == d.session,
+            or_(
+                and_(ex.state == "offline", d.state == "online"),
+                and_(ex.state == d.state, ex.status_ts >= d.status_ts),
+            ),
+        ),
+    )
     set_ = {k: case((newer, ex[k]), else_=d[k]) for k in ("session", "state", "status_ts")}
     for k in ("agent_version", "model_name", "model_version", "model_sha256"):
         set_[k] = case((and_(newer, ex[k].is_not(None)), ex[k]), else_=d[k])

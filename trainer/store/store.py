@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, Engine, Select, delete, func, select, update
+from sqlalchemy import Connection, Engine, Select, case, delete, func, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.orm import Session
 
@@ -300,14 +300,26 @@ class Store:
             return s.get(Device, device)
 
     def latest_status(self, fleet: str | None = None) -> dict[str, Status]:
-        """The newest status message (by its ``ts``) of each device."""
-        newest = select(StatusEvent.device, func.max(StatusEvent.ts).label("ts")).group_by(StatusEvent.device)
-        if fleet is not None:
-            newest = newest.where(StatusEvent.fleet == fleet)
-        sub = newest.subquery()
-        q = select(StatusEvent.device, StatusEvent.payload).join(
-            sub, (StatusEvent.device == sub.c.device) & (StatusEvent.ts == sub.c.ts)
+        """The current status message of each device: the latest session's, ``offline`` after ``online``
+        within a session (a last will's ts predates the birth it follows), else the newest ``ts``."""
+        rank = (
+            func.row_number()
+            .over(
+                partition_by=StatusEvent.device,
+                order_by=(
+                    StatusEvent.session.desc(),
+                    case((StatusEvent.state == "offline", 1), else_=0).desc(),
+                    StatusEvent.ts.desc(),
+                    StatusEvent.id.desc(),
+                ),
+            )
+            .label("rank")
         )
+        inner = select(StatusEvent.device, StatusEvent.payload, rank)
+        if fleet is not None:
+            inner = inner.where(StatusEvent.fleet == fleet)
+        sub = inner.subquery()
+        q = select(sub.c.device, sub.c.payload).where(sub.c.rank == 1)
         with self.engine.connect() as conn:
             return {d: Status.model_validate_json(p) for d, p in conn.execute(q)}
 
