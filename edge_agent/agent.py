@@ -65,7 +65,8 @@ from edge_agent.state import AgentState
 from edge_agent.telemetry.aggregator import FrameResult, TelemetryAggregator
 from edge_agent.telemetry.features import output_features
 
-if TYPE_CHECKING:  # the updater (python-tuf) is imported only when updates are configured
+if TYPE_CHECKING:  # the updater (python-tuf) and metrics are imported only when configured
+    from edge_agent.metrics import AgentMetrics
     from edge_agent.updater.boot import Boot
     from edge_agent.updater.store import UpdateStore
     from edge_agent.updater.updater import Updater
@@ -120,6 +121,7 @@ class Agent:
         self._started = process_start_time()
         self.first_inference_s: float | None = None
         self.windows_published = 0
+        self.metrics: AgentMetrics | None = None
         self._last_source = SourceStats()
         self.sampler: SampleSelector[Inferred] = SampleSelector(config.sampling, now=time.time())
         # the committed update slot, verified, when updates are on; else the config's package
@@ -196,6 +198,15 @@ class Agent:
         )
 
     # -- lifecycle -----------------------------------------------------------------------------
+    def _make_metrics(self) -> AgentMetrics | None:
+        m = self.config.metrics
+        if m is None:
+            return None
+        from edge_agent.metrics import AgentMetrics, Gauges
+
+        gauges = Gauges(lambda: len(self.spool), self.spool.size_bytes, lambda: self.link.connected)
+        return AgentMetrics(gauges, port=m.port, host=m.host, textfile=m.textfile)
+
     def stop(self) -> None:
         """Ask the run loop to finish (signal handlers call this)."""
         self._stop.set()
@@ -213,6 +224,7 @@ class Agent:
             self.choice.artifact,
             "forced" if self.choice.forced else "fastest measured",
         )
+        self.metrics = self._make_metrics()
         self.source.start()
         self.link.start()
         self.pipeline.start()
@@ -278,6 +290,8 @@ class Agent:
         if not self.link.stop(self.config.spool.flush_timeout_s):
             log.warning("%d message(s) stay in the spool for the next start", len(self.spool))
         self.spool.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     # -- telemetry -----------------------------------------------------------------------------
     def _close_window(self, now: float) -> None:
@@ -311,6 +325,8 @@ class Agent:
             self.updater.on_window(window)  # the health window of a model on trial
         if self.observer:
             self.observer.window(window, self._serving.package.manifest.labels)
+        if self.metrics is not None:
+            self.metrics.window(window)
 
     def _publish_samples(self, now: float) -> None:
         """The window's chosen frames, privacy-filtered on the device, to the ``sample`` topic (QoS 1)."""

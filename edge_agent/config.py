@@ -156,6 +156,22 @@ class UpdateSettings(StrictModel):
         return v
 
 
+class MetricsSettings(StrictModel):
+    """Prometheus metrics of the agent (edge_agent/metrics.py lists the series): a local ``/metrics``
+    port, a node_exporter textfile-collector file rewritten after every window, or both."""
+
+    port: int | None = Field(default=None, ge=1, le=65535)
+    host: str = "127.0.0.1"
+    textfile: Path | None = None
+    """e.g. /var/lib/prometheus/node-exporter/edgefleet.prom (written atomically)."""
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> MetricsSettings:
+        if self.port is None and self.textfile is None:
+            raise ValueError("metrics needs a port, a textfile, or both")
+        return self
+
+
 class AgentConfig(StrictModel):
     """The whole agent configuration (see firmware_configs/ for device profiles)."""
 
@@ -171,6 +187,8 @@ class AgentConfig(StrictModel):
     update: UpdateSettings | None = None
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     """Opt-in privacy-filtered sample frames for labelling (off: no image ever leaves the device)."""
+    metrics: MetricsSettings | None = None
+    """Prometheus metrics (off unless configured)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

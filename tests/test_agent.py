@@ -470,3 +470,70 @@ def test_opt_in_samples_are_privacy_filtered_and_drift_command_switches_mode(
         img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
         assert img.shape[1] == s.width == 200 and img.shape[0] == s.height == 150  # 640x480 downscaled
         assert b"Exif" not in jpeg[:2048]
+
+
+def test_agent_metrics_port_and_textfile_agree_with_the_windows_it_published(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """A real agent process with ``metrics:``: /metrics on a local port and a textfile, both counting
+    exactly the frames of the windows the broker delivered, with the spool and model series."""
+    import urllib.request
+
+    import yaml
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from trainer.ops.broker import free_port
+    from trainer.sim.tiny import build_tiny_package
+
+    device, port, textfile = "cam-metrics", free_port(), tmp_path / "edgefleet.prom"
+    pkg = build_tiny_package(tmp_path / "pkg")
+    cfg = {
+        "device_id": device,
+        "fleet": FLEET,
+        "state_dir": str(tmp_path / "state"),
+        "source": {"uri": "synthetic:?fps=30"},
+        "model": {"package": str(pkg.root), "artifact": "onnx-fp32"},
+        "mqtt": {"url": broker.url},
+        "telemetry": {"window_frames": 15, "window_seconds": None},
+        "metrics": {"port": port, "textfile": str(textfile)},
+    }
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(cfg))
+    sub = Subscriber(broker.url, f"ef/v1/{FLEET}/dev/{device}/tele")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.cli", "agent", "run", "--config", str(tmp_path / "agent.yaml")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: len(windows(sub)) >= 3, 60), proc.stderr
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+
+    def samples(exposition: str) -> dict:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(exposition)
+            for s in fam.samples
+        }
+
+    live = samples(text)
+    published = unique(windows(sub))
+    assert live[("edgefleet_agent_windows_total", ())] <= len(published)
+    final = samples(textfile.read_text())  # rewritten after the last window, at shutdown
+    assert wait_until(lambda: len(unique(windows(sub))) == final[("edgefleet_agent_windows_total", ())], 5)
+    ws = unique(windows(sub)).values()
+    assert final[("edgefleet_agent_frames_total", (("outcome", "inferred"),))] == sum(
+        w.frames.inferred for w in ws
+    )
+    assert final[("edgefleet_agent_frames_total", (("outcome", "captured"),))] == sum(
+        w.frames.captured for w in ws
+    )
+    count = sum(w.latency_ms["inference"].count for w in ws if "inference" in w.latency_ms)
+    assert final[("edgefleet_agent_inference_latency_milliseconds_bucket", (("le", "+Inf"),))] == count
+    assert (
+        live[("edgefleet_agent_mqtt_connected", ())] == 1.0 and ("edgefleet_agent_spool_messages", ()) in live
+    )
+    info = next(k for k in live if k[0] == "edgefleet_agent_model_info")
+    assert dict(info[1])["artifact"] == "onnx-fp32" and dict(info[1])["version"] == pkg.manifest.version

@@ -457,3 +457,67 @@ def test_ingest_workers_use_the_services_broker_credentials(tmp_path: Path, brok
         assert all(w.wait_connected(10) for w in service.workers), [w.stats() for w in service.workers]
     finally:
         service.stop()
+
+
+def test_metrics_scrape_shows_what_the_store_holds(tmp_path: Path, broker: MosquittoBroker) -> None:
+    """/metrics of a running service after two devices sent windows and one stopped: online state, frame
+    rate, ingest counters and the service's own series, with the values the store holds."""
+    import urllib.request
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edge_agent.protocol import Status, status_topic, tele_topic
+    from trainer.fleet.config import MetricsSettings
+    from trainer.ops.broker import free_port
+    from trainer.sim.windows import windows
+
+    from .mqtt_helpers import wait_until
+
+    cfg = _service_config(tmp_path, broker.url, base_data="builtin:shapes")
+    cfg.metrics = MetricsSettings(port=free_port())
+    service = TrainerService(cfg, timeline=Timeline(echo=False)).start()
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2)
+    try:
+        assert all(w.wait_connected(10) for w in service.workers)
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        now = time.time()
+        sent = {d: windows(d, 4, fleet="loop", start=now - 40) for d in ("cam-a", "cam-b")}
+        for d, ws in sent.items():
+            state = "online" if d == "cam-a" else "offline"
+            status = Status(fleet="loop", device=d, state=state, session=1, ts=now)
+            pub.publish(status_topic("loop", d), status.to_bytes(), qos=1, retain=True).wait_for_publish(5)
+            for w in ws:
+                pub.publish(tele_topic("loop", d), w.to_bytes(), qos=1).wait_for_publish(5)
+        assert wait_until(lambda: service.store.count_windows() == 8, 20)
+        assert wait_until(lambda: set(service.store.latest_status("loop")) == {"cam-a", "cam-b"}, 20)
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics.port}/metrics", timeout=10).read().decode()
+        )
+    finally:
+        pub.loop_stop()
+        service.stop()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted({"fleet": "loop", **labels}.items())))]
+
+    assert value("edgefleet_device_online", device="cam-a") == 1.0
+    assert value("edgefleet_device_online", device="cam-b") == 0.0
+    ws = sent["cam-a"]
+    expected_fps = sum(w.frames.inferred for w in ws) / (ws[-1].end - ws[0].start)
+    assert value("edgefleet_device_frames_per_second", device="cam-a") == pytest.approx(expected_fps)
+    assert value("edgefleet_device_last_window_age_seconds", device="cam-a") == pytest.approx(
+        time.time() - ws[-1].end, abs=30
+    )
+    assert value("edgefleet_ingest_messages_total", outcome="stored") == 10  # 8 windows and 2 statuses
+    assert value("edgefleet_retrain_jobs_total", outcome="ok") == 0
+    assert value("edgefleet_rollout_active") == 0.0
+    info = [k for k in samples if k[0] == "edgefleet_device_info"]
+    assert {dict(k[1])["device"] for k in info} == {"cam-a", "cam-b"}

@@ -44,6 +44,13 @@ class TrainingSettings(StrictModel):
         return v
 
 
+class MetricsSettings(StrictModel):
+    """Where the service serves Prometheus ``/metrics`` (trainer/fleet/metrics.py lists the series)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=1, le=65535)
+
+
 class TrainerServiceConfig(StrictModel):
     fleet: Identifier
     mqtt: MqttSettings
@@ -66,6 +73,8 @@ class TrainerServiceConfig(StrictModel):
     sample_minutes: float = Field(default=30.0, gt=0)
     """How long a drifting device samples frames uniformly (the ``sample`` command)."""
     tick_s: float = Field(default=2.0, gt=0)
+    metrics: MetricsSettings | None = None
+    """Serve Prometheus metrics (off unless configured)."""
 
 
 def load_service_config(path: str | Path) -> TrainerServiceConfig:

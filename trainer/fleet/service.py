@@ -23,6 +23,7 @@ import logging
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from trainer.fleet.drift_service import FLEET_KEY, DriftService
 from trainer.fleet.labelling import label_with
 from trainer.fleet.messaging import FleetPublisher
 from trainer.fleet.retrain_job import RetrainSpec, read_result, start_job
-from trainer.fleet.retrain_policy import decide_retrain
+from trainer.fleet.retrain_policy import DeviceHealth, decide_retrain
 from trainer.fleet.rollout import RolloutManager, RolloutOutcome
 from trainer.ingest.worker import IngestConfig, IngestWorker
 from trainer.release.repository import ReleaseRepository
@@ -128,6 +129,10 @@ class TrainerService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.errors = 0
+        self.last_health: dict[str, DeviceHealth] = {}
+        """The latest per-device health of the champion (metrics and the console read it)."""
+        self.job_outcomes: Counter[str] = Counter()
+        self._metrics_server: Any = None
 
     @property
     def repo_url(self) -> str:
@@ -178,6 +183,10 @@ class TrainerService:
                 c.fleet,
                 c.training.model,
             )
+        if c.metrics is not None:
+            from trainer.fleet.metrics import serve_metrics
+
+            self._metrics_server = serve_metrics(self, c.metrics.host, c.metrics.port)
         self._thread = threading.Thread(target=self._run, name="trainer-service", daemon=True)
         self._thread.start()
         self.timeline.add(
@@ -188,6 +197,9 @@ class TrainerService:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         if self._thread:
             self._thread.join(timeout=30)
         if self._job and self._job.proc.poll() is None:
@@ -361,6 +373,7 @@ class TrainerService:
         if self.champion is None or (self.rollout and self.rollout.active):
             return
         health = self.drift.health(self.champion.sha256)
+        self.last_health = health
         ref = self.champion.manifest.reference
         # The drifted slice: labels from the devices that triggered (an empty trigger counts nothing).
         d = decide_retrain(
@@ -432,6 +445,8 @@ class TrainerService:
     def _finish_job(self, job: _Job) -> None:
         result = read_result(job.spec, job.proc.returncode)
         took = time.time() - job.started
+        status = str(result.get("status"))
+        self.job_outcomes[status if status in ("ok", "gate_failed") else "failed"] += 1
         held = result.get("held_for_review") or {}
         if held:  # poisoning defences: these labels were not trained on until a person looks at them
             reasons = sorted({why.split(":")[0] for why in held.values()})
