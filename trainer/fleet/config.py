@@ -11,8 +11,10 @@ from edge_agent.config import MqttSettings
 from edge_agent.config_files import StrictModel, load_yaml_model
 from edge_agent.protocol import Identifier
 from trainer.drift.detector import DriftConfig
+from trainer.fleet.homeassistant import HomeAssistantSettings
 from trainer.fleet.retrain_policy import RetrainPolicyConfig
 from trainer.fleet.rollout_policy import RolloutConfig
+from trainer.fleet.webhooks import WebhookSettings
 
 
 class ReleaseServerSettings(StrictModel):
@@ -75,6 +77,10 @@ class TrainerServiceConfig(StrictModel):
     tick_s: float = Field(default=2.0, gt=0)
     metrics: MetricsSettings | None = None
     """Serve Prometheus metrics (off unless configured)."""
+    homeassistant: HomeAssistantSettings | None = None
+    """Home Assistant MQTT discovery of every device (off unless configured)."""
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
+    """Alert receivers: each alert of the chosen kinds is POSTed, signed, retried, kept until delivered."""
 
 
 def load_service_config(path: str | Path) -> TrainerServiceConfig:

@@ -19,6 +19,7 @@ and ``state`` (fixed sets); model versions appear only in ``_info`` metrics.
     edgefleet_rollout_active{fleet}                          1 while a canary runs
     edgefleet_retrain_jobs_total{fleet,outcome}              ok, gate_failed, failed
     edgefleet_service_errors_total{fleet}
+    edgefleet_webhook_deliveries{fleet,webhook,state}        pending, delivered, failed (in the store)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from trainer.store.schema import Device, Window
+from trainer.store.schema import Device, WebhookDelivery, Window
 
 if TYPE_CHECKING:
     from trainer.fleet.service import TrainerService
@@ -51,7 +52,7 @@ class ServiceCollector(Collector):
         self.service = service
 
     def collect(self) -> Iterator[Metric]:
-        for part in (self._devices, self._health, self._service):
+        for part in (self._devices, self._health, self._service, self._webhooks):
             try:
                 yield from list(part())  # all of a part or nothing: no half-filled families
             except Exception:  # noqa: BLE001 - a scrape must never take anything down; say what failed
@@ -179,6 +180,22 @@ class ServiceCollector(Collector):
         )
         errors.add_metric([fleet], s.errors)
         yield errors
+
+    def _webhooks(self) -> Iterator[Metric]:
+        s, fleet = self.service, self.service.cfg.fleet
+        fam = GaugeMetricFamily(
+            "edgefleet_webhook_deliveries",
+            "Alert deliveries by webhook and state",
+            labels=["fleet", "webhook", "state"],
+        )
+        if s.cfg.webhooks:
+            with s.store.engine.connect() as conn:
+                q = select(WebhookDelivery.webhook, WebhookDelivery.state, func.count()).group_by(
+                    WebhookDelivery.webhook, WebhookDelivery.state
+                )
+                for webhook, state, n in conn.execute(q):
+                    fam.add_metric([fleet, webhook, state], n)
+        yield fam
 
 
 def _gauge(name: str, doc: str, fleet: str, value: float) -> GaugeMetricFamily:

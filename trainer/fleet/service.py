@@ -34,11 +34,13 @@ from edge_agent.protocol import Alert, ModelRef
 from trainer.drift.detector import Transition
 from trainer.fleet.config import TrainerServiceConfig
 from trainer.fleet.drift_service import FLEET_KEY, DriftService
+from trainer.fleet.homeassistant import HomeAssistantBridge, views_of
 from trainer.fleet.labelling import label_with
 from trainer.fleet.messaging import FleetPublisher
 from trainer.fleet.retrain_job import RetrainSpec, read_result, start_job
 from trainer.fleet.retrain_policy import DeviceHealth, decide_retrain
 from trainer.fleet.rollout import RolloutManager, RolloutOutcome
+from trainer.fleet.webhooks import WebhookDispatcher
 from trainer.ingest.worker import IngestConfig, IngestWorker
 from trainer.release.repository import ReleaseRepository
 from trainer.release.server import ReleaseServer
@@ -133,6 +135,9 @@ class TrainerService:
         """The latest per-device health of the champion (metrics and the console read it)."""
         self.job_outcomes: Counter[str] = Counter()
         self._metrics_server: Any = None
+        self.homeassistant: HomeAssistantBridge | None = None
+        self.webhooks: WebhookDispatcher | None = None
+        self._ha_due = 0.0
 
     @property
     def repo_url(self) -> str:
@@ -183,6 +188,12 @@ class TrainerService:
                 c.fleet,
                 c.training.model,
             )
+        if c.homeassistant is not None:
+            self.homeassistant = HomeAssistantBridge(
+                c.homeassistant, c.mqtt, c.fleet, client_id=f"{c.mqtt.client_id or 'trainer'}-{c.fleet}-ha"
+            )
+        if c.webhooks:
+            self.webhooks = WebhookDispatcher(self.store, list(c.webhooks)).start()
         if c.metrics is not None:
             from trainer.fleet.metrics import serve_metrics
 
@@ -200,6 +211,10 @@ class TrainerService:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        if self.homeassistant is not None:
+            self.homeassistant.close()
+        if self.webhooks is not None:
+            self.webhooks.stop()
         if self._thread:
             self._thread.join(timeout=30)
         if self._job and self._job.proc.poll() is None:
@@ -251,7 +266,13 @@ class TrainerService:
 
     def tick(self, now: float) -> None:
         """One pass of every stage; a stage that fails is logged and counted, the others still run."""
-        for stage in (self._drift_step, self._label_step, self._retrain_step, self._rollout_step):
+        for stage in (
+            self._drift_step,
+            self._label_step,
+            self._retrain_step,
+            self._rollout_step,
+            self._homeassistant_step,
+        ):
             try:
                 stage(now)
             except Exception:  # noqa: BLE001 - one failed stage must not starve the others
@@ -273,6 +294,15 @@ class TrainerService:
                 windows=own.windows,
                 differs=list(own.differs),
             )
+
+    def _homeassistant_step(self, now: float) -> None:
+        """Discovery and states for Home Assistant, every ``state_interval_s`` or at once after its birth."""
+        ha = self.homeassistant
+        if ha is None or (now < self._ha_due and not ha.rediscover_pending):
+            return
+        assert self.cfg.homeassistant is not None
+        self._ha_due = now + self.cfg.homeassistant.state_interval_s
+        ha.publish(views_of(self, now), now)
 
     def _label_step(self, now: float) -> None:
         if self.labeller is not None:

@@ -228,6 +228,35 @@ class Alert(Base):
     resolved_at: Mapped[float | None] = mapped_column(Double)
 
 
+class WebhookDelivery(Base):
+    """One alert to deliver to one webhook: kept until delivered or given up (then ``failed``)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("webhook", "alert_id", name="uq_webhook_delivery"),
+        Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    webhook: Mapped[str] = mapped_column(NAME)
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String())
+    """pending, delivered or failed."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Double)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Double)
+    delivered_at: Mapped[float | None] = mapped_column(Double)
+
+
+class WebhookCursor(Base):
+    """The newest alert id each webhook has considered (alerts raised while the service was down are
+    delivered when it starts)."""
+
+    __tablename__ = "webhook_cursors"
+    webhook: Mapped[str] = mapped_column(NAME, primary_key=True)
+    last_alert_id: Mapped[int] = mapped_column(BigInteger)
+
+
 class ReferenceRebase(Base):
     """A model promoted on a fleet: from ``since`` each device's first ``windows`` windows under it become
     that device's own drift reference (``trainer/drift/rebase.py``)."""

@@ -151,6 +151,10 @@ class Store:
         with self._write_lock, self.write_engine.begin() as conn:
             yield conn
 
+    def read_session(self) -> Any:
+        """An ORM session for reads (its objects stay usable after it closes)."""
+        return self._session()
+
     @contextmanager
     def _session(self) -> Iterator[Session]:
         with Session(self.engine, expire_on_commit=False) as s:

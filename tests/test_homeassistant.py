@@ -1,0 +1,178 @@
+"""Home Assistant MQTT discovery by the trainer service, on a private broker: retained configs per
+device checked against Home Assistant's documented discovery keys, republished on HA's birth message,
+a malformed birth ignored, states published, and a forgotten device's entities cleared."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jsonschema
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.protocol import Status, status_topic, tele_topic
+from trainer.fleet.homeassistant import HomeAssistantSettings, node_id
+from trainer.fleet.service import TrainerService
+from trainer.ops.broker import MosquittoBroker
+from trainer.sim.demo import Timeline
+from trainer.sim.windows import windows
+
+from .mqtt_helpers import wait_until
+from .test_fleet_loop import _service_config
+
+_AVAILABILITY = {
+    "type": "object",
+    "required": ["topic"],
+    "additionalProperties": False,
+    "properties": {
+        k: {"type": "string"}
+        for k in ("topic", "payload_available", "payload_not_available", "value_template")
+    },
+}
+_DEVICE = {
+    "type": "object",
+    "anyOf": [{"required": ["identifiers"]}, {"required": ["connections"]}],
+    "additionalProperties": False,
+    "properties": {
+        "identifiers": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        **{
+            k: {"type": "string"}
+            for k in (
+                "name",
+                "manufacturer",
+                "model",
+                "sw_version",
+                "hw_version",
+                "suggested_area",
+                "configuration_url",
+                "via_device",
+            )
+        },
+    },
+}
+_COMMON = {
+    "name": {"type": ["string", "null"]},
+    "unique_id": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
+    "object_id": {"type": "string"},
+    "state_topic": {"type": "string", "pattern": "^[^#+]+$"},
+    "value_template": {"type": "string"},
+    "availability": {"type": "array", "items": _AVAILABILITY},
+    "device": _DEVICE,
+    "origin": {"type": "object", "required": ["name"]},
+    "entity_category": {"enum": ["config", "diagnostic"]},
+}
+SCHEMAS = {  # the keys Home Assistant documents for these MQTT platforms (a subset we may use)
+    "sensor": {**_COMMON, "unit_of_measurement": {"type": "string"}, "state_class": {"enum": ["measurement", "total", "total_increasing"]},
+               "device_class": {"type": "string"}, "suggested_display_precision": {"type": "integer"}},
+    "binary_sensor": {**_COMMON, "payload_on": {"type": "string"}, "payload_off": {"type": "string"},
+                      "device_class": {"enum": ["connectivity", "problem"]}},
+    "update": {**_COMMON},
+}  # fmt: skip
+
+
+def _validate(topic: str, payload: dict) -> None:
+    component = topic.split("/")[1]
+    schema = {
+        "type": "object",
+        "required": ["state_topic", "unique_id", "device"],
+        "additionalProperties": False,
+        "properties": SCHEMAS[component],
+    }
+    jsonschema.validate(payload, schema)
+
+
+class Retained:
+    """Subscribes to the discovery prefix and state topics; keeps the latest payload of every topic."""
+
+    def __init__(self, port: int, *filters: str) -> None:
+        self.latest: dict[str, bytes] = {}
+        self.count: dict[str, int] = {}
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        self.client.on_message = self._on
+        self.client.on_connect = lambda c, *_: [c.subscribe(f, qos=1) for f in filters]
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        self.latest[msg.topic] = bytes(msg.payload)
+        self.count[msg.topic] = self.count.get(msg.topic, 0) + 1
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_devices_appear_in_home_assistant_and_go_when_forgotten(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    cfg = _service_config(tmp_path, broker.url, base_data="builtin:shapes")
+    cfg.homeassistant = HomeAssistantSettings(state_interval_s=0.5, forget_after_s=8.0)
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2)
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    now = time.time()
+    for d in ("cam-ha", "cam.old"):
+        pub.publish(
+            status_topic("loop", d),
+            Status(fleet="loop", device=d, state="online", session=1, ts=now).to_bytes(),
+            qos=1,
+            retain=True,
+        )
+    service = TrainerService(cfg, timeline=Timeline(echo=False)).start()
+    ha = Retained(broker.port, "homeassistant/#", "ef/v1/loop/ha/#")
+    try:
+        assert all(w.wait_connected(10) for w in service.workers)
+        for w in windows("cam-ha", 3, fleet="loop", start=now - 30):
+            pub.publish(tele_topic("loop", "cam-ha"), w.to_bytes(), qos=1).wait_for_publish(5)
+        pub.publish(
+            tele_topic("loop", "cam.old"),
+            windows("cam.old", 1, fleet="loop", start=now - 30)[0].to_bytes(),
+            qos=1,
+        )
+
+        def configs(dev: str) -> dict[str, bytes]:
+            return {
+                t: p
+                for t, p in ha.latest.items()
+                if f"/{node_id('loop', dev)}/" in t and t.endswith("/config")
+            }
+
+        assert wait_until(lambda: len(configs("cam-ha")) == 6 and len(configs("cam.old")) == 6, 20), (
+            ha.latest.keys()
+        )
+        for topic, payload in configs("cam-ha").items():
+            _validate(topic, json.loads(payload))
+        conn = json.loads(
+            ha.latest[f"homeassistant/binary_sensor/{node_id('loop', 'cam-ha')}/connectivity/config"]
+        )
+        assert (
+            conn["state_topic"] == status_topic("loop", "cam-ha") and conn["device_class"] == "connectivity"
+        )
+        assert wait_until(
+            lambda: json.loads(ha.latest.get("ef/v1/loop/ha/cam-ha", b"{}")).get("frames_per_second"), 20
+        )
+        state = json.loads(ha.latest["ef/v1/loop/ha/cam-ha"])
+        assert state["drift"] == "OFF" and state["model"]["installed_version"] is not None
+
+        before = dict(ha.count)
+        pub.publish("homeassistant/status", b"garbage", qos=1).wait_for_publish(5)  # ignored
+        time.sleep(1.5)
+        topic = f"homeassistant/sensor/{node_id('loop', 'cam-ha')}/estimated_accuracy/config"
+        assert ha.count[topic] == before[topic]
+        pub.publish("homeassistant/status", b"online", qos=1).wait_for_publish(5)  # Home Assistant restarted
+        assert wait_until(lambda: ha.count[topic] > before[topic], 10)
+
+        # cam-ha keeps sending; cam.old falls silent and is removed after forget_after_s
+        def keep_alive() -> bool:
+            w = windows("cam-ha", 1, fleet="loop", start=time.time() - 10, first_seq=int(time.time()))[0]
+            pub.publish(tele_topic("loop", "cam-ha"), w.to_bytes(), qos=1)
+            return all(ha.latest[t] == b"" for t in configs("cam.old"))
+
+        assert wait_until(keep_alive, 30)
+        assert all(p != b"" for p in configs("cam-ha").values())
+    finally:
+        ha.close()
+        pub.loop_stop()
+        service.stop()
