@@ -476,6 +476,7 @@ def test_metrics_scrape_shows_what_the_store_holds(tmp_path: Path, broker: Mosqu
     from .mqtt_helpers import wait_until
 
     cfg = _service_config(tmp_path, broker.url, base_data="builtin:shapes")
+    cfg.fleet = "scrape"  # its own topics on the session broker
     cfg.metrics = MetricsSettings(port=free_port())
     service = TrainerService(cfg, timeline=Timeline(echo=False)).start()
     pub = mqtt.Client(CallbackAPIVersion.VERSION2)
@@ -484,15 +485,15 @@ def test_metrics_scrape_shows_what_the_store_holds(tmp_path: Path, broker: Mosqu
         pub.connect("127.0.0.1", broker.port)
         pub.loop_start()
         now = time.time()
-        sent = {d: windows(d, 4, fleet="loop", start=now - 40) for d in ("cam-a", "cam-b")}
+        sent = {d: windows(d, 4, fleet="scrape", start=now - 40) for d in ("cam-a", "cam-b")}
         for d, ws in sent.items():
             state = "online" if d == "cam-a" else "offline"
-            status = Status(fleet="loop", device=d, state=state, session=1, ts=now)
-            pub.publish(status_topic("loop", d), status.to_bytes(), qos=1, retain=True).wait_for_publish(5)
+            status = Status(fleet="scrape", device=d, state=state, session=1, ts=now)
+            pub.publish(status_topic("scrape", d), status.to_bytes(), qos=1, retain=True).wait_for_publish(5)
             for w in ws:
-                pub.publish(tele_topic("loop", d), w.to_bytes(), qos=1).wait_for_publish(5)
+                pub.publish(tele_topic("scrape", d), w.to_bytes(), qos=1).wait_for_publish(5)
         assert wait_until(lambda: service.store.count_windows() == 8, 20)
-        assert wait_until(lambda: set(service.store.latest_status("loop")) == {"cam-a", "cam-b"}, 20)
+        assert wait_until(lambda: set(service.store.latest_status("scrape")) == {"cam-a", "cam-b"}, 20)
         text = (
             urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics.port}/metrics", timeout=10).read().decode()
         )
@@ -506,7 +507,7 @@ def test_metrics_scrape_shows_what_the_store_holds(tmp_path: Path, broker: Mosqu
     }
 
     def value(name: str, **labels: str) -> float:
-        return samples[(name, tuple(sorted({"fleet": "loop", **labels}.items())))]
+        return samples[(name, tuple(sorted({"fleet": "scrape", **labels}.items())))]
 
     assert value("edgefleet_device_online", device="cam-a") == 1.0
     assert value("edgefleet_device_online", device="cam-b") == 0.0

@@ -108,6 +108,7 @@ def test_devices_appear_in_home_assistant_and_go_when_forgotten(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
     cfg = _service_config(tmp_path, broker.url, base_data="builtin:shapes")
+    cfg.fleet = "hass"  # its own topics on the session broker
     cfg.homeassistant = HomeAssistantSettings(state_interval_s=0.5, forget_after_s=8.0)
     pub = mqtt.Client(CallbackAPIVersion.VERSION2)
     pub.connect("127.0.0.1", broker.port)
@@ -115,20 +116,20 @@ def test_devices_appear_in_home_assistant_and_go_when_forgotten(
     now = time.time()
     for d in ("cam-ha", "cam.old"):
         pub.publish(
-            status_topic("loop", d),
-            Status(fleet="loop", device=d, state="online", session=1, ts=now).to_bytes(),
+            status_topic("hass", d),
+            Status(fleet="hass", device=d, state="online", session=1, ts=now).to_bytes(),
             qos=1,
             retain=True,
         )
     service = TrainerService(cfg, timeline=Timeline(echo=False)).start()
-    ha = Retained(broker.port, "homeassistant/#", "ef/v1/loop/ha/#")
+    ha = Retained(broker.port, "homeassistant/#", "ef/v1/hass/ha/#")
     try:
         assert all(w.wait_connected(10) for w in service.workers)
-        for w in windows("cam-ha", 3, fleet="loop", start=now - 30):
-            pub.publish(tele_topic("loop", "cam-ha"), w.to_bytes(), qos=1).wait_for_publish(5)
+        for w in windows("cam-ha", 3, fleet="hass", start=now - 30):
+            pub.publish(tele_topic("hass", "cam-ha"), w.to_bytes(), qos=1).wait_for_publish(5)
         pub.publish(
-            tele_topic("loop", "cam.old"),
-            windows("cam.old", 1, fleet="loop", start=now - 30)[0].to_bytes(),
+            tele_topic("hass", "cam.old"),
+            windows("cam.old", 1, fleet="hass", start=now - 30)[0].to_bytes(),
             qos=1,
         )
 
@@ -136,7 +137,7 @@ def test_devices_appear_in_home_assistant_and_go_when_forgotten(
             return {
                 t: p
                 for t, p in ha.latest.items()
-                if f"/{node_id('loop', dev)}/" in t and t.endswith("/config")
+                if f"/{node_id('hass', dev)}/" in t and t.endswith("/config")
             }
 
         assert wait_until(lambda: len(configs("cam-ha")) == 6 and len(configs("cam.old")) == 6, 20), (
@@ -145,34 +146,36 @@ def test_devices_appear_in_home_assistant_and_go_when_forgotten(
         for topic, payload in configs("cam-ha").items():
             _validate(topic, json.loads(payload))
         conn = json.loads(
-            ha.latest[f"homeassistant/binary_sensor/{node_id('loop', 'cam-ha')}/connectivity/config"]
+            ha.latest[f"homeassistant/binary_sensor/{node_id('hass', 'cam-ha')}/connectivity/config"]
         )
         assert (
-            conn["state_topic"] == status_topic("loop", "cam-ha") and conn["device_class"] == "connectivity"
+            conn["state_topic"] == status_topic("hass", "cam-ha") and conn["device_class"] == "connectivity"
         )
         assert wait_until(
-            lambda: json.loads(ha.latest.get("ef/v1/loop/ha/cam-ha", b"{}")).get("frames_per_second"), 20
+            lambda: json.loads(ha.latest.get("ef/v1/hass/ha/cam-ha", b"{}")).get("frames_per_second"), 20
         )
-        state = json.loads(ha.latest["ef/v1/loop/ha/cam-ha"])
+        state = json.loads(ha.latest["ef/v1/hass/ha/cam-ha"])
         assert state["drift"] == "OFF" and state["model"]["installed_version"] is not None
 
         before = dict(ha.count)
         pub.publish("homeassistant/status", b"garbage", qos=1).wait_for_publish(5)  # ignored
         time.sleep(1.5)
-        topic = f"homeassistant/sensor/{node_id('loop', 'cam-ha')}/estimated_accuracy/config"
+        topic = f"homeassistant/sensor/{node_id('hass', 'cam-ha')}/estimated_accuracy/config"
         assert ha.count[topic] == before[topic]
         pub.publish("homeassistant/status", b"online", qos=1).wait_for_publish(5)  # Home Assistant restarted
         assert wait_until(lambda: ha.count[topic] > before[topic], 10)
 
         # cam-ha keeps sending; cam.old falls silent and is removed after forget_after_s
         def keep_alive() -> bool:
-            w = windows("cam-ha", 1, fleet="loop", start=time.time() - 10, first_seq=int(time.time()))[0]
-            pub.publish(tele_topic("loop", "cam-ha"), w.to_bytes(), qos=1)
+            w = windows("cam-ha", 1, fleet="hass", start=time.time() - 10, first_seq=int(time.time()))[0]
+            pub.publish(tele_topic("hass", "cam-ha"), w.to_bytes(), qos=1)
             return all(ha.latest[t] == b"" for t in configs("cam.old"))
 
         assert wait_until(keep_alive, 30)
         assert all(p != b"" for p in configs("cam-ha").values())
     finally:
         ha.close()
+        for d in ("cam-ha", "cam.old"):  # leave no retained status behind on the shared broker
+            pub.publish(status_topic("hass", d), b"", qos=1, retain=True).wait_for_publish(5)
         pub.loop_stop()
         service.stop()
