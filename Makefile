@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo demo-photos bench lint mosquitto broker-plugin clean
+.PHONY: install test demo demo-photos bench lint mosquitto broker-plugin ha-venv clean
 
 install: $(STAMP)
 
@@ -34,7 +34,16 @@ $(GUARD): deploy/mosquitto/edgefleet_guard.c
 	mkdir -p build
 	gcc -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ $<
 
-test: $(STAMP) mosquitto $(GUARD)
+# Home Assistant for the discovery test, in a virtualenv of its own (its MQTT integration pins
+# paho-mqtt 1.6.1; 2024.3.3 is the last release for Python 3.11).
+HA_VENV := build/ha-venv
+ha-venv: $(HA_VENV)/bin/hass
+
+$(HA_VENV)/bin/hass:
+	$(PY) -m venv $(HA_VENV)
+	$(HA_VENV)/bin/pip install -q --disable-pip-version-check homeassistant==2024.3.3 paho-mqtt==1.6.1 janus==1.0.0
+
+test: $(STAMP) mosquitto $(GUARD) $(HA_VENV)/bin/hass
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 demo: $(STAMP) mosquitto

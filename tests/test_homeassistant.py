@@ -179,3 +179,97 @@ def test_devices_appear_in_home_assistant_and_go_when_forgotten(
             pub.publish(status_topic("hass", d), b"", qos=1, retain=True).wait_for_publish(5)
         pub.loop_stop()
         service.stop()
+
+
+HA_VENV = Path(__file__).resolve().parents[1] / "build" / "ha-venv"
+"""Home Assistant 2024.3.3 (the last release for Python 3.11) in a virtualenv of its own: its MQTT
+integration pins paho-mqtt 1.6.1, this project needs 2.x. ``make ha-venv`` (and ``make test``) make it."""
+
+
+def _ha_config(directory: Path, port: int) -> None:
+    """A minimal Home Assistant configuration whose MQTT integration points at ``port``."""
+    (directory / ".storage").mkdir(parents=True)
+    (directory / "configuration.yaml").write_text(
+        "homeassistant:\n  name: edgefleet-test\n  time_zone: UTC\n"
+    )
+    entry = {
+        "entry_id": "edgefleetmqtt",
+        "version": 1,
+        "minor_version": 1,
+        "domain": "mqtt",
+        "title": "test broker",
+        "data": {"broker": "127.0.0.1", "port": port, "discovery": True, "discovery_prefix": "homeassistant"},
+        "options": {},
+        "pref_disable_new_entities": False,
+        "pref_disable_polling": False,
+        "source": "user",
+        "unique_id": None,
+        "disabled_by": None,
+    }
+    doc = {"version": 1, "minor_version": 2, "key": "core.config_entries", "data": {"entries": [entry]}}
+    (directory / ".storage" / "core.config_entries").write_text(json.dumps(doc))
+
+
+def test_home_assistant_itself_creates_the_entities(tmp_path: Path, broker_factory) -> None:  # noqa: ANN001
+    """The real Home Assistant, on a private broker, registers the device and its entities from our
+    discovery configs."""
+    import subprocess
+
+    from .conftest import require
+
+    hass = HA_VENV / "bin" / "hass"
+    require(hass.exists(), f"Home Assistant in {HA_VENV} (make ha-venv)")
+    b: MosquittoBroker = broker_factory()
+    cfg = _service_config(tmp_path, b.url, base_data="builtin:shapes")
+    cfg.fleet = "real"
+    cfg.homeassistant = HomeAssistantSettings(state_interval_s=1.0)
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2)
+    pub.connect("127.0.0.1", b.port)
+    pub.loop_start()
+    now = time.time()
+    status = Status(fleet="real", device="cam-h1", state="online", session=1, ts=now)
+    pub.publish(status_topic("real", "cam-h1"), status.to_bytes(), qos=1, retain=True).wait_for_publish(5)
+    for w in windows("cam-h1", 3, fleet="real", start=now - 30):
+        pub.publish(tele_topic("real", "cam-h1"), w.to_bytes(), qos=1).wait_for_publish(5)
+    config = tmp_path / "ha"
+    _ha_config(config, b.port)
+    service = TrainerService(cfg, timeline=Timeline(echo=False)).start()
+    log = (tmp_path / "hass.log").open("w")
+    proc = subprocess.Popen(
+        [str(hass), "-c", str(config), "--skip-pip"], stdout=log, stderr=subprocess.STDOUT
+    )
+    nid = node_id("real", "cam-h1")
+    registry = config / ".storage" / "core.entity_registry"
+
+    def registered() -> set[str]:
+        try:
+            return {e["unique_id"] for e in json.loads(registry.read_text())["data"]["entities"]}
+        except (OSError, ValueError, KeyError):
+            return set()
+
+    wanted = {
+        f"{nid}_{o}"
+        for o in (
+            "estimated_accuracy",
+            "frames_per_second",
+            "mean_confidence",
+            "drift",
+            "model",
+            "connectivity",
+        )
+    }
+    try:
+        assert wait_until(lambda: wanted <= registered(), 240), (
+            registered(),
+            (tmp_path / "hass.log").read_text()[-3000:],
+        )
+        devices = json.loads((config / ".storage" / "core.device_registry").read_text())["data"]["devices"]
+        (dev,) = [d for d in devices if ["mqtt", nid] in d["identifiers"]]
+        assert dev["name"] == "cam-h1" and dev["manufacturer"] == "EdgeFleet"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+        pub.publish(status_topic("real", "cam-h1"), b"", qos=1, retain=True).wait_for_publish(5)
+        pub.loop_stop()
+        service.stop()
