@@ -77,6 +77,8 @@ class MqttLink:
         self._spool = spool
         self._events = events
         self._subscriptions = list(subscriptions)
+        self._requested: list[tuple[str, int]] = []
+        """What the current connection subscribed to, in SUBACK order."""
         self._on_message = on_message
         self._url = f"{'mqtts' if settings.tls else 'mqtt'}://{settings.host}:{settings.port}"
         self._stop = threading.Event()
@@ -365,25 +367,18 @@ class MqttLink:
             client.publish(self.status_topic, birth, qos=1, retain=True)
             self._echo = birth
             self._confirmed = self.settings.identity_check_s == 0
-        wanted = self._wanted_subscriptions()
-        if wanted:
-            rc, _mid = client.subscribe(wanted)
+        # the caller's subscriptions, and this device's own status topic while its echo is awaited
+        self._requested = ([] if self._confirmed else [(self.status_topic, 1)]) + self._subscriptions
+        if self._requested:
+            rc, _mid = client.subscribe(self._requested)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                log.warning("MQTT: subscribing to %s failed: %s", wanted, mqtt.error_string(rc))
-
-    def _wanted_subscriptions(self) -> list[tuple[str, int]]:
-        """The caller's subscriptions, and this device's own status topic while its echo is awaited."""
-        own = [] if self._confirmed else [(self.status_topic, 1)]
-        return own + self._subscriptions
+                log.warning("MQTT: subscribing to %s failed: %s", self._requested, mqtt.error_string(rc))
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
     ) -> None:
         """SUBACK: name every filter the broker refused (usually an ACL problem)."""
-        wanted = ([] if len(reason_codes) == len(self._subscriptions) else [(self.status_topic, 1)]) + list(
-            self._subscriptions
-        )
-        refused = [t for (t, _), rc in zip(wanted, reason_codes, strict=False) if rc.is_failure]
+        refused = [t for (t, _), rc in zip(self._requested, reason_codes, strict=False) if rc.is_failure]
         if refused:
             log.error("MQTT: %s refused the subscription to %s", self._url, ", ".join(refused))
         self._subscribed = not refused

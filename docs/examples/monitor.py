@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             return
         errors = list(validators[kind].iter_errors(data)) if kind in validators else []
         if errors:
-            invalid.append(f"{msg.topic}: {errors[0].message[:120]}")
+            where = ".".join(str(p) for p in errors[0].absolute_path) or "<root>"
+            invalid.append(f"{msg.topic}: {where}: {errors[0].message[:120]}")
             return
         row = devices.setdefault(device, {"state": "?", "model": "?", "windows": 0, "frames": 0})
         if kind == "status":

@@ -243,40 +243,24 @@ class HomeAssistantBridge:
 
 def views_of(service: Any, now: float) -> dict[str, DeviceView]:
     """What the service knows of each device, for the bridge (devices table, recent windows, health)."""
-    from sqlalchemy import func, select
-
     from trainer.fleet.metrics import RATE_WINDOW_S
-    from trainer.store.schema import Device, Window
 
     fleet = service.cfg.fleet
     latest = service.champion.manifest.version if service.champion is not None else None
     health = dict(service.last_health)
-    with service.store.engine.connect() as conn:
-        devices = conn.execute(
-            select(
-                Device.device, Device.model_name, Device.model_version, Device.agent_version, Device.last_seen
-            ).where(Device.fleet == fleet)
-        ).all()
-        recent = {
-            d: (frames, start, end, conf)
-            for d, frames, start, end, conf in conn.execute(
-                select(Window.device, func.sum(Window.frames_inferred), func.min(Window.start), func.max(Window.end), func.avg(Window.confidence_mean))
-                .where(Window.fleet == fleet, Window.end >= now - RATE_WINDOW_S)
-                .group_by(Window.device)
-            )
-        }  # fmt: skip
+    recent = service.store.recent_activity(fleet, now - RATE_WINDOW_S)
     out = {}
-    for device, model, version, agent, last_seen in devices:
-        frames, start, end, conf = recent.get(device, (None, None, None, None))
-        fps = float(frames or 0) / (end - start) if end and start and end > start else None
-        h = health.get(device)
+    for d in service.store.devices(fleet):
+        activity, h = recent.get(d.device), health.get(d.device)
         state = device_state(
             estimated_accuracy=h.estimated_accuracy if h else None,
-            frames_per_second=fps,
-            confidence_mean=float(conf) if conf is not None else None,
+            frames_per_second=activity.frames_per_second if activity else None,
+            confidence_mean=activity.confidence_mean if activity else None,
             drift=bool(h and h.recent_drift and h.recent_drift[-1]),
-            installed=version,
+            installed=d.model_version,
             latest=latest,
         )
-        out[device] = DeviceView(device, model, version, agent, float(last_seen), state)
+        out[d.device] = DeviceView(
+            d.device, d.model_name, d.model_version, d.agent_version, float(d.last_seen), state
+        )
     return out

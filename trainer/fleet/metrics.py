@@ -34,7 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from trainer.store.schema import Device, WebhookDelivery, Window
+from trainer.store.schema import WebhookDelivery
 
 if TYPE_CHECKING:
     from trainer.fleet.service import TrainerService
@@ -81,36 +81,20 @@ class ServiceCollector(Collector):
         )
         for device, status in s.store.latest_status(fleet).items():
             online.add_metric([fleet, device], 1.0 if status.state == "online" else 0.0)
-        with s.store.engine.connect() as conn:
-            rows = conn.execute(
-                select(
-                    Device.device,
-                    Device.last_window_end,
-                    Device.model_name,
-                    Device.model_version,
-                    Device.agent_version,
-                ).where(Device.fleet == fleet)
+        for d in s.store.devices(fleet):
+            if d.last_window_end is not None:
+                age.add_metric([fleet, d.device], max(0.0, now - d.last_window_end))
+            info.add_metric(
+                [fleet, d.device],
+                {
+                    "model": d.model_name or "",
+                    "version": d.model_version or "",
+                    "agent_version": d.agent_version or "",
+                },
             )
-            for device, window_end, model, version, agent in rows:
-                if window_end is not None:
-                    age.add_metric([fleet, device], max(0.0, now - window_end))
-                info.add_metric(
-                    [fleet, device],
-                    {"model": model or "", "version": version or "", "agent_version": agent or ""},
-                )
-            recent = conn.execute(
-                select(
-                    Window.device,
-                    func.sum(Window.frames_inferred),
-                    func.min(Window.start),
-                    func.max(Window.end),
-                )
-                .where(Window.fleet == fleet, Window.end >= now - RATE_WINDOW_S)
-                .group_by(Window.device)
-            )
-            for device, frames, start, end in recent:
-                if end > start:
-                    fps.add_metric([fleet, device], float(frames or 0) / (end - start))
+        for device, activity in s.store.recent_activity(fleet, now - RATE_WINDOW_S).items():
+            if activity.frames_per_second is not None:
+                fps.add_metric([fleet, device], activity.frames_per_second)
         yield from (online, age, fps, info)
 
     def _health(self) -> Iterator[Metric]:

@@ -55,7 +55,6 @@ from trainer.store import ModelCheck, Rejected, Store, WriteResult, is_transient
 from trainer.store.ingest_writes import (
     Received,
     foreign_fleet_alert,
-    registered_fleets,
     write_dead_letters,
 )
 
@@ -462,7 +461,7 @@ class IngestWorker:
         """Refuse what only the store can judge: a device writing under a fleet other than the one it is
         registered in (the ACL lets it write its topics in any fleet's tree), and windows whose histogram
         bins differ from their model's (drift could not compare them)."""
-        fleets = registered_fleets(conn, {a.item.message.device for a in accepted})
+        fleets = self._check.fleets(conn, {a.item.message.device for a in accepted})
         ok: list[Accepted] = []
         refused: list[Rejected] = []
         for a in accepted:

@@ -89,6 +89,16 @@ class DemoSettings:
         )
 
 
+def _subscriber(port: int, client_id: str, topic: str, qos: int, on_message: Any) -> mqtt.Client:
+    """A running paho client on the demo's broker, (re)subscribed to ``topic`` on every connect."""
+    client = new_client(MqttSettings(url=f"mqtt://127.0.0.1:{port}"), client_id)
+    client.on_message = on_message
+    client.on_connect = lambda c, *a: c.subscribe(topic, qos=qos)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
 class MessageRecorder:
     """Keeps the first ``per_kind`` messages of every topic kind seen on the broker (``messages.jsonl``
     in the work directory): what monitoring services receive, for checking against the JSON Schemas."""
@@ -97,11 +107,7 @@ class MessageRecorder:
         self.per_kind = per_kind
         self.lock = threading.Lock()
         self.kept: dict[str, list[dict[str, str]]] = {}
-        self.client = new_client(MqttSettings(url=f"mqtt://127.0.0.1:{broker_port}"), "demo-recorder")
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, *a: c.subscribe(f"ef/v1/{fleet}/#", qos=1)
-        self.client.connect("127.0.0.1", broker_port)
-        self.client.loop_start()
+        self.client = _subscriber(broker_port, "demo-recorder", f"ef/v1/{fleet}/#", 1, self._on_message)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         parts = msg.topic.split("/")
@@ -126,11 +132,9 @@ class PredictionTracker:
     def __init__(self, broker_port: int, fleet: str) -> None:
         self.lock = threading.Lock()
         self.records: list[tuple[float, str, str, bool]] = []  # (ts, device, model version, correct)
-        self.client = new_client(MqttSettings(url=f"mqtt://127.0.0.1:{broker_port}"), "demo-accuracy")
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, *a: c.subscribe(f"ef/v1/{fleet}/dev/+/pred", qos=0)
-        self.client.connect("127.0.0.1", broker_port)
-        self.client.loop_start()
+        self.client = _subscriber(
+            broker_port, "demo-accuracy", f"ef/v1/{fleet}/dev/+/pred", 0, self._on_message
+        )
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         p = json.loads(msg.payload)

@@ -124,6 +124,7 @@ class ModelCheck:
         self._alerted: set[str] = set()
         self._alerting: set[str] = set()
         self._edges: dict[str, dict[str, list[float]]] = {}
+        self._fleets: dict[str, str] = {}
 
     def alerted(self, key: str) -> bool:
         """Whether an alert with this dedupe key is known to be stored."""
@@ -143,6 +144,14 @@ class ModelCheck:
     def rolled_back(self) -> None:
         self._alerting.clear()
         self._sent_pending.clear()
+
+    def fleets(self, conn: Connection, devices: Iterable[str]) -> dict[str, str]:
+        """The fleet each of ``devices`` is registered in (absent: never heard from). Cached for good:
+        ingest refuses messages that would move a device to another fleet."""
+        ask = {d for d in devices if d not in self._fleets}
+        if ask:
+            self._fleets.update(registered_fleets(conn, ask))
+        return self._fleets
 
     def edges(self, conn: Connection, sha: str) -> dict[str, list[float]] | None:
         """The histogram edges of a registered model (its ``telemetry_edges``); None if not registered.

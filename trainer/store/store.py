@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,14 @@ def _json(details: dict[str, Any] | None) -> str | None:
 
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceActivity:
+    """What a device's recent windows say about its pace (see :meth:`Store.recent_activity`)."""
+
+    frames_per_second: float | None
+    confidence_mean: float | None
 
 
 def _insert_label(conn: Connection, sample_id: int, label: str, source: str, labeller: str | None) -> int:
@@ -294,6 +303,25 @@ class Store:
             return [UpdateEvent.model_validate_json(p) for p in conn.scalars(q)]
 
     # -- devices ---------------------------------------------------------------------------------
+    def recent_activity(self, fleet: str, since: float) -> dict[str, DeviceActivity]:
+        """Per device of ``fleet``, over its windows that ended at or after ``since``: inferred frames per
+        second across their span, and their frame-weighted mean confidence (metrics, Home Assistant)."""
+        frames = func.sum(Window.frames_inferred)
+        weighted = func.sum(Window.confidence_mean * Window.frames_inferred)
+        q = (
+            select(Window.device, frames, weighted, func.min(Window.start), func.max(Window.end))
+            .where(Window.fleet == fleet, Window.end >= since)
+            .group_by(Window.device)
+        )
+        with self.engine.connect() as conn:
+            return {
+                device: DeviceActivity(
+                    frames_per_second=float(n or 0) / (end - start) if end > start else None,
+                    confidence_mean=float(w) / n if n and w is not None else None,
+                )
+                for device, n, w, start, end in conn.execute(q)
+            }
+
     def devices(self, fleet: str | None = None) -> list[Device]:
         """Every device (optionally of one fleet) with its latest state and model."""
         q = select(Device).order_by(Device.device)
