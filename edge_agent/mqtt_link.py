@@ -94,7 +94,7 @@ class MqttLink:
         self._refused: str | None = None
         self._up = False
         self._subscribed = False
-        self._delays: deque[float] = deque(maxlen=10)
+        self._delays: deque[float] = deque(maxlen=64)
         self._echo: bytes | None = None
         """The birth sent on this connection; spooled messages wait until the broker echoes it back."""
         self._confirmed = False
@@ -208,6 +208,8 @@ class MqttLink:
         deadline = time.monotonic() + CONNACK_TIMEOUT_S
         while not self._connected.is_set():
             rc = client.loop(LOOP_TIMEOUT_S)
+            if self._connected.is_set():
+                break  # accepted; a drop in the same loop call is a lost connection, handled below
             if self._refused or rc != MQTTErrorCode.MQTT_ERR_SUCCESS or time.monotonic() > deadline:
                 self._events.add("mqtt_connect_failures")
                 why = self._refused or (mqtt.error_string(rc) if rc else "no CONNACK in time")
