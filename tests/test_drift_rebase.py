@@ -274,3 +274,20 @@ def test_transitions_say_which_reference_they_used() -> None:
         a, t = held.step({"cam": s.window}, _pool(V1, seed=4).reference(), hold={"cam"})
         assert a == [] and t == []
     assert held.state("cam") == "ok"
+
+
+def test_the_fleet_wide_merge_is_judged_when_every_camera_shifts(sqlite_store: Store) -> None:
+    """The fleet-wide window is named ``fleet``, a name no device may take: it must still be built and
+    judged (a reserved-name check once refused it, and fleet-wide drift went silent)."""
+    fleet = Fleet(sqlite_store)
+    service = DriftService(sqlite_store, "f", slot_s=SLOT, grace_s=1.0, start=SLOT)
+    events: list[DriftEvent] = []
+    for _ in range(6):
+        fleet.publish(V1, {d: (False, False) for d in CAMERAS})
+        events += service.poll(fleet.now)
+    assert service.state(V1.sha256, "fleet") == "ok"
+    for _ in range(3):
+        fleet.publish(V1, {d: (True, False) for d in CAMERAS})  # night falls on every camera
+        events += service.poll(fleet.now)
+    assert _states(events, "fleet") == ["warning", "drift"]
+    assert service.state(V1.sha256, "fleet") == "drift"

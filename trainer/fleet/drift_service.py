@@ -25,9 +25,9 @@ from collections import defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from edge_agent.protocol import FrameCounts, Histogram, TelemetryWindow
+from edge_agent.protocol import TelemetryWindow
 from edge_agent.reference import ReferenceStats
-from edge_agent.telemetry.merge import merge_windows
+from edge_agent.telemetry.merge import merge_to_window
 from trainer.drift.detector import TRAINING_REFERENCE, DriftConfig, DriftMonitor, KeyReference, Transition
 from trainer.drift.labelfree import AccuracyRegressor
 from trainer.drift.rebase import DeviceReference, differences, reference_from_windows
@@ -36,32 +36,6 @@ from trainer.store import Store
 
 log = logging.getLogger(__name__)
 FLEET_KEY = "fleet"
-
-
-def merge_to_window(windows: list[TelemetryWindow], device: str) -> TelemetryWindow:
-    """Several windows of one model as one (exact sums), for a slot holding more than one."""
-    if len(windows) == 1:
-        return windows[0]
-    s = merge_windows(windows)
-    first = windows[0]
-    inferred = s.frames.inferred
-    conf = sum((w.confidence_mean or 0.0) * w.frames.inferred for w in windows)
-    atc = None if any(w.atc_above is None for w in windows) else sum(w.atc_above or 0 for w in windows)
-    return TelemetryWindow(
-        fleet=first.fleet,
-        device=device,
-        session=first.session,
-        seq=first.seq,
-        start=s.start or first.start,
-        end=s.end or first.end,
-        model=first.model,
-        agent_version=first.agent_version,
-        frames=FrameCounts(**s.frames.model_dump()),
-        class_counts=dict(s.class_counts),
-        histograms={k: Histogram(edges=h.edges, counts=h.counts) for k, h in s.histograms.items()},
-        confidence_mean=conf / inferred if inferred else None,
-        atc_above=atc,
-    )
 
 
 @dataclass
@@ -303,5 +277,5 @@ class DriftService:
             ws = ranges[d]
             mine = [a for a in audit.get(d, []) if ws and ws[0].start <= a.ts < ws[-1].end]
             est = estimate_device_accuracy(ws, ref, mine, regressor)
-            out[d] = DeviceHealth(tuple(t.states), est.estimate, est.interval, est.method)
+            out[d] = DeviceHealth(tuple(t.states), est.estimate, est.interval, est.method, est.labels)
         return out
