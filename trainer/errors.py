@@ -20,6 +20,7 @@ __all__ = [
     "LabelImportError",
     "LabelMismatchError",
     "ReleaseError",
+    "RolloutDecided",
     "StoreError",
 ]
 
@@ -60,3 +61,7 @@ class KeyStoreError(ReleaseError):
 
 class StoreError(EdgeFleetError, ValueError):
     """The trainer's database cannot be opened as given (unsupported URL, missing directory or file)."""
+
+
+class RolloutDecided(EdgeFleetError):
+    """A rollout was promoted or aborted by someone else first: one decision per rollout."""

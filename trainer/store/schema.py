@@ -87,6 +87,7 @@ class Window(Base):
         UniqueConstraint("device", "session", "seq", name="uq_window_key"),
         Index("ix_windows_device_model_start", "device", "model_sha256", "start"),
         Index("ix_windows_model_start", "model_sha256", "start"),
+        Index("ix_windows_fleet_end", "fleet", "end"),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     fleet: Mapped[str] = mapped_column(NAME)
@@ -327,3 +328,126 @@ class DeadLetter(Base):
 
 DEAD_LETTER_KEEP_BYTES = 4096
 """How much of a dead-lettered payload is kept (the full size is recorded beside it)."""
+
+
+class DeviceHealthRecord(Base):
+    """The service's latest judgement of a device on its model: drift state (and the reference it was
+    judged against) and the accuracy estimate with its interval. The console and metrics read it."""
+
+    __tablename__ = "device_health"
+    device: Mapped[str] = mapped_column(NAME, primary_key=True)
+    fleet: Mapped[str] = mapped_column(NAME, index=True)
+    model_sha256: Mapped[str] = mapped_column(SHA)
+    drift_state: Mapped[str | None] = mapped_column(String())
+    """ok, warning, drift, rebasing (None before the first assessed window)."""
+    reference: Mapped[str | None] = mapped_column(String())
+    estimated_accuracy: Mapped[float | None] = mapped_column(Double)
+    low: Mapped[float | None] = mapped_column(Double)
+    high: Mapped[float | None] = mapped_column(Double)
+    method: Mapped[str | None] = mapped_column(String())
+    labels: Mapped[int] = mapped_column(Integer, default=0)
+    """Audit labels the estimate used (PPI++); 0 for a label-free estimate."""
+    frames_per_second: Mapped[float | None] = mapped_column(Double)
+    confidence_mean: Mapped[float | None] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+
+
+class WindowRollup(Base):
+    """An hour or a day of one device's windows on one model, merged exactly (histograms add up), so a
+    30-day chart reads 720 rows, not 43,200 windows. ``payload`` is the merged ``TelemetryWindow``."""
+
+    __tablename__ = "window_rollups"
+    __table_args__ = (
+        UniqueConstraint("device", "model_sha256", "period", "start", name="uq_window_rollup"),
+        Index("ix_window_rollups_device_period_start", "device", "period", "start"),
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    fleet: Mapped[str] = mapped_column(NAME)
+    device: Mapped[str] = mapped_column(NAME)
+    model_sha256: Mapped[str] = mapped_column(SHA)
+    period: Mapped[str] = mapped_column(String())
+    """hour or day."""
+    start: Mapped[float] = mapped_column(Double)
+    """Start of the hour or day (UTC), by window end time."""
+    windows: Mapped[int] = mapped_column(Integer)
+    frames_inferred: Mapped[int] = mapped_column(BigInteger)
+    frames_failed: Mapped[int] = mapped_column(BigInteger)
+    span_s: Mapped[float] = mapped_column(Double)
+    """Seconds covered by the windows (sum of end - start): frames/s = frames_inferred / span_s."""
+    confidence_mean: Mapped[float | None] = mapped_column(Double)
+    estimated_accuracy: Mapped[float | None] = mapped_column(Double)
+    """The label-free estimate of the merged windows against the model's reference, at roll-up time."""
+    payload: Mapped[str] = mapped_column(RawJSON)
+
+
+class RollupCursor(Base):
+    """How far roll-ups have been made: windows that ended before ``rolled_until`` are in them."""
+
+    __tablename__ = "rollup_cursors"
+    period: Mapped[str] = mapped_column(String(), primary_key=True)
+    rolled_until: Mapped[float] = mapped_column(Double)
+
+
+class SampleFlag(Base):
+    """A sample a person marked unusable for training (blurred, privacy filter missed, no class fits)."""
+
+    __tablename__ = "sample_flags"
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"), primary_key=True)
+    flag: Mapped[str] = mapped_column(String())
+    actor: Mapped[str] = mapped_column(String())
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class ConsoleUser(Base):
+    """A person who may log in to the console, with one role (viewer < labeller < operator < admin)."""
+
+    __tablename__ = "console_users"
+    username: Mapped[str] = mapped_column(NAME, primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String())
+    """argon2id, with its parameters (argon2-cffi's encoded form)."""
+    role: Mapped[str] = mapped_column(String())
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class ConsoleSession(Base):
+    """A logged-in browser: the sha256 of its cookie, its CSRF token and when it expires."""
+
+    __tablename__ = "console_sessions"
+    token_sha256: Mapped[str] = mapped_column(SHA, primary_key=True)
+    username: Mapped[str] = mapped_column(
+        ForeignKey("console_users.username", ondelete="CASCADE"), index=True
+    )
+    csrf: Mapped[str] = mapped_column(String())
+    created_at: Mapped[float] = mapped_column(Double)
+    expires_at: Mapped[float] = mapped_column(Double)
+
+
+class ApiToken(Base):
+    """A bearer token for automation, acting as its user (only its sha256 is kept)."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(NAME)
+    username: Mapped[str] = mapped_column(
+        ForeignKey("console_users.username", ondelete="CASCADE"), index=True
+    )
+    token_sha256: Mapped[str] = mapped_column(SHA, unique=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    last_used_at: Mapped[float | None] = mapped_column(Double)
+
+
+class RolloutCheck(Base):
+    """One look of the canary analysis: canary against control at that moment, the test and its p-value,
+    and what it decided. The console draws a rollout's history from these."""
+
+    __tablename__ = "rollout_checks"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), index=True)
+    ts: Mapped[float] = mapped_column(Double)
+    decision: Mapped[str] = mapped_column(String())
+    canary_accuracy: Mapped[float | None] = mapped_column(Double)
+    control_accuracy: Mapped[float | None] = mapped_column(Double)
+    p_noninferior: Mapped[float | None] = mapped_column(Double)
+    canary_windows: Mapped[int] = mapped_column(Integer)
+    control_windows: Mapped[int] = mapped_column(Integer)
+    reasons: Mapped[str | None] = mapped_column(RawJSON)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, Engine, Select, case, delete, func, select, update
+from sqlalchemy import Connection, Engine, Select, case, delete, func, select
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.orm import Session
 
@@ -49,6 +49,7 @@ from trainer.store.schema import (
     Release,
     Rollout,
     Sample,
+    SampleFlag,
     StatusEvent,
     UpdateEventRecord,
     Window,
@@ -143,6 +144,9 @@ class Store:
     def create_schema(self) -> None:
         """Create missing tables (idempotent; migrations come when the schema first changes)."""
         Base.metadata.create_all(self.write_engine)
+        for table in Base.metadata.sorted_tables:  # indexes added to tables that existed already
+            for index in table.indexes:
+                index.create(self.write_engine, checkfirst=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -477,16 +481,6 @@ class Store:
             )
             return int(rid)
 
-    def set_rollout_state(
-        self, rollout_id: int, state: str, *, actor: str, reason: str | None = None
-    ) -> None:
-        """Move a rollout to a new state (promoted, aborted, rolled_back, done) and audit it."""
-        with self.write() as conn:
-            conn.execute(
-                update(Rollout).where(Rollout.id == rollout_id).values(state=state, updated_at=time.time())
-            )
-            insert_audit(conn, actor, f"rollout.{state}", f"rollout/{rollout_id}", {"reason": reason})
-
     def rollouts(self, fleet: str | None = None) -> list[Rollout]:
         q = select(Rollout).order_by(Rollout.id)
         return self._all(q if fleet is None else q.where(Rollout.fleet == fleet))
@@ -707,8 +701,11 @@ class Store:
             return len(fresh)
 
     def unlabelled_samples(self, limit: int | None = None) -> list[Sample]:
-        """Samples without any label, oldest first: the labelling queue."""
-        q = select(Sample).where(~select(Label.id).where(Label.sample_id == Sample.id).exists())
+        """Samples without any label and not flagged unusable, oldest first: the labelling queue."""
+        q = select(Sample).where(
+            ~select(Label.id).where(Label.sample_id == Sample.id).exists(),
+            ~select(SampleFlag.sample_id).where(SampleFlag.sample_id == Sample.id).exists(),
+        )
         return self._all(q.order_by(Sample.ts, Sample.id).limit(limit))
 
     def samples(
@@ -725,11 +722,13 @@ class Store:
         return self._all(q)
 
     def count_labelled_samples(self, since: float | None = None, devices: Sequence[str] | None = None) -> int:
-        """How many samples (taken at or after ``since``, by ``devices``) have at least one label."""
+        """How many samples (taken at or after ``since``, by ``devices``) have at least one label and were
+        not flagged unusable."""
         q = (
             select(func.count())
             .select_from(Sample)
             .where(select(Label.id).where(Label.sample_id == Sample.id).exists())
+            .where(~select(SampleFlag.sample_id).where(SampleFlag.sample_id == Sample.id).exists())
         )
         if since is not None:
             q = q.where(Sample.ts >= since)
