@@ -53,6 +53,30 @@ class MetricsSettings(StrictModel):
     port: int = Field(default=9464, ge=1, le=65535)
 
 
+class ConsoleSettings(StrictModel):
+    """The fleet manager console (``edgefleet console``; ``trainer serve`` starts it when configured)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8090, ge=0, le=65535)
+    tls_cert: Path | None = None
+    """Serve HTTPS with this certificate chain (and ``tls_key``); session cookies are then Secure."""
+    tls_key: Path | None = None
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    login_attempts: int = Field(default=5, ge=1)
+    """Failed logins allowed per client address and per user name in 5 minutes."""
+    refresh_s: float = Field(default=5.0, ge=1)
+    """How often open pages refresh themselves."""
+
+
+class RetentionSettings(StrictModel):
+    """Hour and day roll-ups of telemetry, and how long raw windows are kept (trainer/store/rollups.py)."""
+
+    keep_raw_days: float = Field(default=14.0, gt=0)
+    """Raw windows are deleted this many days after they ended, once they are in the hour roll-ups."""
+    rollup_every_s: float = Field(default=300.0, gt=0)
+    """How often the service rolls up complete hours and days and purges old raw windows."""
+
+
 class TrainerServiceConfig(StrictModel):
     fleet: Identifier
     mqtt: MqttSettings
@@ -79,6 +103,10 @@ class TrainerServiceConfig(StrictModel):
     """Serve Prometheus metrics (off unless configured)."""
     homeassistant: HomeAssistantSettings | None = None
     """Home Assistant MQTT discovery of every device (off unless configured)."""
+    console: ConsoleSettings | None = None
+    """Serve the fleet manager console from the service's process (off unless configured)."""
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    """Telemetry roll-ups (what 30-day charts read) and raw-window retention."""
     webhooks: list[WebhookSettings] = Field(default_factory=list)
     """Alert receivers: each alert of the chosen kinds is POSTed, signed, retried, kept until delivered."""
 

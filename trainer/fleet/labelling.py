@@ -25,6 +25,7 @@ from trainer.drift.accuracy import audit_label
 from trainer.drift.ppi import AuditLabel
 from trainer.errors import LabelImportError
 from trainer.store import Store
+from trainer.store.console_queries import flagged_sample_ids
 
 CSV_FIELDS = ("sample_id", "device", "ts", "reason", "predicted", "image", "label")
 
@@ -167,6 +168,8 @@ def field_dataset(
     screened (:func:`~trainer.data.screening.screen_field`; the share caps against a training set of
     ``base_size`` original images, none without it); each kept sample records its provenance (sample id, device, labeller, when)."""
     newest = {lab.sample_id: lab for lab in store.labels()}  # ordered by id: the last one wins
+    for sid in flagged_sample_ids(store):  # a person marked it unusable (console): never trained on
+        newest.pop(sid, None)
     candidates: dict[int, tuple[Any, np.ndarray]] = {}
     items: list[FieldLabel] = []
     for s in store.samples(ids=list(newest)):
@@ -238,6 +241,8 @@ def audit_labels(
     newest: dict[int, str] = {}
     for lab in store.labels([s.id for s, _ in audit]) if audit else []:
         newest[lab.sample_id] = lab.label
+    for sid in flagged_sample_ids(store) if audit else ():  # unusable: its label says nothing
+        newest.pop(sid, None)
     out: dict[str, list[AuditLabel]] = {}
     for s, prov in audit:
         label = newest.get(s.id)

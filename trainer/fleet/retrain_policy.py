@@ -36,6 +36,8 @@ class DeviceHealth:
     """95% interval of the estimate (normal approximation; only with audit labels)."""
     method: str = "atc"
     """How it was estimated: ``ppi++``, ``regressor``, ``calibrated``, ``atc``, ``average_confidence``."""
+    labels: int = 0
+    """Audit labels the estimate used (PPI++)."""
 
 
 @dataclass(frozen=True)

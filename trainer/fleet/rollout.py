@@ -19,10 +19,12 @@ from edge_agent.package import ModelPackage
 from edge_agent.protocol import TelemetryWindow
 from edge_agent.updater.cohort import Cohort, in_cohort
 from trainer.drift.accuracy import window_estimator
+from trainer.errors import RolloutDecided
 from trainer.fleet.messaging import FleetPublisher
 from trainer.fleet.rollout_policy import CanaryVerdict, RolloutConfig, compare_canary
 from trainer.release.repository import ReleaseRecord, ReleaseRepository
 from trainer.store import Store
+from trainer.store.console_queries import claim_rollout, record_rollout_check, reopen_rollout
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,13 @@ class RolloutManager:
         by_hand = self._decided_elsewhere(a)
         if by_hand is not None:
             return by_hand
+        try:
+            return self._decide(a, now)
+        except RolloutDecided:  # a person decided between this poll's first look and now
+            return self._decided_elsewhere(a)
+
+    def _decide(self, a: ActiveRollout, now: float) -> RolloutOutcome | None:
+        """Roll back on a crashed canary device, else on the analysis (kept as a rollout check)."""
         crashed = [
             e
             for e in self.store.update_events(since=a.started, state="rolled_back")
@@ -136,6 +145,24 @@ class RolloutManager:
             return self.rollback(
                 f"canary device(s) rolled back on their own: {', '.join(devices)}", actor="trainer"
             )
+        verdict = self._verdict(a)
+        record_rollout_check(self.store, a.rollout_id, now, _check_fields(verdict))
+        if verdict.decision == "promote":
+            return self.promote("; ".join(verdict.reasons), actor="trainer", verdict=verdict)
+        if verdict.decision == "rollback":
+            return self.rollback("; ".join(verdict.reasons), actor="trainer", verdict=verdict)
+        if verdict.canary_windows < self.cfg.min_windows and now - a.started > self.cfg.max_wait_s:
+            return self.rollback(
+                f"only {verdict.canary_windows} canary window(s) {now - a.started:.0f} s after the "
+                "release: the canary devices are silent",
+                actor="trainer",
+                verdict=verdict,
+            )
+        return None
+
+    def _verdict(self, a: ActiveRollout) -> CanaryVerdict:
+        """The canary cohort on the candidate against the control group on the champion, since the start
+        (and before it, for each group's own baseline)."""
 
         def split(ws: list[TelemetryWindow]) -> tuple[list[TelemetryWindow], list[TelemetryWindow]]:
             return [w for w in ws if in_cohort(w.device, a.cohort)], [
@@ -163,19 +190,7 @@ class RolloutManager:
             m = self.store.manifest(sha)
             refs[sha] = m.reference if m is not None else None
         estimate = window_estimator(refs)
-        verdict = compare_canary(canary, control, self.cfg, canary_before, control_before, estimate=estimate)
-        if verdict.decision == "promote":
-            return self.promote("; ".join(verdict.reasons), actor="trainer", verdict=verdict)
-        if verdict.decision == "rollback":
-            return self.rollback("; ".join(verdict.reasons), actor="trainer", verdict=verdict)
-        if verdict.canary_windows < self.cfg.min_windows and now - a.started > self.cfg.max_wait_s:
-            return self.rollback(
-                f"only {verdict.canary_windows} canary window(s) {now - a.started:.0f} s after the "
-                "release: the canary devices are silent",
-                actor="trainer",
-                verdict=verdict,
-            )
-        return None
+        return compare_canary(canary, control, self.cfg, canary_before, control_before, estimate=estimate)
 
     def _decided_elsewhere(self, a: ActiveRollout) -> RolloutOutcome | None:
         """A person promoted or aborted this canary (``edgefleet rollout``) since the last poll."""
@@ -188,9 +203,20 @@ class RolloutManager:
         decision: Literal["promote", "rollback"] = "promote" if row.state == "promoted" else "rollback"
         return RolloutOutcome(decision, [f"{row.state} by hand (edgefleet rollout)"], rec)
 
+    def _claim(self, a: ActiveRollout, state: str, actor: str, reason: str) -> None:
+        """Take the decision on ``a`` (RolloutDecided if someone else took it first)."""
+        if not claim_rollout(self.store, a.rollout_id, state, actor=actor, reason=reason):
+            raise RolloutDecided(f"rollout {a.rollout_id} ({a.version}) was already decided")
+
     def promote(self, reason: str, *, actor: str, verdict: CanaryVerdict | None = None) -> RolloutOutcome:
+        """Make the canary's model stable for every device (RolloutDecided if it was decided already)."""
         a = self._require_active()
-        rec = self.repo.promote(self.fleet, self.model)
+        self._claim(a, "promoted", actor, reason)
+        try:
+            rec = self.repo.promote(self.fleet, self.model)
+        except Exception as exc:
+            reopen_rollout(self.store, a.rollout_id, actor=actor, why=f"{type(exc).__name__}: {exc}")
+            raise
         rid = self.store.record_release(
             fleet=self.fleet,
             channel="stable",
@@ -199,7 +225,6 @@ class RolloutManager:
             details={"release": rec.release, "promoted_from": a.release.release},
         )
         self.store.record_rollout(release_id=rid, fleet=self.fleet, actor=actor, state="done", cohort="all")
-        self.store.set_rollout_state(a.rollout_id, "promoted", actor=actor, reason=reason)
         self._announce(rec)
         self.active = None
         return RolloutOutcome("promote", [reason], rec, verdict)
@@ -207,6 +232,7 @@ class RolloutManager:
     def rollback(self, reason: str, *, actor: str, verdict: CanaryVerdict | None = None) -> RolloutOutcome:
         """Roll the canary cohort forward onto the champion's artifact (a new, higher release)."""
         a = self._require_active()
+        self._claim(a, "rolled_back", actor, reason)
         champion = max(
             (
                 r
@@ -216,10 +242,13 @@ class RolloutManager:
             key=lambda r: r.release,
             default=None,
         )
-        rec = self.repo.rollback(
-            self.fleet, self.model, "canary", to_release=champion.release if champion else None
-        )
-        self.store.set_rollout_state(a.rollout_id, "rolled_back", actor=actor, reason=reason)
+        try:
+            rec = self.repo.rollback(
+                self.fleet, self.model, "canary", to_release=champion.release if champion else None
+            )
+        except Exception as exc:
+            reopen_rollout(self.store, a.rollout_id, actor=actor, why=f"{type(exc).__name__}: {exc}")
+            raise
         self._announce(rec)
         self.active = None
         return RolloutOutcome("rollback", [reason], rec, verdict)
@@ -228,3 +257,60 @@ class RolloutManager:
         if self.active is None:
             raise RuntimeError("no canary is running")
         return self.active
+
+
+def _check_fields(v: CanaryVerdict) -> dict[str, object]:
+    """A verdict as a ``rollout_checks`` row."""
+    return {
+        "decision": v.decision,
+        "canary_accuracy": v.canary_accuracy,
+        "control_accuracy": v.control_accuracy,
+        "p_noninferior": v.p_noninferior,
+        "canary_windows": v.canary_windows,
+        "control_windows": v.control_windows,
+        "reasons": v.reasons,
+    }
+
+
+def decide_by_hand(
+    store: Store,
+    repo: ReleaseRepository,
+    publisher: FleetPublisher | None,
+    *,
+    fleet: str,
+    model: str,
+    action: Literal["promote", "abort"],
+    reason: str,
+    actor: str,
+    rollout_id: int | None = None,
+) -> RolloutOutcome:
+    """A person's promote or abort of the fleet's running canary (``edgefleet rollout``, the console).
+
+    RolloutDecided when there is no running canary (or not ``rollout_id``), or another decision won;
+    the service notices the decision at its next poll."""
+    active = [
+        r for r in store.rollouts(fleet) if r.state == "active" and (r.cohort or "").startswith("canary")
+    ]
+    if rollout_id is not None:
+        active = [r for r in active if r.id == rollout_id]
+    if not active:
+        raise RolloutDecided(
+            f"rollout {rollout_id} is not a running canary"
+            if rollout_id
+            else f"no canary is running in {fleet}"
+        )
+    canary, stable = repo.current("canary", fleet, model), repo.current("stable", fleet, model)
+    if canary is None or stable is None or canary.cohort is None:
+        raise RolloutDecided(f"the repository has no canary release with a cohort for {model} in {fleet}")
+    mgr = RolloutManager(store, repo, publisher, fleet=fleet, model=model, cfg=RolloutConfig())
+    row = active[-1]
+    mgr.active = ActiveRollout(
+        row.id,
+        canary,
+        canary.package_sha256,
+        stable.package_sha256,
+        canary.cohort,
+        row.started_at,
+        canary.version,
+    )
+    return mgr.promote(reason, actor=actor) if action == "promote" else mgr.rollback(reason, actor=actor)

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.package import ModelPackage, load_package
+from edge_agent.package import ModelManifest, ModelPackage, load_package
 from edge_agent.protocol import Alert, ModelRef
+from trainer.drift.accuracy import window_estimator
 from trainer.drift.detector import Transition
 from trainer.fleet.config import TrainerServiceConfig
 from trainer.fleet.drift_service import FLEET_KEY, DriftService
@@ -45,8 +46,17 @@ from trainer.ingest.worker import IngestConfig, IngestWorker
 from trainer.release.repository import ReleaseRepository
 from trainer.release.server import ReleaseServer
 from trainer.store import Store
+from trainer.store.console_queries import HealthRow, put_device_health
+from trainer.store.rollups import purge_windows, roll_up
 
 log = logging.getLogger(__name__)
+
+ROLLUP_HOURS_PER_TICK = 2
+"""Hours rolled up per tick at most (~15 s each for 1,000 devices): a catch-up over weeks of windows
+spreads over many ticks instead of stalling the loop."""
+
+HEALTH_RATE_WINDOW_S = 120.0
+"""Frames per second and mean confidence in the stored device health are over this span."""
 
 
 @dataclass
@@ -138,6 +148,8 @@ class TrainerService:
         self.homeassistant: HomeAssistantBridge | None = None
         self.webhooks: WebhookDispatcher | None = None
         self._ha_due = 0.0
+        self._rollup_due = 0.0
+        self._health_due = 0.0
 
     @property
     def repo_url(self) -> str:
@@ -268,10 +280,12 @@ class TrainerService:
         """One pass of every stage; a stage that fails is logged and counted, the others still run."""
         for stage in (
             self._drift_step,
+            self._health_step,
             self._label_step,
             self._retrain_step,
             self._rollout_step,
             self._homeassistant_step,
+            self._rollup_step,
         ):
             try:
                 stage(now)
@@ -293,6 +307,59 @@ class TrainerService:
                 reference=own.label,
                 windows=own.windows,
                 differs=list(own.differs),
+            )
+
+    def _health_step(self, now: float) -> None:
+        """Each device's estimate and drift state on the champion, kept for the retraining policy and
+        written to the store, where the console and metrics read them."""
+        if self.champion is None or now < self._health_due:
+            return
+        self._health_due = now + min(self.cfg.slot_s / 2, 30.0)  # drift states change once per slot
+        sha = self.champion.sha256
+        self.last_health = health = self.drift.health(sha)
+        activity = self.store.recent_activity(self.cfg.fleet, now - HEALTH_RATE_WINDOW_S)
+        rows = {}
+        for device, h in health.items():
+            act = activity.get(device)
+            rows[device] = HealthRow(
+                model_sha256=sha,
+                drift_state=self.drift.state(sha, device),
+                reference=self.drift.reference_of(sha, device),
+                estimated_accuracy=h.estimated_accuracy,
+                low=h.interval[0] if h.interval else None,
+                high=h.interval[1] if h.interval else None,
+                method=h.method,
+                labels=h.labels,
+                frames_per_second=act.frames_per_second if act else None,
+                confidence_mean=act.confidence_mean if act else None,
+            )
+        put_device_health(self.store, self.cfg.fleet, rows, now)
+
+    def _rollup_step(self, now: float) -> None:
+        """Hour and day roll-ups of the telemetry (trainer/store/rollups.py), then the raw windows past
+        ``retention.keep_raw_days``; every ``retention.rollup_every_s``, or on the next tick while a
+        catch-up is under way (a few hours per tick, so the other stages keep running)."""
+        if now < self._rollup_due:
+            return
+        retention = self.cfg.retention
+        references = {
+            m.sha256: ModelManifest.model_validate_json(m.manifest).reference for m in self.store.models()
+        }
+        made = roll_up(
+            self.store,
+            until=now - self.cfg.grace_s,
+            estimate=window_estimator(references),
+            max_hours=ROLLUP_HOURS_PER_TICK,
+        )
+        self._rollup_due = now if made["more"] else now + retention.rollup_every_s
+        purged = purge_windows(self.store, keep_days=retention.keep_raw_days, now=now)
+        if made["hour"] or made["day"] or made["late"] or purged:
+            log.info(
+                "roll-ups: %d hour, %d day, %d late window(s) merged; %d raw window(s) purged",
+                made["hour"],
+                made["day"],
+                made["late"],
+                purged,
             )
 
     def _homeassistant_step(self, now: float) -> None:
@@ -402,8 +469,7 @@ class TrainerService:
             return
         if self.champion is None or (self.rollout and self.rollout.active):
             return
-        health = self.drift.health(self.champion.sha256)
-        self.last_health = health
+        health = self.last_health
         ref = self.champion.manifest.reference
         # The drifted slice: labels from the devices that triggered (an empty trigger counts nothing).
         d = decide_retrain(
