@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo demo-photos bench lint mosquitto broker-plugin ha-venv clean
+.PHONY: install test demo demo-console demo-photos bench lint mosquitto chromium broker-plugin ha-venv clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml constraints.txt
 mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 		{ echo "installing mosquitto with apt-get"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q mosquitto; }
+
+# Debian's Chromium for the console's browser tests (Playwright drives it; no browser download).
+chromium:
+	@test -x /usr/bin/chromium || \
+		{ echo "installing chromium with apt-get"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
 # The broker guard plugin (deploy/mosquitto/edgefleet_guard.c): the deployed broker config loads it.
 GUARD := build/edgefleet_guard.so
@@ -43,11 +48,15 @@ $(HA_VENV)/bin/hass:
 	$(PY) -m venv $(HA_VENV)
 	$(HA_VENV)/bin/pip install -q --disable-pip-version-check homeassistant==2024.3.3 paho-mqtt==1.6.1 janus==1.0.0
 
-test: $(STAMP) mosquitto $(GUARD) $(HA_VENV)/bin/hass
+test: $(STAMP) mosquitto chromium $(GUARD) $(HA_VENV)/bin/hass
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 demo: $(STAMP) mosquitto
 	$(BIN)/edgefleet demo
+
+# The demo, then its console stays up (URL and login printed) until Ctrl-C.
+demo-console: $(STAMP) mosquitto
+	$(BIN)/edgefleet demo --console
 
 demo-photos: $(STAMP) mosquitto
 	$(BIN)/python -m trainer.sim.demo_photos

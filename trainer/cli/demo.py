@@ -12,6 +12,7 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--embedded-broker", action="store_true", help="use the embedded amqtt broker, not mosquitto"
     )
+    p.add_argument("--console", action="store_true", help="keep the console up after the demo until Ctrl-C")
     p.set_defaults(func=_demo)
 
 
@@ -21,4 +22,5 @@ def _demo(args: argparse.Namespace) -> int:
     argv = ["--fast"] if args.fast else []
     argv += ["--workdir", args.workdir] if args.workdir else []
     argv += ["--embedded-broker"] if args.embedded_broker else []
+    argv += ["--console"] if args.console else []
     return main(argv)

@@ -42,10 +42,18 @@ def _serve(args: argparse.Namespace) -> int:
         from edge_agent.package import load_package
 
         service.adopt_champion(load_package(args.champion))
+    console = None
+    if cfg.console is not None:
+        from trainer.console.server import ConsoleServer, context_for
+
+        console = ConsoleServer(context_for(cfg, service.store, cfg.console), cfg.console).start()
+        print(f"console at {console.url}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
+    if console is not None:
+        console.stop()
     service.stop()
     return 0
 
@@ -134,27 +142,17 @@ def _print_rollouts(rollouts: list[Any]) -> None:
 
 
 def _rollout(args: argparse.Namespace) -> int:
-    from trainer.fleet.rollout import ActiveRollout, RolloutManager
-    from trainer.fleet.rollout_policy import RolloutConfig
+    from trainer.errors import RolloutDecided
+    from trainer.fleet.rollout import decide_by_hand
     from trainer.release.repository import ReleaseRepository
     from trainer.store import Store
 
     repo = ReleaseRepository(args.repo)
     with Store(args.db, create=False) as store:
-        rollouts = store.rollouts(args.fleet)
         if args.rollout_action == "status":
-            _print_rollouts(rollouts)
+            _print_rollouts(store.rollouts(args.fleet))
             return 0
         model = _rollout_model(repo, args.fleet, args.model)
-        active = [r for r in rollouts if r.state == "active" and (r.cohort or "").startswith("canary")]
-        if not active:
-            print("no canary is running")
-            return 1
-        canary = repo.current("canary", args.fleet, model)
-        stable = repo.current("stable", args.fleet, model)
-        if canary is None or stable is None or canary.cohort is None:
-            print("the repository has no canary release with a cohort for this model")
-            return 1
         publisher = None
         if args.broker:
             from trainer.fleet.messaging import FleetPublisher
@@ -162,23 +160,22 @@ def _rollout(args: argparse.Namespace) -> int:
 
             settings = mqtt_settings(args.broker, args.ca, args.cert, args.key)
             publisher = FleetPublisher(settings, args.fleet)
-        mgr = RolloutManager(store, repo, publisher, fleet=args.fleet, model=model, cfg=RolloutConfig())
-        mgr.active = ActiveRollout(
-            active[-1].id,
-            canary,
-            canary.package_sha256,
-            stable.package_sha256,
-            canary.cohort,
-            active[-1].started_at,
-            canary.version,
-        )
-        actor = getpass.getuser()
-        out = (
-            mgr.promote(args.reason, actor=actor)
-            if args.rollout_action == "promote"
-            else mgr.rollback(args.reason, actor=actor)
-        )
+        try:
+            out = decide_by_hand(
+                store,
+                repo,
+                publisher,
+                fleet=args.fleet,
+                model=model,
+                action="promote" if args.rollout_action == "promote" else "abort",
+                reason=args.reason,
+                actor=getpass.getuser(),
+            )
+        except RolloutDecided as exc:
+            print(exc)
+            return 1
+        finally:
+            if publisher:
+                publisher.close()
         print(f"{out.decision}: release {out.release.release} on {out.release.channel}")
-        if publisher:
-            publisher.close()
     return 0

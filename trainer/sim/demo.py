@@ -72,6 +72,10 @@ class DemoSettings:
     train: dict[str, Any] = field(default_factory=dict)
     embedded_broker: bool = False
     """Use the embedded amqtt broker even where mosquitto is installed."""
+    console_port: int | None = 8090
+    """Serve the console while the demo runs (None: no console; a busy port falls back to a free one)."""
+    keep_console: bool = False
+    """Keep the console up after the demo until Ctrl-C (``edgefleet demo --console``)."""
 
     @classmethod
     def fast(cls) -> DemoSettings:
@@ -177,6 +181,44 @@ def _start_broker(workdir: Path, embedded: bool = False) -> Any:
     return EmbeddedBroker().start()
 
 
+def _start_console(
+    s: DemoSettings,
+    cfg: TrainerServiceConfig,
+    service: TrainerService,
+    stack: contextlib.ExitStack,
+    timeline: Timeline,
+) -> None:
+    """The console on the demo's store, with a fresh admin login printed for the person watching;
+    with ``keep_console`` it stays up after the demo until Ctrl-C."""
+    from trainer.console.auth import hash_password, new_token
+    from trainer.console.server import ConsoleServer, context_for
+    from trainer.fleet.config import ConsoleSettings
+    from trainer.store.console_users import add_user
+
+    password = new_token()[:16]
+    add_user(service.store, "demo", hash_password(password), "admin", actor="demo")
+    settings = ConsoleSettings(port=s.console_port or 0, refresh_s=3.0)
+    try:
+        console = ConsoleServer(context_for(cfg, service.store, settings), settings).start()
+    except (RuntimeError, OSError, SystemExit):  # the port is taken: any free one will do
+        settings = ConsoleSettings(port=0, refresh_s=3.0)
+        console = ConsoleServer(context_for(cfg, service.store, settings), settings).start()
+    stack.callback(console.stop)
+    if s.keep_console:
+        stack.callback(_wait_for_ctrl_c, console.url)
+    timeline.add("console", f"console at {console.url} (user demo, password {password})")
+    print(f"\n>>> watch it in the console: {console.url}  user: demo  password: {password}\n", flush=True)
+
+
+def _wait_for_ctrl_c(url: str) -> None:
+    print(f"\nthe demo is over; the console stays up at {url} until Ctrl-C", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("console stopped")
+
+
 def _train_v1(s: DemoSettings, work: Path, timeline: Timeline) -> ModelPackage:
     """The first model, trained in a child process like every retraining run (its log: v1/train.log)."""
     spec = RetrainSpec(
@@ -238,6 +280,8 @@ def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, A
         cfg = _service_config(s, workdir, fleet, broker)
         service = TrainerService(cfg, labeller=oracle_label, timeline=timeline).start()
         stack.callback(service.stop)
+        if s.console_port is not None:
+            _start_console(s, cfg, service, stack, timeline)
         factory = build_tiny_package(workdir / "factory", version="0.1.0", name="placeholder")
         root = workdir / "root.json"
         root.write_bytes(service.repo.root_bytes())
@@ -584,9 +628,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--embedded-broker", action="store_true", help="use the embedded amqtt broker, not mosquitto"
     )
+    ap.add_argument("--console", action="store_true", help="keep the console up after the demo until Ctrl-C")
     args = ap.parse_args(argv)
     settings = DemoSettings.fast() if args.fast else DemoSettings()
     settings.embedded_broker = args.embedded_broker
+    settings.keep_console = args.console
     run_demo(settings, Path(args.workdir))
     return 0
 

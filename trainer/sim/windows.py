@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Mapping
 
 from edge_agent.protocol import FrameCounts, ModelRef, TelemetryWindow
 from edge_agent.telemetry.aggregator import FrameResult, TelemetryAggregator
@@ -38,8 +39,13 @@ def windows(
     start: float = 1_700_000_000.0,
     seed: int = 0,
     first_seq: int = 0,
+    window_s: float = 10.0,
+    num_classes: int = NUM_CLASSES,
+    edges: Mapping[str, list[float]] | None = None,
+    confidence_beta: tuple[float, float] = (5.0, 2.0),
 ) -> list[TelemetryWindow]:
-    """``count`` consecutive windows of one device session, 10 s each."""
+    """``count`` consecutive windows of one device session, ``window_s`` each, for a model of
+    ``num_classes`` classes (histogram ``edges`` default to the agent's for that many)."""
     rng = random.Random(seed)
     agg = TelemetryAggregator(
         fleet=fleet,
@@ -47,9 +53,9 @@ def windows(
         session=session,
         model=model or model_ref(),
         agent_version="0.1.0",
-        edges=default_edges(NUM_CLASSES),
+        edges=edges or default_edges(num_classes),
         now=start,
-        window_seconds=10.0,
+        window_seconds=window_s,
         atc_threshold=0.5,
         first_seq=first_seq,
     )
@@ -57,11 +63,11 @@ def windows(
     t = start
     for _ in range(count):
         for _ in range(frames_per_window):
-            conf = rng.betavariate(5, 2)
+            conf = rng.betavariate(*confidence_beta)
             agg.add(
                 FrameResult(
                     output=OutputFeatures(
-                        rng.randrange(NUM_CLASSES), conf, rng.uniform(0, 4), conf * rng.random()
+                        rng.randrange(num_classes), conf, rng.uniform(0, 4), conf * rng.random()
                     ),
                     inputs=InputStatistics(
                         rng.random(), rng.uniform(0, 0.4), rng.uniform(1, 4), rng.random()
@@ -74,7 +80,7 @@ def windows(
                 )
             )
         agg.add_counts(captured=frames_per_window)
-        t += 10.0
+        t += window_s
         out.append(agg.close(t))
     return out
 

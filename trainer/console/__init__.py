@@ -1,0 +1,1 @@
+"""The fleet manager console: REST API and pages on the trainer's store."""

@@ -1,0 +1,76 @@
+"""Serving the console: from a trainer.yaml (its store, repository, broker and ``console:`` section),
+with uvicorn, in the foreground (``edgefleet console``) or on a thread beside the service."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import uvicorn
+
+from trainer.console.app import create_app
+from trainer.console.auth import LoginLimiter
+from trainer.console.deps import ConsoleContext
+from trainer.fleet.config import ConsoleSettings, TrainerServiceConfig
+from trainer.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def context_for(cfg: TrainerServiceConfig, store: Store, settings: ConsoleSettings) -> ConsoleContext:
+    """The console of one trainer service's fleet."""
+    return ConsoleContext(
+        store=store,
+        fleet=cfg.fleet,
+        model=cfg.training.model,
+        repo_path=cfg.release.repo,
+        mqtt=cfg.mqtt,
+        secure_cookies=settings.tls_cert is not None,
+        session_ttl_s=settings.session_hours * 3600,
+        refresh_s=settings.refresh_s,
+        limiter=LoginLimiter(settings.login_attempts),
+    )
+
+
+class ConsoleServer:
+    """uvicorn on a thread of its own: ``start()`` returns once it listens, ``stop()`` ends it."""
+
+    def __init__(self, ctx: ConsoleContext, settings: ConsoleSettings) -> None:
+        self.settings = settings
+        self.app = create_app(ctx)
+        config = uvicorn.Config(
+            self.app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            access_log=False,
+            ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+            ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        )
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.settings.tls_cert else "http"
+        port = self.settings.port
+        if self.server.started and self.server.servers:
+            port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"{scheme}://{self.settings.host}:{port}"
+
+    def start(self, timeout: float = 20.0) -> ConsoleServer:
+        self._thread = threading.Thread(target=self.server.run, name="console", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the console did not start on {self.settings.host}:{self.settings.port}")
+            time.sleep(0.05)
+        log.info("console at %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
