@@ -24,6 +24,7 @@ from trainer.errors import KeyStoreError, ReleaseError
 from trainer.release.repository import Expiry, ReleaseRepository
 from trainer.release.server import ReleaseServer
 from trainer.sim.tiny import build_tiny_package
+from trainer.store import Store
 
 from .mqtt_helpers import wait_until
 
@@ -283,3 +284,38 @@ def test_release_cli(tmp_path: Path, packages: dict[str, Path]) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "unknown channel 'nightly'" in bad.stderr
+
+
+def test_a_canary_published_by_hand_can_be_promoted_by_hand(
+    tmp_path: Path, packages: dict[str, Path]
+) -> None:
+    """``release publish --db`` records the canary as a rollout, so ``rollout promote`` finds it (it used
+    to say "no canary is running" for a canary the service had not published itself)."""
+
+    def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run(
+            [sys.executable, "-m", "edge_agent.cli", *args], capture_output=True, text=True, timeout=60
+        )
+        assert (p.returncode == 0) == ok, (p.stdout, p.stderr)
+        return p
+
+    repo, db = str(tmp_path / "repo"), f"sqlite:///{tmp_path / 'fleet.db'}"
+    run("release", "init", "--repo", repo)
+    common = ("--repo", repo, "--fleet", "shop", "--db", db)
+    assert (
+        "rollout 1 (all)"
+        in run("release", "publish", str(packages["1.0.0"]), "--channel", "stable", *common).stdout
+    )
+    out = run(
+        "release", "publish", str(packages["2.0.0"]), "--channel", "canary", "--canary-share", "0.2", *common
+    )
+    assert "rollout 2 (canary:2000bp)" in out.stdout
+    rollout = ("rollout", "promote", "--repo", repo, "--fleet", "shop", "--db", db, "--reason", "looks good")
+    assert "promote: release 3 on stable" in run(*rollout).stdout
+    assert "no canary is running" in run(*rollout, ok=False).stdout  # decided once, not twice
+    with Store(db) as store:
+        assert [r.state for r in store.rollouts("shop")] == ["done", "promoted", "done"]
+        assert [e.action for e in store.audit_log(subject="rollout/2")] == [
+            "rollout.start",
+            "rollout.promoted",
+        ]

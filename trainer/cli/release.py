@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from edge_agent.updater.cohort import Cohort
 
@@ -69,6 +70,11 @@ def _register_signing(rs: argparse._SubParsersAction) -> None:
         "--canary-share", type=float, help="canary only: share of the fleet (0..1) that takes it"
     )
     pub.add_argument("--cohort-salt", help="salt of the canary cohort hash (default: the fleet name)")
+    pub.add_argument(
+        "--db",
+        help="the trainer's database: record the release (and a canary's rollout) so the service, "
+        "`edgefleet rollout` and the console know of it",
+    )
     add_hint_broker(pub)
     pub.set_defaults(func=_publish)
 
@@ -189,8 +195,36 @@ def _publish(args: argparse.Namespace) -> int:
         hardware=hw,
         cohort=cohort,
     )
+    if args.db:
+        _record(args, rec)
     _announce(args, repo, rec)
     return 0
+
+
+def _record(args: argparse.Namespace, rec: Any) -> None:
+    """The release in the trainer's store, as the service records its own: a canary with a cohort is an
+    active rollout people can promote or abort; anything else is sent to the whole fleet."""
+    import getpass
+
+    from edge_agent.package import load_package
+    from trainer.store import Store
+
+    actor = getpass.getuser()
+    with Store(args.db) as store:
+        store.register_package(load_package(args.package), actor=actor)
+        rid = store.record_release(
+            fleet=rec.fleet,
+            channel=rec.channel,
+            model_sha256=rec.package_sha256,
+            actor=actor,
+            details={"release": rec.release, "version": rec.version},
+        )
+        canary = rec.cohort is not None and rec.channel == "canary"
+        cohort = f"canary:{rec.cohort.share_bp}bp" if canary else "all"
+        rollout = store.record_rollout(
+            release_id=rid, fleet=rec.fleet, actor=actor, cohort=cohort, state="active" if canary else "done"
+        )
+    print(f"recorded in the trainer's store: release {rid}, rollout {rollout} ({cohort})")
 
 
 def _promote(args: argparse.Namespace) -> int:
