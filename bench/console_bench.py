@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -234,19 +235,53 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--days", type=int, default=30)
     ap.add_argument("--requests", type=int, default=40)
-    ap.add_argument("--db", help="a database URL (default: a fresh SQLite file under build/)")
+    ap.add_argument(
+        "--dialects",
+        default="sqlite,postgresql",
+        help="comma-separated: sqlite (a fresh file under build/) and/or postgresql (a fresh database "
+        f"on {PG_SERVER}, EDGEFLEET_BENCH_PG)",
+    )
     args = ap.parse_args(argv)
+    for dialect in args.dialects.split(","):
+        _run(dialect.strip(), args)
+    return 0
+
+
+PG_SERVER = os.environ.get("EDGEFLEET_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def _fresh_db(dialect: str, work: Path) -> str:
+    """A URL of an empty database for this run."""
+    if dialect == "sqlite":
+        return f"sqlite:///{work / 'console.db'}"
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(PG_SERVER)
+    kw = {
+        "host": u.host,
+        "port": u.port or 5432,
+        "user": u.username,
+        "dbname": u.database,
+        "autocommit": True,
+    }
+    with psycopg.connect(**kw) as conn:
+        conn.execute('DROP DATABASE IF EXISTS "ef_console_bench" WITH (FORCE)')
+        conn.execute('CREATE DATABASE "ef_console_bench"')
+    return u.set(database="ef_console_bench").render_as_string(hide_password=False)
+
+
+def _run(dialect: str, args: argparse.Namespace) -> None:
+    import shutil
+
     from tests.console_fixtures import Seeded
     from trainer.sim.console_seed import seed_console
     from trainer.store import Store
 
     work = ROOT / "build" / "bench-console"
-    if args.db is None:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-    store = Store(args.db or f"sqlite:///{work / 'console.db'}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    store = Store(_fresh_db(dialect, work))
     now = time.time()
     t0 = time.perf_counter()
     seed = seed_console(store, work / "seed", devices=4, hours=1.0, now=now)
@@ -268,11 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"console-{store.dialect}.json").write_text(json.dumps(doc, indent=1))
+    print(f"{store.dialect}: {args.devices} devices, {args.days} days")
     print(f"{'read':28} {'p50 ms':>8} {'p95 ms':>8}")
     for name, r in results.items():
         print(f"{name:28} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f}")
     store.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ EXTRA = {
     "demo": "bench.demo_bench",
     "fuzz": "bench.fuzz_bench",
     "soak": "bench.soak_bench",
+    "console": "bench.console_bench",
 }
 
 

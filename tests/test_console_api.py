@@ -131,10 +131,13 @@ def test_every_api_get_route_answers_a_viewer(seeded: Seeded) -> None:
     [fleet] = c.get(f"{API}/fleets").json()
     assert (fleet["fleet"], fleet["devices"], fleet["online"]) == ("shop", 12, 9)
     assert fleet["by_state"] == {"online": 9, "offline": 3} and fleet["by_drift"]["drift"] == 3
-    assert {m["sha256"] for m in c.get(f"{API}/models").json()} == {
+    assert {m["sha256"] for m in c.get(f"{API}/models").json()["items"]} == {
         seeded.seed.champion.sha256, seeded.seed.candidate.sha256}  # fmt: skip
     assert {ch["channel"] for ch in c.get(f"{API}/channels").json()} == {"stable", "canary"}
-    assert len(c.get(f"{API}/releases").json()) == 2
+    assert c.get(f"{API}/releases").json()["total"] == 2
+    assert [r["id"] for r in c.get(f"{API}/releases", params={"limit": 1, "offset": 1}).json()["items"]] == [1]
+    rollouts = c.get(f"{API}/rollouts").json()
+    assert rollouts["total"] == 2 and rollouts["items"][0]["id"] == seeded.seed.rollout_id  # newest first
     detail = c.get(f"{API}/rollouts/{seeded.seed.rollout_id}").json()
     assert detail["state"] == "active" and len(detail["checks"]) == 4
     progress = c.get(f"{API}/labelling/progress").json()
@@ -157,7 +160,7 @@ def test_device_list_filters_search_sort_and_pages(seeded: Seeded) -> None:
     assert names(search="cam-011") == ["cam-011"]
     best = c.get(f"{API}/devices", params={"sort": "estimated_accuracy", "order": "desc"}).json()["items"]
     accs = [d["estimated_accuracy"]["value"] for d in best]
-    assert accs == sorted(accs, reverse=True) and accs[0] == 0.9 and accs[-1] == 0.62
+    assert accs == sorted(accs, reverse=True) and accs[0] == 0.95 and accs[-1] == 0.35
     tail = c.get(f"{API}/devices", params={"limit": 5, "offset": 10}).json()
     assert (tail["total"], tail["limit"], tail["offset"]) == (12, 5, 10)
     assert [d["device"] for d in tail["items"]] == ["cam-010", "cam-011"]

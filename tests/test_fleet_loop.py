@@ -292,6 +292,14 @@ def test_fleet_loop_end_to_end_fast_demo(tmp_path: Path, broker: MosquittoBroker
     v2 = next(row for name, row in phases.items() if name.endswith("everywhere"))["shifted"]["true"]
     assert v2 > v1_after + 0.03, (v1_after, v2)
     assert summary["service_errors"] == 0
+    # the console served the demo's fleet: every device, with the service's drift state and estimate, and
+    # the promoted canary
+    console = summary["console"]
+    assert set(console["devices"]) == set(summary["devices"]), console
+    assert all(d["drift"] is not None and d["estimate"] is not None for d in console["devices"].values())
+    assert any(
+        cohort.startswith("canary") and state == "promoted" for _, cohort, state in console["rollouts"]
+    )
     assert (
         load_package(next((tmp_path / "demo" / "trainer").glob("retrain-*/package"))).manifest.reference
         is not None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path as FilePath
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import FileResponse, HTMLResponse, Response
@@ -154,9 +154,15 @@ def windows(
     return Paged(items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/models", response_model=list[ModelOut], dependencies=[Viewer])
-def models(ctx: Ctx) -> list[ModelOut]:
-    return views.models(ctx.store)
+def _page(items: list[Any], limit: int, offset: int) -> Paged[Any]:
+    """One page of a list assembled in full (short lists: models, releases, rollouts)."""
+    return Paged(items=items[offset : offset + limit], total=len(items), limit=limit, offset=offset)
+
+
+@router.get("/models", response_model=Paged[ModelOut], dependencies=[Viewer])
+def models(ctx: Ctx, limit: Limit = 100, offset: Offset = 0) -> Paged[ModelOut]:
+    """Registered models, newest first, with their gate, int8 agreement and how many devices run them."""
+    return _page(views.models(ctx.store), limit, offset)
 
 
 @router.get("/models/{sha256}", response_model=ModelOut, dependencies=[Viewer])
@@ -180,9 +186,10 @@ def model_card(ctx: Ctx, sha256: str) -> Response:
     )
 
 
-@router.get("/releases", response_model=list[ReleaseOut], dependencies=[Viewer])
-def releases(ctx: Ctx, fleet: str | None = None) -> list[ReleaseOut]:
-    return views.releases(ctx.store, fleet)
+@router.get("/releases", response_model=Paged[ReleaseOut], dependencies=[Viewer])
+def releases(ctx: Ctx, fleet: str | None = None, limit: Limit = 100, offset: Offset = 0) -> Paged[ReleaseOut]:
+    """Releases recorded in the store, newest first."""
+    return _page(views.releases(ctx.store, fleet), limit, offset)
 
 
 @router.get("/channels", response_model=list[ChannelOut], dependencies=[Viewer])
@@ -191,9 +198,10 @@ def channels(ctx: Ctx, fleet: str | None = None) -> list[ChannelOut]:
     return views.channels(ctx.repo(), fleet)
 
 
-@router.get("/rollouts", response_model=list[RolloutOut], dependencies=[Viewer])
-def rollouts(ctx: Ctx, fleet: str | None = None) -> list[RolloutOut]:
-    return views.rollouts(ctx.store, fleet)
+@router.get("/rollouts", response_model=Paged[RolloutOut], dependencies=[Viewer])
+def rollouts(ctx: Ctx, fleet: str | None = None, limit: Limit = 100, offset: Offset = 0) -> Paged[RolloutOut]:
+    """Rollouts, newest first."""
+    return _page(views.rollouts(ctx.store, fleet), limit, offset)
 
 
 @router.get("/rollouts/{rollout_id}", response_model=RolloutDetail, dependencies=[Viewer])

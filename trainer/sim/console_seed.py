@@ -12,6 +12,7 @@ from typing import Literal
 
 import cv2
 import numpy as np
+from sqlalchemy import update
 
 from edge_agent.package import ModelPackage
 from edge_agent.protocol import ModelRef, Status
@@ -21,7 +22,7 @@ from trainer.fleet.rollout_policy import RolloutConfig
 from trainer.release.repository import ReleaseRepository
 from trainer.sim.tiny import LABELS, build_tiny_package
 from trainer.sim.windows import windows
-from trainer.store import Store
+from trainer.store import Rollout, Store
 from trainer.store.console_queries import HealthRow, put_device_health, record_rollout_check
 from trainer.store.console_users import ROLES, add_user
 
@@ -108,7 +109,7 @@ def _health(store: Store, seed: ConsoleSeed, now: float) -> None:
     rows = {}
     for i, device in enumerate(seed.devices):
         dark = device in seed.drifting
-        acc = 0.62 if dark else 0.9 - 0.01 * (i % 5)
+        acc = 0.35 if dark else 0.95 - 0.01 * (i % 5)  # near the windows' own ATC (the charts' line)
         labelled = i % 3 == 0
         half = 0.05 if labelled else 0.0
         rows[device] = HealthRow(
@@ -156,12 +157,14 @@ def _rollout(store: Store, seed: ConsoleSeed, repo: ReleaseRepository, now: floa
     )
     mgr.release_stable(seed.champion, actor="seed")
     active = mgr.start_canary(seed.candidate, seed.champion.sha256, actor="seed")
+    with store.write() as conn:  # the canary started five minutes ago: its looks come after the start
+        conn.execute(update(Rollout).where(Rollout.id == active.rollout_id).values(started_at=now - 300))
     for k in range(4):
         p = 0.4 / (k + 1)
         record_rollout_check(
             store,
             active.rollout_id,
-            now - 300 + 60 * k,
+            now - 240 + 60 * k,
             {
                 "decision": "wait",
                 "canary_accuracy": 0.86 + 0.01 * k,

@@ -187,7 +187,7 @@ def _start_console(
     service: TrainerService,
     stack: contextlib.ExitStack,
     timeline: Timeline,
-) -> None:
+) -> tuple[str, str]:
     """The console on the demo's store, with a fresh admin login printed for the person watching;
     with ``keep_console`` it stays up after the demo until Ctrl-C."""
     from trainer.console.auth import hash_password, new_token
@@ -208,6 +208,36 @@ def _start_console(
         stack.callback(_wait_for_ctrl_c, console.url)
     timeline.add("console", f"console at {console.url} (user demo, password {password})")
     print(f"\n>>> watch it in the console: {console.url}  user: demo  password: {password}\n", flush=True)
+    return console.url, password
+
+
+def _console_view(url: str, password: str) -> dict[str, Any]:
+    """What the console shows at the end of the demo, read as a person would (log in, then the API):
+    the devices with their drift state and estimate, and the rollouts."""
+    import http.cookiejar
+    import urllib.parse
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    form = urllib.parse.urlencode({"username": "demo", "password": password, "next": "/fleet"}).encode()
+    try:
+        opener.open(f"{url}/login", data=form, timeout=10).read()
+        devices = json.loads(opener.open(f"{url}/api/v1/devices?limit=500", timeout=10).read())
+        rollouts = json.loads(opener.open(f"{url}/api/v1/rollouts", timeout=10).read())
+    except OSError as exc:
+        return {"url": url, "error": str(exc)}
+    return {
+        "url": url,
+        "devices": {
+            d["device"]: {
+                "state": d["state"],
+                "drift": d["drift_state"],
+                "estimate": d["estimated_accuracy"]["value"],
+            }
+            for d in devices["items"]
+        },
+        "rollouts": [(r["model_version"], r["cohort"], r["state"]) for r in rollouts["items"]],
+    }
 
 
 def _wait_for_ctrl_c(url: str) -> None:
@@ -280,8 +310,7 @@ def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, A
         cfg = _service_config(s, workdir, fleet, broker)
         service = TrainerService(cfg, labeller=oracle_label, timeline=timeline).start()
         stack.callback(service.stop)
-        if s.console_port is not None:
-            _start_console(s, cfg, service, stack, timeline)
+        console = _start_console(s, cfg, service, stack, timeline) if s.console_port is not None else None
         factory = build_tiny_package(workdir / "factory", version="0.1.0", name="placeholder")
         root = workdir / "root.json"
         root.write_bytes(service.repo.root_bytes())
@@ -306,6 +335,8 @@ def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, A
         )
         summary.update(_scenario(s, service, tracker, sim, schedule, v1, shifted, set(devices), timeline))
         summary["service_errors"] = service.errors
+        if console is not None:
+            summary["console"] = _console_view(*console)
     summary["timeline"] = timeline.to_json()
     (workdir / "demo.json").write_text(json.dumps(summary, indent=1, default=str))
     _print_summary(summary, workdir)
