@@ -205,12 +205,14 @@ def _measure(s: Any, measured: list[str], now: float, days: int, n: int) -> dict
     def chart_sql() -> None:
         with s.store.engine.connect() as conn:
             conn.execute(
+                # the same 720 hourly rows, their numeric columns: the least any chart of them reads
                 select(
                     WindowRollup.start,
                     WindowRollup.frames_inferred,
+                    WindowRollup.frames_failed,
+                    WindowRollup.span_s,
                     WindowRollup.confidence_mean,
                     WindowRollup.estimated_accuracy,
-                    WindowRollup.payload,
                 ).where(
                     WindowRollup.device == device(),
                     WindowRollup.period == "hour",

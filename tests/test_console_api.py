@@ -154,6 +154,7 @@ def test_device_list_filters_search_sort_and_pages(seeded: Seeded) -> None:
         return [d["device"] for d in c.get(f"{API}/devices", params=params).json()["items"]]
 
     page = c.get(f"{API}/devices").json()
+    assert {d["artifact"] for d in page["items"]} == {"onnx-fp32"}  # the artifact each device runs
     assert page["total"] == 12 and len(page["items"]) == 12
     assert names(state="offline") == ["cam-003", "cam-007", "cam-011"]
     assert set(names(drift="drift")) == set(seeded.seed.drifting)
@@ -483,3 +484,16 @@ def test_database_away_is_503_then_recovers(own_pg_database: tuple[str, dict[str
         assert c.get(f"{API}/devices").status_code == 200
     finally:
         store.close()
+
+
+def test_the_reference_band_widens_for_a_reference_of_few_frames() -> None:
+    from trainer.console.views import _band
+
+    p, band = _band([30, 10, 0, 10], 1000)
+    assert p == [0.6, 0.2, 0.0, 0.2] and band is not None
+    low, high = band[0]
+    assert high - low == pytest.approx(2 * 1.96 * (0.24 * (1 / 1000 + 1 / 50)) ** 0.5)
+    assert band[2] == (0.0, 0.0)  # a bin the reference never saw: any frame there is outside
+    _, many = _band([3000, 1000, 0, 1000], 1000)  # the same shares from 100x the frames: narrower
+    assert many is not None and many[0][1] - many[0][0] < (high - low) / 2
+    assert _band(None, 10) == (None, None) and _band([1, 2], 0) == (None, None)

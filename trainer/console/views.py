@@ -88,6 +88,7 @@ def device_summary(d: Device, h: DeviceHealthRecord | None) -> DeviceSummary:
         frames_per_second=h.frames_per_second if h else None,
         confidence_mean=h.confidence_mean if h else None,
         health_updated_at=h.updated_at if h else None,
+        artifact=h.artifact if h else None,
     )
 
 
@@ -117,7 +118,7 @@ def device_detail(store: Store, device: str, now: float | None = None) -> Device
     for p in series.points:
         for k, v in (p.events or {}).items():
             events[k] = events.get(k, 0) + int(v)
-    artifact = status.model.artifact if status and status.model else None
+    artifact = (status.model.artifact if status and status.model else None) or base.artifact
     updates = [
         UpdateEventOut(
             ts=e.ts,
@@ -184,17 +185,15 @@ def device_series(store: Store, device: str, since: float, until: float) -> Seri
 def _band(
     reference: list[int] | None, n: int, z: float = 1.96
 ) -> tuple[list[float] | None, list[tuple[float, float]] | None]:
-    """Reference proportions per bin and the range a sample of ``n`` values drawn from them would show
-    (normal approximation of the multinomial, 95%): bins outside it are unlikely under the reference."""
-    if not reference or n <= 0:
+    """Reference proportions per bin and the range an observed share of ``n`` values would fall in if
+    they came from the same distribution as the reference's own sample (95%, normal approximation of
+    the difference of two proportions, so a reference made from few frames has a wider band)."""
+    total = sum(reference) if reference else 0
+    if not reference or n <= 0 or total <= 0:
         return None, None
-    total = sum(reference) or 1
     p = [c / total for c in reference]
-    band = [
-        (max(0.0, x - z * math.sqrt(x * (1 - x) / n)), min(1.0, x + z * math.sqrt(x * (1 - x) / n)))
-        for x in p
-    ]
-    return p, band
+    half = [z * math.sqrt(x * (1 - x) * (1 / n + 1 / total)) for x in p]
+    return p, [(max(0.0, x - h), min(1.0, x + h)) for x, h in zip(p, half, strict=True)]
 
 
 def device_histograms(

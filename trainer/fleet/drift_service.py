@@ -112,6 +112,11 @@ class DriftService:
             return own.label
         return REBASING if sha in self._rebases and device != FLEET_KEY else TRAINING_REFERENCE
 
+    def artifact_of(self, sha: str, device: str) -> str | None:
+        """The artifact of the device's newest tracked window on model ``sha`` (None before one)."""
+        t = self.tracks.get(sha, {}).get(device)
+        return t.windows[-1].model.artifact if t is not None and t.windows else None
+
     def state(self, sha: str, device: str) -> str:
         """ok / warning / drift of a device on model ``sha``, or ``rebasing``."""
         if self.reference_of(sha, device) == REBASING:

@@ -332,6 +332,7 @@ class TrainerService:
                 labels=h.labels,
                 frames_per_second=act.frames_per_second if act else None,
                 confidence_mean=act.confidence_mean if act else None,
+                artifact=self.drift.artifact_of(sha, device),
             )
         put_device_health(self.store, self.cfg.fleet, rows, now)
 

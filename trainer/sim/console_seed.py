@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import update
 
 from edge_agent.package import ModelPackage
-from edge_agent.protocol import ModelRef, Status
+from edge_agent.protocol import Histogram, ModelRef, Status, TelemetryWindow
 from trainer.console.auth import hash_password
 from trainer.fleet.rollout import RolloutManager
 from trainer.fleet.rollout_policy import RolloutConfig
@@ -88,7 +88,7 @@ def _telemetry(
             edges=seed.champion.manifest.telemetry_edges,
             confidence_beta=(2.0, 3.0) if dark else (6.0, 1.5),
         )
-        store.add_windows(ws)
+        store.add_windows(_inputs_like_reference(ws, seed.champion, dark, np.random.default_rng(i)))
         state: Literal["online", "offline"] = "offline" if i % 4 == 3 else "online"
         store.add_statuses(
             [
@@ -103,6 +103,33 @@ def _telemetry(
                 )
             ]
         )
+
+
+INPUTS = ("brightness", "contrast", "saturation", "log_laplacian_var")
+
+
+def _inputs_like_reference(
+    ws: list[TelemetryWindow], pkg: ModelPackage, dark: bool, rng: np.random.Generator
+) -> list[TelemetryWindow]:
+    """Input-statistic histograms drawn from the model's reference (a camera like the training data),
+    or, for a dark camera, with brightness and saturation pushed into the lowest bins."""
+    ref = pkg.manifest.reference
+    if ref is None:
+        return ws
+    out = []
+    for w in ws:
+        hists = dict(w.histograms)
+        for name in INPUTS:
+            r = ref.histograms.get(name)
+            if r is None or name not in hists:
+                continue
+            p = np.asarray(r.counts, float)
+            if dark and name in ("brightness", "saturation"):
+                p = np.exp(-np.arange(len(p)) / 1.5)  # most frames in the darkest bins
+            counts = rng.multinomial(sum(hists[name].counts), p / p.sum()).tolist()
+            hists[name] = Histogram(edges=list(r.edges), counts=counts)
+        out.append(w.model_copy(update={"histograms": hists}))
+    return out
 
 
 def _health(store: Store, seed: ConsoleSeed, now: float) -> None:
@@ -123,6 +150,7 @@ def _health(store: Store, seed: ConsoleSeed, now: float) -> None:
             labels=8 if labelled else 0,
             frames_per_second=0.2 + 0.01 * i,
             confidence_mean=0.45 if dark else 0.8,
+            artifact="onnx-fp32",
         )
     put_device_health(store, seed.fleet, rows, now)
 

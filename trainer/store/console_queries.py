@@ -57,6 +57,7 @@ class HealthRow:
     labels: int
     frames_per_second: float | None
     confidence_mean: float | None
+    artifact: str | None = None
 
 
 @dataclass(frozen=True)

@@ -349,6 +349,8 @@ class DeviceHealthRecord(Base):
     """Audit labels the estimate used (PPI++); 0 for a label-free estimate."""
     frames_per_second: Mapped[float | None] = mapped_column(Double)
     confidence_mean: Mapped[float | None] = mapped_column(Double)
+    artifact: Mapped[str | None] = mapped_column(String())
+    """The artifact the device's newest assessed window ran on (onnx-int8, tflite-fp32, ...)."""
     updated_at: Mapped[float] = mapped_column(Double)
 
 
