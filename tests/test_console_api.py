@@ -135,7 +135,9 @@ def test_every_api_get_route_answers_a_viewer(seeded: Seeded) -> None:
         seeded.seed.champion.sha256, seeded.seed.candidate.sha256}  # fmt: skip
     assert {ch["channel"] for ch in c.get(f"{API}/channels").json()} == {"stable", "canary"}
     assert c.get(f"{API}/releases").json()["total"] == 2
-    assert [r["id"] for r in c.get(f"{API}/releases", params={"limit": 1, "offset": 1}).json()["items"]] == [1]
+    assert [r["id"] for r in c.get(f"{API}/releases", params={"limit": 1, "offset": 1}).json()["items"]] == [
+        1
+    ]
     rollouts = c.get(f"{API}/rollouts").json()
     assert rollouts["total"] == 2 and rollouts["items"][0]["id"] == seeded.seed.rollout_id  # newest first
     detail = c.get(f"{API}/rollouts/{seeded.seed.rollout_id}").json()
