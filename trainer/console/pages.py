@@ -17,7 +17,6 @@ from trainer.console import charts, views
 from trainer.console.api import RowId, decide, time_range
 from trainer.console.deps import Ctx, require, writer
 from trainer.console.schemas import HistogramOut, RolloutDetail, SeriesOut
-from trainer.errors import RolloutDecided
 from trainer.store import console_queries as q
 from trainer.store.console_users import Principal
 
@@ -280,8 +279,6 @@ def rollout_decide(
         if exc.status_code != 409:
             raise
         return error_page(request, 409, str(exc.detail))
-    except RolloutDecided as exc:  # pragma: no cover - decide() turns it into 409
-        return error_page(request, 409, str(exc))
     return RedirectResponse(f"/rollouts/{rollout_id}", 303)
 
 

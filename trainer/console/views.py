@@ -280,13 +280,7 @@ def card_path(store: Store, sha: str) -> Path | None:
 
 def releases(store: Store, fleet: str | None) -> list[ReleaseOut]:
     versions = {r.sha256: r.version for r in store.models()}
-    with store.read_session() as s:
-        from sqlalchemy import select
-
-        from trainer.store.schema import Release
-
-        stmt = select(Release).order_by(Release.id.desc())
-        rows = list(s.scalars(stmt if fleet is None else stmt.where(Release.fleet == fleet)))
+    rows = q.releases(store, fleet)
     return [
         ReleaseOut(
             id=r.id,

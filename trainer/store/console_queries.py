@@ -23,6 +23,7 @@ from trainer.store.schema import (
     Device,
     DeviceHealthRecord,
     Label,
+    Release,
     Rollout,
     RolloutCheck,
     Sample,
@@ -437,3 +438,10 @@ def window_page(store: Store, *, device: str, since: float, until: float, limit:
             .offset(offset)
         ).all()
     return Page([r._asdict() for r in rows], int(total), limit, offset)
+
+
+def releases(store: Store, fleet: str | None = None) -> list[Release]:
+    """Recorded releases (optionally of one fleet), newest first."""
+    stmt = select(Release).order_by(Release.id.desc())
+    with store.read_session() as s:
+        return list(s.scalars(stmt if fleet is None else stmt.where(Release.fleet == fleet)))
