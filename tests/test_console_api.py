@@ -499,3 +499,36 @@ def test_the_reference_band_widens_for_a_reference_of_few_frames() -> None:
     _, many = _band([3000, 1000, 0, 1000], 1000)  # the same shares from 100x the frames: narrower
     assert many is not None and many[0][1] - many[0][0] < (high - low) / 2
     assert _band(None, 10) == (None, None) and _band([1, 2], 0) == (None, None)
+
+
+def test_histogram_bands_follow_the_reference_the_device_is_judged_by(seeded: Seeded) -> None:
+    """After a promotion a device is judged against its own rebased reference: the bands say so and come
+    from it, not from the model's training reference."""
+    c, s = seeded.client("viewer"), seeded.seed
+    dark = s.drifting[0]
+    url = f"{API}/devices/{dark}/histograms"
+    before = c.get(url).json()
+    assert before["reference"] == "training"
+    training = s.champion.manifest.reference
+    assert training is not None
+    own = training.model_copy(
+        update={
+            "histograms": {
+                k: h.model_copy(update={"counts": [1] * len(h.counts)})
+                for k, h in training.histograms.items()
+            }
+        }
+    )
+    assert seeded.store.add_device_reference(
+        fleet=s.fleet,
+        device=dark,
+        model_sha256=s.champion.sha256,
+        since=1_700_000_000.0,
+        windows=3,
+        reference=own,
+    )
+    after = c.get(url).json()
+    assert after["reference"] == "device:1700000000"
+    bins = len(after["histograms"]["brightness"]["counts"])
+    assert after["histograms"]["brightness"]["reference"] == pytest.approx([1 / bins] * bins)
+    assert before["histograms"]["brightness"]["reference"] != after["histograms"]["brightness"]["reference"]

@@ -136,19 +136,35 @@ def fleet_page(
     )
 
 
+def _x(end: float, s: SeriesOut) -> float:
+    """Where a point is drawn: at its window's or period's end, but the period still running (the
+    current hour) at the range's end rather than in the future."""
+    return min(end, s.until)
+
+
 def _accuracy_chart(s: SeriesOut) -> str:
-    est = charts.LineSeries("estimated", [(p.end, p.estimated_accuracy) for p in s.points], "estimated")
-    true = charts.LineSeries("labelled", [(p.end, p.accuracy) for p in s.labelled], "labelled", dashed=True)
-    conf = charts.LineSeries("mean confidence", [(p.end, p.confidence_mean) for p in s.points], "confidence")
+    est = charts.LineSeries(
+        "estimated", [(_x(p.end, s), p.estimated_accuracy) for p in s.points], "estimated"
+    )
+    true = charts.LineSeries(
+        "labelled", [(_x(p.end, s), p.accuracy) for p in s.labelled], "labelled", dashed=True
+    )
+    conf = charts.LineSeries(
+        "mean confidence", [(_x(p.end, s), p.confidence_mean) for p in s.points], "confidence"
+    )
     return charts.line_chart(
         [est, true, conf], y_range=(0.0, 1.0), y_format=charts.percent, title="Accuracy and confidence"
     )
 
 
 def _ops_charts(s: SeriesOut) -> dict[str, str]:
-    fps = charts.LineSeries("frames/s", [(p.end, p.frames_per_second) for p in s.points], "fps")
-    lat = charts.LineSeries("inference p50 (ms)", [(p.end, p.latency_p50_ms) for p in s.points], "latency")
-    failed = charts.LineSeries("failed frames", [(p.end, float(p.frames_failed)) for p in s.points], "failed")
+    fps = charts.LineSeries("frames/s", [(_x(p.end, s), p.frames_per_second) for p in s.points], "fps")
+    lat = charts.LineSeries(
+        "inference p50 (ms)", [(_x(p.end, s), p.latency_p50_ms) for p in s.points], "latency"
+    )
+    failed = charts.LineSeries(
+        "failed frames", [(_x(p.end, s), float(p.frames_failed)) for p in s.points], "failed"
+    )
     return {
         "fps": charts.line_chart([fps, failed], height=160, title="Frames per second and failures"),
         "latency": charts.line_chart([lat], height=160, title="Inference latency (p50, ms)"),
@@ -168,7 +184,7 @@ def device_page(
     ctx: Ctx,
     device: str,
     who: Annotated[Principal, require("viewer")],
-    range: Literal["6h", "24h", "7d", "30d"] = "24h",  # noqa: A002 - the query parameter's name
+    range: Literal["6h", "24h", "7d", "30d"] = "6h",  # noqa: A002 - the query parameter's name
 ) -> HTMLResponse:
     detail = views.device_detail(ctx.store, device)
     if detail is None:
@@ -189,6 +205,7 @@ def device_page(
         accuracy_chart=_accuracy_chart(s),
         ops=_ops_charts(s),
         histograms=_histogram_charts(hists.histograms),
+        hist_reference=hists.reference,
         alerts=[views.alert_out(a) for a in alerts],
     )
 

@@ -125,6 +125,9 @@ class HistogramsOut(BaseModel):
     model_sha256: str | None
     since: float
     until: float
+    reference: str | None = None
+    """Which reference the bands come from: ``training`` (the model's), or ``device:<since>``, the
+    device's own after a promotion (what its drift state is judged against)."""
     histograms: dict[str, HistogramOut]
 
 

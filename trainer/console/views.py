@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.protocol import Status
+from edge_agent.reference import ReferenceStats
 from trainer.console.schemas import (
     AlertOut,
     ArtifactOut,
@@ -37,6 +38,8 @@ from trainer.console.schemas import (
     UpdateEventOut,
     WindowOut,
 )
+from trainer.drift.detector import TRAINING_REFERENCE
+from trainer.drift.rebase import device_label
 from trainer.fleet.labelling import audit_labels
 from trainer.release.repository import ReleaseRepository
 from trainer.store import Device, Store
@@ -118,7 +121,9 @@ def device_detail(store: Store, device: str, now: float | None = None) -> Device
     for p in series.points:
         for k, v in (p.events or {}).items():
             events[k] = events.get(k, 0) + int(v)
-    artifact = (status.model.artifact if status and status.model else None) or base.artifact
+    # the newest assessed window says what runs now; the retained status is from the last connect,
+    # which an update (no reconnect) does not renew
+    artifact = base.artifact or (status.model.artifact if status and status.model else None)
     updates = [
         UpdateEventOut(
             ts=e.ts,
@@ -196,23 +201,42 @@ def _band(
     return p, [(max(0.0, x - h), min(1.0, x + h)) for x, h in zip(p, half, strict=True)]
 
 
+def _reference_of(store: Store, device: str, sha: str) -> tuple[ReferenceStats | None, str | None]:
+    """The reference the device is judged against on model ``sha``: its own (rebased after a promotion,
+    ``device:<since>``) when it has one, else the model's training reference."""
+    d = store.device(device)
+    if d is not None:
+        own = [(r, st) for r, st in store.device_references(d.fleet, model_sha256=sha) if r.device == device]
+        if own:
+            rec, stats = own[-1]
+            return stats, device_label(rec.since)
+    manifest = store.manifest(sha)
+    ref = manifest.reference if manifest else None
+    return ref, TRAINING_REFERENCE if ref is not None else None
+
+
 def device_histograms(
     store: Store, device: str, since: float, until: float, model_sha256: str | None
 ) -> HistogramsOut:
-    hists = read_histograms(store, device, since, until, model_sha256)
+    """The device's histograms over the range on one model (default: the one it runs now) against the
+    band of the reference it is judged by."""
     sha = model_sha256
     if sha is None:
         d = store.device(device)
         sha = d.model_sha256 if d else None
-    manifest = store.manifest(sha) if sha else None
-    ref = manifest.reference if manifest else None
+    if sha is None:
+        return HistogramsOut(device=device, model_sha256=None, since=since, until=until, histograms={})
+    hists = read_histograms(store, device, since, until, sha)
+    ref, label = _reference_of(store, device, sha)
     out = {}
     for name, h in hists.items():
         r = ref.histograms.get(name) if ref else None
         same = r is not None and list(r.edges) == list(h.edges)
         p, band = _band(list(r.counts) if same and r else None, sum(h.counts))
         out[name] = HistogramOut(edges=list(h.edges), counts=list(h.counts), reference=p, band=band)
-    return HistogramsOut(device=device, model_sha256=sha, since=since, until=until, histograms=out)
+    return HistogramsOut(
+        device=device, model_sha256=sha, since=since, until=until, reference=label, histograms=out
+    )
 
 
 def device_windows(
