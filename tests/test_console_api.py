@@ -532,3 +532,23 @@ def test_histogram_bands_follow_the_reference_the_device_is_judged_by(seeded: Se
     bins = len(after["histograms"]["brightness"]["counts"])
     assert after["histograms"]["brightness"]["reference"] == pytest.approx([1 / bins] * bins)
     assert before["histograms"]["brightness"]["reference"] != after["histograms"]["brightness"]["reference"]
+
+
+def test_a_model_lists_every_device_serving_it(seeded: Seeded) -> None:
+    """Devices are counted and listed per model in SQL, not cut from the first page of the fleet."""
+    from edge_agent.protocol import ModelRef, Status
+
+    s = seeded.seed
+    ref = ModelRef(name="colour", version="2.0.0", sha256=s.candidate.sha256, artifact="onnx-int8")
+    extra = [f"gw-{i:03d}" for i in range(60)]
+    seeded.store.add_statuses(
+        [Status(fleet=s.fleet, device=d, state="online", session=1, ts=time.time(), model=ref) for d in extra]
+    )
+    c = seeded.client("viewer")
+    models = {m["sha256"]: m["devices"] for m in c.get(f"{API}/models").json()["items"]}
+    assert models == {s.champion.sha256: 12, s.candidate.sha256: 60}
+    page = c.get(f"/models/{s.candidate.sha256}").text
+    assert all(f">{d}</a>" in page for d in extra)
+    assert not any(f">{d}</a>" in page for d in s.devices)
+    progress = {p["device"] for p in c.get(f"{API}/labelling/progress").json()}
+    assert progress == set(s.drifting)  # drifted devices only, from their stored health

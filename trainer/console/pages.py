@@ -16,7 +16,7 @@ from fastapi.templating import Jinja2Templates
 from trainer.console import charts, views
 from trainer.console.api import RowId, decide, time_range
 from trainer.console.deps import Ctx, require, writer
-from trainer.console.schemas import HistogramOut, RolloutDetail, SeriesOut
+from trainer.console.schemas import MAX_PAGE, HistogramOut, RolloutDetail, SeriesOut
 from trainer.store import console_queries as q
 from trainer.store.console_users import Principal
 
@@ -230,9 +230,9 @@ def model_page(
     m = views.model_out(ctx.store, sha256)
     if m is None:
         raise HTTPException(404, f"no model {sha256[:80]!r}")
-    serving = q.device_page(ctx.store, search=None, limit=PAGE)
-    running = [views.device_summary(d, h) for d, h in serving.items if d.model_sha256 == sha256]
-    return render(request, "model.html", who=who, m=m, running=running)
+    serving = q.device_page(ctx.store, model=sha256, limit=MAX_PAGE)
+    running = [views.device_summary(d, h) for d, h in serving.items]
+    return render(request, "model.html", who=who, m=m, running=running, running_total=serving.total)
 
 
 def _rollout_chart(r: RolloutDetail) -> str:

@@ -7,6 +7,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
+from trainer.store.rollups import SeriesPoint
+
 T = TypeVar("T")
 
 MAX_PAGE = 500
@@ -79,20 +81,6 @@ class DeviceDetail(DeviceSummary):
     open_alerts: int
 
 
-class SeriesPointOut(BaseModel):
-    start: float
-    end: float
-    model_sha256: str
-    windows: int
-    frames_inferred: int
-    frames_failed: int
-    frames_per_second: float | None
-    confidence_mean: float | None
-    estimated_accuracy: float | None
-    latency_p50_ms: float | None
-    events: dict[str, int] = Field(default_factory=dict)
-
-
 class LabelledPoint(BaseModel):
     """True accuracy from labelled audit samples in a time bucket."""
 
@@ -107,7 +95,8 @@ class SeriesOut(BaseModel):
     since: float
     until: float
     resolution: Literal["window", "hour", "day"]
-    points: list[SeriesPointOut]
+    points: list[SeriesPoint]
+    """The store's roll-up points as they are (:class:`trainer.store.rollups.SeriesPoint`)."""
     labelled: list[LabelledPoint]
 
 

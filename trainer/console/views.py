@@ -34,7 +34,6 @@ from trainer.console.schemas import (
     RolloutOut,
     SampleOut,
     SeriesOut,
-    SeriesPointOut,
     UpdateEventOut,
     WindowOut,
 )
@@ -44,7 +43,7 @@ from trainer.fleet.labelling import audit_labels
 from trainer.release.repository import ReleaseRepository
 from trainer.store import Device, Store
 from trainer.store import console_queries as q
-from trainer.store.rollups import read_histograms, read_series
+from trainer.store.rollups import SeriesPoint, read_histograms, read_series
 from trainer.store.schema import Alert, AuditEntry, DeviceHealthRecord
 
 DAY = 86400.0
@@ -147,7 +146,7 @@ def device_detail(store: Store, device: str, now: float | None = None) -> Device
     )
 
 
-def _labelled_points(store: Store, device: str, points: Sequence[SeriesPointOut]) -> list[LabelledPoint]:
+def _labelled_points(store: Store, device: str, points: Sequence[SeriesPoint]) -> list[LabelledPoint]:
     """True accuracy per chart bucket from the device's labelled audit samples (a uniform draw)."""
     if not points:
         return []
@@ -176,7 +175,7 @@ def _labelled_points(store: Store, device: str, points: Sequence[SeriesPointOut]
 
 def device_series(store: Store, device: str, since: float, until: float) -> SeriesOut:
     s = read_series(store, device, since, until)
-    points = [SeriesPointOut.model_validate(p, from_attributes=True) for p in s.points]
+    points = list(s.points)
     return SeriesOut(
         device=device,
         since=since,
@@ -247,14 +246,6 @@ def device_windows(
     return [WindowOut.model_validate(w, from_attributes=True) for w in page.items], page.total
 
 
-def _serving_counts(store: Store) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for d in store.devices():
-        if d.model_sha256:
-            counts[d.model_sha256] = counts.get(d.model_sha256, 0) + 1
-    return counts
-
-
 def model_out(store: Store, sha: str, serving: dict[str, int] | None = None) -> ModelOut | None:
     rec = store.model(sha)
     if rec is None:
@@ -273,7 +264,7 @@ def model_out(store: Store, sha: str, serving: dict[str, int] | None = None) -> 
         )
         for k, a in m.artifacts.items()
     ]
-    serving = _serving_counts(store) if serving is None else serving
+    serving = q.serving_counts(store) if serving is None else serving
     return ModelOut(
         sha256=sha,
         name=rec.name,
@@ -289,7 +280,7 @@ def model_out(store: Store, sha: str, serving: dict[str, int] | None = None) -> 
 
 
 def models(store: Store) -> list[ModelOut]:
-    serving = _serving_counts(store)
+    serving = q.serving_counts(store)
     return [m for r in reversed(store.models()) if (m := model_out(store, r.sha256, serving)) is not None]
 
 
@@ -468,13 +459,8 @@ def samples(store: Store, ids: Sequence[int]) -> list[SampleOut]:
 
 
 def labelling_progress(store: Store, fleet: str | None) -> list[ProgressOut]:
-    """Per device in drift (or warning): its samples since the device's health changed, and how many are
-    labelled or flagged: the progress of each drifted slice."""
-    page = q.device_page(store, fleet=fleet, limit=10_000)
-    drifted = {
-        d.device: h.drift_state
-        for d, h in page.items
-        if h is not None and h.drift_state in ("drift", "warning")
-    }
+    """Per device in drift (or warning): its samples, and how many are labelled or flagged: the progress
+    of each drifted slice."""
+    drifted = q.drift_states(store, fleet, ("drift", "warning"))
     counts = q.labelling_progress(store, list(drifted), None) if drifted else {}
     return [ProgressOut(device=d, drift_state=drifted[d], **counts[d]) for d in sorted(drifted)]

@@ -87,12 +87,16 @@ def device_health(store: Store, device: str) -> DeviceHealthRecord | None:
         return s.get(DeviceHealthRecord, device)
 
 
-def _device_query(fleet: str | None, state: str | None, drift: str | None, search: str | None) -> Select[Any]:
+def _device_query(
+    fleet: str | None, state: str | None, drift: str | None, search: str | None, model: str | None = None
+) -> Select[Any]:
     q: Select[Any] = select(Device, DeviceHealthRecord).outerjoin(  # type: ignore[assignment]
         DeviceHealthRecord, DeviceHealthRecord.device == Device.device
     )
     if fleet:
         q = q.where(Device.fleet == fleet)
+    if model:
+        q = q.where(Device.model_sha256 == model)
     if state == "unknown":
         q = q.where(Device.state.is_(None))
     elif state:
@@ -119,14 +123,15 @@ def device_page(
     state: str | None = None,
     drift: str | None = None,
     search: str | None = None,
+    model: str | None = None,
     sort: str = "device",
     order: Literal["asc", "desc"] = "asc",
     limit: int = 100,
     offset: int = 0,
 ) -> Page:
-    """Devices with their health, filtered, sorted (NULLs last) and paginated; items are
-    ``(Device, DeviceHealthRecord | None)`` pairs."""
-    q = _device_query(fleet, state, drift, search)
+    """Devices with their health, filtered (``model``: the sha256 a device serves now), sorted (NULLs
+    last) and paginated; items are ``(Device, DeviceHealthRecord | None)`` pairs."""
+    q = _device_query(fleet, state, drift, search, model)
     col = DEVICE_SORTS[sort]
     key = col.desc() if order == "desc" else col.asc()
     with store.read_session() as s:
@@ -445,3 +450,21 @@ def releases(store: Store, fleet: str | None = None) -> list[Release]:
     stmt = select(Release).order_by(Release.id.desc())
     with store.read_session() as s:
         return list(s.scalars(stmt if fleet is None else stmt.where(Release.fleet == fleet)))
+
+
+def serving_counts(store: Store) -> dict[str, int]:
+    """How many devices serve each model now (model sha256 -> devices)."""
+    q = select(Device.model_sha256, func.count()).where(Device.model_sha256.is_not(None))
+    with store.engine.connect() as conn:
+        return {str(sha): int(n) for sha, n in conn.execute(q.group_by(Device.model_sha256))}
+
+
+def drift_states(store: Store, fleet: str | None, states: Sequence[str]) -> dict[str, str]:
+    """Devices (of ``fleet``) whose drift state is one of ``states`` -> that state."""
+    q = select(DeviceHealthRecord.device, DeviceHealthRecord.drift_state).where(
+        DeviceHealthRecord.drift_state.in_(list(states))
+    )
+    if fleet:
+        q = q.where(DeviceHealthRecord.fleet == fleet)
+    with store.engine.connect() as conn:
+        return {d: str(st) for d, st in conn.execute(q)}
