@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import struct
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -196,27 +197,44 @@ def test_jpeg_dimensions_are_checked_before_decoding() -> None:
         assert isinstance(r, Rejected) and r.reason == "invalid" and problem in r.detail, r
 
 
-def test_dead_letters_are_capped_per_topic_and_in_total_and_the_drops_counted(tmp_path: Path) -> None:
-    caps = DeadLetterCaps(per_topic=5, total=8)
+def test_dead_letters_are_capped_per_device_and_in_total_and_the_drops_counted(tmp_path: Path) -> None:
+    """One allowance per device for all its topics (four ingest kinds, any fleet segment it claims), one
+    for everything; what the caps drop is counted in one over_cap row per device and alerted once."""
+    caps = DeadLetterCaps(per_device=5, total=12)
+    kinds = (p.tele_topic, p.status_topic, p.sample_topic, p.update_topic)
     flood = [
-        Rejected(p.tele_topic(FLEET, "noisy"), f"junk {i}".encode(), "not_json", "x", float(i))
-        for i in range(40)
+        Rejected(
+            kinds[i % 4](FLEET if i % 3 else "elsewhere", "noisy"),
+            f"junk {i}".encode(),
+            "not_json",
+            "x",
+            float(i),
+        )
+        for i in range(45)
     ]
-    other = [
+    cam2 = [
         Rejected(p.tele_topic(FLEET, "cam2"), f"bad {i}".encode(), "not_json", "x", float(i))
+        for i in range(6)
+    ]
+    cam3 = [
+        Rejected(p.status_topic(FLEET, "cam3"), f"odd {i}".encode(), "invalid", "x", 100.0 + i)
         for i in range(6)
     ]
     with Store(f"sqlite:///{tmp_path / 's.db'}") as store:
         with store.write() as conn:
             assert write_dead_letters(conn, flood[:30], caps) == 25
-        with store.write() as conn:
-            assert write_dead_letters(conn, flood[30:] + flood[:2] + other, caps) == 10 + 3
+        with store.write() as conn:  # cam2 until its own cap, cam3 until the total cap
+            assert write_dead_letters(conn, flood[30:40] + flood[:2] + cam2 + cam3, caps) == 10 + 1 + 4
+        with store.write() as conn:  # more of the same: counted in the same rows, alerted no more
+            assert write_dead_letters(conn, flood[40:], caps) == 5
         rows = store.dead_letters()
         kept = [d for d in rows if d.payload_sha256 != OVERFLOW_SHA256]
-        assert len(kept) == 8  # 5 from the flood, 3 from cam2 until the total cap
+        per_device = Counter(d.topic.split("/")[4] for d in kept)
+        assert per_device == {"noisy": 5, "cam2": 5, "cam3": 2}
+        assert len({d.topic for d in kept if "/noisy/" in d.topic}) > 2  # its topics share one allowance
         over = {d.topic: d.count for d in rows if d.payload_sha256 == OVERFLOW_SHA256}
-        assert over == {p.tele_topic(FLEET, "noisy"): 35, p.tele_topic(FLEET, "cam2"): 3}
+        assert over == {"ef/v1/+/dev/noisy/#": 40, "ef/v1/+/dev/cam2/#": 1, "ef/v1/+/dev/cam3/#": 4}
         repeated = {d.payload: d.count for d in kept}
         assert repeated[b"junk 0"] == 2  # a payload already kept still counts up
-        alerts = {(a.kind, a.device) for a in store.alerts()}
-        assert alerts == {("dead_letters_capped", "noisy"), ("dead_letters_capped", "cam2")}
+        alerts = sorted((a.kind, a.device) for a in store.alerts())
+        assert alerts == [("dead_letters_capped", d) for d in ("cam2", "cam3", "noisy")]

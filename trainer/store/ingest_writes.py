@@ -523,20 +523,28 @@ def _device_row(it: Received[Status]) -> dict:
     }
 
 
-DEAD_LETTERS_PER_TOPIC = 50
-"""Distinct rejected payloads kept per topic (one device's topic): a device flooding junk fills only this."""
+DEAD_LETTERS_PER_DEVICE = 50
+"""Distinct rejected payloads kept per device, all its topics together (a device has four ingest kinds
+and may claim any fleet segment): a device flooding junk fills only this."""
 DEAD_LETTERS_TOTAL = 5000
 """Distinct rejected payloads kept in all (about 20 MB at most with the kept prefix)."""
 OVERFLOW_SHA256 = "0" * 64
-"""payload_sha256 of a topic's overflow row: its ``count`` is how many messages the caps dropped."""
+"""payload_sha256 of an overflow row: its ``count`` is how many messages the caps dropped."""
 
 
 @dataclass(frozen=True)
 class DeadLetterCaps:
-    """How many distinct rejected payloads are kept, per topic and in all."""
+    """How many distinct rejected payloads are kept, per device (all its topics) and in all."""
 
-    per_topic: int = DEAD_LETTERS_PER_TOPIC
+    per_device: int = DEAD_LETTERS_PER_DEVICE
     total: int = DEAD_LETTERS_TOTAL
+
+
+def dead_letter_source(topic: str) -> str:
+    """What a dead letter counts against: ``ef/v1/+/dev/{device}/#`` for every topic of a device (under
+    any fleet segment), else the topic itself; the overflow row of the caps is filed under it."""
+    _, device = _fleet_and_device(topic)
+    return f"ef/v1/+/dev/{device}/#" if device is not None else topic
 
 
 def _dead_letter_rows(items: Sequence[Rejected]) -> dict[tuple[str, str], dict]:
@@ -563,51 +571,62 @@ def _dead_letter_rows(items: Sequence[Rejected]) -> dict[tuple[str, str], dict]:
     return rows
 
 
+def _kept_per_source(conn: Connection) -> Counter[str]:
+    """Distinct payloads kept so far per :func:`dead_letter_source` (overflow rows are counts, not kept);
+    at most ``total`` rows are ever kept, so this reads a bounded table."""
+    per_topic = conn.execute(
+        select(DEAD.c.topic, func.count())
+        .where(DEAD.c.payload_sha256 != OVERFLOW_SHA256)
+        .group_by(DEAD.c.topic)
+    ).all()
+    kept: Counter[str] = Counter()
+    for topic, n in per_topic:
+        kept[dead_letter_source(topic)] += n
+    return kept
+
+
+def _overflow_row(source: str, row: dict, caps: DeadLetterCaps) -> dict:
+    """The row counting what the caps dropped from ``source`` (filed under the source, not a topic)."""
+    return {
+        **row,
+        "topic": source,
+        "payload": b"",
+        "payload_size": 0,
+        "payload_sha256": OVERFLOW_SHA256,
+        "reason": "over_cap",
+        "detail": f"dropped over the caps ({caps.per_device} per device, {caps.total} in all)",
+        "count": 0,
+    }
+
+
 def _within_caps(
     conn: Connection, rows: dict[tuple[str, str], dict], caps: DeadLetterCaps
 ) -> tuple[list[dict], dict[str, dict]]:
-    """Split new rows into those kept and, per topic, an overflow row counting the ones dropped."""
-    topics = {t for t, _ in rows}
-    kept_rows = DEAD.c.payload_sha256 != OVERFLOW_SHA256
+    """Split new rows into those kept and, per source (a device's topics), an overflow row counting
+    the ones dropped."""
     have = set(
         conn.execute(
             select(DEAD.c.topic, DEAD.c.payload_sha256).where(
-                DEAD.c.topic.in_(topics), DEAD.c.payload_sha256.in_({s for _, s in rows})
+                DEAD.c.topic.in_({t for t, _ in rows}), DEAD.c.payload_sha256.in_({s for _, s in rows})
             )
         ).all()
     )
-    per_topic: dict[str, int] = dict(
-        conn.execute(
-            select(DEAD.c.topic, func.count())
-            .where(DEAD.c.topic.in_(topics), kept_rows)
-            .group_by(DEAD.c.topic)
-        ).all()
-    )
-    total = conn.scalar(select(func.count()).select_from(DEAD).where(kept_rows)) or 0
+    kept = _kept_per_source(conn)
+    total = sum(kept.values())
     keep: list[dict] = []
     overflow: dict[str, dict] = {}
     for key, row in sorted(rows.items(), key=lambda kv: kv[1]["first_received_at"]):
-        topic = key[0]
+        source = dead_letter_source(key[0])
         if key in have:  # a known payload only counts up
             keep.append(row)
-        elif per_topic.get(topic, 0) < caps.per_topic and total < caps.total:
+        elif kept[source] < caps.per_device and total < caps.total:
             keep.append(row)
-            per_topic[topic] = per_topic.get(topic, 0) + 1
+            kept[source] += 1
             total += 1
         else:
-            over = overflow.setdefault(
-                topic,
-                {
-                    **row,
-                    "payload": b"",
-                    "payload_size": 0,
-                    "payload_sha256": OVERFLOW_SHA256,
-                    "reason": "over_cap",
-                    "detail": f"dropped over the caps ({caps.per_topic} per topic, {caps.total} in all)",
-                    "count": 0,
-                },
-            )
+            over = overflow.setdefault(source, _overflow_row(source, row, caps))
             over["count"] += row["count"]
+            over["first_received_at"] = min(over["first_received_at"], row["first_received_at"])
             over["last_received_at"] = max(over["last_received_at"], row["last_received_at"])
     return keep, overflow
 
@@ -615,9 +634,10 @@ def _within_caps(
 def write_dead_letters(
     conn: Connection, items: Sequence[Rejected], caps: DeadLetterCaps | None = None, actor: str = "ingest"
 ) -> int:
-    """Keep rejected messages (truncated) with their reason, within ``caps``; identical ones on a topic
-    count up. Returns how many were dropped over the caps: they are counted in the topic's ``over_cap``
-    row, and the first drop on a topic raises a ``dead_letters_capped`` alert."""
+    """Keep rejected messages (truncated) with their reason, within ``caps`` (per device, all its topics
+    together, and in all); identical ones on a topic count up. Returns how many were dropped over the
+    caps: they are counted in the device's ``over_cap`` row (topic ``ef/v1/+/dev/{device}/#``), and the
+    first drop of a device raises a ``dead_letters_capped`` alert."""
     if not items:
         return 0
     caps = caps or DeadLetterCaps()
@@ -631,16 +651,17 @@ def write_dead_letters(
         },
     )
     conn.execute(stmt, keep + list(overflow.values()))
-    for topic in overflow:
-        fleet, device = _fleet_and_device(topic)
+    topic_of = {dead_letter_source(r.topic): r.topic for r in items}  # the fleet a device last claimed
+    for source in overflow:
+        fleet, device = _fleet_and_device(topic_of[source])
         insert_alert(
             conn,
             kind="dead_letters_capped",
-            message=f"rejected messages on {topic} exceed the dead-letter caps; further ones are only counted",
+            message=f"rejected messages from {source} exceed the dead-letter caps; further ones are only counted",
             fleet=fleet,
             device=device,
-            details={"per_topic": caps.per_topic, "total": caps.total},
-            dedupe_key=f"dead_letters_capped:{topic}",
+            details={"per_device": caps.per_device, "total": caps.total},
+            dedupe_key=f"dead_letters_capped:{source}",
             actor=actor,
         )
     return sum(row["count"] for row in overflow.values())
