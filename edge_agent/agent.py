@@ -173,8 +173,8 @@ class Agent:
             cfg.mqtt,
             client_id=cfg.mqtt.client_id or f"{cfg.fleet}-{cfg.device_id}",
             status_topic=status_topic(cfg.fleet, cfg.device_id),
-            birth=self._birth,
-            will=lambda: self._status("offline").to_bytes(),
+            birth=lambda connection: self._status("online", connection).to_bytes(),
+            will=lambda connection: self._status("offline", connection).to_bytes(),
             spool=self.spool,
             events=self.events,
             subscriptions=[(cmd_topic(cfg.fleet, cfg.device_id), 1)] + [(t, 1) for t in self._hint_topics()],
@@ -412,7 +412,8 @@ class Agent:
             self.observer.update(event)
 
     # -- status and commands ---------------------------------------------------------------------
-    def _status(self, state: str) -> Status:
+    def _status(self, state: str, connection: int) -> Status:
+        """This device's status on link connection ``connection`` (birth, last will, clean shutdown)."""
         cfg = self.config
         model = self._serving.ref
         return Status(
@@ -421,13 +422,11 @@ class Agent:
             state=state,  # type: ignore[arg-type]
             session=self.session,
             ts=time.time(),
+            connection=connection,
             agent_version=__version__,
             model=model,
             backend=self.choice,
         )
-
-    def _birth(self) -> bytes:
-        return self._status("online").to_bytes()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         """Commands: ``flush`` closes the telemetry window now; ``sample`` (args.minutes) samples

@@ -7,10 +7,15 @@ connects, publishes the retained birth and resubscribes on every connect, then l
 PUBACK arrives. Other threads only write to the spool or to a small queue, so paho is never called from
 two threads. Every connection gets a fresh paho client, so nothing paho queued on a dead connection is
 replayed behind the spool's back: after a reconnect the unacknowledged rows are sent again, in order
-(duplicates are possible; receivers dedupe on (device, session, seq))::
+(duplicates are possible; receivers dedupe on (device, session, seq)).
+
+Every connection attempt gets the next number (1, 2, ...), passed to ``birth`` and ``will``: the status
+messages of one connection carry it, so a receiver can tell a reconnect's birth from the last will of
+the connection before it (whose ``ts``, taken when that connection opened, may be older)::
 
     link = MqttLink(settings, client_id="shop-cam1", status_topic=status_topic("shop", "cam1"),
-                    birth=lambda: online.to_bytes(), will=offline.to_bytes(), spool=spool, events=events)
+                    birth=lambda n: status("online", n).to_bytes(),   # n: the connection number
+                    will=lambda n: status("offline", n).to_bytes(), spool=spool, events=events)
     link.start()
     link.publish_spooled(tele_topic("shop", "cam1"), window.to_bytes())   # never blocks, never raises
     link.publish_now(pred_topic("shop", "cam1"), pred.to_bytes())         # QoS 0, dropped when offline
@@ -55,8 +60,8 @@ class MqttLink:
         *,
         client_id: str,
         status_topic: str,
-        birth: Callable[[], bytes],
-        will: bytes | Callable[[], bytes],
+        birth: Callable[[int], bytes],
+        will: bytes | Callable[[int], bytes],
         spool: Spool,
         events: EventCounter,
         subscriptions: Sequence[tuple[str, int]] = (),
@@ -71,9 +76,11 @@ class MqttLink:
         self.client_id = client_id
         self.status_topic = status_topic
         self._birth = birth
-        self._will = will if callable(will) else (lambda data=bytes(will): data)
-        """The offline status: built when a connection registers it as its last will, and again for the
-        clean shutdown, so each carries the time it was made."""
+        self._will = will if callable(will) else (lambda _n, data=bytes(will): data)
+        """The offline status of connection n: built when the connection registers it as its last will,
+        and again for the clean shutdown, so each carries the time it was made."""
+        self.connection = 0
+        """Number of the current (or last) connection attempt: 1 for the first, +1 for every retry."""
         self._spool = spool
         self._events = events
         self._subscriptions = list(subscriptions)
@@ -187,7 +194,8 @@ class MqttLink:
         """A fresh paho client with credentials, TLS, the last will and our callbacks."""
         s = self.settings
         client = new_client(s, self.client_id, clean_session=True)
-        client.will_set(self.status_topic, self._will(), qos=1, retain=True)
+        self.connection += 1
+        client.will_set(self.status_topic, self._will(self.connection), qos=1, retain=True)
         client.max_inflight_messages_set(s.max_inflight + 10)  # room for birth/offline beside the spool
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -282,7 +290,7 @@ class MqttLink:
         left = len(self._spool)
         if left:
             log.warning("MQTT: %d messages stay spooled for the next start (flush timeout)", left)
-        info = client.publish(self.status_topic, self._will(), qos=1, retain=True)
+        info = client.publish(self.status_topic, self._will(self.connection), qos=1, retain=True)
         deadline = time.monotonic() + OFFLINE_ACK_TIMEOUT_S
         while (
             info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -361,7 +369,7 @@ class MqttLink:
         self._events.add("mqtt_connects")
         log.info("MQTT: connected to %s as %s", self._url, self.client_id)
         try:
-            birth = self._birth()
+            birth = self._birth(self.connection)
         except Exception:
             log.exception("MQTT: building the birth message failed; no birth on this connection")
             self._confirmed = True  # nothing to echo: the identity cannot be checked on this connection

@@ -206,7 +206,10 @@ class BackendChoice(_Strict):
 
 
 class Status(_Message):
-    """Retained device status: the birth message on connect and the last will ``offline``."""
+    """Retained device status: the birth message on connect and the last will ``offline``.
+
+    A device's statuses are ordered by :func:`status_order`, not by ``ts`` alone: the last will is
+    composed when its connection is opened, before the birth it follows."""
 
     kind: Literal["status"] = "status"
     fleet: str
@@ -214,9 +217,25 @@ class Status(_Message):
     state: Literal["online", "offline"]
     session: int = Field(ge=0)
     ts: float
+    connection: int | None = Field(default=None, ge=1)
+    """Connection attempt within the session (1, 2, ...): the birth and the last will registered for one
+    connection, and the clean-shutdown ``offline`` sent on it, carry the same number. Absent from agents
+    older than this field; receivers then order by ``ts``."""
     agent_version: str | None = None
     model: ModelRef | None = None
     backend: BackendChoice | None = None
+
+
+def status_order(status: Status) -> tuple[int, int, int, float]:
+    """The key that orders one device's statuses as they happened (the largest is its current state):
+    session, then connection, then ``offline`` after ``online`` of the same connection, then ``ts``.
+
+    A last will is composed when its connection opens, so its ``ts`` predates the birth it follows; a
+    reconnect keeps the session, so ``offline`` cannot simply win within a session. Statuses without
+    ``connection`` (older agents) fall back to ``ts`` within their session."""
+    connection = status.connection or 0  # connections count from 1
+    offline_last = 1 if connection and status.state == "offline" else 0
+    return (status.session, connection, offline_last, status.ts)
 
 
 class Prediction(_Message):

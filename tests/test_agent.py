@@ -537,3 +537,77 @@ def test_agent_metrics_port_and_textfile_agree_with_the_windows_it_published(
     )
     info = next(k for k in live if k[0] == "edgefleet_agent_model_info")
     assert dict(info[1])["artifact"] == "onnx-fp32" and dict(info[1])["version"] == pkg.manifest.version
+
+
+def test_the_store_follows_a_real_agent_through_drops_broker_restarts_and_a_clean_stop(
+    broker_factory, tmp_path: Path
+) -> None:
+    """A real agent process, a real mosquitto and the ingest worker writing the trainer's store: a dropped
+    connection (the broker publishes the last will, older than the birth it follows) and a broker restart
+    both end with the device online again on its next connection, in the same session; SIGTERM ends
+    with it offline. Both of the store's readers (status history and devices row) say the same."""
+    import yaml
+
+    from edge_agent.config import MqttSettings
+    from trainer.ingest.worker import IngestConfig, IngestWorker
+    from trainer.sim.tiny import build_tiny_package
+    from trainer.store import Store
+
+    from .mqtt_helpers import TcpProxy
+
+    broker = broker_factory()
+    proxy = TcpProxy(broker.port)  # the agent's only way to the broker, so the test can cut it
+    device, db = "cam-reconnect", f"sqlite:///{tmp_path / 'fleet.db'}"
+    cfg = {
+        "device_id": device,
+        "fleet": FLEET,
+        "state_dir": str(tmp_path / "state"),
+        "source": {"uri": "synthetic:?fps=10"},
+        "model": {"package": str(build_tiny_package(tmp_path / "pkg").root), "artifact": "onnx-fp32"},
+        "mqtt": {"url": proxy.url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+    }
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(cfg))
+    worker = IngestWorker(IngestConfig(mqtt=MqttSettings(url=broker.url), db_url=db, fleet=FLEET)).start()
+    assert worker.wait_connected(10)
+    store = Store(db, create=False)
+
+    def current() -> tuple[str, int | None]:
+        """(state, connection) of the device's current status; both readers must agree."""
+        st = store.latest_status().get(device)
+        dev = store.device(device)
+        if st is None or dev is None:
+            return ("unknown", None)
+        assert (dev.state, dev.status_connection) == (st.state, st.connection)
+        return (st.state, st.connection)
+
+    def history() -> list[tuple[str, int | None]]:
+        return [(s.state, s.connection) for s in store.status_history(device)]
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.cli", "agent", "run", "--config", str(tmp_path / "agent.yaml")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: current()[0] == "online", 60), history()
+        first = current()[1]
+        assert first is not None
+        proxy.cut()  # a network drop: the broker publishes the will of connection `first`
+        assert wait_until(lambda: ("offline", first) in history(), 15), history()
+        assert wait_until(lambda: current()[0] == "online" and (current()[1] or 0) > first, 15), history()
+        session = store.latest_status()[device].session
+        second = current()[1] or 0
+        broker.stop()  # a broker restart: the agent and the ingest worker reconnect
+        broker.start()
+        assert wait_until(lambda: current()[0] == "online" and (current()[1] or 0) > second, 30), history()
+        assert store.latest_status()[device].session == session  # reconnects keep the session
+        last = current()[1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    try:
+        assert proc.returncode == 0, err[-3000:]
+        assert wait_until(lambda: current() == ("offline", last), 15), history()
+    finally:
+        worker.stop()
+        store.close()
+        proxy.close()

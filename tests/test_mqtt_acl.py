@@ -154,7 +154,7 @@ def test_an_agent_whose_device_id_is_not_its_certificate_keeps_its_windows_and_s
             settings,
             client_id=device,
             status_topic=status_topic(FLEET, device),
-            birth=lambda: Status(
+            birth=lambda _n: Status(
                 fleet=FLEET, device=device, state="online", session=1, ts=time.time()
             ).to_bytes(),
             will=Status(fleet=FLEET, device=device, state="offline", session=1, ts=0.0).to_bytes(),

@@ -23,19 +23,34 @@ from edge_agent.config import MqttSettings
 from edge_agent.errors import ConfigError
 from edge_agent.events import EventCounter
 from edge_agent.mqtt_link import MqttLink
-from edge_agent.protocol import Command, Status, cmd_topic, parse_message, status_topic, tele_topic
+from edge_agent.protocol import (
+    Command,
+    Status,
+    cmd_topic,
+    parse_message,
+    status_order,
+    status_topic,
+    tele_topic,
+)
 from edge_agent.spool import Spool
 from trainer.ops import pki as pki_mod
 from trainer.ops.broker import BrokerTLS, MosquittoBroker, free_port
 
 from .conftest import require
-from .mqtt_helpers import Subscriber, retained, wait_until
+from .mqtt_helpers import Subscriber, TcpProxy, retained, wait_until
 
 FLEET = "test"
 
 
-def status(device: str, state: str) -> bytes:
-    return Status(fleet=FLEET, device=device, state=state, session=7, ts=time.time()).to_bytes()  # type: ignore[arg-type]
+def status(device: str, state: str, connection: int | None = None) -> bytes:
+    return Status(
+        fleet=FLEET,
+        device=device,
+        state=state,
+        session=7,
+        ts=time.time(),
+        connection=connection,  # type: ignore[arg-type]
+    ).to_bytes()
 
 
 class Harness:
@@ -57,8 +72,8 @@ class Harness:
             self.settings,
             client_id=f"{FLEET}-{self.device}",
             status_topic=self.status_topic,
-            birth=lambda: status(self.device, "online"),
-            will=status(self.device, "offline"),
+            birth=lambda n: status(self.device, "online", n),
+            will=lambda n: status(self.device, "offline", n),
             spool=self.spool,
             events=self.events,
             **kwargs,  # type: ignore[arg-type]
@@ -164,7 +179,7 @@ def test_last_will_when_the_agent_is_killed(broker: MosquittoBroker, tmp_path: P
             MqttSettings(url={broker.url!r}, keepalive=5),
             client_id="will-{device}",
             status_topic={topic!r},
-            birth=lambda: b'{{"state": "online"}}',
+            birth=lambda n: b'{{"state": "online"}}',
             will=b'{{"state": "offline"}}',
             spool=Spool({str(tmp_path / "will.sqlite")!r}, 100, 1 << 20),
             events=EventCounter(),
@@ -187,6 +202,44 @@ def test_last_will_when_the_agent_is_killed(broker: MosquittoBroker, tmp_path: P
     assert wait_until(lambda: b'{"state": "offline"}' in sub.payloads(), 10), sub.payloads()
     sub.close()
     assert retained(broker.url, topic) == {"state": "offline"}
+
+
+def test_a_reconnect_numbers_its_birth_and_will_after_the_dropped_connection(
+    broker: MosquittoBroker, harness_factory
+) -> None:
+    """A dropped connection's last will and the next connection's birth stay in order: the will (its ts
+    taken when its connection opened) carries the number of the birth it follows, the reconnect's birth a
+    higher one, so ordering by (session, connection, offline after online) ends online, then offline
+    after a clean stop."""
+    proxy = TcpProxy(broker.port)
+    h = harness_factory(proxy.url)
+    sub = Subscriber(broker.url, h.status_topic, clean=True)
+    link = h.link()
+    link.start()
+
+    def seen() -> list[Status]:
+        return [Status.model_validate_json(p) for p in sub.payloads()]
+
+    try:
+        assert wait_until(lambda: [s.state for s in seen()] == ["online"], 10), seen()
+        proxy.cut()  # the broker sees the socket close without DISCONNECT: it publishes the will
+        assert wait_until(lambda: [s.state for s in seen()][:3] == ["online", "offline", "online"], 15), (
+            seen()
+        )
+        birth, will, again = seen()[:3]
+        assert will.ts < birth.ts  # the will was composed when its connection opened
+        assert (
+            will.connection == birth.connection == 1 and again.connection is not None and again.connection > 1
+        )
+        assert max(seen(), key=status_order) == again  # the device is online, as it is
+        assert link.stop(flush_timeout=2)
+        assert wait_until(lambda: seen()[-1].state == "offline", 5)
+        clean = seen()[-1]
+        assert clean.connection == link.connection == again.connection
+        assert max(seen(), key=status_order) == clean
+    finally:
+        sub.close()
+        proxy.close()
 
 
 def test_broker_killed_and_restarted_mid_run(broker_factory, harness_factory) -> None:

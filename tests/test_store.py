@@ -125,21 +125,108 @@ def test_status_history_and_latest_status(store: Store) -> None:
     assert [s.state for s in store.status_history("cam1")] == ["online", "offline"]
 
 
+def _status(state: str, session: int, connection: int | None, ts: float, device: str = "cam2") -> Status:
+    """A status as an agent sends it (``connection`` None: an agent older than connection numbers)."""
+    model = model_ref() if state == "online" else None
+    return Status(
+        fleet="t",
+        device=device,
+        state=state,
+        session=session,
+        connection=connection,
+        ts=ts,
+        model=model,  # type: ignore[arg-type]
+    )
+
+
+def _current(store: Store, device: str = "cam2") -> tuple[str | None, int | None, int | None]:
+    """The device's state by both readers (the status history and the devices row), which must agree."""
+    latest = store.latest_status()[device]
+    dev = store.device(device)
+    assert dev is not None and (dev.state, dev.status_session, dev.status_connection) == (
+        latest.state,
+        latest.session,
+        latest.connection,
+    ), (dev.state, dev.status_session, dev.status_connection, latest)
+    assert store.status_history(device)[-1] == latest
+    return latest.state, latest.session, latest.connection
+
+
 def test_a_last_will_older_than_its_birth_still_marks_the_device_offline(store: Store) -> None:
-    """The will is registered at connect, before the birth is built: its ts is older. Within a session
-    offline follows online; a later session wins whatever the clocks say."""
-    online = Status(fleet="t", device="cam2", state="online", session=5, ts=100.0, model=model_ref())
-    will = Status(fleet="t", device="cam2", state="offline", session=5, ts=99.5)
+    """The will is registered at connect, before the birth is built: its ts is older. Within one
+    connection offline follows online; a later session wins whatever the clocks say."""
+    online, will = _status("online", 5, 1, 100.0), _status("offline", 5, 1, 99.5)
     store.add_statuses([online])
     store.add_statuses([will])
-    assert store.latest_status()["cam2"] == will
-    dev = store.device("cam2")
-    assert dev is not None and dev.state == "offline"
-    back = Status(fleet="t", device="cam2", state="online", session=6, ts=90.0)  # a clock set back
+    assert _current(store) == ("offline", 5, 1)
+    back = _status("online", 6, 1, 90.0)  # a clock set back
     store.add_statuses([back])
-    assert store.latest_status()["cam2"] == back
-    dev = store.device("cam2")
-    assert dev is not None and (dev.state, dev.session) == ("online", 6)
+    assert _current(store) == ("online", 6, 1)
+    assert store.device("cam2").session == 6  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("batches", ["one by one", "one batch", "reversed"])
+def test_a_reconnect_in_the_same_session_shows_the_device_online_again(store: Store, batches: str) -> None:
+    """A network drop or broker restart keeps the session: online -> last will -> online (next
+    connection) is online, however the three arrive; a clean stop on that connection is offline, and the
+    first connection's will redelivered late changes nothing."""
+    seq = [_status("online", 5, 1, 100.0), _status("offline", 5, 1, 99.5), _status("online", 5, 2, 150.0)]
+    if batches == "one by one":
+        for st in seq:
+            store.add_statuses([st])
+    else:
+        store.add_statuses(seq if batches == "one batch" else seq[::-1])
+    assert _current(store) == ("online", 5, 2)
+    assert [(h.state, h.connection) for h in store.status_history("cam2")] == [
+        ("online", 1),
+        ("offline", 1),
+        ("online", 2),
+    ]
+    store.add_statuses([_status("offline", 5, 2, 149.0)])  # the second connection's will (older ts)
+    assert _current(store) == ("offline", 5, 2)
+    store.add_statuses([_status("online", 5, 3, 151.0)])
+    store.add_statuses([_status("offline", 5, 1, 99.6)])  # a late copy of an older will
+    assert _current(store) == ("online", 5, 3)
+
+
+def test_a_window_of_the_new_session_before_its_birth_does_not_hide_the_birth(store: Store) -> None:
+    """Windows move ``devices.session`` too (another ingest worker may store them first): the birth that
+    follows must still replace the last session's will."""
+    store.add_statuses([_status("online", 5, 1, 100.0), _status("offline", 5, 1, 99.5)])
+    store.add_windows([w.model_copy(update={"device": "cam2", "session": 6}) for w in windows("cam2", 1)])
+    assert store.device("cam2").session == 6  # type: ignore[union-attr]
+    store.add_statuses([_status("online", 6, 1, 300.0)])
+    assert _current(store) == ("online", 6, 1)
+
+
+def test_statuses_of_agents_without_connection_numbers_follow_ts(store: Store) -> None:
+    """Older agents send no ``connection``: within a session the newer ts wins (their last will, made at
+    connect, then loses to its own birth: upgrade the agents to see crashes as offline)."""
+    store.add_statuses([_status("online", 4, None, 100.0), _status("offline", 4, None, 99.5)])
+    assert _current(store) == ("online", 4, None)
+    store.add_statuses([_status("offline", 4, None, 200.0)])  # a clean stop, built when sent
+    assert _current(store) == ("offline", 4, None)
+    store.add_statuses([_status("online", 5, 1, 10.0)])  # upgraded: a new session, numbered
+    assert _current(store) == ("online", 5, 1)
+
+
+def test_a_database_from_before_connection_numbers_gets_the_columns(db_url: str) -> None:
+    """The status columns added with connection numbers are added to an existing database when a store
+    opens it (create_all alone adds no column, and every status write would fail)."""
+    from sqlalchemy import text
+
+    with Store(db_url) as old:
+        old.add_statuses([_status("online", 5, None, 100.0)])
+        with old.write() as conn:
+            conn.execute(text("ALTER TABLE status_history DROP COLUMN connection"))
+            for col in ("status_session", "status_connection"):
+                conn.execute(text(f"ALTER TABLE devices DROP COLUMN {col}"))
+    with Store(db_url) as store:
+        assert store.latest_status()["cam2"].state == "online"  # its row has no status_session yet
+        store.add_statuses([_status("offline", 5, None, 200.0)])
+        assert _current(store) == ("offline", 5, None)
+        store.add_statuses([_status("online", 6, 1, 300.0), _status("offline", 6, 1, 299.0)])
+        assert _current(store) == ("offline", 6, 1)
 
 
 def test_dead_letters_keep_reason_size_and_count(store: Store) -> None:

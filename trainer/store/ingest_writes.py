@@ -7,7 +7,7 @@ Windows are inserted with ``INSERT .. ON CONFLICT (device, session, seq) DO NOTH
 :func:`~trainer.store.engine.bulk_insert`), so a redelivered or duplicated window is stored once and
 counted as a duplicate, on SQLite and PostgreSQL alike, even when two workers race. Late
 (out-of-order) windows are stored like any other; the device row only moves forward (newest window
-end, newest status ts).
+end; the current status by :func:`edge_agent.protocol.status_order`, see :func:`status_order_sql`).
 
 Model integrity, kept simple on purpose:
 
@@ -31,10 +31,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from sqlalchemy import Connection, and_, case, func, or_, select
+from sqlalchemy import ColumnElement, Connection, and_, case, func, literal, or_, select, tuple_
 
 from edge_agent.image_header import check_image_size
-from edge_agent.protocol import ModelRef, Status, TelemetryWindow, UpdateEvent
+from edge_agent.protocol import ModelRef, Status, TelemetryWindow, UpdateEvent, status_order
 from edge_agent.protocol import Sample as SampleMessage
 from trainer.store.engine import bulk_insert, insert
 from trainer.store.records import insert_alert
@@ -421,6 +421,7 @@ def write_statuses(
             "session": s.session,
             "state": s.state,
             "ts": s.ts,
+            "connection": s.connection,
             "model_sha256": s.model.sha256 if s.model else None,
             "payload": it.raw,
             "received_at": it.received_at,
@@ -458,10 +459,18 @@ def write_statuses(
     return result
 
 
-def _status_order(it: Received[Status]) -> tuple[int, int, float]:
-    """Statuses of a device in the order they happened: session, then online before offline, then ts."""
-    m = it.message
-    return (m.session, 1 if m.state == "offline" else 0, m.ts)
+def status_order_sql(
+    session: ColumnElement, connection: ColumnElement, state: ColumnElement, ts: ColumnElement
+) -> tuple[ColumnElement, ...]:
+    """:func:`edge_agent.protocol.status_order` in SQL, over status columns (of the history or a device
+    row), so the store picks the current status exactly as the wire contract says."""
+    numbered = connection.is_not(None)
+    return (
+        session,
+        func.coalesce(connection, literal(0)),
+        case((and_(numbered, state == "offline"), 1), else_=0),
+        ts,
+    )
 
 
 def _advance_devices(conn: Connection, stored: Sequence[Received[Status]]) -> None:
@@ -470,27 +479,25 @@ def _advance_devices(conn: Connection, stored: Sequence[Received[Status]]) -> No
     # none), so a batch holding "online (model)" then "offline" still records the model.
     newest: dict[str, Received[Status]] = {}
     newest_model: dict[str, Received[Status]] = {}
-    for it in sorted(stored, key=_status_order):
+    for it in sorted(stored, key=lambda i: status_order(i.message)):
         newest[it.message.device] = it
         if it.message.model is not None:
             newest_model[it.message.device] = it
     passes = [[it for dev, it in newest_model.items() if newest[dev] is not it], list(newest.values())]
     up = insert(conn, DEVICES)
     ex, d = up.excluded, DEVICES.c
-    # A later session wins; within a session "offline" (a last will registered at connect, so its ts
-    # may be older than the birth) follows "online"; otherwise the newer ts wins.
+    # The status ordered last wins (a last will's ts predates the birth it follows; a reconnect keeps
+    # the session). Rows from before status_session existed take the next status.
     newer = or_(
         d.status_ts.is_(None),
-        ex.session > d.session,
-        and_(
-            ex.session == d.session,
-            or_(
-                and_(ex.state == "offline", d.state == "online"),
-                and_(ex.state == d.state, ex.status_ts >= d.status_ts),
-            ),
-        ),
+        d.status_session.is_(None),
+        tuple_(*status_order_sql(ex.status_session, ex.status_connection, ex.state, ex.status_ts))
+        >= tuple_(*status_order_sql(d.status_session, d.status_connection, d.state, d.status_ts)),
     )
-    set_ = {k: case((newer, ex[k]), else_=d[k]) for k in ("session", "state", "status_ts")}
+    follow = ("state", "status_session", "status_connection", "status_ts")
+    set_ = {k: case((newer, ex[k]), else_=d[k]) for k in follow}
+    # ``session`` also follows windows: it only moves forward
+    set_["session"] = case((or_(d.session.is_(None), ex.session > d.session), ex.session), else_=d.session)
     for k in ("agent_version", "model_name", "model_version", "model_sha256"):
         set_[k] = case((and_(newer, ex[k].is_not(None)), ex[k]), else_=d[k])
     set_["first_model_sha256"] = case(
@@ -514,6 +521,8 @@ def _device_row(it: Received[Status]) -> dict:
         "last_seen": it.received_at,
         "session": s.session,
         "state": s.state,
+        "status_session": s.session,
+        "status_connection": s.connection,
         "status_ts": s.ts,
         "agent_version": s.agent_version,
         "model_name": m.name if m else None,

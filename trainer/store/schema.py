@@ -51,8 +51,14 @@ class Device(Base):
     last_window_end: Mapped[float | None] = mapped_column(Double)
     """``end`` of the newest window by window time (late, out-of-order windows do not move it back)."""
     session: Mapped[int | None] = mapped_column(BigInteger)
+    """The newest session heard of (a status or a window)."""
     state: Mapped[str | None] = mapped_column(String())
-    """online / offline, from the newest status message (by its ``ts``)."""
+    """online / offline, from the device's current status: the largest by
+    :func:`edge_agent.protocol.status_order` (session, connection, offline after online, ts)."""
+    status_session: Mapped[int | None] = mapped_column(BigInteger)
+    """The session of that status (``session`` also follows windows, so it cannot order statuses)."""
+    status_connection: Mapped[int | None] = mapped_column(BigInteger)
+    """The connection of that status (None from agents that do not number their connections)."""
     status_ts: Mapped[float | None] = mapped_column(Double)
     agent_version: Mapped[str | None] = mapped_column(String())
     model_name: Mapped[str | None] = mapped_column(NAME)
@@ -74,6 +80,8 @@ class StatusEvent(Base):
     session: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String())
     ts: Mapped[float] = mapped_column(Double)
+    connection: Mapped[int | None] = mapped_column(BigInteger)
+    """The agent's connection number within the session (orders a will before the next birth)."""
     model_sha256: Mapped[str | None] = mapped_column(SHA)
     payload: Mapped[str] = mapped_column(RawJSON)
     received_at: Mapped[float] = mapped_column(Double)

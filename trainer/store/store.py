@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, Engine, Select, case, delete, func, select
+from sqlalchemy import Connection, Engine, Select, delete, func, select
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.orm import Session
 
@@ -26,11 +26,12 @@ from edge_agent.protocol import Status, TelemetryWindow, UpdateEvent
 from edge_agent.reference import ReferenceStats
 from edge_agent.telemetry.merge import WindowSummary, merge_windows
 from trainer.errors import StoreError
-from trainer.store.engine import WriteLock, insert, make_engine, writer
+from trainer.store.engine import WriteLock, add_missing_columns, insert, make_engine, writer
 from trainer.store.ingest_writes import (
     ModelCheck,
     Received,
     WriteResult,
+    status_order_sql,
     write_statuses,
     write_update_events,
     write_windows,
@@ -103,6 +104,11 @@ def _still_valid(payloads: Iterable[str]) -> Iterator[TelemetryWindow]:
             log.warning("a stored window no longer validates and is left out (%s: %s)", where, first["msg"])
 
 
+_HISTORY = StatusEvent.__table__.c
+_STATUS_ORDER = status_order_sql(_HISTORY.session, _HISTORY.connection, _HISTORY.state, _HISTORY.ts)
+"""The status history's columns in :func:`edge_agent.protocol.status_order`."""
+
+
 class Store:
     """The trainer's database: ``Store("sqlite:///fleet.db")`` or ``Store("postgresql+psycopg://...")``.
 
@@ -142,8 +148,12 @@ class Store:
         return self.engine.dialect.name
 
     def create_schema(self) -> None:
-        """Create missing tables (idempotent; migrations come when the schema first changes)."""
+        """Create missing tables, and columns added since a table was created (idempotent)."""
         Base.metadata.create_all(self.write_engine)
+        with self.write() as conn:
+            added = add_missing_columns(conn, Base.metadata)
+        if added:
+            log.info("store: added columns %s", ", ".join(added))
         for table in Base.metadata.sorted_tables:  # indexes added to tables that existed already
             for index in table.indexes:
                 index.create(self.write_engine, checkfirst=True)
@@ -336,21 +346,10 @@ class Store:
             return s.get(Device, device)
 
     def latest_status(self, fleet: str | None = None) -> dict[str, Status]:
-        """The current status message of each device: the latest session's, ``offline`` after ``online``
-        within a session (a last will's ts predates the birth it follows), else the newest ``ts``."""
-        rank = (
-            func.row_number()
-            .over(
-                partition_by=StatusEvent.device,
-                order_by=(
-                    StatusEvent.session.desc(),
-                    case((StatusEvent.state == "offline", 1), else_=0).desc(),
-                    StatusEvent.ts.desc(),
-                    StatusEvent.id.desc(),
-                ),
-            )
-            .label("rank")
-        )
+        """The current status message of each device: the last by :func:`~edge_agent.protocol.status_order`
+        (session, connection, ``offline`` after ``online`` of one connection, ts)."""
+        order = [k.desc() for k in _STATUS_ORDER] + [StatusEvent.id.desc()]
+        rank = func.row_number().over(partition_by=StatusEvent.device, order_by=order).label("rank")
         inner = select(StatusEvent.device, StatusEvent.payload, rank)
         if fleet is not None:
             inner = inner.where(StatusEvent.fleet == fleet)
@@ -360,11 +359,11 @@ class Store:
             return {d: Status.model_validate_json(p) for d, p in conn.execute(q)}
 
     def status_history(self, device: str) -> list[Status]:
-        """Every status message of a device, oldest first."""
+        """Every status message of a device in the order they happened (the current one last)."""
         q = (
             select(StatusEvent.payload)
             .where(StatusEvent.device == device)
-            .order_by(StatusEvent.ts, StatusEvent.id)
+            .order_by(*_STATUS_ORDER, StatusEvent.id)
         )
         with self.engine.connect() as conn:
             return [Status.model_validate_json(p) for p in conn.scalars(q)]
