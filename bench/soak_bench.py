@@ -1,8 +1,10 @@
 """`python -m bench.soak_bench`: a fault soak of the fleet side. Nothing may be lost; each window stored once.
 
 50 simulated devices (the agent's real MQTT link and durable spool, one window per device per
-``--period`` seconds) publish to a private mosquitto; ``edgefleet ingest run`` (2 worker processes)
-stores them in a private PostgreSQL. During ``--seconds``:
+``--period`` seconds) publish to a private mosquitto; ``edgefleet ingest run`` stores them in a private
+PostgreSQL, by default as deploy/trainer.yaml runs it: one worker on a plain durable subscription
+(``--shared --workers 2`` soaks the shared subscription instead, which mosquitto before 2.0.12 does not
+restore after a restart). During ``--seconds``:
 
 * the broker is restarted (down for 5 s) at 20% of the run,
 * the database is stopped for ``--db-down`` seconds (60) from 40%,
@@ -10,7 +12,8 @@ stores them in a private PostgreSQL. During ``--seconds``:
 
 Then the devices stop (their spools flushed) and ingest drains. Reported: windows sent, stored, lost,
 duplicates received (a second copy cannot be stored: (device, session, seq) is unique), dead letters kept and dropped over the caps, and the ingest processes' memory (RSS)
-after warm-up and at the end. Results: ``bench/results/soak-<workers>w-<shared|plain>.json`` and a table.
+after warm-up and at the end. Results: ``bench/results/soak-<workers>w-<shared|plain>.json`` and a table;
+the exit code is 1 when a window was lost (``make bench`` then fails).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class _Device:
             MqttSettings(url=url, reconnect_min_s=0.2, reconnect_max_s=2.0),
             client_id=name,
             status_topic=status_topic(FLEET, name),
-            birth=lambda _n: online.model_copy(update={"ts": time.time()}).to_bytes(),
+            birth=lambda: online.model_copy(update={"ts": time.time()}).to_bytes(),
             will=online.model_copy(update={"state": "offline"}).to_bytes(),
             spool=self.spool,
             events=events,
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> dict:
     sup = subprocess.Popen(
         [sys.executable, "-m", "edge_agent.cli", "ingest", "run", "--broker", broker.url, "--db", pg.url,
          "--fleet", FLEET, "--workers", str(args.workers), "--stats-file", str(work / "stats-{index}.json"),
-         *(["--no-shared"] if args.no_shared else [])],
+         *([] if args.shared else ["--no-shared"])],
         cwd=work, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True,
     )  # fmt: skip
     # messages sent before ingest first subscribes have nowhere to go: start the devices after it
@@ -227,7 +230,7 @@ def run(args: argparse.Namespace) -> dict:
         "duplicates_received": sum(_stats(work, i).get("duplicates", 0) for i in range(args.workers)),
         "ingest_received": sum(_stats(work, i).get("received", 0) for i in range(args.workers)),
         "ingest_workers": args.workers,
-        "shared_subscription": not args.no_shared,
+        "shared_subscription": args.shared,
         "lost_by_device": _gaps(expected - stored),
         "spools_flushed": flushed,
         "junk_sent": junk_sent[0],
@@ -269,14 +272,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--period", type=float, default=2.0, help="seconds between a device's windows")
     ap.add_argument("--db-down", type=float, default=60.0)
     ap.add_argument("--junk-rate", type=float, default=200.0)
-    ap.add_argument("--workers", type=int, default=2, help="ingest worker processes")
-    ap.add_argument("--no-shared", action="store_true", help="one worker on a plain durable subscription")
+    ap.add_argument("--workers", type=int, default=1, help="ingest worker processes (more need --shared)")
+    ap.add_argument(
+        "--shared",
+        action="store_true",
+        help="ingest on the shared subscription ($share/ingest/...) instead of deploy/trainer.yaml's one "
+        "worker on a plain durable subscription",
+    )
     args = ap.parse_args(argv)
+    if args.workers > 1 and not args.shared:
+        ap.error("--workers > 1 needs --shared: without a shared subscription each worker gets every message")
     from bench.accuracy_bench import cpu_flags
 
     result = run(args) | {"machine": {"cpu_flags": cpu_flags()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"soak-{args.workers}w-{'plain' if args.no_shared else 'shared'}.json"
+    name = f"soak-{args.workers}w-{'shared' if args.shared else 'plain'}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2))
     print(format_table(result), flush=True)
     return 0 if result["windows_lost"] == 0 else 1
