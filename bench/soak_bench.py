@@ -56,7 +56,7 @@ class _Device:
             MqttSettings(url=url, reconnect_min_s=0.2, reconnect_max_s=2.0),
             client_id=name,
             status_topic=status_topic(FLEET, name),
-            birth=lambda: online.model_copy(update={"ts": time.time()}).to_bytes(),
+            birth=lambda _n: online.model_copy(update={"ts": time.time()}).to_bytes(),
             will=online.model_copy(update={"state": "offline"}).to_bytes(),
             spool=self.spool,
             events=events,
