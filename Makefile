@@ -33,11 +33,12 @@ GUARD := build/edgefleet_guard.so
 broker-plugin: $(GUARD)
 
 $(GUARD): deploy/mosquitto/edgefleet_guard.c
-	@test -f /usr/include/mosquitto_plugin.h -a -f /usr/include/mosquitto.h && command -v gcc >/dev/null || \
-		{ echo "installing gcc, mosquitto-dev and libmosquitto-dev with apt-get"; \
-		  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q gcc mosquitto-dev libmosquitto-dev; }
+	@test -f /usr/include/mosquitto_plugin.h -a -f /usr/include/mosquitto.h -a -f /usr/include/openssl/x509.h \
+		&& command -v gcc >/dev/null || \
+		{ echo "installing gcc, mosquitto-dev, libmosquitto-dev and libssl-dev with apt-get"; \
+		  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q gcc mosquitto-dev libmosquitto-dev libssl-dev; }
 	mkdir -p build
-	gcc -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ $<
+	gcc -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ $< -lcrypto
 
 # Home Assistant for the discovery test, in a virtualenv of its own (its MQTT integration pins
 # paho-mqtt 1.6.1; 2024.3.3 is the last release for Python 3.11).

@@ -91,6 +91,7 @@ class TlsClient:
         subscribe: str | None = None,
         cert_dir: Path | None = None,
         client_id: str | None = None,
+        username: str | None = None,
     ) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.granted: list[int] = []
@@ -103,6 +104,8 @@ class TlsClient:
             client_id=client_id or f"{name}-{uuid.uuid4().hex[:6]}",
             protocol=mqtt.MQTTv311,
         )
+        if username is not None:  # the broker takes the identity from the certificate, whatever this says
+            self.client.username_pw_set(username)
         d = cert_dir or pki / kind
         self.client.tls_set(
             ca_certs=str(pki / "ca.crt"), certfile=str(d / f"{name}.crt"), keyfile=str(d / f"{name}.key")

@@ -37,7 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a plain durable subscription (one worker): mosquitto before 2.0.12 does not restore shared "
         "subscriptions after a restart, so windows sent before the workers reconnect would be lost",
     )
-    r.add_argument("--client-id", help="client id of a single worker (default {group}-{fleet}-{index})")
+    r.add_argument(
+        "--client-prefix",
+        default="trainer",
+        help="the identity the workers connect as (the certificate's name; deploy/mosquitto's guard accepts "
+        "a service's client ids only as NAME or NAME-...): client ids are {prefix}-{group}-{fleet}-{index}",
+    )
+    r.add_argument(
+        "--client-id", help="client id of a single worker (default {client-prefix}-{group}-{fleet}-{index})"
+    )
     r.add_argument("--kinds", default="tele,status,sample,update", help="message kinds to ingest")
     r.add_argument("--batch-max", type=int, default=200)
     r.add_argument("--batch-linger", type=float, default=0.0, help="seconds a batch waits for more messages")
@@ -81,6 +89,7 @@ def _config(args: argparse.Namespace) -> Any:
         group=args.group,
         shared=not args.no_shared,
         index=args.index,
+        client_prefix=args.client_prefix,
         client_id=args.client_id,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
         batch_max=args.batch_max,

@@ -22,7 +22,7 @@ class FleetPublisher:
 
     def __init__(self, settings: MqttSettings, fleet: str) -> None:
         self.fleet = fleet
-        self.client = new_client(settings, settings.client_id or f"edgefleet-trainer-{uuid.uuid4().hex[:8]}")
+        self.client = new_client(settings, settings.client_id or f"trainer-{uuid.uuid4().hex[:8]}")
         self.client.reconnect_delay_set(1, 5)
         self.client.max_queued_messages_set(10_000)
         self.client.connect_async(settings.host, settings.port, keepalive=30)

@@ -10,7 +10,8 @@ Workflow of one :class:`IngestWorker`::
 
 * It subscribes to ``$share/{group}/ef/v1/{fleet}/dev/+/{kind}`` for each kind it handles (QoS 1), so
   the broker hands every message to one worker of the group.
-* Persistent session (``clean_session=False``) under a stable client id (``{group}-{fleet}-{index}``)
+* Persistent session (``clean_session=False``) under a stable client id
+  (``{client_prefix}-{group}-{fleet}-{index}``, e.g. ``trainer-ingest-shop-0``)
   and MANUAL acknowledgements: a message is acknowledged (PUBACK) only after the transaction that
   stores it has committed. A crashed worker, or one whose database is down, loses nothing: the broker
   keeps the unacknowledged messages in the worker's session and sends them again when it reconnects;
@@ -66,8 +67,8 @@ class IngestConfig:
     """Every setting and limit of one ingest worker."""
 
     mqtt: MqttSettings
-    """Broker URL, credentials and TLS: the trainer service passes its own (``client_id`` is not used:
-    each worker's id is ``{group}-{fleet}-{index}``)."""
+    """Broker URL, credentials and TLS: the trainer service passes its own (its ``client_id`` is only the
+    start of each worker's id, ``{client_prefix}-{group}-{fleet}-{index}``)."""
     db_url: str
     fleet: str
     group: str = "ingest"
@@ -76,8 +77,14 @@ class IngestConfig:
     """False for brokers without shared subscriptions (amqtt): a plain subscription, one worker."""
     index: int = 0
     """Worker number within the group; part of the stable client id."""
+    client_prefix: str | None = None
+    """Start of the default client id: the service identity the worker connects as (its certificate's
+    name) or a client id of that identity; None takes ``mqtt.client_id`` (the trainer service's own),
+    else ``trainer``. deploy/mosquitto's guard accepts a service's client id only as ``NAME`` or
+    ``NAME-...``, so no other identity can take the worker's session over."""
     client_id: str | None = None
-    """Overrides ``{group}-{fleet}-{index}``. Must be stable across restarts (persistent session)."""
+    """Overrides ``{client_prefix}-{group}-{fleet}-{index}``. Must be stable across restarts (persistent
+    session)."""
     kinds: tuple[str, ...] = ("tele", "status", "sample", "update")
     batch_max: int = 200
     batch_linger_s: float = 0.0
@@ -94,7 +101,9 @@ class IngestConfig:
 
     @property
     def effective_client_id(self) -> str:
-        return self.client_id or f"{self.group}-{self.fleet}-{self.index}"
+        """The worker's stable client id: ``client_id``, else one derived from its identity and place."""
+        prefix = self.client_prefix or self.mqtt.client_id or "trainer"
+        return self.client_id or f"{prefix}-{self.group}-{self.fleet}-{self.index}"
 
 
 @dataclass(slots=True)
@@ -340,7 +349,12 @@ class IngestWorker:
     # -- network thread --------------------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, _u: object, flags: Any, reason_code: Any, _p: Any) -> None:
         if reason_code.is_failure:
-            log.warning("ingest %s: connection refused: %s", self.client_id, reason_code)
+            log.warning(
+                "ingest %s: connection refused: %s (behind deploy/mosquitto's guard a client id must be the "
+                "certificate's name or start with it and '-')",
+                self.client_id,
+                reason_code,
+            )
             return
         with self._lock:
             self._gen += 1

@@ -18,7 +18,7 @@ from trainer.errors import ReleaseError
 
 def send_hint(settings: MqttSettings, hint: ReleaseHint, timeout: float = 10.0) -> None:
     """Publish ``hint`` retained at QoS 1 and wait for the broker's PUBACK (one short-lived connection)."""
-    client = new_client(settings, settings.client_id or f"edgefleet-release-{uuid.uuid4().hex[:8]}")
+    client = new_client(settings, settings.client_id or f"trainer-release-{uuid.uuid4().hex[:8]}")
     try:
         client.connect(settings.host, settings.port, keepalive=30)
     except Exception as exc:  # noqa: BLE001 - refused, unreachable, TLS: one clear error
