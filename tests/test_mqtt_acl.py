@@ -376,6 +376,9 @@ def test_pki_cli_issues_identities_with_private_keys_0600(tmp_path: Path) -> Non
     clash = run("issue-device", "trainer")  # one name, one identity: a device cannot become the trainer
     assert clash.returncode == 2 and "already a service identity" in clash.stderr
     assert run("issue-device", "cam/+").returncode == 2
+    prefixed = run("issue-device", "monitor-7")  # the monitor's certificate may use client id monitor-7
+    assert prefixed.returncode == 2 and "starts with 'monitor-'" in prefixed.stderr, prefixed.stderr
+    assert not (d / "device" / "monitor-7.key").exists()
     assert run("init").returncode == 2  # never overwrites a CA
 
 

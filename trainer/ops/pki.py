@@ -18,10 +18,29 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge_agent.protocol import check_device_id
+from edge_agent.protocol import SERVICE_IDENTITIES, check_device_id
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
+GUARDED_SERVICES = SERVICE_IDENTITIES | {"homeassistant"}
+"""Service identities whose client ids the broker guard accepts as ``NAME-...`` (deploy/mosquitto)."""
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if a device certificate may carry it; ValueError naming the clash otherwise.
+
+    Besides the reserved ids, a device name may not start with a service name and ``-``: the broker guard
+    lets a service use client ids ``NAME-...`` (deploy/mosquitto/edgefleet_guard.c), and a device's client
+    id is its name, so a device ``monitor-7`` could be disconnected by the monitor's certificate.
+    """
+    check_device_id(name)
+    for service in sorted(GUARDED_SERVICES):
+        if name.lower().startswith(f"{service}-"):
+            raise ValueError(
+                f"{name!r} starts with {service + '-'!r}: the client ids of the service identity {service!r} "
+                "look like that (the broker guard accepts them); choose another device id"
+            )
+    return name
 
 
 @dataclass(frozen=True)
@@ -119,7 +138,7 @@ def issue(
     if kind not in ("server", "device", "service"):
         raise ValueError(f"kind must be server, device or service, got {kind!r}")
     if kind == "device":
-        check_device_id(common_name)
+        check_device_name(common_name)
     d = Path(directory)
     out = Path(out_dir) if out_dir else d / kind
     if (out / f"{common_name}.key").exists() and not force:
