@@ -384,9 +384,15 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_a_server_dripping_bytes_cannot_hang_a_fetch(tmp_path: Path) -> None:
-    """One byte every half second never trips the read timeout; the whole-transfer deadline ends it as
-    too slow (the updater then counts the repository as unreachable and retries later)."""
+@pytest.mark.parametrize(
+    ("phase", "call"),
+    [("body", "download"), ("headers", "download"), ("headers", "metadata")],
+)
+def test_a_server_dripping_bytes_cannot_hang_a_fetch(tmp_path: Path, phase: str, call: str) -> None:
+    """One byte every half second never trips the read timeout; the whole-fetch deadline ends it as too
+    slow (the updater then counts the repository as unreachable and retries later). The deadline starts
+    before the request: a server dripping its response headers for 6 s (then answering in full) is cut
+    off at 2 s too, for a target download and for a metadata fetch through python-tuf."""
     import socket
     import threading
     import time
@@ -400,29 +406,50 @@ def test_a_server_dripping_bytes_cannot_hang_a_fetch(tmp_path: Path) -> None:
     srv.listen()
     stop = threading.Event()
 
-    def drip() -> None:
+    def drip(data: bytes, seconds: float) -> bool:
+        """Send ``data`` a byte every half second for at most ``seconds``; False once cut off."""
+        t_end = time.monotonic() + seconds
+        for byte in data:
+            if stop.is_set() or time.monotonic() > t_end:
+                break
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                return False
+            time.sleep(0.5)
+        return True
+
+    def serve() -> None:
+        nonlocal conn
         conn, _ = srv.accept()
         conn.recv(4096)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
-        while not stop.is_set():
-            try:
-                conn.sendall(b"x")
-            except OSError:
-                break
-            time.sleep(0.5)
+        try:
+            if phase == "headers":
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                if drip(b"X-Pad: " + b"a" * 100, 6.0):
+                    conn.sendall(b"\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000)  # then all of it
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+                drip(b"x" * 1000, 60.0)
+        except OSError:
+            pass
         conn.close()
 
-    t = threading.Thread(target=drip, daemon=True)
+    conn: socket.socket
+    t = threading.Thread(target=serve, daemon=True)
     t.start()
     fetcher = HttpFetcher(timeout_s=5.0, deadline_s=2.0)
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/t.tar"
     t0 = time.monotonic()
     try:
         with pytest.raises(tuf_exc.SlowRetrievalError, match="not complete within 2 s"):
-            fetcher.download_resumable(
-                f"http://127.0.0.1:{srv.getsockname()[1]}/t.tar", tmp_path / "t.part", 1000
-            )
+            if call == "download":
+                fetcher.download_resumable(url, tmp_path / "t.part", 1000)
+            else:
+                fetcher.download_bytes(url, 1000)
         assert time.monotonic() - t0 < 4.5
     finally:
         stop.set()
         fetcher.close()
         srv.close()
+        t.join(10)

@@ -5,18 +5,28 @@ downloaded with :meth:`HttpFetcher.download_resumable`: the bytes go to a ``.par
 survives restarts, a later attempt continues it with an HTTP ``Range`` request, and the transfer is
 capped at the length the signed metadata gives (more bytes than that is the "endless data" attack and
 fails at once). The caller then checks length and hashes against the same signed metadata.
+
+Every fetch has a deadline that starts before the request: connecting, the response headers and the
+body must all arrive within it. A server dripping a byte every few seconds (never idle long enough for
+the read timeout), in the headers or in the body, cannot hang the updater.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import urllib3
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient.fetcher import FetcherInterface
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.response import HTTPResponse
 
 from edge_agent import __version__
 
@@ -25,11 +35,138 @@ FSYNC_EVERY = 4 * 1024 * 1024
 """A partial download is fsynced every few MB, so a power cut loses little and never leaves a hole."""
 
 
+class _Deadline:
+    """One fetch's time limit, from before connecting to the last byte. Past it, the fetch's socket is
+    shut down from a timer (a blocked connect, header read or body read cannot otherwise be interrupted)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.ends = time.monotonic() + seconds
+        self.expired = threading.Event()
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._done = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        """Seconds left (negative once passed)."""
+        return self.ends - time.monotonic()
+
+    def passed(self) -> bool:
+        """Whether the deadline has passed (the timer may not have fired yet)."""
+        return self.expired.is_set() or self.remaining() <= 0
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock``'s connection down when the deadline passes (at once if it has). The deadline holds
+        its own duplicate of the descriptor: shutting that down ends the connection, closing it does not,
+        and it cannot be reused for another socket while held."""
+        if sock.fileno() < 0:
+            return
+        own = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        with self._lock:
+            if self._done:
+                own.close()
+                return
+            old, self._sock = self._sock, own
+            if self.passed():
+                _shutdown(own)
+        if old is not None:
+            old.close()
+
+    def _expire(self) -> None:
+        """The timer fired: mark the fetch late and cut its connection (unless it already ended)."""
+        with self._lock:
+            if self._done:
+                return
+            self.expired.set()
+            if self._sock is not None:
+                _shutdown(self._sock)
+
+    def close(self) -> None:
+        """The fetch is over: cancel the timer and let go of the socket (the pool may reuse the connection)."""
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def error(self, url: str) -> tuf_exc.SlowRetrievalError:
+        """The error of a fetch that did not complete in time."""
+        return tuf_exc.SlowRetrievalError(f"{url}: not complete within {self.seconds:.0f} s")
+
+
+_ACTIVE: ContextVar[_Deadline | None] = ContextVar("edgefleet_fetch_deadline", default=None)
+"""The deadline of the fetch running on this thread, for the pool's connections to register with."""
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """Shut a connection down in both directions; a blocked read on it returns at once."""
+    with contextlib.suppress(OSError):  # already closed or reset
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _connect_watched(conn: HTTPConnection, connect: Callable[[], socket.socket]) -> socket.socket:
+    """Connect within what is left of the current fetch's deadline, and let the deadline watch the socket
+    (a TLS handshake dripped by the server is then cut off too)."""
+    deadline = _ACTIVE.get()
+    if deadline is not None and isinstance(conn.timeout, (int, float)):
+        conn.timeout = max(0.001, min(conn.timeout, deadline.remaining()))
+    sock = connect()
+    if deadline is not None:
+        deadline.watch(sock)
+    return sock
+
+
+def _respond_watched(conn: HTTPConnection) -> None:
+    """Before the response headers are read (possibly on a reused connection), the deadline watches it."""
+    deadline = _ACTIVE.get()
+    if deadline is not None and conn.sock is not None:
+        deadline.watch(conn.sock)
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    """An HTTP connection whose socket the current fetch's deadline can shut down."""
+
+    def _new_conn(self) -> socket.socket:
+        return _connect_watched(self, super()._new_conn)
+
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        _respond_watched(self)
+        return super().getresponse()
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    """An HTTPS connection whose socket the current fetch's deadline can shut down."""
+
+    def _new_conn(self) -> socket.socket:
+        return _connect_watched(self, super()._new_conn)
+
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        _respond_watched(self)
+        return super().getresponse()
+
+
+class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    """The pool the fetcher's PoolManager makes for http:// URLs."""
+
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    """The pool the fetcher's PoolManager makes for https:// URLs."""
+
+    ConnectionCls = _WatchedHTTPSConnection
+
+
 class HttpFetcher(FetcherInterface):
     """One connection pool per updater check; ``close`` releases it.
 
-    ``timeout_s`` bounds each connect and each read; ``deadline_s`` bounds a whole transfer, so a server
-    dripping a byte every few seconds (never idle long enough for the read timeout) cannot hang it.
+    ``timeout_s`` bounds each connect and each read; ``deadline_s`` bounds a whole fetch, from before the
+    request to the last byte (connect, headers and body), so a server dripping a byte every few seconds
+    (never idle long enough for the read timeout) cannot hang it.
     """
 
     def __init__(self, timeout_s: float = 30.0, deadline_s: float = 600.0) -> None:
@@ -40,52 +177,54 @@ class HttpFetcher(FetcherInterface):
             retries=urllib3.Retry(total=2, connect=2, read=0, redirect=0, backoff_factor=0.2),
             maxsize=2,
         )
+        self._pool.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
         self.requests = 0
 
     def _fetch(self, url: str) -> Iterator[bytes]:
-        response = self._request(url, {})
-        if response.status >= 400:
-            _discard(response)
-            raise tuf_exc.DownloadHTTPError(f"HTTP {response.status} for {url}", response.status)
-        return self._chunks(response, url)
+        deadline = _Deadline(self.deadline_s)
+        try:
+            response = self._request(url, {}, deadline)
+            if response.status >= 400:
+                _discard(response)
+                raise tuf_exc.DownloadHTTPError(f"HTTP {response.status} for {url}", response.status)
+        except BaseException:
+            deadline.close()
+            raise
+        return self._chunks(response, url, deadline)
 
-    def _request(self, url: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+    def _request(self, url: str, headers: dict[str, str], deadline: _Deadline) -> urllib3.BaseHTTPResponse:
+        """Send the request and read the response headers, all within ``deadline``."""
         self.requests += 1
+        token = _ACTIVE.set(deadline)  # the pool's connections find the deadline here
         try:
             return self._pool.request(
                 "GET", url, headers=headers, preload_content=False, timeout=self.timeout
             )
         except urllib3.exceptions.MaxRetryError as exc:
+            if deadline.passed():
+                raise deadline.error(url) from exc
             if isinstance(exc.reason, urllib3.exceptions.TimeoutError):
                 raise tuf_exc.SlowRetrievalError(str(exc)) from exc
             raise tuf_exc.DownloadError(f"cannot reach {url}: {exc.reason}") from exc
         except urllib3.exceptions.HTTPError as exc:
+            if deadline.passed():
+                raise deadline.error(url) from exc
             raise tuf_exc.DownloadError(f"cannot reach {url}: {exc}") from exc
+        finally:
+            _ACTIVE.reset(token)
 
-    def _chunks(self, response: urllib3.BaseHTTPResponse, url: str) -> Iterator[bytes]:
-        """The body as it arrives; past ``deadline_s`` the socket is shut down from a timer (a blocked
-        read cannot otherwise be interrupted) and the transfer fails as too slow."""
-        expired = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            response.shutdown()
-
-        timer = threading.Timer(self.deadline_s, expire)
-        timer.daemon = True
-        timer.start()
+    def _chunks(self, response: urllib3.BaseHTTPResponse, url: str, deadline: _Deadline) -> Iterator[bytes]:
+        """The body as it arrives, within the fetch's ``deadline`` (which then ends)."""
         try:
             yield from response.stream(CHUNK)  # bytes reach the partial file as they arrive
-            if expired.is_set():
-                raise tuf_exc.SlowRetrievalError(f"{url}: not complete within {self.deadline_s:.0f} s")
+            if deadline.expired.is_set():  # cut off: what arrived is not the whole response
+                raise deadline.error(url)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            if expired.is_set() or isinstance(exc, urllib3.exceptions.TimeoutError):
-                raise tuf_exc.SlowRetrievalError(
-                    f"{url}: not complete within {self.deadline_s:.0f} s"
-                ) from exc
+            if deadline.passed() or isinstance(exc, urllib3.exceptions.TimeoutError):
+                raise deadline.error(url) from exc
             raise tuf_exc.DownloadError(str(exc)) from exc
         finally:
-            timer.cancel()
+            deadline.close()
             response.release_conn()
 
     def download_resumable(self, url: str, part: Path, length: int) -> int:
@@ -101,18 +240,20 @@ class HttpFetcher(FetcherInterface):
             have = 0
         if have == length:
             return have
-        response = self._request(url, {"Range": f"bytes={have}-"} if have else {})
-        if response.status == 206 and have and _range_start(response.headers.get("Content-Range")) == have:
-            mode, start = "ab", have
-        elif response.status == 200:
-            mode, start = "wb", 0
-        else:
-            _discard(response)
-            raise tuf_exc.DownloadHTTPError(f"HTTP {response.status} for {url}", response.status)
+        deadline = _Deadline(self.deadline_s)
+        try:
+            response = self._request(url, {"Range": f"bytes={have}-"} if have else {}, deadline)
+            mode, start = _write_mode(response, have)
+            if not mode:
+                _discard(response)
+                raise tuf_exc.DownloadHTTPError(f"HTTP {response.status} for {url}", response.status)
+        except BaseException:
+            deadline.close()
+            raise
         got = start
         since_sync = 0
         with open(part, mode) as f:
-            for chunk in self._chunks(response, url):
+            for chunk in self._chunks(response, url, deadline):
                 got += len(chunk)
                 if got > length:
                     f.close()
@@ -142,6 +283,16 @@ def _discard(response: urllib3.BaseHTTPResponse) -> None:
         response.drain_conn()
     finally:
         response.release_conn()
+
+
+def _write_mode(response: urllib3.BaseHTTPResponse, have: int) -> tuple[str, int]:
+    """How to write the body to a partial file holding ``have`` bytes: append from ``have`` (the server
+    continued the range), rewrite from 0 (it sent everything), or ``""`` (an error response)."""
+    if response.status == 206 and have and _range_start(response.headers.get("Content-Range")) == have:
+        return "ab", have
+    if response.status == 200:
+        return "wb", 0
+    return "", 0
 
 
 def _range_start(content_range: str | None) -> int | None:
