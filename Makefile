@@ -40,6 +40,17 @@ $(GUARD): deploy/mosquitto/edgefleet_guard.c
 	mkdir -p build
 	gcc -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ $< -lcrypto
 
+# CPUID masking (tools/cpuid_mask): the export and benches measure int8 on the kernels a CPU without
+# AVX-512/VNNI runs, on this one. Built only where the CPU can fault on CPUID (x86 Linux, `cpuid_fault`).
+CPUID_MASK := build/cpuid_mask.so
+cpuid-mask: $(CPUID_MASK)
+
+$(CPUID_MASK): tools/cpuid_mask/cpuid_mask.c
+	mkdir -p build
+	@if grep -qw cpuid_fault /proc/cpuinfo 2>/dev/null; then \
+		gcc -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ $<; \
+	else echo "no cpuid_fault on this CPU: int8 is measured on its own kernels only"; fi
+
 # Home Assistant for the discovery test, in a virtualenv of its own (its MQTT integration pins
 # paho-mqtt 1.6.1; 2024.3.3 is the last release for Python 3.11).
 HA_VENV := build/ha-venv
@@ -49,10 +60,10 @@ $(HA_VENV)/bin/hass:
 	$(PY) -m venv $(HA_VENV)
 	$(HA_VENV)/bin/pip install -q --disable-pip-version-check homeassistant==2024.3.3 paho-mqtt==1.6.1 janus==1.0.0
 
-test: $(STAMP) mosquitto chromium $(GUARD) $(HA_VENV)/bin/hass
+test: $(STAMP) mosquitto chromium $(GUARD) $(CPUID_MASK) $(HA_VENV)/bin/hass
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
-demo: $(STAMP) mosquitto
+demo: $(STAMP) mosquitto $(CPUID_MASK)
 	$(BIN)/edgefleet demo
 
 # The demo, then its console stays up (URL and login printed) until Ctrl-C.
@@ -62,7 +73,7 @@ demo-console: $(STAMP) mosquitto
 demo-photos: $(STAMP) mosquitto
 	$(BIN)/python -m trainer.sim.demo_photos
 
-bench: $(STAMP) mosquitto
+bench: $(STAMP) mosquitto $(CPUID_MASK)
 	$(BIN)/python -m bench.run
 
 # Style, types, the import contract (pyproject.toml [tool.importlinter]) and function lengths.

@@ -1,5 +1,7 @@
 """The float-prefix search both int8 exports share: keep the first convolutions in float until the int8
-artifact agrees with its fp32 on :data:`AGREEMENT_TARGET` of the check frames (see docs/quantization.md)."""
+artifact agrees with its fp32 on :data:`AGREEMENT_TARGET` of the check frames on every kernel path
+measured (this CPU's and, where it can be emulated, a CPU without VNNI: :mod:`trainer.export.kernel_paths`;
+see docs/quantization.md)."""
 
 from __future__ import annotations
 
@@ -16,18 +18,20 @@ AGREEMENT_TARGET = 0.97
 
 
 def search_float_prefix(
-    out: Path, quantize: Callable[[Path, float], None], agrees: Callable[[Path], np.ndarray]
-) -> tuple[float, dict[str, float]]:
+    out: Path, quantize: Callable[[Path, float], None], agrees: Callable[[Path], dict[str, np.ndarray]]
+) -> tuple[float, dict[str, dict[str, float]]]:
     """Quantize with growing float prefixes (:data:`FLOAT_PREFIX_SHARES`) until one reaches
-    :data:`AGREEMENT_TARGET`; the best variant ends up at ``out``. Returns its share and every variant's
-    measured agreement."""
-    variants: dict[str, float] = {}
+    :data:`AGREEMENT_TARGET` on its worst kernel path; the best variant (by that worst path) ends up at
+    ``out``. ``agrees`` gives, per kernel path, whether each check frame's top-1 equals fp32's. Returns
+    the kept share and every variant's agreement per kernel path."""
+    variants: dict[str, dict[str, float]] = {}
     best: tuple[float, float, Path] | None = None
     for share in FLOAT_PREFIX_SHARES:
         path = out.with_name(f"{out.stem}.f{int(share * 100)}{out.suffix}")
         quantize(path, share)
-        agreement = float(np.mean(agrees(path)))
-        variants[f"{share:.0%} float"] = round(agreement, 4)
+        by_path = {kernels: round(float(np.mean(hits)), 4) for kernels, hits in agrees(path).items()}
+        agreement = min(by_path.values())
+        variants[f"{share:.0%} float"] = by_path
         if best is None or agreement > best[0]:
             if best is not None:
                 best[2].unlink()

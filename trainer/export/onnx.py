@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from edge_agent.package import (
     PreprocessSpec,
 )
 from trainer.export.float_prefix import search_float_prefix
+from trainer.export.kernel_paths import onnx_top1, top1_by_kernels
 
 
 def export_onnx_fp32(model: torch.nn.Module, spec: PreprocessSpec, path: Path) -> None:
@@ -79,21 +79,15 @@ def _quantize_onnx(
 
 
 def quantize_onnx_int8(fp32: Path, out: Path, calib: np.ndarray, check_x: np.ndarray) -> dict[str, Any]:
-    """The fewest leading layers in float that reach :data:`AGREEMENT_TARGET` on the check frames here
-    (see :func:`quantize_tflite_int8` for why early layers). Devices still check the result on their own CPU
-    (:mod:`edge_agent.agreement`): without VNNI the u8 x s8 kernels saturate whatever the prefix."""
-    import onnxruntime as ort
-
-    def top1(path: Path) -> np.ndarray:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = os.cpu_count() or 1
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        outs = [sess.run(None, {"input": check_x[i : i + 32]})[0] for i in range(0, len(check_x), 32)]
-        return np.concatenate(outs).argmax(1)
-
-    ref = top1(fp32)
+    """The fewest leading layers in float that reach :data:`AGREEMENT_TARGET` on the check frames, on
+    this CPU's kernels and on the saturating AVX2 kernels of CPUs without VNNI where they can be run here
+    (:mod:`trainer.export.kernel_paths`; see :func:`quantize_tflite_int8` for why early layers). Devices
+    still check the result on their own CPU (:mod:`edge_agent.agreement`)."""
+    ref = onnx_top1(fp32, check_x)
     share, variants = search_float_prefix(
-        out, lambda path, share: _quantize_onnx(fp32, path, calib, share), lambda path: top1(path) == ref
+        out,
+        lambda path, share: _quantize_onnx(fp32, path, calib, share),
+        lambda path: {k: top1 == ref for k, top1 in top1_by_kernels("onnx", path, check_x).items()},
     )
     return {
         "tool": "onnxruntime.quantization.quantize_static",
@@ -102,6 +96,7 @@ def quantize_onnx_int8(fp32: Path, out: Path, calib: np.ndarray, check_x: np.nda
         "weights": "int8 per-channel symmetric",
         "float_prefix": f"first {share:.0%} of the convolutions kept in float",
         "variants": variants,
+        "kernel_paths": sorted(next(iter(variants.values()))),
         "check_frames": len(check_x),
         "calibration": "MinMax",
         "calibration_images": len(calib),

@@ -16,6 +16,7 @@ from edge_agent.package import (
     TensorSpec,
 )
 from trainer.export.float_prefix import search_float_prefix
+from trainer.export.kernel_paths import tflite_top1, top1_by_kernels
 
 
 def convert_tflite(model: torch.nn.Module, spec: PreprocessSpec, path: Path) -> None:
@@ -43,12 +44,12 @@ def quantize_tflite_int8(
     """
     from ai_edge_litert.interpreter import Interpreter
 
-    ref = _tflite_top1(fp32, check_nhwc)
+    ref = tflite_top1(fp32, check_nhwc)
     prefix_ops = _leading_op_outputs(Interpreter(model_path=str(fp32)))
     share, variants = search_float_prefix(
         out,
         lambda path, share: _quantize_tflite_once(fp32, path, calib_nhwc, spec, prefix_ops(share)),
-        lambda path: _tflite_top1(path, check_nhwc) == ref,
+        lambda path: {k: top1 == ref for k, top1 in top1_by_kernels("tflite", path, check_nhwc).items()},
     )
     return {
         "tool": "ai-edge-quantizer",
@@ -57,6 +58,7 @@ def quantize_tflite_int8(
         "weights": "int8 per-channel",
         "float_prefix": f"first {share:.0%} of the convolutions kept in float",
         "variants": variants,
+        "kernel_paths": sorted(next(iter(variants.values()))),
         "check_frames": len(check_nhwc),
         "calibration": "absolute min/max; input range fixed to the normalisation range",
         "calibration_images": len(calib_nhwc),
@@ -77,26 +79,6 @@ def _leading_op_outputs(interp: Any) -> Callable[[float], list[str]]:
         return [tensors[t]["name"] for o in ops[:cut] for t in o["outputs"]]
 
     return names
-
-
-def _tflite_top1(path: Path, x_nhwc: np.ndarray) -> np.ndarray:
-    """Top-1 of a TFLite model on float NHWC inputs (quantizing them for an integer input tensor)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
-    interp.allocate_tensors()
-    i, o = interp.get_input_details()[0], interp.get_output_details()[0]
-    out = []
-    for k in range(len(x_nhwc)):
-        x = x_nhwc[k : k + 1]
-        if i["dtype"] != np.float32:
-            scale, zp = i["quantization"]
-            info = np.iinfo(i["dtype"])
-            x = np.clip(np.round(x / scale + zp), info.min, info.max).astype(i["dtype"])
-        interp.set_tensor(i["index"], x)
-        interp.invoke()
-        out.append(interp.get_tensor(o["index"])[0].astype(np.float32))
-    return np.stack(out).argmax(1)
 
 
 def _quantize_tflite_once(
