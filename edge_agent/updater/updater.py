@@ -236,9 +236,11 @@ class Updater:
                 log.exception("updater step failed; the current model keeps serving")
 
     def _on_hint(self, hint: ReleaseHint) -> None:
-        if (
-            len(self.channels) > 1
-        ):  # auto: the best eligible release of every channel, not just the hinted one
+        if len(self.channels) > 1:  # auto: the best eligible release of every channel, not the hinted one
+            if hint.target.split("/", 1)[0] != hint.channel or hint.target not in self.track_targets:
+                # A hint naming another channel's target (or one not followed) is answered with the reason
+                # the device does not take it; a canary hint outside the cohort is normal and stays quiet.
+                self._check(hint.target, from_hint=True, explain_only=True)
             self._check(None, from_hint=False)
             return
         st = self.state
@@ -252,7 +254,9 @@ class Updater:
         self._check(hint.target, from_hint=True)
 
     # -- one check -------------------------------------------------------------------------------
-    def _check(self, target: str | None, *, from_hint: bool) -> None:
+    def _check(self, target: str | None, *, from_hint: bool, explain_only: bool = False) -> None:
+        """Check ``target`` (None: the best one this device follows) and install it if it may; with
+        ``explain_only``, only report why the device does not take ``target`` (nothing if it would)."""
         path = target or self._best_target()
         if path is None:
             return
@@ -282,6 +286,9 @@ class Updater:
                 raise UpdateRejected(
                     "bad_release_info", str(exc), permanent=True, about_metadata=True
                 ) from None
+            if explain_only:
+                self._check_followed(path, info)
+                return
             self._consider(tinfo, info, sha, from_hint)
         except UpdateRejected as r:
             self._rejected(r, path, info, sha, meta_key if r.about_metadata else sha, always=from_hint)
@@ -304,26 +311,34 @@ class Updater:
                 self.events.add("update_unreachable")
                 log.warning("release repository unreachable: %s", exc)
                 return None
-            if tinfo is None:
-                continue
-            try:
-                info = parse_release_info(tinfo.custom)
-            except ReleaseInfoError:
-                return path  # let the normal check reject and report it
-            if info.channel != "stable" and (
-                info.cohort is None or not in_cohort(self.identity.device, info.cohort)
-            ):
-                continue
-            if self.state.is_rejected(tinfo.hashes.get("sha256", "")):
-                continue
-            if best is None or info.release > best[0]:
-                best = (info.release, path)
+            release = self._eligible_release(path, tinfo) if tinfo is not None else None
+            if release is not None and (best is None or release > best[0]):
+                best = (release, path)
         return best[1] if best else None
+
+    def _eligible_release(self, path: str, tinfo: TargetFile) -> int | None:
+        """Under ``auto``, the release counter of ``path`` if this device may take it, else None. A release
+        whose signed fields do not fit (malformed, another channel's) is reported once and skipped, so it
+        cannot hold back the other channel's release."""
+        sha = tinfo.hashes.get("sha256", "")
+        if self.state.is_rejected(sha) or self.state.is_rejected(metadata_key(path, sha, tinfo.custom)):
+            return None
+        try:
+            if not sha:
+                raise ReleaseInfoError(f"{path}: no sha256 hash")
+            info = parse_release_info(tinfo.custom)
+            self._check_followed(path, info)
+        except (UpdateRejected, ReleaseInfoError) as exc:
+            if getattr(exc, "reason", None) != "not_in_cohort":  # outside the cohort is normal, quiet
+                self._check(path, from_hint=False, explain_only=True)  # reports it (and remembers)
+            return None
+        return info.release
 
     def _consider(self, tinfo: TargetFile, info: ReleaseInfo, sha: str, from_hint: bool) -> None:
         st = self.state
         if st.is_rejected(sha):
             return  # reported when it was rejected
+        self._check_followed(tinfo.path, info)  # before anything, even a counter, is recorded from it
         committed = st.committed
         assert committed is not None
         if info.package_sha256 == committed.package_sha256:
@@ -346,7 +361,6 @@ class Updater:
                 "release_rollback",
                 f"release {info.release} is not above {st.max_release}, the highest installed on this device",
             )
-        self._check_followed(info)
         check_compatible(info, tinfo.length, self.profile)
         pkg = self._stage(tinfo, info, sha, resumable)
         st.begin_verifying()
@@ -354,21 +368,26 @@ class Updater:
         loaded = self._verify(pkg, info)
         self._start_trial(loaded, info)
 
-    def _check_followed(self, info: ReleaseInfo) -> None:
-        """The release's signed channel is one this device follows, and under ``auto`` a canary release's
-        signed cohort includes this device (a hint or a target path alone decides neither)."""
-        if info.channel not in self.channels:
+    def _check_followed(self, path: str, info: ReleaseInfo) -> None:
+        """The release's signed channel is the channel of its target path (one this device follows), and
+        under ``auto`` a canary release's signed cohort includes this device (a hint, a target path or a
+        channel label alone decides nothing: a canary key labelling its release ``stable`` is refused)."""
+        path_channel = path.split("/", 1)[0]
+        if info.channel != path_channel or info.channel not in self.channels:
             raise UpdateRejected(
                 "wrong_channel",
-                f"release is on channel {info.channel!r}; this device follows {', '.join(self.channels)}",
+                f"{path} is signed as a release of channel {info.channel!r}; this device follows "
+                f"{', '.join(self.track_targets)}",
                 permanent=True,
                 about_metadata=True,
             )
         auto_canary = len(self.channels) > 1 and info.channel != "stable"
         if auto_canary and (info.cohort is None or not in_cohort(self.identity.device, info.cohort)):
+            share = f"{info.cohort.share_bp / 100:g}% of the fleet" if info.cohort else "none"
             raise UpdateRejected(
                 "not_in_cohort",
-                f"{info.channel} release {info.release} is for a cohort this device is not in",
+                f"{info.channel} release {info.release} ({path}): this device ({self.identity.device}) "
+                f"is not in its signed cohort ({share})",
                 permanent=True,
                 about_metadata=True,
             )
