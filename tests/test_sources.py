@@ -15,7 +15,7 @@ import pytest
 from edge_agent.backoff import Backoff
 from edge_agent.errors import SourceError
 from edge_agent.sources import EndOfStream, open_source
-from edge_agent.sources.base import Frame, FrameSource
+from edge_agent.sources.base import Frame, FrameSource, redact_credentials
 from trainer.ops.broker import free_port
 
 from .mqtt_helpers import wait_until
@@ -178,6 +178,16 @@ def test_a_password_in_a_stream_url_never_reaches_the_log(caplog: pytest.LogCapt
     with pytest.raises(SourceError) as exc:
         open_source("rtsp://admin:s3cret@/stream")  # no host
     assert "s3cret" not in str(exc.value) and "admin:***@" in str(exc.value)
+    # A raw '@' in the password: the userinfo runs to the last '@' before the host ("ss@" leaked).
+    src = open_source("rtsp://admin:p@ss@cam.local:554/stream")
+    assert src.name == "rtsp://admin:***@cam.local:554/stream"
+    cases = {
+        "rtsp://admin:p@ss@cam/stream": "rtsp://admin:***@cam/stream",
+        "rtsp://ad@min:p@ss:w@rd@cam/a@b": "rtsp://ad@min:***@cam/a@b",  # an '@' after the host stays
+        "http://admin@cam/x and rtsp://u:p@q@cam2/y": "http://admin:***@cam/x and rtsp://u:***@cam2/y",
+        "rtsp://cam/stream?user=a@b": "rtsp://cam/stream?user=a@b",  # no userinfo: nothing to redact
+    }
+    assert {url: redact_credentials(url) for url in cases} == cases
 
 
 def test_backoff_schedule() -> None:

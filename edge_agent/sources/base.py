@@ -28,12 +28,14 @@ from edge_agent.errors import EdgeFleetError
 
 log = logging.getLogger(__name__)
 
-_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/@\s:]*)(?::[^/@\s]*)?@")
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/\s]*)@")
+"""The userinfo of a URL: from ``//`` to the LAST ``@`` before the authority ends (the first ``/``), so a
+raw ``@`` in a password (``rtsp://admin:p@ss@cam``) is redacted with the rest of it."""
 
 
 def redact_credentials(text: str) -> str:
     """``text`` with every ``scheme://user:password@`` written as ``scheme://user:***@`` (for logs)."""
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['userinfo'].split(':', 1)[0]}:***@", text)
 
 
 _MAX_CORRUPT_IN_A_ROW = 50
