@@ -68,6 +68,11 @@ CASES = [
         "fleeet.db",
     ),
     (
+        "db-two-slashes",  # SQLAlchemy read fleeet.db as a host: a multi-line ArgumentError, exit 1
+        ["labels", "export", "--db", "sqlite://fleeet.db", "--out", "q.csv", "--package", "pkg"],
+        "has no host; for the file fleeet.db write sqlite:///fleeet.db",
+    ),
+    (
         "rollout-model",
         # TLS flags are accepted (they were not); the model is not guessed as the demo's
         [

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, MetaData, create_engine, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 
 from trainer.errors import StoreError
@@ -46,19 +46,41 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         raise StoreError(
             f"{url}: not a database URL (use sqlite:///FILE or postgresql+psycopg://...)"
         ) from None
+    shown = u.render_as_string(hide_password=True)
     if u.get_backend_name() == "sqlite":
-        folder = Path(u.database or ".").parent
-        if u.database not in (None, "", ":memory:") and not folder.is_dir():
-            raise StoreError(f"{url}: directory {folder} does not exist")
-        engine = create_engine(u, **kwargs)
+        _check_sqlite_url(shown, u)
+        engine = _create(shown, u, **kwargs)
         _configure_sqlite(engine)
         return engine
     if u.get_backend_name() == "postgresql":
         if u.drivername == "postgresql":
             u = u.set(drivername="postgresql+psycopg")
         connect_args = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **kwargs.pop("connect_args", {})}
-        return create_engine(u, pool_pre_ping=True, connect_args=connect_args, **kwargs)
-    raise StoreError(f"{url}: unsupported database (use sqlite:///FILE or postgresql+psycopg://...)")
+        return _create(shown, u, pool_pre_ping=True, connect_args=connect_args, **kwargs)
+    raise StoreError(f"{shown}: unsupported database (use sqlite:///FILE or postgresql+psycopg://...)")
+
+
+def _check_sqlite_url(shown: str, u: URL) -> None:
+    """An SQLite URL names a file after ``sqlite:///``; ``sqlite://fleet.db`` reads ``fleet.db`` as a host
+    (SQLAlchemy then fails with a multi-line ArgumentError), and the file's directory must exist."""
+    if u.host or u.port or u.username or u.password:
+        path = "/".join(part for part in (u.host, u.database) if part)
+        raise StoreError(
+            f"{shown}: an SQLite URL has no host; for the file {path} write sqlite:///{path} "
+            "(three slashes, four before an absolute path)"
+        )
+    folder = Path(u.database or ".").parent
+    if u.database not in (None, "", ":memory:") and not folder.is_dir():
+        raise StoreError(f"{shown}: directory {folder} does not exist")
+
+
+def _create(shown: str, u: URL, **kwargs: Any) -> Engine:
+    """``create_engine``, with a URL SQLAlchemy rejects (a bad query option, say) as one-line StoreError."""
+    try:
+        return create_engine(u, **kwargs)
+    except ArgumentError as exc:
+        reason = " ".join(str(exc).split())
+        raise StoreError(f"{shown}: not a usable database URL: {reason}") from None
 
 
 def _configure_sqlite(engine: Engine) -> None:
