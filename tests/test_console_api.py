@@ -22,7 +22,8 @@ from tests.console_fixtures import Seeded, login
 from trainer.console.app import create_app
 from trainer.console.auth import hash_password, new_token, token_hash
 from trainer.console.deps import ConsoleContext
-from trainer.store import Store
+from trainer.fleet.webhooks import WebhookSettings
+from trainer.store import Store, webhook_queue
 from trainer.store import console_queries as q
 from trainer.store.console_users import add_token, add_user
 
@@ -66,7 +67,7 @@ def api_gets(s: Seeded) -> dict[str, str]:
         "/devices/{device}/histograms", "/devices/{device}/windows", "/models", "/models/{sha256}",
         "/models/{sha256}/card", "/releases", "/channels", "/rollouts", "/rollouts/{rollout_id}",
         "/samples", "/samples/{sample_id}", "/samples/{sample_id}/image", "/labelling/progress",
-        "/alerts", "/audit",
+        "/alerts", "/webhooks/deliveries", "/audit",
     ]  # fmt: skip
     return {API + t: API + t.format(**ids(s)) for t in templates}
 
@@ -552,3 +553,62 @@ def test_a_model_lists_every_device_serving_it(seeded: Seeded) -> None:
     assert not any(f">{d}</a>" in page for d in s.devices)
     progress = {p["device"] for p in c.get(f"{API}/labelling/progress").json()}
     assert progress == set(s.drifting)  # drifted devices only, from their stored health
+
+
+# -- webhook deliveries: failed and pending ones are visible, with the error and the next attempt ------
+def _deliveries(seeded: Seeded, now: float) -> list[int]:
+    """Two webhooks on three new alerts: ops has one delivered, one failed, one waiting for a retry;
+    pager (gate_failed only) one not tried yet. Returns the alert ids."""
+    store = seeded.store
+    for hook in ("ops", "pager"):
+        webhook_queue.enqueue(store, hook, None, now)  # new webhooks start after the seeded alerts
+    new = [
+        store.record_alert(kind=k, message=f"{k} for the webhooks", fleet=seeded.seed.fleet)
+        for k in ("drift", "gate_failed", "drift")
+    ]
+    assert webhook_queue.enqueue(store, "ops", None, now).queued == 3
+    assert webhook_queue.enqueue(store, "pager", ["gate_failed"], now).queued == 1
+    ops = {d.alert_id: d.id for d in webhook_queue.deliveries(store) if d.webhook == "ops"}
+    webhook_queue.delivered(store, ops[new[0]], now)
+    webhook_queue.attempt_failed(store, ops[new[1]], "HTTP 500", now + 2)
+    webhook_queue.attempt_failed(
+        store, ops[new[1]], "no complete answer within 5 s (the attempt's deadline)", None
+    )
+    webhook_queue.attempt_failed(store, ops[new[2]], "ConnectionRefusedError: [Errno 111]", now + 60)
+    return [a for a in new if a is not None]
+
+
+def test_webhook_deliveries_are_listed_filtered_paged_and_shown_on_the_alerts_page(seeded: Seeded) -> None:
+    now = time.time()
+    first, second, third = _deliveries(seeded, now)
+    hook = WebhookSettings(name="ops", url="https://bot:pw@hooks.example/T0/tok3n?k=1", secret="s3cret")
+    seeded.ctx.webhooks = {"ops": hook.shown_url}
+    c = seeded.client("viewer")
+    url = f"{API}/webhooks/deliveries"
+    every = c.get(url).json()
+    assert every["total"] == 4
+    assert [(d["webhook"], d["alert_id"]) for d in every["items"]] == [
+        ("pager", second), ("ops", third), ("ops", second), ("ops", first)]  # fmt: skip
+    [failed] = c.get(url, params={"state": "failed"}).json()["items"]
+    assert (failed["webhook"], failed["alert_id"], failed["kind"], failed["attempts"]) == (
+        "ops", second, "gate_failed", 2)  # fmt: skip
+    assert "deadline" in failed["last_error"] and failed["next_attempt_at"] is None
+    assert failed["url"] == "https://hooks.example/…"
+    pending = {d["webhook"]: d for d in c.get(url, params={"state": "pending"}).json()["items"]}
+    assert pending["ops"]["next_attempt_at"] == pytest.approx(now + 60)
+    assert pending["ops"]["last_error"].startswith("ConnectionRefusedError")
+    assert (pending["pager"]["attempts"], pending["pager"]["url"]) == (0, None)  # not in this config
+    page = c.get(url, params={"limit": 1, "offset": 1}).json()
+    assert (page["total"], [d["alert_id"] for d in page["items"]]) == (4, [third])
+    assert c.get(url, params={"webhook": "pager"}).json()["total"] == 1
+    assert c.get(url, params={"alert": second}).json()["total"] == 2
+    assert c.get(url, params={"fleet": seeded.seed.fleet}).json()["total"] == 4
+    assert c.get(url, params={"fleet": "elsewhere"}).json()["total"] == 0
+    r = c.get(url, params={"state": "lost"})
+    assert r.status_code == 422 and "state" in str(r.json()["detail"])
+    assert not any(secret in c.get(url).text for secret in ("pw", "tok3n", "s3cret", "k=1"))
+    html = c.get("/alerts").text
+    assert "Webhook deliveries not delivered" in html and "the attempt&#39;s deadline" in html
+    assert f'data-alert="{second}"' in html and f'data-alert="{third}"' in html
+    assert f'data-alert="{first}"' not in html  # delivered: not listed
+    assert "hooks.example/…" in html and "tok3n" not in html

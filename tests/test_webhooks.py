@@ -323,3 +323,42 @@ def test_the_service_ticks_and_stops_while_a_receiver_hangs(tmp_path: Path, brok
         hang.close()
         ok.close()
     assert json.loads(ok.calls[0][1])["message"] == "cam-1 drifts"
+
+
+def test_the_cli_lists_deliveries_by_state_without_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_agent.cli import main as edgefleet
+
+    db = tmp_path / "fleet.db"
+    store = Store(f"sqlite:///{db}")
+    queue.enqueue(store, "ops", None, 0.0)
+    ids = [store.record_alert(kind="drift", message=f"alert {i}", fleet="f") for i in range(2)]
+    queue.enqueue(store, "ops", None, 1.0)
+    first, second = queue.deliveries(store)
+    queue.attempt_failed(store, first.id, "HTTP 500", None)
+    queue.attempt_failed(store, second.id, "HTTP 503", 99.0)
+    store.close()
+    config = tmp_path / "trainer.yaml"
+    config.write_text(
+        f"fleet: f\nmqtt: {{url: 'mqtt://127.0.0.1:1883'}}\ndb_url: 'sqlite:///{db}'\nrelease: {{repo: repo}}\n"
+        "training: {base_data: 'builtin:shapes'}\n"
+        "webhooks: [{name: ops, url: 'https://hooks.example/services/T0/tok3n', secret: s3cret}]\n"
+    )
+    assert edgefleet(["trainer", "webhooks", "--config", str(config), "--state", "failed"]) == 0
+    out = capsys.readouterr().out
+    [line] = [json.loads(x) for x in out.splitlines()]
+    assert (line["alert_id"], line["state"], line["attempts"], line["last_error"]) == (
+        ids[0],
+        "failed",
+        1,
+        "HTTP 500",
+    )
+    assert line["url"] == "https://hooks.example/…" and "tok3n" not in out and "s3cret" not in out
+    assert edgefleet(["trainer", "webhooks", "--config", str(config), "--limit", "1"]) == 0
+    captured = capsys.readouterr()
+    [newest] = [json.loads(x) for x in captured.out.splitlines()]
+    assert (newest["alert_id"], newest["state"], newest["next_attempt_at"]) == (ids[1], "pending", 99.0)
+    assert "1 of 2 deliveries shown" in captured.err
+    assert edgefleet(["trainer", "webhooks", "--config", str(config), "--limit", "0"]) == 2
+    assert "--limit" in capsys.readouterr().err

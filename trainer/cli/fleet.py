@@ -12,11 +12,13 @@ from typing import Any
 
 from edge_agent.errors import ConfigError
 from trainer.cli.release import add_hint_broker
+from trainer.cli.webhooks import add_webhooks_command
 
 
 def register_trainer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("trainer", help="the trainer service (ingest, drift, retraining, rollout, releases)")
     tsub = p.add_subparsers(dest="trainer_cmd", required=True)
+    add_webhooks_command(tsub)
     s = tsub.add_parser("serve", help="run the service until SIGTERM")
     s.add_argument("--config", required=True, help="trainer YAML (see deploy/trainer.yaml)")
     s.add_argument(

@@ -37,10 +37,12 @@ from trainer.console.schemas import (
     RolloutOut,
     SampleOut,
     SeriesOut,
+    WebhookDeliveryOut,
     WindowOut,
 )
 from trainer.errors import RolloutDecided
 from trainer.store import console_queries as q
+from trainer.store import webhook_queue
 from trainer.store.console_users import Principal
 
 router = APIRouter(prefix="/api/v1")
@@ -363,6 +365,31 @@ def alerts(
         offset=offset,
     )
     return Paged(items=[views.alert_out(a) for a in page.items], total=page.total, limit=limit, offset=offset)
+
+
+@router.get("/webhooks/deliveries", response_model=Paged[WebhookDeliveryOut], dependencies=[Viewer])
+def webhook_deliveries(
+    ctx: Ctx,
+    state: Literal["pending", "delivered", "failed"] | None = None,
+    webhook: Annotated[str | None, Query(max_length=64)] = None,
+    fleet: str | None = None,
+    alert: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="one alert's deliveries")] = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> Paged[WebhookDeliveryOut]:
+    """Alert deliveries to the webhooks, newest first: pending (with the next attempt), delivered, or
+    failed (given up after ``max_attempts``), each with its attempts and last error."""
+    page = webhook_queue.delivery_page(
+        ctx.store,
+        states=None if state is None else [state],
+        webhook=webhook,
+        fleet=fleet,
+        alert_id=alert,
+        limit=limit,
+        offset=offset,
+    )
+    items = [views.webhook_delivery_out(r, ctx.webhooks) for r in page.items]
+    return Paged(items=items, total=page.total, limit=limit, offset=offset)
 
 
 @router.get("/audit", response_model=Paged[AuditOut], dependencies=[Viewer])

@@ -32,6 +32,8 @@ class ConsoleContext:
     repo_path: Path | None = None
     mqtt: MqttSettings | None = None
     """Where promote/abort announce the new release (hint) to devices."""
+    webhooks: dict[str, str] = field(default_factory=dict)
+    """Alert webhooks of its trainer.yaml: name -> URL as shown (``WebhookSettings.shown_url``)."""
     secure_cookies: bool = False
     session_ttl_s: float = 12 * 3600.0
     refresh_s: float = 5.0

@@ -18,6 +18,7 @@ from trainer.console.api import RowId, decide, time_range
 from trainer.console.deps import Ctx, require, writer
 from trainer.console.schemas import MAX_PAGE, HistogramOut, RolloutDetail, SeriesOut
 from trainer.store import console_queries as q
+from trainer.store import webhook_queue
 from trainer.store.console_users import Principal
 
 router = APIRouter(include_in_schema=False)
@@ -346,6 +347,7 @@ def alerts_page(
         offset=(page - 1) * PAGE,
     )
     params = {"kind": kind, "severity": severity, "device": device}
+    undelivered = webhook_queue.delivery_page(ctx.store, states=("failed", "pending"), limit=20)
     return render(
         request,
         "alerts.html",
@@ -355,6 +357,8 @@ def alerts_page(
         page=page,
         pages=max(1, -(-rows.total // PAGE)),
         params=params,
+        deliveries=[views.webhook_delivery_out(r, ctx.webhooks) for r in undelivered.items],
+        deliveries_total=undelivered.total,
     )
 
 

@@ -282,6 +282,30 @@ class AlertOut(BaseModel):
     resolved_at: float | None
 
 
+class WebhookDeliveryOut(BaseModel):
+    """One alert's delivery to one webhook (``webhooks:`` in trainer.yaml)."""
+
+    id: int
+    webhook: str
+    url: str | None = Field(
+        description="scheme://host:port/… (no user, path or query: they may hold a secret); null when this "
+        "console's trainer.yaml does not configure the webhook"
+    )
+    alert_id: int
+    kind: str
+    severity: str
+    fleet: str | None
+    device: str | None
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: float | None = Field(description="when it is tried next (pending only)")
+    last_error: str | None = Field(
+        description="what went wrong on the last attempt (HTTP 500, the deadline...)"
+    )
+    created_at: float
+    delivered_at: float | None
+
+
 class Me(BaseModel):
     username: str
     role: str

@@ -26,6 +26,7 @@ def context_for(cfg: TrainerServiceConfig, store: Store, settings: ConsoleSettin
         model=cfg.training.model,
         repo_path=cfg.release.repo,
         mqtt=cfg.mqtt,
+        webhooks={h.name: h.shown_url for h in cfg.webhooks},
         secure_cookies=settings.tls_cert is not None,
         session_ttl_s=settings.session_hours * 3600,
         refresh_s=settings.refresh_s,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from trainer.console.schemas import (
     SampleOut,
     SeriesOut,
     UpdateEventOut,
+    WebhookDeliveryOut,
     WindowOut,
 )
 from trainer.drift.detector import TRAINING_REFERENCE
@@ -45,6 +46,7 @@ from trainer.store import Device, Store
 from trainer.store import console_queries as q
 from trainer.store.rollups import SeriesPoint, read_histograms, read_series
 from trainer.store.schema import Alert, AuditEntry, DeviceHealthRecord
+from trainer.store.webhook_queue import DeliveryRow
 
 DAY = 86400.0
 MAX_RANGE_S = 400 * DAY
@@ -354,6 +356,11 @@ def alert_out(a: Alert) -> AlertOut:
         created_at=a.created_at,
         resolved_at=a.resolved_at,
     )
+
+
+def webhook_delivery_out(row: DeliveryRow, urls: Mapping[str, str]) -> WebhookDeliveryOut:
+    """A delivery with its webhook's URL as ``urls`` shows it (none for a webhook not configured here)."""
+    return WebhookDeliveryOut(url=urls.get(row.webhook), **vars(row))
 
 
 def rollouts(store: Store, fleet: str | None) -> list[RolloutOut]:
