@@ -250,21 +250,24 @@ class Agent:
                 log.info("source %s ended", redact_credentials(self.config.source.uri))
                 break
             for r in results:
-                if r.model is not self._serving:  # a swapped-in model: its frames get their own window
-                    self._serving = r.model
-                    m = r.model.package
-                    self._publish_window(
-                        agg.switch_model(
-                            r.model.ref, m.manifest.telemetry_edges, time.time(), _atc_threshold(m)
-                        )
-                    )
-                self._add(r)
+                self._consume(r)
                 if pred:
                     self._publish_prediction(r)
             now = time.time()
             if agg.is_due(now) or self._flush_requested.is_set():
                 self._flush_requested.clear()
                 self._close_window(now)
+
+    def _consume(self, r: Inferred) -> None:
+        """Count one inferred frame in the window of its model: a swapped-in model's frames start a new
+        window (the old model's, with its counters and the frames still in flight, is published)."""
+        if r.model is not self._serving:
+            self._serving = r.model
+            m = r.model.package
+            carried = self._account()
+            edges, atc = m.manifest.telemetry_edges, _atc_threshold(m)
+            self._publish_window(self.aggregator.switch_model(r.model.ref, edges, time.time(), atc, carried))
+        self._add(r)
 
     def _add(self, r: Inferred) -> None:
         (features,) = output_features(r.probs)
@@ -279,14 +282,11 @@ class Agent:
         self.pipeline.stop()
         try:  # frames already inferred still count
             for r in self.pipeline.results(timeout=0):
-                if r.model is self._serving:
-                    self._add(r)
+                self._consume(r)
         except EndOfStream:
             pass
-        self._close_window(
-            time.time()
-        )  # the last window: frames, counters and incidents since the previous one
-        self.source.close()
+        self.source.close()  # before the last window, so its counters are final
+        self._close_window(time.time(), final=True)  # frames, counters and incidents since the last one
         if not self.link.stop(self.config.spool.flush_timeout_s):
             log.warning("%d message(s) stay in the spool for the next start", len(self.spool))
         self.spool.close()
@@ -294,25 +294,43 @@ class Agent:
             self.metrics.close()
 
     # -- telemetry -----------------------------------------------------------------------------
-    def _close_window(self, now: float) -> None:
+    def _close_window(self, now: float, final: bool = False) -> None:
+        """Publish the window with its counters and incidents, then its samples (``final``: the last)."""
+        carried = self._account(final)
+        self._publish_window(self.aggregator.close(now, carried))
+        self._publish_samples(now)
+
+    def _account(self, final: bool = False) -> int:
+        """Add the frame counters and incidents since the last window closed to the window; return the
+        frames still in flight (its ``carried_out``). ``final``: the pipeline and the source are stopped,
+        so frames still in flight will never be inferred: they are dropped."""
+        # Failures first, the source's counters last: every frame counted downstream was captured by
+        # then, so the frames in flight are never negative.
+        failed, reasons = self.pipeline.take_failures()
         stats = self.source.stats()
         d = stats.minus(self._last_source)
         self._last_source = stats
-        failed, reasons = self.pipeline.take_failures()
-        self.aggregator.add_counts(captured=d.captured, dropped=d.dropped, failed=d.corrupt + failed)
-        evicted = self.spool.take_evictions()
-        self.aggregator.add_events(
+        agg = self.aggregator
+        agg.add_counts(captured=d.captured, dropped=d.dropped, failed=d.corrupt + failed)
+        in_flight = agg.in_flight
+        if in_flight < 0:  # a counting bug: report it rather than publish a negative count
+            log.error("frame counters: %d more frames settled than captured", -in_flight)
+            in_flight = 0
+        elif final and in_flight:
+            log.info("%d frame(s) captured but not inferred when the agent stopped: dropped", in_flight)
+            agg.add_counts(dropped=in_flight)
+            in_flight = 0
+        agg.add_events(
             {
                 "source_reconnects": d.reconnects,
                 "source_open_failures": d.open_failures,
                 "corrupt_frames": d.corrupt,
-                "spool_evicted": evicted,
+                "spool_evicted": self.spool.take_evictions(),
             }
             | reasons
             | self.events.take()
         )
-        self._publish_window(self.aggregator.close(now))
-        self._publish_samples(now)
+        return in_flight
 
     def _publish_window(self, window: TelemetryWindow) -> None:
         self.link.publish_spooled(

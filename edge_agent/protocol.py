@@ -156,12 +156,21 @@ class LatencySummary(_Strict):
 
 
 class FrameCounts(_Strict):
-    """What happened to frames during a window."""
+    """What happened to frames during a window. Every window of an agent satisfies
+    ``captured + carried_in == inferred + dropped + failed + carried_out`` (docs/protocol.md), and so
+    does any sum of windows."""
 
     captured: NonNegativeInt = 0
+    """Frames the source read, corrupt ones included."""
     inferred: NonNegativeInt = 0
     dropped: NonNegativeInt = 0
     failed: NonNegativeInt = 0
+    carried_in: NonNegativeInt = 0
+    """Frames captured before the window opened and not yet inferred, dropped or failed then (the
+    previous window's ``carried_out``)."""
+    carried_out: NonNegativeInt = 0
+    """Frames captured but not yet inferred, dropped or failed when the window closed (queued or being
+    inferred): the next window settles them. 0 in the last window of a clean stop."""
 
 
 class TelemetryWindow(_Message):

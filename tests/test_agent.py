@@ -611,3 +611,65 @@ def test_the_store_follows_a_real_agent_through_drops_broker_restarts_and_a_clea
         worker.stop()
         store.close()
         proxy.close()
+
+
+@pytest.mark.parametrize("source", ["live", "finite"])
+def test_frame_counters_add_up_in_every_window_the_agent_publishes(
+    broker: MosquittoBroker, tmp_path: Path, source: str
+) -> None:
+    """A real agent (slow model, corrupt frames; the live camera outpaces inference, so it drops frames)
+    publishes windows whose counters satisfy captured + carried_in == inferred + dropped + failed +
+    carried_out, each carrying in what the previous one carried out, from 0 to 0 at a clean stop; summed,
+    they report every frame the source read and every corrupt one."""
+    import threading
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import validate_config
+    from edge_agent.protocol import tele_topic
+    from trainer.sim.tiny import build_tiny_package
+
+    device, live = f"cam-frames-{source}", source == "live"
+    frames = "fps=120" if live else "fps=0&frames=400"
+    cfg = validate_config(
+        {
+            "device_id": device,
+            "fleet": FLEET,
+            "state_dir": str(tmp_path / "state"),
+            "source": {"uri": f"synthetic:?{frames}&width=96&height=72&corrupt_every=7"},
+            "model": {
+                "package": str(build_tiny_package(tmp_path / "pkg", behaviour="slow", slow_steps=2).root),
+                "artifact": "onnx-fp32",
+            },
+            "mqtt": {"url": broker.url},
+            "telemetry": {"window_seconds": 0.25},
+        },
+        "test",
+    )
+    sub = Subscriber(broker.url, tele_topic(FLEET, device))
+    agent = Agent(cfg)
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    if live:
+        assert wait_until(lambda: len(unique(windows(sub))) >= 8, 60)
+        agent.stop()
+    runner.join(60)
+    assert not runner.is_alive()
+    assert wait_until(lambda: len(unique(windows(sub))) == agent.windows_published, 10)
+    sub.close()
+    ws = [w for _, w in sorted(unique(windows(sub)).items())]
+    assert [w.seq for w in ws] == list(range(len(ws))) and len(ws) >= 5
+    for i, w in enumerate(ws):
+        f = w.frames
+        assert f.captured + f.carried_in == f.inferred + f.dropped + f.failed + f.carried_out, (i, f)
+        assert f.carried_in == (ws[i - 1].frames.carried_out if i else 0), (i, f)
+    assert ws[-1].frames.carried_out == 0  # a clean stop settles every frame
+    assert any(w.frames.carried_out > 0 for w in ws)  # frames in flight do cross window boundaries
+    total = {k: sum(getattr(w.frames, k) for w in ws) for k in ("captured", "inferred", "dropped", "failed")}
+    read = agent.source.stats()
+    corrupt = sum(w.events.get("corrupt_frames", 0) for w in ws)
+    assert total["captured"] == read.captured == total["inferred"] + total["dropped"] + total["failed"]
+    assert corrupt == read.corrupt > 0 and total["failed"] >= corrupt
+    if live:
+        assert total["dropped"] >= read.dropped > 0
+    else:
+        assert (total["captured"], total["dropped"], total["failed"]) == (400, 0, corrupt)

@@ -55,7 +55,7 @@ def test_dir_source_delivers_each_image_once_and_skips_corrupt_files(tmp_path: P
     src.close()
     assert [int(f.image[0, 0, 0]) for f in frames] == [0, 40, 80, 120, 160]  # name order, once each
     s = src.stats()
-    assert (s.captured, s.corrupt, s.dropped) == (5, 2, 0)
+    assert (s.captured, s.corrupt, s.dropped) == (7, 2, 0)  # every file read is captured, corrupt ones too
     with pytest.raises(EndOfStream):
         src.read(timeout=0.1)
 
@@ -88,7 +88,7 @@ def test_synthetic_corrupt_frames_are_counted_and_skipped() -> None:
     src = open_source("synthetic:?fps=0&frames=30&corrupt_every=3").start()
     frames = drain(src)
     src.close()
-    assert len(frames) == 20 and src.stats().corrupt == 10
+    assert len(frames) == 20 and (src.stats().captured, src.stats().corrupt) == (30, 10)
 
 
 @pytest.mark.parametrize(

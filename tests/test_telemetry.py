@@ -192,3 +192,29 @@ def test_confidence_mean_and_atc_count_are_exact() -> None:
         now=0.0,
     )
     assert plain.close(1.0).atc_above is None
+
+
+def test_frames_in_flight_are_carried_from_window_to_window_and_across_a_model_switch() -> None:
+    """What a window carries out the next carries in (a hot swap too), so each window's counters add up,
+    and so do any merged windows."""
+    agg = TelemetryAggregator(
+        fleet="f", device="d", session=1, model=REF, agent_version="t", edges=default_edges(10), now=0.0
+    )
+    (out,) = output_features(np.full(10, 0.1))
+    frame = FrameResult(out, None, {"inference": 1.0})
+    other = REF.model_copy(update={"version": "2"})
+    published = []
+    # (captured, inferred, dropped, failed) of three windows; the second ends with a hot swap
+    for i, (captured, inferred, dropped, failed) in enumerate(((9, 4, 1, 1), (6, 7, 0, 1), (2, 3, 0, 0))):
+        for _ in range(inferred):
+            agg.add(frame)
+        agg.add_counts(captured=captured, dropped=dropped, failed=failed)
+        carried = agg.in_flight
+        if i == 1:
+            published.append(agg.switch_model(other, default_edges(10), float(i), None, carried))
+        else:
+            published.append(agg.close(float(i), carried))
+    assert [(w.frames.carried_in, w.frames.carried_out) for w in published] == [(0, 3), (3, 1), (1, 0)]
+    assert [w.model.version for w in published] == ["1", "1", "2"]
+    for f in [w.frames for w in published] + [merge_windows(published).frames]:
+        assert f.captured + f.carried_in == f.inferred + f.dropped + f.failed + f.carried_out, f

@@ -8,7 +8,8 @@ on its own thread and handles what every camera needs:
 * finite sources (an image folder, a video file) hand over every frame with backpressure and end
   with :class:`EndOfStream`;
 * a lost source is released and reopened with exponential backoff and jitter;
-* empty or undecodable frames are counted as corrupt and skipped.
+* empty or undecodable frames are counted as captured and corrupt, and skipped (so every frame read
+  is captured once, and then delivered, dropped or corrupt).
 """
 
 from __future__ import annotations
@@ -65,8 +66,11 @@ class SourceStats:
     """Cumulative counters since the source started."""
 
     captured: int = 0
+    """Every frame read from the device, corrupt ones included."""
     dropped: int = 0
+    """Live sources: frames replaced by a newer one before anyone took them."""
     corrupt: int = 0
+    """Empty or undecodable frames (counted in ``captured`` too, never delivered)."""
     reconnects: int = 0
     open_failures: int = 0
 
@@ -230,6 +234,7 @@ class FrameSource(ABC):
                 self._count("reconnects")
                 self._wait(self._backoff.next())
                 continue
+            self._count("captured")
             if (
                 image is None
                 or not isinstance(image, np.ndarray)
@@ -248,7 +253,6 @@ class FrameSource(ABC):
                 continue
             corrupt_in_a_row = 0
             capture_ms = (time.perf_counter() - t0) * 1000.0
-            self._count("captured")
             self._deliver(Frame(image=image, index=self._index, ts=time.time(), capture_ms=capture_ms))
             self._index += 1
         self._safe_release()

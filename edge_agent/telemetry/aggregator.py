@@ -2,7 +2,9 @@
 
 Pure logic with an injected clock value: no threads, no I/O. A window closes after ``window_seconds``
 or ``window_frames`` (whichever comes first; either may be None). Counters such as dropped frames or
-evicted spool entries are passed in as increments and reported in the window they happened in.
+evicted spool entries are passed in as increments and reported in the window they happened in. Frames
+still in flight when a window closes are its ``carried_out`` and the next window's ``carried_in``, so
+every window's frame counters add up (:attr:`TelemetryAggregator.in_flight`).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ class FrameResult:
 class _Window:
     """Mutable state of the window being filled."""
 
-    def __init__(self, start: float, edges: Mapping[str, list[float]]) -> None:
+    def __init__(self, start: float, edges: Mapping[str, list[float]], carried_in: int = 0) -> None:
         self.start = start
+        self.carried_in = carried_in
         self.frames = 0
         self.counts: Counter[str] = Counter()
         self.events: Counter[str] = Counter()
@@ -143,13 +146,22 @@ class TelemetryAggregator:
     def window_start(self) -> float:
         return self._w.start
 
+    @property
+    def in_flight(self) -> int:
+        """Frames captured but not yet inferred, dropped or failed, by this window's counters:
+        ``carried_in + captured - inferred - dropped - failed``."""
+        w = self._w
+        c = w.counts
+        return w.carried_in + c["captured"] - w.frames - c["dropped"] - c["failed"]
+
     def is_due(self, now: float) -> bool:
         if self.window_frames is not None and self._w.frames >= self.window_frames:
             return True
         return self.window_seconds is not None and now - self._w.start >= self.window_seconds
 
-    def close(self, now: float) -> TelemetryWindow:
-        """Emit the current window with the next sequence number and start a new one at ``now``."""
+    def close(self, now: float, carried_out: int = 0) -> TelemetryWindow:
+        """Emit the current window with the next sequence number and start a new one at ``now``.
+        ``carried_out``: frames still in flight (see :attr:`in_flight`), the next window's ``carried_in``."""
         w = self._w
         latency = {}
         for stage in LATENCY_STAGES:
@@ -178,6 +190,8 @@ class TelemetryAggregator:
                 inferred=w.frames,
                 dropped=w.counts["dropped"],
                 failed=w.counts["failed"],
+                carried_in=w.carried_in,
+                carried_out=carried_out,
             ),
             class_counts=dict(w.classes),
             histograms={name: h.to_model() for name, h in w.hists.items()},
@@ -188,7 +202,7 @@ class TelemetryAggregator:
             atc_above=w.atc_above if self.atc_threshold is not None else None,
         )
         self.next_seq += 1
-        self._w = _Window(now, self.edges)
+        self._w = _Window(now, self.edges, carried_out)
         return window
 
     def switch_model(
@@ -197,11 +211,12 @@ class TelemetryAggregator:
         edges: Mapping[str, list[float]],
         now: float,
         atc_threshold: float | None = None,
+        carried_out: int = 0,
     ) -> TelemetryWindow:
         """Close the window of the old model and continue with a new one (a window has one model)."""
-        window = self.close(now)
+        window = self.close(now, carried_out)
         self.model = model
         self.atc_threshold = atc_threshold
         self.edges = {k: list(v) for k, v in edges.items()}
-        self._w = _Window(now, self.edges)
+        self._w = _Window(now, self.edges, carried_out)
         return window
