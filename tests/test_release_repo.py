@@ -21,6 +21,7 @@ from edge_agent.updater.errors import UpdateRejected
 from edge_agent.updater.release_info import parse_release_info
 from edge_agent.updater.tufclient import ReleaseRepositoryClient
 from trainer.errors import KeyStoreError, ReleaseError
+from trainer.ops.broker import free_port
 from trainer.release.repository import Expiry, ReleaseRepository
 from trainer.release.server import ReleaseServer
 from trainer.sim.tiny import build_tiny_package
@@ -319,3 +320,69 @@ def test_a_canary_published_by_hand_can_be_promoted_by_hand(
             "rollout.start",
             "rollout.promoted",
         ]
+
+
+def test_rollout_promote_and_abort_send_their_hint_over_mutual_tls(
+    tmp_path: Path, packages: dict[str, Path], mosquitto_binary: str, pki: Path
+) -> None:
+    """``rollout promote|abort --broker mqtts://... --ca --cert --key`` announce their release through the
+    shipped broker configuration (client certificates, the ACL, the guard's client-id binding): the
+    retained hint is there for a device that subscribes after the command has exited."""
+    from .update_helpers import DeployedBroker, TlsClient
+
+    def run(*args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run(
+            [sys.executable, "-m", "edge_agent.cli", *args], capture_output=True, text=True, timeout=60
+        )
+        assert p.returncode == code, (p.stdout, p.stderr)
+        return p
+
+    def retained(channel: str) -> dict:
+        """The retained hint a device reads on subscribing to ``release/{channel}`` now."""
+        device = TlsClient(broker.port, pki, "dev-b", "device")
+        try:
+            assert device.subscribe(f"ef/v1/shop/release/{channel}") == 1
+            assert wait_until(lambda: device.json_messages(f"/release/{channel}"), 10), f"no {channel} hint"
+            assert all(retain for _, _, retain in device.messages)
+            return device.json_messages(f"/release/{channel}")[-1]
+        finally:
+            device.close()
+
+    repo, db = str(tmp_path / "repo"), f"sqlite:///{tmp_path / 'fleet.db'}"
+    common = ("--repo", repo, "--fleet", "shop", "--db", db)
+    run("release", "init", "--repo", repo)
+    run("release", "publish", str(packages["1.0.0"]), "--channel", "stable", *common)
+    broker = DeployedBroker(tmp_path / "broker", pki, mosquitto_binary).start()
+    tls = (
+        *("--broker", f"mqtts://127.0.0.1:{broker.service_port}", "--ca", str(pki / "ca.crt")),
+        *("--cert", str(pki / "service" / "trainer.crt"), "--key", str(pki / "service" / "trainer.key")),
+    )
+    try:
+        canary = ("release", "publish", "--channel", "canary", "--canary-share", "0.2", *common)
+        run(*canary[:2], str(packages["2.0.0"]), *canary[2:])
+        # A broker it cannot reach, or one refusing its certificate for this client id: one line, exit 2,
+        # and nothing decided (the hint used to be dropped silently after a successful-looking promote).
+        unreachable = (*tls[:1], f"mqtts://127.0.0.1:{free_port()}", *tls[2:])
+        device_cert = (
+            *tls[:5],
+            str(pki / "device" / "dev-a.crt"),
+            "--key",
+            str(pki / "device" / "dev-a.key"),
+        )
+        for flags, why in ((unreachable, "Connection refused"), (device_cert, "refused: Not authorized")):
+            err = run("rollout", "promote", *common, "--reason", "r", *flags, code=2).stderr.strip()
+            assert err.startswith("edgefleet: error: cannot connect to") and why in err, err
+            assert len(err.splitlines()) == 1, err
+        status = run("rollout", "status", "--repo", repo, "--fleet", "shop", "--db", db).stdout
+        assert [json.loads(line)["state"] for line in status.splitlines()] == ["done", "active"]
+        out = run("rollout", "promote", *common, "--reason", "looks good", *tls).stdout
+        assert "promote: release 3 on stable" in out
+        hint = retained("stable")
+        assert (hint["release"], hint["version"], hint["action"]) == (3, "2.0.0", "promote"), hint
+        run(*canary[:2], str(packages["3.0.0"]), *canary[2:])  # release 4, a canary that goes wrong
+        out = run("rollout", "abort", *common, "--reason", "worse on the canaries", *tls).stdout
+        assert "rollback: release 5 on canary" in out
+        hint = retained("canary")
+        assert (hint["release"], hint["version"], hint["action"]) == (5, "2.0.0", "rollback"), hint
+    finally:
+        broker.stop()

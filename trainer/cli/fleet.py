@@ -156,12 +156,10 @@ def _rollout(args: argparse.Namespace) -> int:
             return 0
         model = _rollout_model(repo, args.fleet, args.model)
         publisher = None
-        if args.broker:
-            from trainer.fleet.messaging import FleetPublisher
-            from trainer.release.hints import mqtt_settings
+        if args.broker:  # connected before deciding: a broker it cannot reach changes nothing
+            from trainer.release.hints import HintSender, mqtt_settings
 
-            settings = mqtt_settings(args.broker, args.ca, args.cert, args.key)
-            publisher = FleetPublisher(settings, args.fleet)
+            publisher = HintSender(mqtt_settings(args.broker, args.ca, args.cert, args.key))
         try:
             out = decide_by_hand(
                 store,

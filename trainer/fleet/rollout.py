@@ -20,8 +20,8 @@ from edge_agent.protocol import TelemetryWindow
 from edge_agent.updater.cohort import Cohort, in_cohort
 from trainer.drift.accuracy import window_estimator
 from trainer.errors import RolloutDecided
-from trainer.fleet.messaging import FleetPublisher
 from trainer.fleet.rollout_policy import CanaryVerdict, RolloutConfig, compare_canary
+from trainer.release.hints import HintPublisher
 from trainer.release.repository import ReleaseRecord, ReleaseRepository
 from trainer.store import Store
 from trainer.store.console_queries import claim_rollout, record_rollout_check, reopen_rollout
@@ -55,7 +55,7 @@ class RolloutManager:
         self,
         store: Store,
         repo: ReleaseRepository,
-        publisher: FleetPublisher | None,
+        publisher: HintPublisher | None,
         *,
         fleet: str,
         model: str,
@@ -275,7 +275,7 @@ def _check_fields(v: CanaryVerdict) -> dict[str, object]:
 def decide_by_hand(
     store: Store,
     repo: ReleaseRepository,
-    publisher: FleetPublisher | None,
+    publisher: HintPublisher | None,
     *,
     fleet: str,
     model: str,
