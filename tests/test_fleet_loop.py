@@ -14,6 +14,7 @@ import pytest
 
 from edge_agent.config import MqttSettings
 from edge_agent.package import ModelPackage, load_package
+from trainer.data.screening import ScreenRules
 from trainer.fleet.config import (
     ReleaseServerSettings,
     TrainerServiceConfig,
@@ -73,8 +74,11 @@ def test_labels_csv_round_trip_becomes_field_training_data(db_url: str, tmp_path
             w.writerows(rows)
         assert import_labels(store, out, LABELS, "alice") == 2
         assert [s.id for s in store.unlabelled_samples()] == [ids[1], ids[3]]
-        field = field_dataset(store, LABELS)
+        # without original data the field samples are the whole set: one device and one labeller are
+        # 100% of it, so the share caps (tests/test_screening.py) are lifted for the round trip
+        field = field_dataset(store, LABELS, rules=ScreenRules(max_device_share=1, max_labeller_share=1))
         assert field.devices == {"cam-01": 2}
+        assert field_dataset(store, LABELS).devices == {}  # the default caps hold there too
         assert sorted(s.label for s in field.dataset.samples) == ["square", "triangle"]
         assert all(
             s.meta["origin"] == "field" and s.meta["device"] == "cam-01" for s in field.dataset.samples

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import random
+from collections import Counter
+from fractions import Fraction
+
 import cv2
 import numpy as np
+import pytest
 
 from trainer.data.phash import dhash, hamming
 from trainer.data.screening import FieldLabel, ScreenRules, screen_field
@@ -91,17 +97,144 @@ def test_a_labeller_who_contradicts_confident_predictions_is_held_for_review() -
     assert not set(r.kept) & set(r.review) and len(r.kept) == 60
 
 
-def test_no_device_or_labeller_exceeds_its_share_of_the_training_set() -> None:
-    flood = [_label(i, device="noisy") for i in range(80)]
-    others = [_label(100 + i, device=f"cam-{i}", labeller="bob") for i in range(10)]
-    r = screen_field(
-        flood + others, base_size=110, rules=ScreenRules(max_device_share=0.2, max_labeller_share=0.9)
+def test_a_sole_labeller_who_contradicts_the_champions_confident_predictions_is_held() -> None:
+    """With no other labeller to compare with, the champion's own expected error (1 - confidence) is the
+    yardstick: a sole labeller contradicting 97%-confident predictions on every sample is held, a sole
+    honest one disagreeing on one in ten is not."""
+    hostile = [
+        _label(i, labeller="mallory", predicted="circle", confidence=0.97, label="square") for i in range(12)
+    ]
+    r = screen_field(hostile, base_size=10_000, rules=ScreenRules())
+    assert r.kept == [] and set(r.review) == set(range(12))
+    assert (
+        r.review[0] == "labeller_outlier: mallory disagrees with confident predictions on 100% (expected 3%)"
     )
-    kept_noisy = [i for i in r.kept if i < 100]
-    assert kept_noisy == list(range(40))  # 20% of 200 images, the oldest first
-    assert all(r.dropped[i].startswith("device_cap: noisy") for i in range(40, 80))
-    assert all(100 + i in r.kept for i in range(10))
-    assert r.summary()["dropped"] == {"device_cap": 40}
+    assert r.expected_disagreement["mallory"] == pytest.approx(0.03)
+    honest = [
+        _label(
+            i,
+            labeller="alice",
+            predicted="circle",
+            confidence=0.95,
+            label="square" if i % 10 == 0 else "circle",
+        )
+        for i in range(40)
+    ]
+    r = screen_field(honest, base_size=10_000, rules=ScreenRules())
+    assert r.review == {} and len(r.kept) == 40 and r.disagreement["alice"] == pytest.approx(0.1)
+
+
+def test_labellers_who_all_correct_a_confidently_wrong_champion_are_not_held() -> None:
+    """Under drift the champion can be confidently wrong for everyone: with peers to compare with, honest
+    labellers who all correct it are not singled out (the champion is the yardstick only for a sole one)."""
+    items = [
+        _label(
+            i,
+            labeller=f"h{i % 2}",
+            predicted="circle",
+            confidence=0.95,
+            label="square" if i % 5 else "circle",
+        )
+        for i in range(40)
+    ]
+    r = screen_field(items, base_size=10_000, rules=ScreenRules())
+    assert r.disagreement == {"h0": pytest.approx(0.8), "h1": pytest.approx(0.8)}
+    assert r.review == {} and len(r.kept) == 40
+
+
+def _source(i: int, device: str, labeller: str = "bob") -> FieldLabel:
+    """A field label with a hash of its own (far from every other: no near-duplicates here)."""
+    return FieldLabel(
+        i, device, labeller, "circle", float(i), int.from_bytes(hashlib.sha256(b"%d" % i).digest()[:8])
+    )
+
+
+def _singles(start: int, n: int, labeller: str = "bob") -> list[FieldLabel]:
+    return [_source(start + i, f"single-{start + i}", labeller) for i in range(n)]
+
+
+CAP_CASES = {
+    # 100 original images, 1,000 from one device (the audit's probe: 275 kept = 73% before the fix)
+    "one dominant device": (
+        100,
+        [_source(i, "noisy", f"l{i % 5}") for i in range(1000)] + _singles(5000, 20),
+        ScreenRules(max_device_share=0.25, max_labeller_share=1),
+        {"noisy": 40},  # k <= 25% of (100 + 20 + k)
+    ),
+    "two dominant devices": (
+        100,
+        [_source(i, "a") for i in range(500)]
+        + [_source(1000 + i, "b") for i in range(300)]
+        + _singles(5000, 10),
+        ScreenRules(max_device_share=0.25, max_labeller_share=1),
+        {"a": 55, "b": 55},  # x <= 25% of (100 + 10 + 2x)
+    ),
+    "one flooding labeller": (
+        50,
+        [_source(i, f"dev-{i % 40}", "mallory") for i in range(400)]
+        + [_source(1000 + i, f"other-{i}", f"h{i % 4}") for i in range(40)],
+        ScreenRules(max_device_share=1, max_labeller_share=0.3),
+        {"mallory": 38},  # k <= 30% of (50 + 40 + k)
+    ),
+    "a device and a labeller together": (
+        200,
+        [_source(i, "noisy", "mallory" if i % 2 else "bob") for i in range(300)]
+        + [_source(1000 + i, f"dev-{i}", "mallory") for i in range(200)]
+        + _singles(5000, 60, "carol"),
+        ScreenRules(max_device_share=0.2, max_labeller_share=0.3),
+        {},
+    ),
+    "no original data (the field samples are the whole set)": (
+        None,
+        [_source(i, "a") for i in range(30)]
+        + [_source(100 + i, "b") for i in range(20)]
+        + [_source(200 + i, "c") for i in range(10)]
+        + [_source(300 + i, "d") for i in range(5)],
+        ScreenRules(max_device_share=0.4, max_labeller_share=1),
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CAP_CASES))
+def test_no_device_or_labeller_exceeds_its_share_of_the_final_training_set(case: str) -> None:
+    """On the set actually trained on (original images + the field samples kept), every device and every
+    labeller holds at most its share; nothing is dropped that would fit; the same input in another
+    order keeps the same samples."""
+    base, items, rules, expected = CAP_CASES[case]
+    r = screen_field(items, base_size=base, rules=rules)
+    kept = [i for i in items if i.sample_id in set(r.kept)]
+    total = (base or 0) + len(kept)
+    caps = ((lambda i: i.device, rules.max_device_share), (lambda i: i.labeller, rules.max_labeller_share))
+    for key, share in caps:
+        for source, n in Counter(key(i) for i in kept).items():
+            assert Fraction(n, total) <= Fraction(share), (case, source, n, total)
+    for source, n in expected.items():
+        assert sum(source in (i.device, i.labeller) for i in kept) == n, (case, source)
+    capped = [
+        i for i in items if r.dropped.get(i.sample_id, "").split(":")[0] in ("device_cap", "labeller_cap")
+    ]
+    assert capped and len(capped) + len(kept) == len(items), case
+    for i in capped:  # added back, it would break its device's or its labeller's share
+        assert any(
+            Fraction(sum(key(k) == key(i) for k in kept) + 1, total + 1) > Fraction(share)
+            for key, share in caps
+        ), (case, i)
+    shuffled = random.Random(7).sample(items, len(items))
+    assert screen_field(shuffled, base_size=base, rules=rules).kept == r.kept
+
+
+def test_a_capped_source_keeps_a_seeded_draw_of_its_samples_with_the_reason_of_each_drop() -> None:
+    base, items, rules, _ = CAP_CASES["one dominant device"]
+    r = screen_field(items, base_size=base, rules=rules)
+    noisy = [i for i in r.kept if i < 1000]
+    assert min(noisy) < 250 and max(noisy) > 750  # spread over the whole period, not its first burst
+    assert r.dropped[next(i for i in range(1000) if i not in noisy)] == (
+        "device_cap: noisy keeps 40 of 1000 (at most 25% of the 160 images trained on)"
+    )
+    again = screen_field(items, base_size=base, rules=rules.model_copy(update={"seed": 1}))
+    assert len(again.kept) == len(r.kept) and again.kept != r.kept
+    assert r.summary()["dropped"] == {"device_cap": 960}
 
 
 def _jpeg(seed: int) -> bytes:
@@ -138,8 +271,11 @@ def test_field_dataset_screens_the_labels_and_records_their_provenance(tmp_path)
         )
     r = field.screen
     assert r.dropped[dup].startswith("near_duplicate") and {b, relabelled} <= set(r.review)
-    assert field.devices == {"noisy": 9, "cam-1": 1}  # 10% of 60 + 31 images
-    assert [i for i in r.kept if i in flood] == flood[:9] and a in r.kept
+    assert field.devices == {
+        "noisy": 6,
+        "cam-1": 1,
+    }  # k <= 10% of (60 + 1 + k): 6 of the 67 images trained on
+    assert len([i for i in r.kept if i in flood]) == 6 and a in r.kept
     entries = field.dataset.manifest().entries
     prov = {e.provenance["sample_id"]: e.provenance for e in entries}
     assert prov[str(a)] == {

@@ -165,8 +165,9 @@ def field_dataset(
     rules: ScreenRules | None = None,
 ) -> FieldData:
     """Labelled field samples as a dataset (``origin=field`` slice), newest label per sample wins,
-    screened (:func:`~trainer.data.screening.screen_field`; the share caps against a training set of
-    ``base_size`` original images, none without it); each kept sample records its provenance (sample id, device, labeller, when)."""
+    screened (:func:`~trainer.data.screening.screen_field`; the share caps hold on the set trained on:
+    ``base_size`` original images, or none, plus the field samples kept); each kept sample records its
+    provenance (sample id, device, labeller, when)."""
     newest = {lab.sample_id: lab for lab in store.labels()}  # ordered by id: the last one wins
     for sid in flagged_sample_ids(store):  # a person marked it unusable (console): never trained on
         newest.pop(sid, None)
