@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,3 +217,16 @@ def test_a_release_signed_for_another_channel_than_its_path_is_refused(
     ev = _rejection(_hinted_device(channels, channel, path_channel, hint))
     assert (ev.reason, ev.target) == ("wrong_channel", path), ev
     assert ev.detail is not None and repr(forged_as) in ev.detail
+
+
+def test_tampered_canary_metadata_is_reported_on_an_auto_device(channels: _Channels) -> None:
+    """Under ``auto`` the updater reads every channel before it picks one: a TUF failure there (the
+    canary role altered after signing) is a ``rejected`` event like on a one-channel device, not an
+    exception logged by the update thread."""
+    versions = [int(p.name.split(".")[0]) for p in (channels.repo.path / "metadata").glob("*.canary.json")]
+    role = channels.repo.path / "metadata" / f"{max(versions)}.canary.json"
+    md = json.loads(role.read_text())
+    md["signed"]["targets"][channels.canary.target]["custom"]["edgefleet"]["cohort"]["share_bp"] = 10_000
+    role.write_text(json.dumps(md))  # everyone in the cohort, but the signature no longer matches
+    ev = _rejection(_hinted_device(channels, "auto", "canary", channels.canary.hint(channels.server.url)))
+    assert (ev.reason, ev.target) == ("bad_signature", channels.canary.target), ev

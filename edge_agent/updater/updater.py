@@ -300,7 +300,8 @@ class Updater:
 
     def _best_target(self) -> str | None:
         """The target to check: the only channel's, or under ``auto`` the eligible release with the highest
-        counter (stable always; canary when this device is in the release's signed cohort)."""
+        counter (stable always; canary when this device is in the release's signed cohort). A channel
+        whose metadata fails verification is reported and skipped."""
         if len(self.track_targets) == 1:
             return self.track_targets[0]
         best: tuple[int, str] | None = None
@@ -311,6 +312,9 @@ class Updater:
                 self.events.add("update_unreachable")
                 log.warning("release repository unreachable: %s", exc)
                 return None
+            except UpdateRejected as r:  # bad signature, expired, replayed: as on a one-channel device
+                self._rejected(r, path, None, None, None, always=False)
+                continue
             release = self._eligible_release(path, tinfo) if tinfo is not None else None
             if release is not None and (best is None or release > best[0]):
                 best = (release, path)
