@@ -151,6 +151,53 @@ def test_failed_retraining_raises_an_alert_and_the_champion_stays(
         service.stop()
 
 
+def test_labels_held_for_review_are_alerted_with_their_samples_even_when_the_run_fails(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """The screen's held labels reach a person whatever the run's outcome: a relabelled copy and a sole
+    labeller contradicting the champion's confident predictions are named in labels_held_for_review,
+    here before the run fails (the champion's labels differ from the base data's)."""
+    import json
+
+    champion = build_tiny_package(tmp_path / "v1", version="1.0.0", name="tiny")
+    base = _service_config(tmp_path, broker.url, base_data="builtin:shapes?n=4")
+    cfg = base.model_copy(
+        update={"fleet": "held", "mqtt": MqttSettings(url=broker.url, client_id="trainer-held")}
+    )
+    service = TrainerService(cfg, timeline=Timeline(echo=False)).start()
+    try:
+        service.release_initial(champion)
+        now = time.time()
+
+        def add(device: str, seed: int, label: str, labeller: str, top: list) -> int:
+            sid = service.store.add_sample(
+                fleet="held", device=device, ts=now + seed, consent_policy="c", sha256=f"{seed:064x}",
+                image=_jpeg(seed), provenance={"reason": "drift", "top": top},
+            )  # fmt: skip
+            assert sid is not None
+            service.store.add_label(sid, label, source="human", labeller=labeller)
+            return sid
+
+        for i in range(1, 5):  # unremarkable labels: kept
+            add("cam-1", i, "circle", "bob", [[0, 0.5]])
+        copy = [add("cam-1", 10, "square", "bob", [[3, 0.5]]), add("cam-2", 10, "star", "eve", [[3, 0.5]])]
+        hostile = [add("cam-3", 20 + i, "star", "mallory", [[0, 0.97]]) for i in range(12)]  # says circle
+        service._start_job("test: retrain now", ["cam-1", "cam-2", "cam-3"], time.time())
+        deadline = time.time() + 120
+        while not service.store.alerts(kind="retrain_failed") and time.time() < deadline:
+            time.sleep(0.5)
+        [failed] = service.store.alerts(kind="retrain_failed")
+        assert "labels differ from champion" in failed.message
+        [held] = service.store.alerts(kind="labels_held_for_review")
+        assert held.message == (
+            "14 field label(s) held for review (conflicting_duplicate 2, labeller_outlier 12); "
+            "2.0.0 did not train on them"
+        )
+        assert json.loads(held.details or "{}")["samples"] == [str(i) for i in sorted(copy + hostile)]
+    finally:
+        service.stop()
+
+
 def test_a_restarted_service_keeps_its_champion_and_never_reuses_a_version(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections import Counter
 from fractions import Fraction
 
@@ -316,3 +317,67 @@ def test_the_training_set_diff_names_what_was_added_per_device_and_class() -> No
         "by_device": {"cam-1": {"square": 2}, "cam-2": {"circle": 1}},
         "labellers": {"bob": 2, "eve": 1},
     }
+
+
+def _card_tables(html: str) -> list[list[list[str]]]:
+    """Each table of an HTML fragment as rows of cell texts (header row first)."""
+    return [
+        [re.findall(r"<t[dh]>(.*?)</t[dh]>", row) for row in re.findall(r"<tr>(.*?)</tr>", table)]
+        for table in re.findall(r"<table>(.*?)</table>", html)
+    ]
+
+
+def test_the_model_card_shows_what_a_retraining_added_per_device_class_and_labeller(
+    shapes_package, shapes_dataset, feature_cache, small_train_config, tmp_path
+) -> None:
+    """A candidate trained on the original data plus screened field samples, against the champion: its
+    evaluation and its card's "Added since the champion" section count the field images per device and
+    class and per labeller, and nothing of the original data as added or removed."""
+    from trainer.build import train_package
+    from trainer.evaluation.gate import GateRules
+    from trainer.fleet.labelling import field_dataset
+    from trainer.store import Store
+
+    labels = shapes_dataset.labels
+    with Store(f"sqlite:///{tmp_path / 's.db'}") as store:
+        for n, (device, label, labeller) in enumerate(
+            [("cam-1", "square", "bob")] * 3 + [("cam-1", "circle", "eve")] + [("cam-2", "star", "eve")] * 2
+        ):
+            sid = store.add_sample(
+                fleet="f", device=device, ts=float(n), consent_policy="c", sha256=f"{n:064x}",
+                image=_jpeg(500 + n), provenance={"reason": "drift", "top": [[0, 0.5]]},
+            )  # fmt: skip
+            assert sid is not None
+            store.add_label(sid, label, source="human", labeller=labeller)
+        field = field_dataset(store, labels, base_size=len(shapes_dataset.samples))
+    assert len(field.dataset.samples) == 6, field.screen.summary()
+    no_rules = GateRules(max_ece=None, max_int8_drop=None, max_accuracy_drop=None, max_slice_drop=None)
+    cfg = small_train_config(
+        feature_cache=str(feature_cache),
+        formats=["onnx-fp32", "onnx-int8"],
+        robustness={"enabled": False},
+        gate=no_rules,
+        version="2.0.0",
+    )
+    result = train_package(
+        shapes_dataset.combine(field.dataset), tmp_path / "v2", cfg, champion=shapes_package.package.root
+    )
+    by_device = {"cam-1": {"square": 3, "circle": 1}, "cam-2": {"star": 2}}
+    assert result.evaluation.dataset["added_since_champion"] == {
+        "champion": "shapes 1.0.0",
+        "images": 6,
+        "removed": 0,
+        "by_device": by_device,
+        "labellers": {"bob": 3, "eve": 3},
+    }
+    card = (result.package.root / "card.html").read_text()
+    section = card[card.index("<h3>Added since the champion (shapes 1.0.0)</h3>") :]
+    assert section.split("</h3>", 1)[1].lstrip().startswith("<p>6 images added, 0 removed.</p>")
+    devices, labellers = _card_tables(section)[:2]
+    assert devices[0] == ["device / source", *labels, "total"]
+    shown = {row[0]: dict(zip([*labels, "total"], map(int, row[1:]))) for row in devices[1:]}
+    assert shown == {
+        dev: {**{lab: per.get(lab, 0) for lab in labels}, "total": sum(per.values())}
+        for dev, per in by_device.items()
+    }
+    assert labellers == [["labeller", "labels"], ["bob", "3"], ["eve", "3"]]

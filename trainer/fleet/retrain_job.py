@@ -87,6 +87,8 @@ def run(spec: RetrainSpec) -> dict[str, Any]:
         result = train_package(data, spec.out, cfg, champion=spec.champion)
     except GateError as exc:
         return {**out, "status": "gate_failed", "failures": list(exc.failures), "seconds": time.time() - t0}
+    except Exception as exc:  # noqa: BLE001 - a failed run, but what the screen held still needs a person
+        return {**out, **_failure(exc), "seconds": time.time() - t0}
     ev = result.evaluation
     return {
         **out,
@@ -96,6 +98,15 @@ def run(spec: RetrainSpec) -> dict[str, Any]:
         "heldout_accuracy": ev.heldout_accuracy.get(ev.device_artifact),
         "gate": ev.gate.model_dump(mode="json"),
         "seconds": time.time() - t0,
+    }
+
+
+def _failure(exc: Exception) -> dict[str, Any]:
+    """A failed run's result: the error and the end of its traceback (call inside the except block)."""
+    return {
+        "status": "failed",
+        "error": f"{type(exc).__name__}: {exc}",
+        "traceback": traceback.format_exc()[-4000:],
     }
 
 
@@ -134,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = run(spec)
     except Exception as exc:  # noqa: BLE001 - reported to the service as a failed run
-        res = {
-            "status": "failed",
-            "error": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc()[-4000:],
-        }
+        res = _failure(exc)
     Path(spec.result).write_text(json.dumps(res, indent=1, default=str))
     return {"ok": 0, "gate_failed": 3}.get(res["status"], 1)
 

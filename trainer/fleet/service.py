@@ -546,12 +546,13 @@ class TrainerService:
         self.job_outcomes[status if status in ("ok", "gate_failed") else "failed"] += 1
         held = result.get("held_for_review") or {}
         if held:  # poisoning defences: these labels were not trained on until a person looks at them
-            reasons = sorted({why.split(":")[0] for why in held.values()})
+            reasons = Counter(why.split(":")[0] for why in held.values())
             self._alert(
                 "labels_held_for_review",
-                f"{len(held)} field label(s) held for review ({', '.join(reasons)}); {job.version} trained without them",
+                f"{len(held)} field label(s) held for review "
+                f"({', '.join(f'{r} {n}' for r, n in sorted(reasons.items()))}); {job.version} did not train on them",
                 version=job.version,
-                samples=sorted(held)[:50],
+                samples=sorted(held, key=int)[:50],  # ids as strings (alert details on the wire)
             )
         if result.get("status") == "ok":
             pkg = load_package(result["package"])
