@@ -22,6 +22,7 @@ __all__ = [
     "ReleaseError",
     "RolloutDecided",
     "StoreError",
+    "UnknownDeviceError",
 ]
 
 
@@ -61,6 +62,10 @@ class KeyStoreError(ReleaseError):
 
 class StoreError(EdgeFleetError, ValueError):
     """The trainer's database cannot be opened as given (unsupported URL, missing directory or file)."""
+
+
+class UnknownDeviceError(EdgeFleetError, LookupError):
+    """A command names a device its fleet does not have (the message names both)."""
 
 
 class RolloutDecided(EdgeFleetError):

@@ -71,15 +71,25 @@ class Page:
     offset: int
 
 
-def put_device_health(store: Store, fleet: str, rows: Mapping[str, HealthRow], now: float) -> None:
-    """Upsert the latest health of each device in ``rows``."""
+def put_device_health(store: Store, fleet: str, rows: Mapping[str, HealthRow], now: float) -> set[str]:
+    """Upsert the latest health of each device in ``rows`` that is a device of ``fleet`` (one removed
+    with ``forget-device`` gets none); returns the devices written."""
     if not rows:
-        return
-    values = [{"device": d, "fleet": fleet, "updated_at": now, **vars(h)} for d, h in rows.items()]
+        return set()
     with store.write() as conn:
-        stmt = insert(conn, DeviceHealthRecord.__table__)
-        cols = {c: getattr(stmt.excluded, c) for c in values[0] if c != "device"}
-        conn.execute(stmt.on_conflict_do_update(index_elements=["device"], set_=cols), values)
+        present = set(
+            conn.scalars(select(Device.device).where(Device.fleet == fleet, Device.device.in_(list(rows))))
+        )
+        values = [
+            {"device": d, "fleet": fleet, "updated_at": now, **vars(h)}
+            for d, h in rows.items()
+            if d in present
+        ]
+        if values:
+            stmt = insert(conn, DeviceHealthRecord.__table__)
+            cols = {c: getattr(stmt.excluded, c) for c in values[0] if c != "device"}
+            conn.execute(stmt.on_conflict_do_update(index_elements=["device"], set_=cols), values)
+    return present
 
 
 def device_health(store: Store, device: str) -> DeviceHealthRecord | None:

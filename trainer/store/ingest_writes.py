@@ -44,6 +44,7 @@ from trainer.store.schema import (
     Device,
     ModelRecord,
     Release,
+    RemovedDevice,
     Rollout,
     StatusEvent,
     Window,
@@ -55,6 +56,7 @@ WINDOWS = Window.__table__
 DEVICES = Device.__table__
 STATUS = StatusEvent.__table__
 DEAD = DeadLetter.__table__
+REMOVED = RemovedDevice.__table__
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +328,7 @@ def write_windows(
     # Which of the batch were new is not reported by executemany; updating devices and checking
     # models for the duplicates too is harmless (same data, alerts raised once).
     fresh = [it for _, it in sorted(unique.items())]
-    _upsert_devices_from_windows(conn, fresh)
+    _upsert_devices_from_windows(conn, since_removal(conn, fresh, lambda w: (w.device, w.end)))
     seen: dict[tuple[str, str], tuple[str, ModelRef]] = {}
     for it in fresh:
         w = it.message
@@ -369,6 +371,20 @@ _DEVICE_UPDATE = ", ".join(
     ]
 )
 """The devices upsert of a window batch, in plain SQL (the same text on SQLite and PostgreSQL)."""
+
+
+def since_removal(
+    conn: Connection, items: Sequence[Received[M]], key: Callable[[M], tuple[str, float]]
+) -> list[Received[M]]:
+    """The items that may create or move their device's row: a device removed from its fleet
+    (``removed_devices``) comes back only with a message newer, by its own time (``key``: device and
+    time), than its removal; a late window or a last will from before it is stored but revives nothing."""
+    devices = {key(it.message)[0] for it in items}
+    q = select(REMOVED.c.device, REMOVED.c.removed_at).where(REMOVED.c.device.in_(devices))
+    removed = {d: float(at) for d, at in conn.execute(q)}
+    if not removed:
+        return list(items)
+    return [it for it in items if key(it.message)[1] >= removed.get(key(it.message)[0], float("-inf"))]
 
 
 def _upsert_devices_from_windows(conn: Connection, stored: Sequence[Received[TelemetryWindow]]) -> None:
@@ -444,7 +460,7 @@ def write_statuses(
     result = WriteResult(stored=len(stored), duplicates=len(items) - len(stored))
     if not stored:
         return result
-    _advance_devices(conn, stored)
+    _advance_devices(conn, since_removal(conn, stored, lambda s: (s.device, s.ts)))
     seen = {
         (it.message.device, it.message.model.sha256): (it.message.fleet, it.message.model)
         for it in stored

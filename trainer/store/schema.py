@@ -69,6 +69,20 @@ class Device(Base):
     """The first model ever reported: the provisioning image, which no rollout sent."""
 
 
+class RemovedDevice(Base):
+    """A device a person removed from its fleet (``edgefleet trainer forget-device``): its ``devices`` and
+    ``device_health`` rows are deleted, its history kept. Messages it sent before ``removed_at`` (by their
+    own time: a late window, its last will) do not bring it back; a newer one does. The service clears
+    its Home Assistant entities while it is absent from ``devices``."""
+
+    __tablename__ = "removed_devices"
+    device: Mapped[str] = mapped_column(NAME, primary_key=True)
+    fleet: Mapped[str] = mapped_column(NAME, index=True)
+    removed_at: Mapped[float] = mapped_column(Double)
+    removed_by: Mapped[str] = mapped_column(String())
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
 class StatusEvent(Base):
     """Every status message (birth, last will, clean shutdown) as received."""
 

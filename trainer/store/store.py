@@ -331,7 +331,7 @@ class Store:
             return {
                 device: DeviceActivity(
                     frames_per_second=float(n or 0) / (end - start) if end > start else None,
-                    confidence_mean=float(w) / n if n and w is not None else None,
+                    confidence_mean=float(w) / float(n) if n and w is not None else None,
                 )
                 for device, n, w, start, end in conn.execute(q)
             }
