@@ -206,7 +206,8 @@ def test_anonymous_gets_nothing_but_healthz(seeded: Seeded) -> None:
         r = c.get(url)
         assert r.status_code == 401 and "log in" in r.json()["detail"], (url, r.status_code)
     i = ids(seeded)
-    pages = routes(seeded.app, "GET", api=False) - {"/login", "/healthz", "/"}
+    pages = routes(seeded.app, "GET", api=False) - {"/login", "/healthz", "/", "/metrics"}
+    assert c.get("/metrics").status_code == 404  # no service in this process (tests/test_fleet_metrics.py)
     assert {"/fleet", "/devices/{device}", "/rollouts/{rollout_id}", "/audit"} <= pages
     for template in pages:
         url = template.format(**i)

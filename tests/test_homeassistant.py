@@ -1,15 +1,20 @@
 """Home Assistant MQTT discovery by the trainer service, on a private broker: retained configs per
 device checked against Home Assistant's documented discovery keys, republished on HA's birth message,
-a malformed birth ignored, states published, and a forgotten device's entities cleared."""
+a malformed birth ignored, states published, and the entities of a device forgotten (silent too long,
+or removed with ``edgefleet trainer forget-device``) cleared."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import jsonschema
 import paho.mqtt.client as mqtt
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.protocol import Status, status_topic, tele_topic
@@ -177,6 +182,105 @@ def test_devices_appear_in_home_assistant_and_go_when_forgotten(
         ha.close()
         for d in ("cam-ha", "cam.old"):  # leave no retained status behind on the shared broker
             pub.publish(status_topic("hass", d), b"", qos=1, retain=True).wait_for_publish(5)
+        pub.loop_stop()
+        service.stop()
+
+
+def _edgefleet(*args: str) -> subprocess.CompletedProcess[str]:
+    """The ``edgefleet`` command as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_forget_device_takes_it_out_of_the_fleet_and_home_assistant(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """`edgefleet trainer forget-device` beside a running service: the device leaves the store's fleet
+    (the console's fleet page, the metrics), the service empties its retained discovery configs and
+    state, so a fresh subscriber finds none of them (the other device's stay); a window from before the
+    removal does not bring it back, a newer one does."""
+    from trainer.fleet.config import MetricsSettings
+    from trainer.ops.broker import free_port
+    from trainer.store.console_queries import device_page
+
+    fleet = "hassrm"
+    cfg = _service_config(tmp_path, broker.url, base_data="builtin:shapes")
+    cfg.fleet = fleet
+    cfg.homeassistant = HomeAssistantSettings(state_interval_s=0.5)
+    cfg.metrics = MetricsSettings(port=free_port())
+    path = tmp_path / "trainer.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2)
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    now = time.time()
+    service = TrainerService(cfg, timeline=Timeline(echo=False)).start()
+    ha = Retained(broker.port, "homeassistant/#", f"ef/v1/{fleet}/ha/#")
+    try:
+        assert all(w.wait_connected(10) for w in service.workers)
+        for d in ("cam-keep", "cam-gone"):
+            status = Status(fleet=fleet, device=d, state="online", session=1, ts=now)
+            pub.publish(status_topic(fleet, d), status.to_bytes(), qos=1, retain=True).wait_for_publish(5)
+            for w in windows(d, 2, fleet=fleet, start=now - 30):
+                pub.publish(tele_topic(fleet, d), w.to_bytes(), qos=1).wait_for_publish(5)
+
+        def mine(latest: dict[str, bytes], dev: str) -> dict[str, bytes]:
+            """Its retained discovery configs and its state topic, as a subscriber holds them."""
+            return {
+                t: p
+                for t, p in latest.items()
+                if f"/{node_id(fleet, dev)}/" in t or t == f"ef/v1/{fleet}/ha/{dev}"
+            }
+
+        assert wait_until(lambda: all(len(mine(ha.latest, d)) == 7 for d in ("cam-keep", "cam-gone")), 20)
+
+        for bad, problem in (
+            ((fleet, "cam-nope"), "no device 'cam-nope' in fleet 'hassrm'"),
+            (("other", "cam-gone"), "is the trainer of fleet 'hassrm', not 'other'"),
+        ):
+            r = _edgefleet("trainer", "forget-device", "--config", str(path), *bad)
+            assert r.returncode == 2 and problem in r.stderr and len(r.stderr.strip().splitlines()) == 1, (
+                r.stderr
+            )
+        r = _edgefleet(
+            "trainer", "forget-device", "--config", str(path), fleet, "cam-gone", "--reason", "taken down"
+        )
+        assert r.returncode == 0 and "removed cam-gone from fleet hassrm" in r.stdout, r.stderr
+
+        assert wait_until(lambda: all(p == b"" for p in mine(ha.latest, "cam-gone").values()), 10)
+        fresh = Retained(broker.port, "homeassistant/#", f"ef/v1/{fleet}/ha/#")
+        try:
+            assert wait_until(lambda: len(mine(fresh.latest, "cam-keep")) == 7, 10), fresh.latest.keys()
+            time.sleep(1.0)  # every retained message has arrived by now
+            assert mine(fresh.latest, "cam-gone") == {}
+        finally:
+            fresh.close()
+        store = service.store
+        assert store.device("cam-gone") is None
+        assert [d.device for d, _ in device_page(store, fleet=fleet).items] == ["cam-keep"]
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics.port}/metrics", timeout=10).read()
+        assert b'device="cam-keep"' in scraped and b"cam-gone" not in scraped
+        [entry] = store.audit_log(action="device.forget")
+        assert entry.subject == "device/cam-gone" and "taken down" in (entry.details or "")
+
+        # a window from before the removal (a late one from its spool) is kept but revives nothing
+        old = windows("cam-gone", 1, fleet=fleet, start=now - 20, first_seq=50, window_s=5)[0]
+        pub.publish(tele_topic(fleet, "cam-gone"), old.to_bytes(), qos=1).wait_for_publish(5)
+        assert wait_until(lambda: store.count_windows(device="cam-gone") == 3, 10)
+        time.sleep(1.0)  # a few Home Assistant steps
+        assert store.device("cam-gone") is None and all(
+            p == b"" for p in mine(ha.latest, "cam-gone").values()
+        )
+        # a newer one: the camera is back, and so are its entities
+        new = windows("cam-gone", 1, fleet=fleet, start=time.time() - 5, first_seq=60, window_s=5)[0]
+        pub.publish(tele_topic(fleet, "cam-gone"), new.to_bytes(), qos=1).wait_for_publish(5)
+        assert wait_until(lambda: store.device("cam-gone") is not None, 10)
+        assert wait_until(lambda: all(p != b"" for p in mine(ha.latest, "cam-gone").values()), 10)
+    finally:
+        ha.close()
+        for d in ("cam-keep", "cam-gone"):  # leave no retained status behind on the shared broker
+            pub.publish(status_topic(fleet, d), b"", qos=1, retain=True).wait_for_publish(5)
         pub.loop_stop()
         service.stop()
 

@@ -1,4 +1,4 @@
-"""CLI groups of the fleet loop: ``trainer serve``, ``labels`` and ``rollout``."""
+"""CLI groups of the fleet loop: ``trainer serve | forget-device``, ``labels`` and ``rollout``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import getpass
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,18 @@ def register_trainer(sub: argparse._SubParsersAction) -> None:
         "is not the stable release yet)",
     )
     s.set_defaults(func=_serve)
+    f = tsub.add_parser(
+        "forget-device",
+        help="remove a device from its fleet: the console's fleet page, the metrics and Home Assistant",
+        description="Remove DEVICE from FLEET (a camera taken down for good): it leaves the console's fleet "
+        "page and the metrics, and the running service clears its Home Assistant entities. Its history "
+        "stays; a message it sends after this brings it back.",
+    )
+    f.add_argument("--config", required=True, help="the trainer YAML of the fleet's service")
+    f.add_argument("fleet", help="the fleet (must be the config's: a check against the wrong file)")
+    f.add_argument("device")
+    f.add_argument("--reason", help="why (kept in the audit log)")
+    f.set_defaults(func=_forget_device)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -48,7 +61,8 @@ def _serve(args: argparse.Namespace) -> int:
     if cfg.console is not None:
         from trainer.console.server import ConsoleServer, context_for
 
-        console = ConsoleServer(context_for(cfg, service.store, cfg.console), cfg.console).start()
+        ctx = context_for(cfg, service.store, cfg.console, metrics=service.metrics_registry)
+        console = ConsoleServer(ctx, cfg.console).start()
         print(f"console at {console.url}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -57,6 +71,23 @@ def _serve(args: argparse.Namespace) -> int:
     if console is not None:
         console.stop()
     service.stop()
+    return 0
+
+
+def _forget_device(args: argparse.Namespace) -> int:
+    from trainer.fleet.config import load_service_config
+    from trainer.store import Store
+    from trainer.store.fleet_state import forget_device
+
+    cfg = load_service_config(args.config)
+    if args.fleet != cfg.fleet:
+        raise ConfigError(f"{args.config} is the trainer of fleet {cfg.fleet!r}, not {args.fleet!r}")
+    with Store(cfg.db_url, create=False) as store:
+        store.create_schema()  # a database from before removed_devices existed gets the table
+        row = forget_device(store, cfg.fleet, args.device, actor=getpass.getuser(), reason=args.reason)
+    seen = time.strftime("%Y-%m-%d %H:%M", time.localtime(row.last_seen))
+    ha = "; the running service clears its Home Assistant entities" if cfg.homeassistant else ""
+    print(f"removed {row.device} from fleet {cfg.fleet} (last heard from {seen}){ha}")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""The console's ASGI app: the REST API, the pages, log in and out, ``/healthz``, and the error
-handling that keeps it answering (401/403/404/422 with a message, 503 while the database is away)."""
+"""The console's ASGI app: the REST API, the pages, log in and out, ``/healthz``, the trainer service's
+Prometheus ``/metrics`` (when it runs the console), and the error handling that keeps it answering
+(401/403/404/422 with a message, 503 while the database is away)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from edge_agent import __version__
 from trainer.console import api, pages
 from trainer.console.auth import SESSION_COOKIE, check_password, new_token, token_hash
 from trainer.console.deps import ConsoleContext, NotLoggedIn, Who
-from trainer.store.console_users import close_session, open_session
+from trainer.fleet.metrics import exposition
+from trainer.store.console_users import close_session, open_session, token_principal
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -111,6 +113,45 @@ def _install_login(app: FastAPI) -> None:
         return resp
 
 
+SCRAPE_TOKEN_GRACE_S = 600.0
+"""While the database is away, an API token that scraped /metrics within this long still may: Prometheus
+goes on reading the service's own counters and ``edgefleet_store_up 0`` instead of losing the target."""
+
+
+def _scraper_allowed(ctx: ConsoleContext, authorization: str) -> bool:
+    """Whether an ``Authorization`` header carries a console API token (any role may scrape)."""
+    if authorization[:7].lower() != "bearer ":
+        return False
+    digest = token_hash(authorization[7:].strip())
+    try:
+        ok = token_principal(ctx.store, digest) is not None
+    except DBAPIError:  # the database is away: trust a token it accepted a moment ago
+        return time.monotonic() - ctx.scrape_tokens.get(digest, -SCRAPE_TOKEN_GRACE_S) < SCRAPE_TOKEN_GRACE_S
+    if ok:
+        ctx.scrape_tokens[digest] = time.monotonic()
+    else:
+        ctx.scrape_tokens.pop(digest, None)
+    return ok
+
+
+def _install_metrics(app: FastAPI) -> None:
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        """The trainer service's Prometheus metrics, when the console runs in its process."""
+        ctx: ConsoleContext = request.app.state.ctx
+        if ctx.metrics is None:
+            detail = "no metrics here: they are served when `trainer serve` runs the console with metrics:"
+            return JSONResponse({"detail": detail}, 404)
+        if ctx.metrics_auth != "none" and not _scraper_allowed(ctx, request.headers.get("authorization", "")):
+            return JSONResponse(
+                {"detail": "scraping needs a console API token: Authorization: Bearer <token>"},
+                401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        body, content_type = exposition(ctx.metrics, request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
+
+
 def create_app(ctx: ConsoleContext) -> FastAPI:
     """The console for ``ctx`` (its store, repository and broker)."""
     app = FastAPI(
@@ -125,6 +166,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
     app.state.db_error = None
     _install_handlers(app)
     _install_login(app)
+    _install_metrics(app)
 
     @app.get("/api/v1/openapi.json", include_in_schema=False)
     def openapi(_who: Who) -> JSONResponse:

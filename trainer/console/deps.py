@@ -38,6 +38,12 @@ class ConsoleContext:
     session_ttl_s: float = 12 * 3600.0
     refresh_s: float = 5.0
     limiter: LoginLimiter = field(default_factory=LoginLimiter)
+    metrics: Any = None
+    """The trainer service's Prometheus registry when the console runs in its process (``/metrics``)."""
+    metrics_auth: str = "token"
+    """``token``: /metrics needs an API token as bearer token; ``none``: anyone may scrape."""
+    scrape_tokens: dict[str, float] = field(default_factory=dict)
+    """API token hashes that scraped /metrics, and when they were last checked against the store."""
     _broker_seen: tuple[float, bool] = (0.0, True)
 
     def repo(self) -> ReleaseRepository | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import uvicorn
 
@@ -18,8 +19,11 @@ from trainer.store import Store
 log = logging.getLogger(__name__)
 
 
-def context_for(cfg: TrainerServiceConfig, store: Store, settings: ConsoleSettings) -> ConsoleContext:
-    """The console of one trainer service's fleet."""
+def context_for(
+    cfg: TrainerServiceConfig, store: Store, settings: ConsoleSettings, metrics: Any = None
+) -> ConsoleContext:
+    """The console of one trainer service's fleet; ``metrics``, the service's Prometheus registry when
+    the console runs in its process, is served at ``/metrics`` (``metrics.console_auth`` says to whom)."""
     return ConsoleContext(
         store=store,
         fleet=cfg.fleet,
@@ -31,6 +35,8 @@ def context_for(cfg: TrainerServiceConfig, store: Store, settings: ConsoleSettin
         session_ttl_s=settings.session_hours * 3600,
         refresh_s=settings.refresh_s,
         limiter=LoginLimiter(settings.login_attempts),
+        metrics=metrics if cfg.metrics is not None else None,
+        metrics_auth=cfg.metrics.console_auth if cfg.metrics is not None else "token",
     )
 
 

@@ -46,11 +46,27 @@ class TrainingSettings(StrictModel):
         return v
 
 
+DEFAULT_METRICS_PORT = 9464
+
+
 class MetricsSettings(StrictModel):
-    """Where the service serves Prometheus ``/metrics`` (trainer/fleet/metrics.py lists the series)."""
+    """Where the service serves Prometheus ``/metrics`` (trainer/fleet/metrics.py lists the series): in
+    the console's app when ``trainer serve`` runs a console, else on a port of its own."""
 
     host: str = "127.0.0.1"
-    port: int = Field(default=9464, ge=1, le=65535)
+    """The address of the port of its own."""
+    port: int | None = Field(default=None, ge=1, le=65535)
+    """A port of its own: unset, 9464 when no console runs and none when the console serves /metrics."""
+    console_auth: Literal["token", "none"] = "token"
+    """The console's /metrics: ``token`` asks for ``Authorization: Bearer <console API token>`` (any
+    role: ``edgefleet console token add USER --name prometheus``), ``none`` serves anyone who reaches
+    the console."""
+
+    def own_port(self, console: bool) -> int | None:
+        """The port of its own to open, given whether a console serves /metrics too."""
+        if self.port is not None:
+            return self.port
+        return None if console else DEFAULT_METRICS_PORT
 
 
 class ConsoleSettings(StrictModel):
@@ -100,7 +116,8 @@ class TrainerServiceConfig(StrictModel):
     """How long a drifting device samples frames uniformly (the ``sample`` command)."""
     tick_s: float = Field(default=2.0, gt=0)
     metrics: MetricsSettings | None = None
-    """Serve Prometheus metrics (off unless configured)."""
+    """Serve Prometheus metrics (off unless configured): at the console's /metrics when it runs, else (or
+    also, with ``metrics.port``) on a port of their own."""
     homeassistant: HomeAssistantSettings | None = None
     """Home Assistant MQTT discovery of every device (off unless configured)."""
     console: ConsoleSettings | None = None

@@ -11,7 +11,9 @@ available while the device's status says ``online``.
   ``{prefix}/status``) arrives; any other birth payload is ignored;
 * states are one retained JSON document per device on ``ef/v1/{fleet}/ha/{device}``, refreshed every
   ``state_interval_s``;
-* a device not heard from for ``forget_after_s`` is removed: an empty retained config per entity.
+* a device not heard from for ``forget_after_s``, or removed from the fleet by a person
+  (``edgefleet trainer forget-device``), is removed: an empty retained config per entity and an empty
+  retained state.
 
 Payload builders are pure (:func:`discovery_configs`, :func:`device_state`); :class:`HomeAssistantBridge`
 does the MQTT. deploy/mosquitto's ACL lets the trainer write these topics and a ``homeassistant``
@@ -24,7 +26,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +166,7 @@ class HomeAssistantBridge:
     ) -> None:
         self.settings, self.fleet = settings, fleet
         self._announced: dict[str, DeviceView] = {}
+        self._removed: set[str] = set()
         self._rediscover = threading.Event()
         self._lock = threading.Lock()
         self.client = new_client(mqtt_settings, client_id, clean_session=True)
@@ -191,14 +194,21 @@ class HomeAssistantBridge:
         elif msg.payload != b"offline":
             log.warning("home assistant: ignored a birth message %r on %s", msg.payload[:40], msg.topic)
 
-    def publish(self, views: Mapping[str, DeviceView], now: float) -> None:
-        """Announce new devices (or all, after a birth), refresh every state, remove forgotten devices."""
+    def publish(self, views: Mapping[str, DeviceView], now: float, removed: Iterable[str] = ()) -> None:
+        """Announce new devices (or all, after a birth), refresh every state, remove forgotten devices
+        and the ``removed`` ones (taken out of the fleet: each cleared once per bridge)."""
         everyone = self._rediscover.is_set()
         self._rediscover.clear()
+        removed = set(removed)
+        for device in removed:
+            if device not in self._removed and device not in views:
+                self._clear(device, "removed from the fleet")
+                self._removed.add(device)
+        self._removed.intersection_update(removed)  # one that came back and goes again is cleared again
         for device, view in views.items():
             if now - view.last_seen > self.settings.forget_after_s:
                 if device in self._announced or everyone:
-                    self._clear(view)
+                    self._clear(device, f"not heard from for {self.settings.forget_after_s:.0f} s")
                 continue
             if everyone or device not in self._announced or self._changed(self._announced[device], view):
                 self._announce(view)
@@ -220,18 +230,15 @@ class HomeAssistantBridge:
             self._send(topic, payload)
         self._announced[view.device] = view
 
-    def _clear(self, view: DeviceView) -> None:
+    def _clear(self, device: str, why: str) -> None:
+        """Empty retained configs (Home Assistant deletes the entities) and an empty retained state."""
         for topic in discovery_configs(
-            self.settings.discovery_prefix, self.fleet, view.device, model=None, agent_version=None
+            self.settings.discovery_prefix, self.fleet, device, model=None, agent_version=None
         ):
             self.client.publish(topic, b"", qos=1, retain=True)
-        self.client.publish(state_topic(self.fleet, view.device), b"", qos=1, retain=True)
-        self._announced.pop(view.device, None)
-        log.info(
-            "home assistant: removed %s (not heard from for %.0f s)",
-            view.device,
-            self.settings.forget_after_s,
-        )
+        self.client.publish(state_topic(self.fleet, device), b"", qos=1, retain=True)
+        self._announced.pop(device, None)
+        log.info("home assistant: removed %s (%s)", device, why)
 
     def _send(self, topic: str, payload: dict[str, Any]) -> None:
         self.client.publish(topic, json.dumps(payload, separators=(",", ":")), qos=1, retain=True)
@@ -242,21 +249,22 @@ class HomeAssistantBridge:
 
 
 def views_of(service: Any, now: float) -> dict[str, DeviceView]:
-    """What the service knows of each device, for the bridge (devices table, recent windows, health)."""
+    """What the store holds of each device of the service's fleet, for the bridge: its row, recent
+    windows and the health the service wrote (the console and the metrics show the same)."""
     from trainer.fleet.metrics import RATE_WINDOW_S
+    from trainer.store.fleet_state import device_rows
 
     fleet = service.cfg.fleet
     latest = service.champion.manifest.version if service.champion is not None else None
-    health = dict(service.last_health)
     recent = service.store.recent_activity(fleet, now - RATE_WINDOW_S)
     out = {}
-    for d in service.store.devices(fleet):
-        activity, h = recent.get(d.device), health.get(d.device)
+    for d, h in device_rows(service.store, fleet):
+        activity = recent.get(d.device)
         state = device_state(
             estimated_accuracy=h.estimated_accuracy if h else None,
             frames_per_second=activity.frames_per_second if activity else None,
             confidence_mean=activity.confidence_mean if activity else None,
-            drift=bool(h and h.recent_drift and h.recent_drift[-1]),
+            drift=h is not None and h.drift_state == "drift",
             installed=d.model_version,
             latest=latest,
         )

@@ -47,6 +47,7 @@ from trainer.release.repository import ReleaseRepository
 from trainer.release.server import ReleaseServer
 from trainer.store import Store
 from trainer.store.console_queries import HealthRow, put_device_health
+from trainer.store.fleet_state import removed_devices
 from trainer.store.rollups import purge_windows, roll_up
 
 log = logging.getLogger(__name__)
@@ -145,11 +146,23 @@ class TrainerService:
         """The latest per-device health of the champion (metrics and the console read it)."""
         self.job_outcomes: Counter[str] = Counter()
         self._metrics_server: Any = None
+        self._metrics_registry: Any = None
+        self.metrics_port: int | None = None
+        """The port of its own /metrics is served on (None: the console's app serves them, or none)."""
         self.homeassistant: HomeAssistantBridge | None = None
         self.webhooks: WebhookDispatcher | None = None
         self._ha_due = 0.0
         self._rollup_due = 0.0
         self._health_due = 0.0
+
+    @property
+    def metrics_registry(self) -> Any:
+        """The Prometheus registry of this service (its port and the console's /metrics serve it)."""
+        if self._metrics_registry is None:
+            from trainer.fleet.metrics import metrics_registry
+
+            self._metrics_registry = metrics_registry(self)
+        return self._metrics_registry
 
     @property
     def repo_url(self) -> str:
@@ -200,16 +213,7 @@ class TrainerService:
                 c.fleet,
                 c.training.model,
             )
-        if c.homeassistant is not None:
-            self.homeassistant = HomeAssistantBridge(
-                c.homeassistant, c.mqtt, c.fleet, client_id=f"{c.mqtt.client_id or 'trainer'}-{c.fleet}-ha"
-            )
-        if c.webhooks:
-            self.webhooks = WebhookDispatcher(self.store, list(c.webhooks)).start()
-        if c.metrics is not None:
-            from trainer.fleet.metrics import serve_metrics
-
-            self._metrics_server = serve_metrics(self, c.metrics.host, c.metrics.port)
+        self._start_monitoring()
         self._thread = threading.Thread(target=self._run, name="trainer-service", daemon=True)
         self._thread.start()
         self.timeline.add(
@@ -217,6 +221,22 @@ class TrainerService:
             f"trainer for fleet {c.fleet}: releases at {self.repo_url}, {c.ingest_workers} ingest worker(s)",
         )
         return self
+
+    def _start_monitoring(self) -> None:
+        """Home Assistant, webhooks and the metrics port, those configured."""
+        c = self.cfg
+        if c.homeassistant is not None:
+            self.homeassistant = HomeAssistantBridge(
+                c.homeassistant, c.mqtt, c.fleet, client_id=f"{c.mqtt.client_id or 'trainer'}-{c.fleet}-ha"
+            )
+        if c.webhooks:
+            self.webhooks = WebhookDispatcher(self.store, list(c.webhooks)).start()
+        port = c.metrics.own_port(console=c.console is not None) if c.metrics is not None else None
+        if c.metrics is not None and port is not None:  # else the console serves /metrics, or nothing does
+            from trainer.fleet.metrics import serve_metrics
+
+            self._metrics_server = serve_metrics(self.metrics_registry, c.metrics.host, port)
+            self.metrics_port = port
 
     def stop(self) -> None:
         self._stop.set()
@@ -316,7 +336,7 @@ class TrainerService:
             return
         self._health_due = now + min(self.cfg.slot_s / 2, 30.0)  # drift states change once per slot
         sha = self.champion.sha256
-        self.last_health = health = self.drift.health(sha)
+        health = self.drift.health(sha)
         activity = self.store.recent_activity(self.cfg.fleet, now - HEALTH_RATE_WINDOW_S)
         rows = {}
         for device, h in health.items():
@@ -334,7 +354,9 @@ class TrainerService:
                 confidence_mean=act.confidence_mean if act else None,
                 artifact=self.drift.artifact_of(sha, device),
             )
-        put_device_health(self.store, self.cfg.fleet, rows, now)
+        present = put_device_health(self.store, self.cfg.fleet, rows, now)
+        # a device removed from the fleet (forget-device) no longer counts towards retraining
+        self.last_health = {d: h for d, h in health.items() if d in present}
 
     def _rollup_step(self, now: float) -> None:
         """Hour and day roll-ups of the telemetry (trainer/store/rollups.py), then the raw windows past
@@ -364,13 +386,14 @@ class TrainerService:
             )
 
     def _homeassistant_step(self, now: float) -> None:
-        """Discovery and states for Home Assistant, every ``state_interval_s`` or at once after its birth."""
+        """Discovery and states for Home Assistant, every ``state_interval_s`` or at once after its birth;
+        devices removed from the fleet (forget-device) lose their entities."""
         ha = self.homeassistant
         if ha is None or (now < self._ha_due and not ha.rediscover_pending):
             return
         assert self.cfg.homeassistant is not None
         self._ha_due = now + self.cfg.homeassistant.state_interval_s
-        ha.publish(views_of(self, now), now)
+        ha.publish(views_of(self, now), now, removed=removed_devices(self.store, self.cfg.fleet))
 
     def _label_step(self, now: float) -> None:
         if self.labeller is not None:
