@@ -50,6 +50,17 @@ CHANNELS = (
             "Retained hint that a release exists; devices trust only verified TUF metadata."),
     Channel("alert", f"{p.TOPIC_ROOT}/{{fleet}}/alert", p.Alert, "trainer", 1, False,
             "Drift and health alerts for monitoring services."),
+    Channel("ha", f"{p.TOPIC_ROOT}/{{fleet}}/ha/{{device}}", p.HomeAssistantState, "trainer", 1, True,
+            "A device's state for Home Assistant's entities, refreshed every `state_interval_s` (opt-in: "
+            "`homeassistant:` in trainer.yaml). Every key is present, `null` when unknown; an empty retained "
+            "payload means the device was removed."),
+    Channel("ha_discovery", "{prefix}/{component}/{node_id}/{object_id}/config", p.HomeAssistantDiscovery,
+            "trainer", 1, True,
+            "Retained Home Assistant MQTT discovery config of one entity of a device (opt-in). The payload "
+            "follows Home Assistant's MQTT discovery schema for the component "
+            "(https://www.home-assistant.io/integrations/mqtt/#mqtt-discovery); the schema here names the keys "
+            "every EdgeFleet config carries. Republished when Home Assistant's birth (`online` on "
+            "`{prefix}/status`) arrives; an empty retained payload deletes the entity."),
 )  # fmt: skip
 
 PARAMETERS = {
@@ -57,6 +68,11 @@ PARAMETERS = {
     "device": "Device id, the common name of its certificate (same characters; reserved names excluded).",
     "command": "Command name, also in the payload's `name`.",
     "channel": "Release channel: `canary` or `stable`.",
+    "prefix": "Home Assistant's discovery prefix (`homeassistant:` `discovery_prefix`, default `homeassistant`).",
+    "component": "Home Assistant platform: `sensor`, `binary_sensor` or `update`.",
+    "node_id": "`edgefleet_{fleet}_{device}` with every character but letters, digits, `_`, `-` replaced by `_`.",
+    "object_id": "The entity: `estimated_accuracy`, `frames_per_second`, `mean_confidence`, `drift`, `model`, "
+    "`connectivity`.",
 }
 
 
@@ -87,7 +103,7 @@ def asyncapi_document() -> dict[str, Any]:
             "messages": {c.name: {"$ref": f"#/components/messages/{c.name}"}},
             "parameters": {name: {"$ref": f"#/components/parameters/{name}"} for name in params},
         }
-        operations[f"{c.sender}Sends{c.name.capitalize()}"] = {
+        operations[f"{c.sender}Sends{c.name.title().replace('_', '')}"] = {
             "action": "send",
             "channel": {"$ref": f"#/channels/{c.name}"},
             "summary": f"The {c.sender} publishes on `{c.name}` (QoS {c.qos}{', retained' if c.retain else ''}).",

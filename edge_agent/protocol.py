@@ -96,6 +96,11 @@ def alert_topic(fleet: str) -> str:
     return _topic(fleet, "alert")
 
 
+def ha_state_topic(fleet: str, device: str) -> str:
+    """Retained Home Assistant state of one device, published by the trainer (opt-in discovery)."""
+    return _topic(fleet, "ha", device)
+
+
 def device_topics(fleet: str, device: str = "+") -> str:
     """Wildcard over every per-device topic of a fleet (or of one device)."""
     return _topic(fleet, "dev", device, "#")
@@ -373,6 +378,56 @@ class UpdateEvent(_Message):
     selftest_ms: float | None = None
     windows: int | None = None
     """Health windows evaluated so far (``trial``, ``active``, ``rolled_back``)."""
+
+
+class HomeAssistantModel(_Strict):
+    """The model versions of a device for Home Assistant's ``update`` entity."""
+
+    installed_version: str | None
+    latest_version: str | None
+    """The champion's version (the installed one when there is no champion)."""
+
+
+class HomeAssistantState(_Strict):
+    """A device's state for Home Assistant (topic ``ha/{device}``, retained; opt-in discovery).
+
+    No ``v`` or ``kind``: the entities' value templates read these keys. Every key is always present
+    (``null`` when unknown) so a template can test ``is not none``; an empty retained payload means the
+    device was removed."""
+
+    estimated_accuracy: float | None
+    """The trainer's label-free accuracy estimate of the device (a fraction, 0..1)."""
+    frames_per_second: float | None = Field(ge=0.0)
+    """Inferred frames per second over the recent windows, rounded to 0.01."""
+    confidence_mean: float | None
+    """Mean max-softmax confidence of the recent windows (a fraction, 0..1)."""
+    drift: Literal["ON", "OFF"]
+    """``ON`` while the device drifts (Home Assistant's binary sensor payloads)."""
+    model: HomeAssistantModel
+
+    def to_bytes(self) -> bytes:
+        """Compact JSON with every key, ``null`` included (the templates need them)."""
+        return self.model_dump_json().encode()
+
+
+class HomeAssistantDiscovery(BaseModel):
+    """A retained Home Assistant MQTT discovery config of one entity (topic
+    ``{prefix}/{component}/{node_id}/{object_id}/config``; an empty payload deletes the entity).
+
+    Home Assistant's MQTT discovery schema governs the payload (per platform:
+    https://www.home-assistant.io/integrations/mqtt/#mqtt-discovery); this model names the keys every
+    EdgeFleet config carries and allows the platform's other documented keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None
+    unique_id: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    object_id: str
+    state_topic: str = Field(pattern=r"^[^#+]+$")
+    value_template: str
+    device: dict[str, object]
+    """Home Assistant's device block: ``identifiers``, ``name``, ``manufacturer``, ``model``, ..."""
+    origin: dict[str, object]
 
 
 class MessageError(EdgeFleetError, ValueError):

@@ -26,6 +26,7 @@ from trainer.sim.windows import windows
 
 from .mqtt_helpers import wait_until
 from .test_fleet_loop import _service_config
+from .test_protocol_contract import validate_captured
 
 _AVAILABILITY = {
     "type": "object",
@@ -94,6 +95,8 @@ class Retained:
     def __init__(self, port: int, *filters: str) -> None:
         self.latest: dict[str, bytes] = {}
         self.count: dict[str, int] = {}
+        self.received: list[tuple[str, bytes]] = []
+        """Every message, in arrival order."""
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
         self.client.on_message = self._on
         self.client.on_connect = lambda c, *_: [c.subscribe(f, qos=1) for f in filters]
@@ -102,6 +105,7 @@ class Retained:
 
     def _on(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         self.latest[msg.topic] = bytes(msg.payload)
+        self.received.append((msg.topic, bytes(msg.payload)))
         self.count[msg.topic] = self.count.get(msg.topic, 0) + 1
 
     def close(self) -> None:
@@ -178,6 +182,14 @@ def test_devices_appear_in_home_assistant_and_go_when_forgotten(
 
         assert wait_until(keep_alive, 30)
         assert all(p != b"" for p in configs("cam-ha").values())
+        # every state and config the service published validates against docs/schemas (jsonschema)
+        capture = tmp_path / "messages.jsonl"
+        rows = [  # all but Home Assistant's birth, which the test sent
+            {"topic": t, "payload": p.decode()} for t, p in list(ha.received) if t != "homeassistant/status"
+        ]
+        capture.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        seen = validate_captured(capture)
+        assert set(seen) == {"ha", "ha_discovery"} and seen["ha"] >= 10, seen
     finally:
         ha.close()
         for d in ("cam-ha", "cam.old"):  # leave no retained status behind on the shared broker

@@ -9,6 +9,7 @@ package @asyncapi/specs 6.8.0 (Apache-2.0), vendored so the check needs no netwo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -54,15 +55,44 @@ def test_the_schemas_refuse_what_the_receivers_refuse() -> None:
         assert list(tele.iter_errors(bad)), bad
 
 
+def test_the_home_assistant_state_schema_refuses_what_its_templates_cannot_read() -> None:
+    """The bridge's state document validates; one without a key the value templates read (they test
+    ``is not none``, so ``null`` is fine and absence is not), or with another drift payload, does not."""
+    from trainer.fleet.homeassistant import device_state
+
+    ha = jsonschema.Draft202012Validator(message_schemas()["ha"])
+    state = device_state(
+        estimated_accuracy=None, frames_per_second=2.345, confidence_mean=0.8, drift=True,
+        installed="1.0.0", latest=None,
+    )  # fmt: skip
+    good = json.loads(state.to_bytes())
+    assert good["estimated_accuracy"] is None and good["frames_per_second"] == 2.35
+    assert not list(ha.iter_errors(good))
+    without = {k: v for k, v in good.items() if k != "estimated_accuracy"}
+    for bad in (without, {**good, "drift": "on"}, {**good, "model": {}}, {**good, "extra": 1}):
+        assert list(ha.iter_errors(bad)), bad
+
+
+def channel_of(topic: str) -> str:
+    """The name of the first channel whose address (its parameters as one level each) matches ``topic``."""
+    for c in CHANNELS:
+        if re.fullmatch(re.sub(r"\\\{[a-z_]+\\\}", "[^/+#]+", re.escape(c.address)), topic):
+            return c.name
+    pytest.fail(f"{topic}: no channel of docs/asyncapi.json has this address")
+
+
 def validate_captured(path: Path) -> dict[str, int]:
-    """Validate every message of a ``messages.jsonl`` capture against its kind's schema; returns the
-    count per kind. Used on the end-to-end demo's capture (tests/test_fleet_loop.py)."""
+    """Validate every message of a ``messages.jsonl`` capture against the schema of its topic's channel;
+    returns the count per channel. An empty payload (a retained topic cleared) is no message and is
+    skipped. Used on the end-to-end demo's capture (tests/test_fleet_loop.py) and on what the Home
+    Assistant bridge publishes (tests/test_homeassistant.py)."""
     validators = {k: jsonschema.Draft202012Validator(s) for k, s in message_schemas().items()}
     counts: dict[str, int] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        parts = row["topic"].split("/")
-        kind = parts[5] if parts[3] == "dev" else parts[3]
+        if not row["payload"]:
+            continue
+        kind = channel_of(row["topic"])
         errors = [
             f"{list(e.absolute_path)}: {e.message[:200]}"
             for e in validators[kind].iter_errors(json.loads(row["payload"]))

@@ -36,7 +36,7 @@ from pydantic import Field
 from edge_agent.config import MqttSettings
 from edge_agent.config_files import StrictModel
 from edge_agent.mqtt_client import new_client
-from edge_agent.protocol import TOPIC_ROOT, status_topic
+from edge_agent.protocol import HomeAssistantDiscovery, HomeAssistantState, ha_state_topic, status_topic
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class HomeAssistantSettings(StrictModel):
 
 def state_topic(fleet: str, device: str) -> str:
     """Where the service publishes a device's Home Assistant state (retained JSON)."""
-    return f"{TOPIC_ROOT}/{fleet}/ha/{device}"
+    return ha_state_topic(fleet, device)
 
 
 def node_id(fleet: str, device: str) -> str:
@@ -124,6 +124,8 @@ def discovery_configs(
         "device": dev,
         "origin": {"name": "EdgeFleet trainer"},
     }
+    for payload in out.values():  # the keys the protocol documents (docs/asyncapi.json) are all there
+        HomeAssistantDiscovery.model_validate(payload)
     return out
 
 
@@ -135,15 +137,18 @@ def device_state(
     drift: bool,
     installed: str | None,
     latest: str | None,
-) -> dict[str, Any]:
-    """The retained state document the entities' templates read."""
-    return {
-        "estimated_accuracy": estimated_accuracy,
-        "frames_per_second": round(frames_per_second, 2) if frames_per_second is not None else None,
-        "confidence_mean": confidence_mean,
-        "drift": "ON" if drift else "OFF",
-        "model": {"installed_version": installed, "latest_version": latest or installed},
-    }
+) -> HomeAssistantState:
+    """The retained state document the entities' templates read (the protocol's model, documented in
+    docs/asyncapi.json)."""
+    return HomeAssistantState.model_validate(
+        {
+            "estimated_accuracy": estimated_accuracy,
+            "frames_per_second": round(frames_per_second, 2) if frames_per_second is not None else None,
+            "confidence_mean": confidence_mean,
+            "drift": "ON" if drift else "OFF",
+            "model": {"installed_version": installed, "latest_version": latest or installed},
+        }
+    )
 
 
 @dataclass
@@ -155,7 +160,7 @@ class DeviceView:
     version: str | None
     agent_version: str | None
     last_seen: float
-    state: dict[str, Any]
+    state: HomeAssistantState
 
 
 class HomeAssistantBridge:
@@ -212,7 +217,7 @@ class HomeAssistantBridge:
                 continue
             if everyone or device not in self._announced or self._changed(self._announced[device], view):
                 self._announce(view)
-            self._send(state_topic(self.fleet, device), view.state)
+            self.client.publish(state_topic(self.fleet, device), view.state.to_bytes(), qos=1, retain=True)
 
     @staticmethod
     def _changed(before: DeviceView, now: DeviceView) -> bool:
