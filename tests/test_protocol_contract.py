@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -103,43 +105,92 @@ def validate_captured(path: Path) -> dict[str, int]:
     return counts
 
 
-def test_the_example_consumer_validates_and_tabulates_what_it_receives(broker) -> None:  # noqa: ANN001
-    """docs/examples/monitor.py, run as a user would, on a private broker."""
-    import subprocess
-    import sys
-    import time
+def _start_monitor(*args: str) -> subprocess.Popen[str]:
+    """docs/examples/monitor.py run as a user would, listening 5 s; returns once it has subscribed."""
+    proc = subprocess.Popen(
+        [sys.executable, str(DOCS / "examples" / "monitor.py"), "--seconds", "5", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    line = proc.stderr.readline()  # the first line: subscribed, or the end of a failed run
+    if not line.startswith("listening on"):
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"monitor.py did not subscribe (exit {proc.returncode}): {line}{err}{out}")
+    return proc
 
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
 
+def _traffic(fleet: str, good: str, bad: str) -> tuple[list[tuple[str, bytes]], int]:
+    """A device's birth and three windows, then an invalid window of another device; and the frames the
+    good device inferred."""
     from edge_agent.protocol import Status, status_topic, tele_topic
     from trainer.sim.windows import windows
 
+    ws = windows(good, 3, fleet=fleet)
+    status = Status(fleet=fleet, device=good, state="online", session=1, ts=1.0)
+    msgs = [(status_topic(fleet, good), status.to_bytes())]
+    msgs += [(tele_topic(fleet, good), w.to_bytes()) for w in ws]
+    invalid = json.loads(windows(bad, 1, fleet=fleet)[0].to_bytes()) | {"seq": -1}
+    msgs += [(tele_topic(fleet, bad), json.dumps(invalid).encode())]
+    return msgs, sum(w.frames.inferred for w in ws)
+
+
+def _check_table(proc: subprocess.Popen[str], fleet: str, good: str, bad: str, frames: int) -> None:
+    """The monitor exits 1 (one invalid message), tabulates the good device and names the bad message."""
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err  # one message failed validation
+    row = next(line for line in out.splitlines() if line.startswith(good))
+    assert row.split()[1] == "online" and row.split()[4:6] == ["3", str(frames)]
+    assert f"invalid: ef/v1/{fleet}/dev/{bad}/tele" in out and f"{bad} " not in out.split("invalid:")[0]
+
+
+def test_the_example_consumer_validates_and_tabulates_what_it_receives(broker) -> None:  # noqa: ANN001
+    """docs/examples/monitor.py, run as a user would, on a private broker."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
     fleet = "example"
-    proc = subprocess.Popen(
-        [sys.executable, str(DOCS / "examples" / "monitor.py"), "--broker", broker.url, "--fleet", fleet, "--seconds", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    time.sleep(1.5)  # subscribed
+    proc = _start_monitor("--broker", broker.url, "--fleet", fleet)
     pub = mqtt.Client(CallbackAPIVersion.VERSION2)
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
-    ws = windows("cam-7", 3, fleet=fleet)
-    msgs = [
-        (
-            status_topic(fleet, "cam-7"),
-            Status(fleet=fleet, device="cam-7", state="online", session=1, ts=1.0).to_bytes(),
-        )
-    ]
-    msgs += [(tele_topic(fleet, "cam-7"), w.to_bytes()) for w in ws]
-    bad = json.loads(ws[0].to_bytes()) | {"seq": -1}
-    msgs += [(tele_topic(fleet, "cam-8"), json.dumps(bad).encode())]
+    msgs, frames = _traffic(fleet, "cam-7", "cam-8")
     for topic, payload in msgs:
         pub.publish(topic, payload, qos=1).wait_for_publish(5)
     pub.loop_stop()
     pub.disconnect()
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 1, err  # one message failed validation
-    row = next(line for line in out.splitlines() if line.startswith("cam-7"))
-    assert row.split()[1] == "online" and row.split()[4:6] == ["3", str(sum(w.frames.inferred for w in ws))]
-    assert "invalid: ef/v1/example/dev/cam-8/tele" in out and "cam-8 " not in out.split("invalid:")[0]
+    _check_table(proc, fleet, "cam-7", "cam-8", frames)
+
+
+def test_the_example_consumer_runs_as_the_monitor_on_the_deployed_broker(
+    tmp_path: Path, mosquitto_binary: str, pki: Path
+) -> None:
+    """deploy/mosquitto as shipped (mutual TLS, ACL, guard): monitor.py with the monitor certificate on
+    the services' listener receives, validates and tabulates what devices publish with their own
+    certificates; with a client id the guard refuses for that certificate it says so and exits 2."""
+    from trainer.ops import pki as pki_mod
+
+    from .update_helpers import DeployedBroker, TlsClient
+
+    certs = tmp_path / "certs"  # the session's PKI stays as the other tests know it
+    pki_mod.issue(pki, "monitor", kind="service", out_dir=certs)
+    deployed = DeployedBroker(tmp_path / "broker", pki, mosquitto_binary).start()
+    fleet, tls = "monitored", ["--ca", str(pki / "ca.crt")]
+    tls += ["--cert", str(certs / "monitor.crt"), "--key", str(certs / "monitor.key")]
+    url = f"mqtts://127.0.0.1:{deployed.service_port}"
+    devices: list[TlsClient] = []
+    try:
+        proc = _start_monitor("--broker", url, "--fleet", fleet, *tls)
+        devices = [TlsClient(deployed.port, pki, d, client_id=d) for d in ("dev-a", "dev-b")]
+        msgs, frames = _traffic(fleet, "dev-a", "dev-b")
+        for topic, payload in msgs:
+            devices[0 if "/dev-a/" in topic else 1].publish(topic, payload)
+        _check_table(proc, fleet, "dev-a", "dev-b", frames)
+
+        cmd = [sys.executable, str(DOCS / "examples" / "monitor.py"), "--broker", url, "--fleet", fleet]
+        cmd += [*tls, "--seconds", "2", "--client-id", "dashboard"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and "error: connection refused: Not authorized" in r.stderr, r.stderr
+    finally:
+        for d in devices:
+            d.close()
+        deployed.stop()
