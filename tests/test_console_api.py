@@ -613,3 +613,43 @@ def test_webhook_deliveries_are_listed_filtered_paged_and_shown_on_the_alerts_pa
     assert f'data-alert="{second}"' in html and f'data-alert="{third}"' in html
     assert f'data-alert="{first}"' not in html  # delivered: not listed
     assert "hooks.example/…" in html and "tok3n" not in html
+
+
+def test_a_decision_announces_its_hint_without_taking_over_the_service_connection(
+    seeded: Seeded, broker: Any
+) -> None:
+    """Promote publishes the retained hint on a connection of its own (the service's client id plus a
+    suffix: the same id would disconnect the service); a broker that does not answer decides nothing."""
+    import paho.mqtt.client as mqtt
+
+    from edge_agent.config import MqttSettings
+    from edge_agent.protocol import release_topic
+
+    seeded.ctx.mqtt = MqttSettings(url="mqtt://127.0.0.1:1")  # nothing listens on port 1
+    c = seeded.client("operator")
+    r = post(c, "promote", *writes(seeded)["promote"], seeded.csrf(c))
+    assert r.status_code == 503 and "nothing decided" in r.json()["detail"]
+    assert rollout_state(seeded) == "active"
+
+    service_id = f"trainer-{uuid.uuid4().hex[:6]}"
+    hints: list[bytes] = []
+    dropped = threading.Event()
+    svc = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=service_id)
+    svc.on_message = lambda _c, _u, m: hints.append(m.payload)
+    svc.on_disconnect = lambda *_a: dropped.set()
+    host, port = broker.url.removeprefix("mqtt://").split(":")
+    svc.connect(host, int(port))
+    svc.subscribe(release_topic(seeded.seed.fleet, "stable"), qos=1)
+    svc.loop_start()
+    try:
+        seeded.ctx.mqtt = MqttSettings(url=broker.url, client_id=service_id)
+        r = post(c, "promote", *writes(seeded)["promote"], seeded.csrf(c))
+        assert r.status_code == 200, r.text
+        deadline = time.time() + 10
+        while not hints and time.time() < deadline:
+            time.sleep(0.05)
+        assert hints and json.loads(hints[-1])["release"] == r.json()["release"]
+        assert not dropped.is_set(), "the console's hint took the service's connection over"
+    finally:
+        svc.loop_stop()
+        svc.disconnect()

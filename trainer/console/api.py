@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from pathlib import Path as FilePath
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
+from edge_agent.config import MqttSettings
 from trainer.console import views
 from trainer.console.deps import ConsoleContext, Ctx, Who, require, writer
 from trainer.console.schemas import (
@@ -40,7 +42,10 @@ from trainer.console.schemas import (
     WebhookDeliveryOut,
     WindowOut,
 )
-from trainer.errors import RolloutDecided
+from trainer.errors import ReleaseError, RolloutDecided
+
+if TYPE_CHECKING:
+    from trainer.release.hints import HintSender
 from trainer.store import console_queries as q
 from trainer.store import webhook_queue
 from trainer.store.console_users import Principal
@@ -214,11 +219,25 @@ def rollout(ctx: Ctx, rollout_id: RowId) -> RolloutDetail:
     return out
 
 
+def _hint_sender(settings: MqttSettings) -> HintSender:
+    """A connection of its own for the decision's hint, connected before anything is decided (503 if the
+    broker does not answer) and waiting for the broker's PUBACK. Its client id is the service's plus a
+    suffix: reusing the service's own id would take the service's connection over."""
+    from trainer.release.hints import HintSender
+
+    own = settings.model_copy(
+        update={"client_id": f"{settings.client_id or 'trainer'}-console-{uuid.uuid4().hex[:8]}"}
+    )
+    try:
+        return HintSender(own)
+    except ReleaseError as exc:
+        raise HTTPException(503, f"nothing decided: {exc}") from exc
+
+
 def decide(
     ctx: ConsoleContext, rollout_id: RowId, action: Literal["promote", "abort"], reason: str, who: Principal
 ) -> DecisionOut:
     """Promote or abort a running canary for ``who`` (404 unknown, 409 decided already or not a canary)."""
-    from trainer.fleet.messaging import FleetPublisher
     from trainer.fleet.rollout import decide_by_hand
 
     row = next((r for r in ctx.store.rollouts() if r.id == rollout_id), None)
@@ -230,7 +249,7 @@ def decide(
         raise HTTPException(
             409, f"fleet {row.fleet} has {len(models)} models released; this console decides for one"
         )
-    publisher = FleetPublisher(ctx.mqtt, row.fleet) if ctx.mqtt is not None else None
+    publisher = _hint_sender(ctx.mqtt) if ctx.mqtt is not None else None
     try:
         out = decide_by_hand(
             ctx.store,
@@ -245,6 +264,8 @@ def decide(
         )
     except RolloutDecided as exc:
         raise HTTPException(409, str(exc)) from exc
+    except ReleaseError as exc:  # decided and signed; only the broker's acknowledgement of the hint failed
+        raise HTTPException(502, f"decided, but {exc}") from exc
     finally:
         if publisher is not None:
             publisher.close()
