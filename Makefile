@@ -61,7 +61,7 @@ $(HA_VENV)/bin/hass:
 	$(HA_VENV)/bin/pip install -q --disable-pip-version-check homeassistant==2024.3.3 paho-mqtt==1.6.1 janus==1.0.0
 
 test: $(STAMP) mosquitto chromium $(GUARD) $(CPUID_MASK) $(HA_VENV)/bin/hass
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP) mosquitto $(CPUID_MASK)
 	$(BIN)/edgefleet demo

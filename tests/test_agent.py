@@ -663,7 +663,8 @@ def test_frame_counters_add_up_in_every_window_the_agent_publishes(
         assert f.captured + f.carried_in == f.inferred + f.dropped + f.failed + f.carried_out, (i, f)
         assert f.carried_in == (ws[i - 1].frames.carried_out if i else 0), (i, f)
     assert ws[-1].frames.carried_out == 0  # a clean stop settles every frame
-    assert any(w.frames.carried_out > 0 for w in ws)  # frames in flight do cross window boundaries
+    # Whether a frame is in flight at a boundary depends on timing (none did on a quiet CPU): carrying
+    # itself is checked deterministically in tests/test_telemetry.py.
     total = {k: sum(getattr(w.frames, k) for w in ws) for k in ("captured", "inferred", "dropped", "failed")}
     read = agent.source.stats()
     corrupt = sum(w.events.get("corrupt_frames", 0) for w in ws)
