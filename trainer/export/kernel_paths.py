@@ -6,7 +6,7 @@ and on 60% on the AVX2 kernels. Where this CPU can fault on CPUID, ``build/cpuid
 (tools/cpuid_mask) runs a child process on those kernels, so the export chooses a variant that holds on
 both kinds of CPU; elsewhere only this CPU's kernels are measured, and the result says so.
 
-    python -m trainer.export.kernel_paths onnx model_int8.onnx inputs.npy top1.npy   # the child
+    python trainer/export/kernel_paths.py onnx model_int8.onnx inputs.npy top1.npy   # the child
 """
 
 from __future__ import annotations
@@ -86,16 +86,11 @@ def _top1_in_masked_child(lib: Path, runtime: str, path: Path, x: np.ndarray) ->
     with tempfile.TemporaryDirectory(prefix="kernels-") as tmp:
         inputs, output = Path(tmp, "x.npy"), Path(tmp, "top1.npy")
         np.save(inputs, x)
+        # run the file, not ``-m``: the package's __init__ imports torch (3 s more per variant); run_path
+        # keeps this directory (its onnx.py) off sys.path, which running it as a script would not
+        run = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
         env = {**os.environ, "LD_PRELOAD": str(lib)}
-        cmd = [
-            sys.executable,
-            "-m",
-            "trainer.export.kernel_paths",
-            runtime,
-            str(path),
-            str(inputs),
-            str(output),
-        ]
+        cmd = [sys.executable, "-c", run, __file__, runtime, str(path), str(inputs), str(output)]
         done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             tail = done.stderr.strip().splitlines()[-3:]
