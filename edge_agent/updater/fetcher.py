@@ -13,11 +13,8 @@ the read timeout), in the headers or in the body, cannot hang the updater.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -29,83 +26,20 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.response import HTTPResponse
 
 from edge_agent import __version__
+from edge_agent.socket_deadline import SocketDeadline
 
 CHUNK = 64 * 1024
 FSYNC_EVERY = 4 * 1024 * 1024
 """A partial download is fsynced every few MB, so a power cut loses little and never leaves a hole."""
 
 
-class _Deadline:
-    """One fetch's time limit, from before connecting to the last byte. Past it, the fetch's socket is
-    shut down from a timer (a blocked connect, header read or body read cannot otherwise be interrupted)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.ends = time.monotonic() + seconds
-        self.expired = threading.Event()
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._done = False
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def remaining(self) -> float:
-        """Seconds left (negative once passed)."""
-        return self.ends - time.monotonic()
-
-    def passed(self) -> bool:
-        """Whether the deadline has passed (the timer may not have fired yet)."""
-        return self.expired.is_set() or self.remaining() <= 0
-
-    def watch(self, sock: socket.socket) -> None:
-        """Shut ``sock``'s connection down when the deadline passes (at once if it has). The deadline holds
-        its own duplicate of the descriptor: shutting that down ends the connection, closing it does not,
-        and it cannot be reused for another socket while held."""
-        if sock.fileno() < 0:
-            return
-        own = socket.fromfd(sock.fileno(), sock.family, sock.type)
-        with self._lock:
-            if self._done:
-                own.close()
-                return
-            old, self._sock = self._sock, own
-            if self.passed():
-                _shutdown(own)
-        if old is not None:
-            old.close()
-
-    def _expire(self) -> None:
-        """The timer fired: mark the fetch late and cut its connection (unless it already ended)."""
-        with self._lock:
-            if self._done:
-                return
-            self.expired.set()
-            if self._sock is not None:
-                _shutdown(self._sock)
-
-    def close(self) -> None:
-        """The fetch is over: cancel the timer and let go of the socket (the pool may reuse the connection)."""
-        self._timer.cancel()
-        with self._lock:
-            self._done = True
-            sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
-
-    def error(self, url: str) -> tuf_exc.SlowRetrievalError:
-        """The error of a fetch that did not complete in time."""
-        return tuf_exc.SlowRetrievalError(f"{url}: not complete within {self.seconds:.0f} s")
-
-
-_ACTIVE: ContextVar[_Deadline | None] = ContextVar("edgefleet_fetch_deadline", default=None)
+_ACTIVE: ContextVar[SocketDeadline | None] = ContextVar("edgefleet_fetch_deadline", default=None)
 """The deadline of the fetch running on this thread, for the pool's connections to register with."""
 
 
-def _shutdown(sock: socket.socket) -> None:
-    """Shut a connection down in both directions; a blocked read on it returns at once."""
-    with contextlib.suppress(OSError):  # already closed or reset
-        sock.shutdown(socket.SHUT_RDWR)
+def _late(url: str, deadline: SocketDeadline) -> tuf_exc.SlowRetrievalError:
+    """The error of a fetch that did not complete in time."""
+    return tuf_exc.SlowRetrievalError(f"{url}: not complete within {deadline.seconds:.0f} s")
 
 
 def _connect_watched(conn: HTTPConnection, connect: Callable[[], socket.socket]) -> socket.socket:
@@ -181,7 +115,7 @@ class HttpFetcher(FetcherInterface):
         self.requests = 0
 
     def _fetch(self, url: str) -> Iterator[bytes]:
-        deadline = _Deadline(self.deadline_s)
+        deadline = SocketDeadline(self.deadline_s)
         try:
             response = self._request(url, {}, deadline)
             if response.status >= 400:
@@ -192,7 +126,9 @@ class HttpFetcher(FetcherInterface):
             raise
         return self._chunks(response, url, deadline)
 
-    def _request(self, url: str, headers: dict[str, str], deadline: _Deadline) -> urllib3.BaseHTTPResponse:
+    def _request(
+        self, url: str, headers: dict[str, str], deadline: SocketDeadline
+    ) -> urllib3.BaseHTTPResponse:
         """Send the request and read the response headers, all within ``deadline``."""
         self.requests += 1
         token = _ACTIVE.set(deadline)  # the pool's connections find the deadline here
@@ -202,26 +138,28 @@ class HttpFetcher(FetcherInterface):
             )
         except urllib3.exceptions.MaxRetryError as exc:
             if deadline.passed():
-                raise deadline.error(url) from exc
+                raise _late(url, deadline) from exc
             if isinstance(exc.reason, urllib3.exceptions.TimeoutError):
                 raise tuf_exc.SlowRetrievalError(str(exc)) from exc
             raise tuf_exc.DownloadError(f"cannot reach {url}: {exc.reason}") from exc
         except urllib3.exceptions.HTTPError as exc:
             if deadline.passed():
-                raise deadline.error(url) from exc
+                raise _late(url, deadline) from exc
             raise tuf_exc.DownloadError(f"cannot reach {url}: {exc}") from exc
         finally:
             _ACTIVE.reset(token)
 
-    def _chunks(self, response: urllib3.BaseHTTPResponse, url: str, deadline: _Deadline) -> Iterator[bytes]:
+    def _chunks(
+        self, response: urllib3.BaseHTTPResponse, url: str, deadline: SocketDeadline
+    ) -> Iterator[bytes]:
         """The body as it arrives, within the fetch's ``deadline`` (which then ends)."""
         try:
             yield from response.stream(CHUNK)  # bytes reach the partial file as they arrive
-            if deadline.expired.is_set():  # cut off: what arrived is not the whole response
-                raise deadline.error(url)
+            if deadline.expired:  # cut off: what arrived is not the whole response
+                raise _late(url, deadline)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             if deadline.passed() or isinstance(exc, urllib3.exceptions.TimeoutError):
-                raise deadline.error(url) from exc
+                raise _late(url, deadline) from exc
             raise tuf_exc.DownloadError(str(exc)) from exc
         finally:
             deadline.close()
@@ -240,7 +178,7 @@ class HttpFetcher(FetcherInterface):
             have = 0
         if have == length:
             return have
-        deadline = _Deadline(self.deadline_s)
+        deadline = SocketDeadline(self.deadline_s)
         try:
             response = self._request(url, {"Range": f"bytes={have}-"} if have else {}, deadline)
             mode, start = _write_mode(response, have)

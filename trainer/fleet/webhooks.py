@@ -19,14 +19,12 @@ deadline) is retried after ``backoff_s * 2^attempt`` (capped at ``max_backoff_s`
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import hmac
 import http.client
 import json
 import logging
-import socket
 import threading
 import time
 import urllib.error
@@ -38,6 +36,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from edge_agent.config_files import StrictModel
+from edge_agent.socket_deadline import SocketDeadline
 from trainer.store import Store
 from trainer.store import webhook_queue as queue
 from trainer.store.schema import Alert
@@ -127,54 +126,7 @@ def alert_body(alert: Alert) -> bytes:
     ).encode()
 
 
-class Deadline:
-    """One attempt's total time limit: when it is up (or :meth:`expire` is called) the attempt's
-    sockets are shut down, so a read blocked on a dripping receiver returns at once."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.expired = False
-        self._lock = threading.Lock()
-        self._socks: list[socket.socket] = []
-        self._timer = threading.Timer(seconds, self.expire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> Deadline:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-        with self._lock:
-            for s in self._socks:
-                s.close()
-            self._socks.clear()
-
-    def watch(self, sock: socket.socket) -> socket.socket:
-        """Cut ``sock`` at the deadline. A duplicate is kept: TLS wrapping detaches the original object,
-        and shutting down any descriptor of a socket ends the handshake or read on all of them."""
-        dup = sock.dup()
-        with self._lock:
-            self._socks.append(dup)
-            if self.expired:
-                _cut(dup)
-        return sock
-
-    def expire(self) -> None:
-        """End the attempt now (the timer, or the dispatcher stopping)."""
-        with self._lock:  # cut under the lock: __exit__ closes these, and a closed fd may be reused
-            self.expired = True
-            for s in self._socks:
-                _cut(s)
-
-
-def _cut(sock: socket.socket) -> None:
-    """Shut a socket down both ways (already closed: nothing to do)."""
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-def _watched(cls: type[http.client.HTTPConnection], deadline: Deadline) -> Any:
+def _watched(cls: type[http.client.HTTPConnection], deadline: SocketDeadline) -> Any:
     """A connection factory for urllib whose sockets ``deadline`` cuts (the proxy's, too)."""
 
     @functools.wraps(cls)
@@ -188,7 +140,7 @@ def _watched(cls: type[http.client.HTTPConnection], deadline: Deadline) -> Any:
 
 
 class _HTTP(urllib.request.HTTPHandler):
-    def __init__(self, deadline: Deadline) -> None:
+    def __init__(self, deadline: SocketDeadline) -> None:
         super().__init__()
         self.deadline = deadline
 
@@ -197,7 +149,7 @@ class _HTTP(urllib.request.HTTPHandler):
 
 
 class _HTTPS(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: Deadline) -> None:
+    def __init__(self, deadline: SocketDeadline) -> None:
         super().__init__()
         self.deadline = deadline
 
@@ -213,7 +165,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def post(
-    settings: WebhookSettings, delivery_id: int, alert: Alert, deadline: Deadline | None = None
+    settings: WebhookSettings, delivery_id: int, alert: Alert, deadline: SocketDeadline | None = None
 ) -> str | None:
     """One attempt within ``settings.timeout_s`` in all; None when the receiver answered 2xx, else what
     went wrong."""
@@ -227,7 +179,7 @@ def post(
     if settings.secret:
         headers["X-EdgeFleet-Signature"] = signature(settings.secret, body)
     req = urllib.request.Request(settings.url, data=body, headers=headers, method="POST")
-    limit = deadline or Deadline(settings.timeout_s)
+    limit = deadline or SocketDeadline(settings.timeout_s)
     opener = urllib.request.build_opener(_HTTP(limit), _HTTPS(limit), _NoRedirect())
     late = f"no complete answer within {settings.timeout_s:g} s (the attempt's deadline)"
     with limit:
@@ -271,7 +223,7 @@ class HookWorker:
         self.store, self.hook, self.interval_s = store, hook, interval_s
         self.settled = Settled(settle_s)
         self._stop = threading.Event()
-        self._attempt: Deadline | None = None
+        self._attempt: SocketDeadline | None = None
         self._thread = threading.Thread(target=self._run, name=f"webhook-{hook.name}", daemon=True)
 
     def start(self) -> HookWorker:
@@ -303,7 +255,7 @@ class HookWorker:
         for d in queue.due(self.store, self.hook.name, now):
             if self._stop.is_set():
                 break
-            self._attempt = Deadline(self.hook.timeout_s)
+            self._attempt = SocketDeadline(self.hook.timeout_s)
             problem = post(self.hook, d.delivery_id, d.alert, self._attempt)
             self._attempt = None
             if problem is None:
