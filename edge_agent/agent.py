@@ -264,9 +264,9 @@ class Agent:
         if r.model is not self._serving:
             self._serving = r.model
             m = r.model.package
-            carried = self._account()
+            self._account()
             edges, atc = m.manifest.telemetry_edges, _atc_threshold(m)
-            self._publish_window(self.aggregator.switch_model(r.model.ref, edges, time.time(), atc, carried))
+            self._publish_window(self.aggregator.switch_model(r.model.ref, edges, time.time(), atc))
         self._add(r)
 
     def _add(self, r: Inferred) -> None:
@@ -296,14 +296,14 @@ class Agent:
     # -- telemetry -----------------------------------------------------------------------------
     def _close_window(self, now: float, final: bool = False) -> None:
         """Publish the window with its counters and incidents, then its samples (``final``: the last)."""
-        carried = self._account(final)
-        self._publish_window(self.aggregator.close(now, carried))
+        self._account(final)
+        self._publish_window(self.aggregator.close(now))
         self._publish_samples(now)
 
-    def _account(self, final: bool = False) -> int:
-        """Add the frame counters and incidents since the last window closed to the window; return the
-        frames still in flight (its ``carried_out``). ``final``: the pipeline and the source are stopped,
-        so frames still in flight will never be inferred: they are dropped."""
+    def _account(self, final: bool = False) -> None:
+        """Add the frame counters and incidents since the last window closed to the window (the frames
+        still in flight follow from them). ``final``: the pipeline and the source are stopped, so frames
+        still in flight will never be inferred: they are dropped."""
         # Failures first, the source's counters last: every frame counted downstream was captured by
         # then, so the frames in flight are never negative.
         failed, reasons = self.pipeline.take_failures()
@@ -313,13 +313,11 @@ class Agent:
         agg = self.aggregator
         agg.add_counts(captured=d.captured, dropped=d.dropped, failed=d.corrupt + failed)
         in_flight = agg.in_flight
-        if in_flight < 0:  # a counting bug: report it rather than publish a negative count
+        if in_flight < 0:  # a counting bug: report it (the window carries 0, never a negative count)
             log.error("frame counters: %d more frames settled than captured", -in_flight)
-            in_flight = 0
         elif final and in_flight:
             log.info("%d frame(s) captured but not inferred when the agent stopped: dropped", in_flight)
             agg.add_counts(dropped=in_flight)
-            in_flight = 0
         agg.add_events(
             {
                 "source_reconnects": d.reconnects,
@@ -330,7 +328,6 @@ class Agent:
             | reasons
             | self.events.take()
         )
-        return in_flight
 
     def _publish_window(self, window: TelemetryWindow) -> None:
         self.link.publish_spooled(

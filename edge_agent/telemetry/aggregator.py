@@ -159,10 +159,12 @@ class TelemetryAggregator:
             return True
         return self.window_seconds is not None and now - self._w.start >= self.window_seconds
 
-    def close(self, now: float, carried_out: int = 0) -> TelemetryWindow:
-        """Emit the current window with the next sequence number and start a new one at ``now``.
-        ``carried_out``: frames still in flight (see :attr:`in_flight`), the next window's ``carried_in``."""
+    def close(self, now: float) -> TelemetryWindow:
+        """Emit the current window with the next sequence number and start a new one at ``now``; the
+        frames still in flight (:attr:`in_flight`, never below 0) are its ``carried_out`` and the next
+        window's ``carried_in``."""
         w = self._w
+        carried_out = max(self.in_flight, 0)
         latency = {}
         for stage in LATENCY_STAGES:
             values = w.latency[stage]
@@ -211,12 +213,10 @@ class TelemetryAggregator:
         edges: Mapping[str, list[float]],
         now: float,
         atc_threshold: float | None = None,
-        carried_out: int = 0,
     ) -> TelemetryWindow:
         """Close the window of the old model and continue with a new one (a window has one model)."""
-        window = self.close(now, carried_out)
+        self.edges = {k: list(v) for k, v in edges.items()}  # the next window's; the closing one has its own
+        window = self.close(now)
         self.model = model
         self.atc_threshold = atc_threshold
-        self.edges = {k: list(v) for k, v in edges.items()}
-        self._w = _Window(now, self.edges, carried_out)
         return window
