@@ -115,31 +115,17 @@ def _on_avx2_kernels(
     pkg: Any, frames: list[np.ndarray] | None, y: np.ndarray | None
 ) -> dict[str, Any] | None:
     """:func:`_artifacts` of the same package in a child on the AVX2 kernels, or None where not possible."""
-    import os
-    import subprocess
-    import sys
-
-    from trainer.export.kernel_paths import avx2_mask_library
+    from trainer.export.kernel_paths import avx2_mask_library, run_on_avx2_kernels
 
     lib = avx2_mask_library()
     if lib is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "bench.int8_bench",
-            "--artifacts-of",
-            str(pkg.root),
-            "--out",
-            f"{tmp}/r.json",
-        ]
+        argv = ["-m", "bench.int8_bench", "--artifacts-of", str(pkg.root), "--out", f"{tmp}/r.json"]
         if frames is not None and y is not None:
             np.savez(f"{tmp}/labelled.npz", frames=np.stack(frames), y=y)
-            cmd += ["--labelled", f"{tmp}/labelled.npz"]
-        subprocess.run(
-            cmd, env={**os.environ, "LD_PRELOAD": str(lib)}, check=True, cwd=Path(__file__).parents[1]
-        )
+            argv += ["--labelled", f"{tmp}/labelled.npz"]
+        run_on_avx2_kernels(lib, argv, timeout=3600)
         return json.loads(Path(tmp, "r.json").read_text())
 
 

@@ -637,7 +637,7 @@ def test_frame_counters_add_up_in_every_window_the_agent_publishes(
             "state_dir": str(tmp_path / "state"),
             "source": {"uri": f"synthetic:?{frames}&width=96&height=72&corrupt_every=7"},
             "model": {
-                "package": str(build_tiny_package(tmp_path / "pkg", behaviour="slow", slow_steps=2).root),
+                "package": str(build_tiny_package(tmp_path / "pkg", behaviour="slow", slow_steps=8).root),
                 "artifact": "onnx-fp32",
             },
             "mqtt": {"url": broker.url},

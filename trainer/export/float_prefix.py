@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,11 +20,11 @@ AGREEMENT_TARGET = 0.97
 
 def search_float_prefix(
     out: Path, quantize: Callable[[Path, float], None], agrees: Callable[[Path], dict[str, np.ndarray]]
-) -> tuple[float, dict[str, dict[str, float]]]:
+) -> dict[str, Any]:
     """Quantize with growing float prefixes (:data:`FLOAT_PREFIX_SHARES`) until one reaches
     :data:`AGREEMENT_TARGET` on its worst kernel path; the best variant (by that worst path) ends up at
     ``out``. ``agrees`` gives, per kernel path, whether each check frame's top-1 equals fp32's. Returns
-    the kept share and every variant's agreement per kernel path."""
+    model.json's record of it: the kept prefix, every variant's agreement per kernel path, the paths."""
     variants: dict[str, dict[str, float]] = {}
     best: tuple[float, float, Path] | None = None
     for share in FLOAT_PREFIX_SHARES:
@@ -42,4 +43,8 @@ def search_float_prefix(
             break
     assert best is not None
     os.replace(best[2], out)
-    return best[1], variants
+    return {
+        "float_prefix": f"first {best[1]:.0%} of the convolutions kept in float",
+        "variants": variants,
+        "kernel_paths": sorted(next(iter(variants.values()))),
+    }

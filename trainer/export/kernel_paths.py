@@ -82,6 +82,23 @@ def top1_by_kernels(runtime: str, path: Path, x: np.ndarray) -> dict[str, np.nda
     return result
 
 
+def agrees_by_kernels(runtime: str, path: Path, x: np.ndarray, ref: np.ndarray) -> dict[str, np.ndarray]:
+    """Per kernel path (:func:`top1_by_kernels`), whether each input's top-1 equals ``ref``'s."""
+    return {kernels: top1 == ref for kernels, top1 in top1_by_kernels(runtime, path, x).items()}
+
+
+def run_on_avx2_kernels(lib: Path, argv: list[str], timeout: float = 600) -> None:
+    """Run ``python argv...`` from the checkout with ``lib`` preloaded (the AVX2 kernels); an
+    :class:`ExportError` with the end of its stderr if it fails."""
+    env = {**os.environ, "LD_PRELOAD": str(lib)}
+    done = subprocess.run(
+        [sys.executable, *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise ExportError(f"{' '.join(argv[:4])} on the AVX2 kernels failed (rc {done.returncode}): {tail}")
+
+
 def _top1_in_masked_child(lib: Path, runtime: str, path: Path, x: np.ndarray) -> np.ndarray:
     with tempfile.TemporaryDirectory(prefix="kernels-") as tmp:
         inputs, output = Path(tmp, "x.npy"), Path(tmp, "top1.npy")
@@ -89,14 +106,7 @@ def _top1_in_masked_child(lib: Path, runtime: str, path: Path, x: np.ndarray) ->
         # run the file, not ``-m``: the package's __init__ imports torch (3 s more per variant); run_path
         # keeps this directory (its onnx.py) off sys.path, which running it as a script would not
         run = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-        env = {**os.environ, "LD_PRELOAD": str(lib)}
-        cmd = [sys.executable, "-c", run, __file__, runtime, str(path), str(inputs), str(output)]
-        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            tail = done.stderr.strip().splitlines()[-3:]
-            raise ExportError(
-                f"{path.name} on the AVX2 kernels failed (rc {done.returncode}): {' | '.join(tail)}"
-            )
+        run_on_avx2_kernels(lib, ["-c", run, __file__, runtime, str(path), str(inputs), str(output)])
         return np.load(output)
 
 

@@ -13,7 +13,7 @@ from edge_agent.package import (
     PreprocessSpec,
 )
 from trainer.export.float_prefix import search_float_prefix
-from trainer.export.kernel_paths import onnx_top1, top1_by_kernels
+from trainer.export.kernel_paths import agrees_by_kernels, onnx_top1
 
 
 def export_onnx_fp32(model: torch.nn.Module, spec: PreprocessSpec, path: Path) -> None:
@@ -84,19 +84,17 @@ def quantize_onnx_int8(fp32: Path, out: Path, calib: np.ndarray, check_x: np.nda
     (:mod:`trainer.export.kernel_paths`; see :func:`quantize_tflite_int8` for why early layers). Devices
     still check the result on their own CPU (:mod:`edge_agent.agreement`)."""
     ref = onnx_top1(fp32, check_x)
-    share, variants = search_float_prefix(
+    prefix = search_float_prefix(
         out,
         lambda path, share: _quantize_onnx(fp32, path, calib, share),
-        lambda path: {k: top1 == ref for k, top1 in top1_by_kernels("onnx", path, check_x).items()},
+        lambda path: agrees_by_kernels("onnx", path, check_x, ref),
     )
     return {
         "tool": "onnxruntime.quantization.quantize_static",
         "format": "QDQ",
         "activations": "uint8 asymmetric",
         "weights": "int8 per-channel symmetric",
-        "float_prefix": f"first {share:.0%} of the convolutions kept in float",
-        "variants": variants,
-        "kernel_paths": sorted(next(iter(variants.values()))),
+        **prefix,
         "check_frames": len(check_x),
         "calibration": "MinMax",
         "calibration_images": len(calib),

@@ -16,7 +16,7 @@ from edge_agent.package import (
     TensorSpec,
 )
 from trainer.export.float_prefix import search_float_prefix
-from trainer.export.kernel_paths import tflite_top1, top1_by_kernels
+from trainer.export.kernel_paths import agrees_by_kernels, tflite_top1
 
 
 def convert_tflite(model: torch.nn.Module, spec: PreprocessSpec, path: Path) -> None:
@@ -46,19 +46,17 @@ def quantize_tflite_int8(
 
     ref = tflite_top1(fp32, check_nhwc)
     prefix_ops = _leading_op_outputs(Interpreter(model_path=str(fp32)))
-    share, variants = search_float_prefix(
+    prefix = search_float_prefix(
         out,
         lambda path, share: _quantize_tflite_once(fp32, path, calib_nhwc, spec, prefix_ops(share)),
-        lambda path: {k: top1 == ref for k, top1 in top1_by_kernels("tflite", path, check_nhwc).items()},
+        lambda path: agrees_by_kernels("tflite", path, check_nhwc, ref),
     )
     return {
         "tool": "ai-edge-quantizer",
         "recipe": "static_wi8_ai8",
         "activations": "int8",
         "weights": "int8 per-channel",
-        "float_prefix": f"first {share:.0%} of the convolutions kept in float",
-        "variants": variants,
-        "kernel_paths": sorted(next(iter(variants.values()))),
+        **prefix,
         "check_frames": len(check_nhwc),
         "calibration": "absolute min/max; input range fixed to the normalisation range",
         "calibration_images": len(calib_nhwc),
