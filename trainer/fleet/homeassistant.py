@@ -50,11 +50,6 @@ class HomeAssistantSettings(StrictModel):
     """A device not heard from for this long is removed from Home Assistant."""
 
 
-def state_topic(fleet: str, device: str) -> str:
-    """Where the service publishes a device's Home Assistant state (retained JSON)."""
-    return ha_state_topic(fleet, device)
-
-
 def node_id(fleet: str, device: str) -> str:
     """Home Assistant's node id: letters, digits, ``_`` and ``-`` only."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"edgefleet_{fleet}_{device}")
@@ -106,7 +101,7 @@ def discovery_configs(
             "name": name,
             "unique_id": f"{nid}_{obj}",
             "object_id": f"{nid}_{obj}",
-            "state_topic": state_topic(fleet, device),
+            "state_topic": ha_state_topic(fleet, device),
             "availability": [availability],
             "device": dev,
             "origin": {"name": "EdgeFleet trainer"},
@@ -217,7 +212,7 @@ class HomeAssistantBridge:
                 continue
             if everyone or device not in self._announced or self._changed(self._announced[device], view):
                 self._announce(view)
-            self.client.publish(state_topic(self.fleet, device), view.state.to_bytes(), qos=1, retain=True)
+            self.client.publish(ha_state_topic(self.fleet, device), view.state.to_bytes(), qos=1, retain=True)
 
     @staticmethod
     def _changed(before: DeviceView, now: DeviceView) -> bool:
@@ -241,7 +236,7 @@ class HomeAssistantBridge:
             self.settings.discovery_prefix, self.fleet, device, model=None, agent_version=None
         ):
             self.client.publish(topic, b"", qos=1, retain=True)
-        self.client.publish(state_topic(self.fleet, device), b"", qos=1, retain=True)
+        self.client.publish(ha_state_topic(self.fleet, device), b"", qos=1, retain=True)
         self._announced.pop(device, None)
         log.info("home assistant: removed %s (%s)", device, why)
 

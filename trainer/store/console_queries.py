@@ -97,7 +97,7 @@ def device_health(store: Store, device: str) -> DeviceHealthRecord | None:
         return s.get(DeviceHealthRecord, device)
 
 
-def _device_query(
+def device_query(
     fleet: str | None, state: str | None, drift: str | None, search: str | None, model: str | None = None
 ) -> Select[Any]:
     q: Select[Any] = select(Device, DeviceHealthRecord).outerjoin(  # type: ignore[assignment]
@@ -141,7 +141,7 @@ def device_page(
 ) -> Page:
     """Devices with their health, filtered (``model``: the sha256 a device serves now), sorted (NULLs
     last) and paginated; items are ``(Device, DeviceHealthRecord | None)`` pairs."""
-    q = _device_query(fleet, state, drift, search, model)
+    q = device_query(fleet, state, drift, search, model)
     col = DEVICE_SORTS[sort]
     key = col.desc() if order == "desc" else col.asc()
     with store.read_session() as s:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, delete, func, select
 
 from trainer.errors import UnknownDeviceError
+from trainer.store.console_queries import device_query
 from trainer.store.engine import insert
 from trainer.store.records import insert_audit
 from trainer.store.schema import Device, DeviceHealthRecord, ModelRecord, Release, RemovedDevice, Rollout
@@ -52,12 +53,7 @@ class CanaryState:
 
 def device_rows(store: Store, fleet: str) -> list[tuple[Device, DeviceHealthRecord | None]]:
     """Every device of ``fleet`` with its health row (None before the service judged it)."""
-    q = (
-        select(Device, DeviceHealthRecord)
-        .outerjoin(DeviceHealthRecord, DeviceHealthRecord.device == Device.device)
-        .where(Device.fleet == fleet)
-        .order_by(Device.device)
-    )
+    q = device_query(fleet, None, None, None).order_by(Device.device)
     with store.read_session() as s:
         return [(d, h) for d, h in s.execute(q).all()]
 
