@@ -143,3 +143,46 @@ def test_a_candidate_exactly_at_the_margin_is_rarely_promoted_however_often_the_
                 promoted += v.decision == "promote"
                 break
     assert promoted / sims <= 0.10, promoted
+
+
+def test_a_large_gain_on_the_devices_a_candidate_was_retrained_for_is_not_read_as_noise() -> None:
+    """The fast demo's cohort: both shifted cameras (v1 at 55%) and two others in the canary, two others
+    in control. Pooled, the shifted devices' +30 points make the devices' changes so unlike that a
+    +12-point effect stays inconclusive and is rolled back; stratified by the devices the candidate was
+    retrained for, it is promoted, and a loss on the other devices is still caught."""
+    rng = np.random.default_rng(11)
+    cfg = RolloutConfig(min_windows=4, max_windows=40, margin_points=3.0)
+    levels = {"cam-00": 0.55, "cam-01": 0.55, "cam-02": 0.9, "cam-05": 0.9, "cam-03": 0.9, "cam-04": 0.9}
+    shifted, canary_devices = {"cam-00", "cam-01"}, {"cam-00", "cam-01", "cam-02", "cam-05"}
+
+    def windows(devices: set[str], change: dict[str, float], k: int) -> list[TelemetryWindow]:
+        return [
+            w for d in sorted(devices) for w in _ws(rng, levels[d] + change.get(d, 0.0), k, sd=0.06, device=d)
+        ]
+
+    gain = {"cam-00": 0.3, "cam-01": 0.3}
+    cb, ob = windows(canary_devices, {}, 10), windows(set(levels) - canary_devices, {}, 10)
+    ca, co = windows(canary_devices, gain, 10), windows(set(levels) - canary_devices, {}, 10)
+    pooled = compare_canary(ca, co, cfg, cb, ob)
+    assert pooled.decision == "rollback" and "inconclusive" in pooled.reasons[0], pooled.reasons
+    v = compare_canary(ca, co, cfg, cb, ob, retrained_for=shifted)
+    assert v.decision == "promote", v.reasons
+    assert "retrained-for devices +3" in v.reasons[0] and "other devices" in v.reasons[0], v.reasons
+    loses = compare_canary(
+        windows(canary_devices, {**gain, "cam-02": -0.1, "cam-05": -0.1}, 10),
+        co,
+        cfg,
+        cb,
+        ob,
+        retrained_for=shifted,
+    )
+    assert loses.decision == "rollback" and "other devices are below" in loses.reasons[0], loses.reasons
+    broken = compare_canary(
+        windows(canary_devices, {**gain, "cam-02": -0.3, "cam-05": -0.3}, 10),
+        co,
+        cfg,
+        cb,
+        ob,
+        retrained_for=shifted,
+    )
+    assert "worse by more than 3 points on the other devices" in broken.reasons[0], broken.reasons

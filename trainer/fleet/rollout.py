@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +39,8 @@ class ActiveRollout:
     cohort: Cohort
     started: float
     version: str
+    retrained_for: frozenset[str] = frozenset()
+    """Devices whose field samples the candidate was retrained on (the analysis is stratified by them)."""
 
 
 @dataclass
@@ -89,9 +92,14 @@ class RolloutManager:
         return rec
 
     def start_canary(
-        self, package: ModelPackage, champion_sha256: str, actor: str = "trainer"
+        self,
+        package: ModelPackage,
+        champion_sha256: str,
+        actor: str = "trainer",
+        retrained_for: Collection[str] = (),
     ) -> ActiveRollout:
-        """Publish ``package`` on the canary channel to the configured share of the fleet."""
+        """Publish ``package`` on the canary channel to the configured share of the fleet; ``retrained_for``
+        names the devices whose field samples it was retrained on."""
         if self.active is not None:
             raise RuntimeError(f"a canary ({self.active.version}) is already running")
         cohort = Cohort.of_share(self.cfg.canary_share, self.fleet)
@@ -106,13 +114,21 @@ class RolloutManager:
                 "release": rec.release,
                 "version": package.manifest.version,
                 "cohort_bp": cohort.share_bp,
+                "retrained_for": sorted(retrained_for),
             },
         )
         roll = self.store.record_rollout(
             release_id=rid, fleet=self.fleet, actor=actor, cohort=f"canary:{cohort.share_bp}bp"
         )
         self.active = ActiveRollout(
-            roll, rec, package.sha256, champion_sha256, cohort, time.time(), package.manifest.version
+            roll,
+            rec,
+            package.sha256,
+            champion_sha256,
+            cohort,
+            time.time(),
+            package.manifest.version,
+            frozenset(retrained_for),
         )
         self._announce(rec)
         return self.active
@@ -190,7 +206,15 @@ class RolloutManager:
             m = self.store.manifest(sha)
             refs[sha] = m.reference if m is not None else None
         estimate = window_estimator(refs)
-        return compare_canary(canary, control, self.cfg, canary_before, control_before, estimate=estimate)
+        return compare_canary(
+            canary,
+            control,
+            self.cfg,
+            canary_before,
+            control_before,
+            estimate=estimate,
+            retrained_for=a.retrained_for,
+        )
 
     def _decided_elsewhere(self, a: ActiveRollout) -> RolloutOutcome | None:
         """A person promoted or aborted this canary (``edgefleet rollout``) since the last poll."""

@@ -23,11 +23,19 @@ The per-window estimate is a parameter (``estimate``): pass
 (or the window regressor) from each window's own model reference; the default is ATC
 (``atc_above / inferred``), which needs no reference. Audit labels are too few per canary window for
 PPI here; the difference in differences already cancels a shared bias of the estimate.
+
+A retrained candidate is meant to gain on the devices it was retrained for and to hold on the rest, so
+with ``retrained_for`` the effect is estimated in each of the two strata and weighted by their share of
+the devices: pooled, the devices that gained would look like noise (the larger the gain, the wider the
+spread between devices and the less conclusive the test). Each stratum must also not be significantly
+worse than ``-margin`` on its own (rolled back) and its estimate must be above ``-margin`` (else no
+promotion, and a roll back at the last look): a gain on the drifted cameras cannot buy a loss on the
+others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -131,26 +139,70 @@ def decision_points(cfg: RolloutConfig) -> list[int]:
     return [*points, cfg.max_windows]
 
 
+@dataclass
+class Effect:
+    """An estimated accuracy effect (fraction), its variance, how it was compared and, when stratified,
+    each stratum's own effect."""
+
+    value: float
+    var: float
+    how: str
+    strata: dict[str, Effect] = field(default_factory=dict)
+
+
 def _effect(
     canary: Sequence[TelemetryWindow],
     control: Sequence[TelemetryWindow],
     canary_before: Sequence[TelemetryWindow],
     control_before: Sequence[TelemetryWindow],
     acc: WindowEstimate = atc_window,
-) -> tuple[float, float, str] | None:
-    """(effect, its variance, which comparison) from the strongest comparison the windows support."""
+) -> Effect | None:
+    """The effect from the strongest comparison the windows support."""
     ca, co, cb, ob = (_per_device(ws, acc) for ws in (canary, control, canary_before, control_before))
     s2 = _pooled_window_variance([c for g in (ca, co, cb, ob) for c in g.values()])
     if s2 is not None and (c := _paired(ca, cb, s2)) is not None:
         if (o := _paired(co, ob, s2)) is not None:
-            return c[0] - o[0], c[1] + o[1], "difference in differences"
-        return c[0], c[1], "vs before"
+            return Effect(c[0] - o[0], c[1] + o[1], "difference in differences")
+        return Effect(c[0], c[1], "vs before")
     flat_ca = [a for c in ca.values() for a in c]
     flat_co = [a for c in co.values() for a in c]
     if len(flat_ca) >= 2 and len(flat_co) >= 2:
         (mc, vc), (mo, vo) = _mean_var(flat_ca), _mean_var(flat_co)
-        return mc - mo, vc + vo, "vs control"
+        return Effect(mc - mo, vc + vo, "vs control")
     return None
+
+
+def _stratified_effect(
+    canary: Sequence[TelemetryWindow],
+    control: Sequence[TelemetryWindow],
+    canary_before: Sequence[TelemetryWindow],
+    control_before: Sequence[TelemetryWindow],
+    acc: WindowEstimate,
+    retrained_for: set[str],
+) -> Effect | None:
+    """The effect on the devices the candidate was retrained for and on the others, weighted by their
+    share of the devices seen; unstratified when either stratum has no canary device to judge."""
+    lists = (canary, control, canary_before, control_before)
+    pooled = _effect(*lists, acc)
+    if not retrained_for:
+        return pooled
+    parts: dict[str, tuple[Effect | None, int]] = {}
+    for name, inside in (("retrained-for devices", True), ("other devices", False)):
+        sub = [[w for w in ws if (w.device in retrained_for) == inside] for ws in lists]
+        devices = {w.device for ws in sub for w in ws}
+        parts[name] = (_effect(*sub, acc) if sub[0] else None, len(devices))
+    if any(e is None for e, _ in parts.values()):
+        return pooled
+    total = sum(n for _, n in parts.values())
+    strata = {name: e for name, (e, _) in parts.items() if e is not None}
+    weights = {name: n / total for name, (_, n) in parts.items()}
+    return Effect(
+        sum(weights[k] * e.value for k, e in strata.items()),
+        sum(weights[k] ** 2 * e.var for k, e in strata.items()),
+        "weighted by device share: "
+        + ", ".join(f"{k} {e.value * 100:+.1f} {e.how}" for k, e in strata.items()),
+        strata,
+    )
 
 
 def compare_canary(
@@ -160,9 +212,11 @@ def compare_canary(
     canary_before: Sequence[TelemetryWindow] = (),
     control_before: Sequence[TelemetryWindow] = (),
     estimate: WindowEstimate | None = None,
+    retrained_for: Collection[str] = (),
 ) -> CanaryVerdict:
     """The decision for a canary, from its windows and the control group's, after and before it started;
-    ``estimate`` gives each window's accuracy (default :func:`atc_window`)."""
+    ``estimate`` gives each window's accuracy (default :func:`atc_window`); ``retrained_for`` names the
+    devices whose field samples the candidate was retrained on (the effect is then stratified)."""
     acc = estimate or atc_window
     groups = {
         name: [a for w in ws if (a := acc(w)) is not None]
@@ -181,14 +235,18 @@ def compare_canary(
     scored = sorted((w for w in canary if acc(w) is not None), key=lambda w: w.end)[
         :at
     ]  # the same at every poll
-    effect_var_how = _effect(scored, control, canary_before, control_before, acc) if at else None
-    if len(ca) < cfg.min_windows or effect_var_how is None:
+    effect = (
+        _stratified_effect(scored, control, canary_before, control_before, acc, set(retrained_for))
+        if at
+        else None
+    )
+    if len(ca) < cfg.min_windows or effect is None:
         v.reasons = [
             f"waiting for windows: canary {len(ca)}/{cfg.min_windows}, before {len(groups['cb'])}, "
             f"control {len(co)}"
         ]
         return v
-    _sequential_test(v, *effect_var_how, at=at, looks=len(looks), cfg=cfg)
+    _sequential_test(v, effect, at=at, looks=len(looks), cfg=cfg)
     return v
 
 
@@ -211,19 +269,32 @@ def _health_rollback(
     return None
 
 
-def _sequential_test(
-    v: CanaryVerdict, effect: float, var: float, how: str, *, at: int, looks: int, cfg: RolloutConfig
-) -> None:
+def _sequential_test(v: CanaryVerdict, effect: Effect, *, at: int, looks: int, cfg: RolloutConfig) -> None:
     """Non-inferiority at this decision point (alpha spent evenly over the looks): promote, roll back
-    (worse beyond the margin, or inconclusive at the last look) or keep waiting; written into ``v``."""
-    se = max(float(np.sqrt(var)), 1e-4)
+    (worse beyond the margin overall or in a stratum, or inconclusive at the last look) or keep waiting;
+    written into ``v``."""
     margin = cfg.margin_points / 100
-    p_ni = float(stats.norm.sf((effect + margin) / se))  # H0: effect <= -margin
-    p_worse = float(stats.norm.cdf((effect + margin) / se))  # H0: effect >= -margin
-    v.p_noninferior = p_ni
-    text = f"estimated accuracy effect {effect * 100:+.1f} points ({how}, {at} canary windows)"
     alpha = cfg.alpha / looks
-    if p_ni < alpha:
+
+    def p_values(e: Effect) -> tuple[float, float]:
+        z = (e.value + margin) / max(float(np.sqrt(e.var)), 1e-4)
+        return float(stats.norm.sf(z)), float(stats.norm.cdf(z))  # H0: effect <= -margin; >= -margin
+
+    p_ni, p_worse = p_values(effect)
+    v.p_noninferior = p_ni
+    text = f"estimated accuracy effect {effect.value * 100:+.1f} points ({effect.how}, {at} canary windows)"
+    worse_stratum = [(k, p) for k, e in effect.strata.items() if (p := p_values(e)[1]) < alpha]
+    beyond = [k for k, e in effect.strata.items() if e.value < -margin]
+    if worse_stratum:
+        k, p = worse_stratum[0]
+        v.decision, v.reasons = (
+            "rollback",
+            [f"{text}: worse by more than {cfg.margin_points:g} points on the {k}, p={p:.3g}"],
+        )
+    elif beyond:  # not shown worse yet, but never promoted on the others' gain
+        v.decision = "rollback" if at >= cfg.max_windows else "wait"
+        v.reasons = [f"{text}: the {beyond[0]} are below the {cfg.margin_points:g}-point margin"]
+    elif p_ni < alpha:
         v.decision, v.reasons = (
             "promote",
             [f"{text}: non-inferior within {cfg.margin_points:g} points, p={p_ni:.3g}"],

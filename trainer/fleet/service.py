@@ -587,7 +587,9 @@ class TrainerService:
                 seconds=round(took, 1),
             )
             assert self.rollout is not None and self.champion is not None
-            a = self.rollout.start_canary(pkg, self.champion.sha256)
+            a = self.rollout.start_canary(
+                pkg, self.champion.sha256, retrained_for=job.spec.field_devices or ()
+            )
             self._alert(
                 "canary_started",
                 f"{pkg.manifest.version} on the canary channel for "
