@@ -188,9 +188,9 @@ def _stratified_effect(
         return pooled
     parts: dict[str, tuple[Effect | None, int]] = {}
     for name, inside in (("retrained-for devices", True), ("other devices", False)):
-        sub = [[w for w in ws if (w.device in retrained_for) == inside] for ws in lists]
-        devices = {w.device for ws in sub for w in ws}
-        parts[name] = (_effect(*sub, acc) if sub[0] else None, len(devices))
+        ca, co, cb, ob = ([w for w in ws if (w.device in retrained_for) == inside] for ws in lists)
+        devices = {w.device for ws in (ca, co, cb, ob) for w in ws}
+        parts[name] = (_effect(ca, co, cb, ob, acc) if ca else None, len(devices))
     if any(e is None for e, _ in parts.values()):
         return pooled
     total = sum(n for _, n in parts.values())
