@@ -21,6 +21,7 @@ __all__ = [
     "LabelMismatchError",
     "ReleaseError",
     "RolloutDecided",
+    "SchemaOutdated",
     "StoreError",
     "UnknownDeviceError",
 ]
@@ -62,6 +63,20 @@ class KeyStoreError(ReleaseError):
 
 class StoreError(EdgeFleetError, ValueError):
     """The trainer's database cannot be opened as given (unsupported URL, missing directory or file)."""
+
+
+class SchemaOutdated(StoreError):
+    """The database's schema is older than this release's: ``edgefleet db upgrade`` migrates it (nothing
+    upgrades a deployed database on its own)."""
+
+    def __init__(self, url: str, current: str, head: str) -> None:
+        self.url = url
+        self.current = current
+        self.head = head
+        super().__init__(
+            f"{url}: the database schema is at revision {current}, this release needs {head}: "
+            f"run `edgefleet db upgrade --db {url}`"
+        )
 
 
 class UnknownDeviceError(EdgeFleetError, LookupError):
