@@ -210,25 +210,6 @@ def test_statuses_of_agents_without_connection_numbers_follow_ts(store: Store) -
     assert _current(store) == ("online", 5, 1)
 
 
-def test_a_database_from_before_connection_numbers_gets_the_columns(db_url: str) -> None:
-    """The status columns added with connection numbers are added to an existing database when a store
-    opens it (create_all alone adds no column, and every status write would fail)."""
-    from sqlalchemy import text
-
-    with Store(db_url) as old:
-        old.add_statuses([_status("online", 5, None, 100.0)])
-        with old.write() as conn:
-            conn.execute(text("ALTER TABLE status_history DROP COLUMN connection"))
-            for col in ("status_session", "status_connection"):
-                conn.execute(text(f"ALTER TABLE devices DROP COLUMN {col}"))
-    with Store(db_url) as store:
-        assert store.latest_status()["cam2"].state == "online"  # its row has no status_session yet
-        store.add_statuses([_status("offline", 5, None, 200.0)])
-        assert _current(store) == ("offline", 5, None)
-        store.add_statuses([_status("online", 6, 1, 300.0), _status("offline", 6, 1, 299.0)])
-        assert _current(store) == ("offline", 6, 1)
-
-
 def test_dead_letters_keep_reason_size_and_count(store: Store) -> None:
     big = b"x" * (DEAD_LETTER_KEEP_BYTES * 3)
     with store.write() as conn:

@@ -3,9 +3,12 @@
 ``Store("sqlite:///fleet.db")`` (the default: one file, WAL) or
 ``Store("postgresql+psycopg://user@host/db")`` (a real server, several ingest workers). Tables:
 devices, status_history, windows, samples, labels, update_events, models, releases, rollouts, alerts,
-audit_log and dead_letters (:mod:`trainer.store.schema`). Ingest writes batches through
+audit_log, dead_letters, and those of device health, roll-ups, webhooks and console access
+(:mod:`trainer.store.schema`). Ingest writes batches through
 :mod:`trainer.store.ingest_writes` inside one transaction per batch; everything else goes through
-the facade. The schema is created with ``metadata.create_all``; migrations come later.
+the facade. The schema is versioned with Alembic (:mod:`trainer.store.migrate`, revisions in
+``trainer/store/migrations/``): a new database is created at head, a deployed one is migrated by
+``edgefleet db upgrade``, and a store refuses to open a database whose schema is older than the release's.
 """
 
 from trainer.store.engine import is_transient, make_engine

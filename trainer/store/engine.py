@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, MetaData, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
@@ -108,31 +108,6 @@ def _configure_sqlite(engine: Engine) -> None:
 def writer(engine: Engine) -> Engine:
     """The same engine (same pool) whose transactions take SQLite's write lock at BEGIN."""
     return engine.execution_options(sqlite_begin="IMMEDIATE")
-
-
-def add_missing_columns(conn: Connection, metadata: MetaData) -> list[str]:
-    """Add the nullable columns a newer schema declares to tables an older version created
-    (``ALTER TABLE .. ADD COLUMN``, the same on SQLite and PostgreSQL); returns ``table.column`` of each.
-    ``create_all`` only creates missing tables, so without this a new column fails every query using it.
-    A missing NOT NULL column cannot be filled in: StoreError naming it."""
-    insp = inspect(conn)
-    quote = conn.dialect.identifier_preparer.quote
-    added = []
-    for table in metadata.sorted_tables:
-        if not insp.has_table(table.name):
-            continue
-        have = {c["name"] for c in insp.get_columns(table.name)}
-        for col in table.columns:
-            if col.name in have:
-                continue
-            if not col.nullable:
-                raise StoreError(
-                    f"table {table.name} lacks column {col.name}, which is NOT NULL: migrate the database"
-                )
-            kind = col.type.compile(dialect=conn.dialect)
-            conn.execute(text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(col.name)} {kind}"))
-            added.append(f"{table.name}.{col.name}")
-    return added
 
 
 def insert(conn: Connection, table: Any) -> Any:

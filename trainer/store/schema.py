@@ -2,8 +2,9 @@
 
 Times are unix seconds (``float``), as on the wire, so both dialects compare them the same way and no
 time zone is ever guessed. JSON documents are :class:`~trainer.store.types.RawJSON` (``json`` on
-PostgreSQL). The schema is created with ``Base.metadata.create_all``; versioned migrations (Alembic)
-come when the schema first has to change under a deployed database.
+PostgreSQL). These models are the head revision: a new database gets them with ``create_all`` (then head
+is recorded), and every change to them needs a migration in ``trainer/store/migrations/versions/``
+that brings a deployed database to the same schema (tests/test_migrations.py checks they agree).
 
 Device ids are unique across fleets: a device id is also its MQTT client id and certificate name,
 which a broker keeps unique, and telemetry is deduplicated on (device, session, seq) as the protocol

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, Select, delete, func, select
 from sqlalchemy import insert as sa_insert
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from edge_agent.package import ModelManifest, ModelPackage
@@ -26,7 +27,7 @@ from edge_agent.protocol import Status, TelemetryWindow, UpdateEvent
 from edge_agent.reference import ReferenceStats
 from edge_agent.telemetry.merge import WindowSummary, merge_windows
 from trainer.errors import StoreError
-from trainer.store.engine import WriteLock, add_missing_columns, insert, make_engine, writer
+from trainer.store.engine import WriteLock, insert, make_engine, writer
 from trainer.store.ingest_writes import (
     ModelCheck,
     Received,
@@ -36,11 +37,11 @@ from trainer.store.ingest_writes import (
     write_update_events,
     write_windows,
 )
+from trainer.store.migrate import ensure_current, head, recorded_revision
 from trainer.store.records import insert_alert, insert_audit
 from trainer.store.schema import (
     Alert,
     AuditEntry,
-    Base,
     DeadLetter,
     Device,
     DeviceReferenceRecord,
@@ -147,16 +148,24 @@ class Store:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    @property
+    def shown_url(self) -> str:
+        """The URL as given, with any password masked (for messages)."""
+        return make_url(self.url).render_as_string(hide_password=True)
+
     def create_schema(self) -> None:
-        """Create missing tables, and columns added since a table was created (idempotent)."""
-        Base.metadata.create_all(self.write_engine)
+        """Make sure the database is at this release's schema revision (see :mod:`trainer.store.migrate`).
+
+        An empty database gets the tables (``create_all``, then head recorded in ``alembic_version``);
+        one at head costs two small queries. An older one raises :class:`~trainer.errors.SchemaOutdated`:
+        a deployed database is migrated by ``edgefleet db upgrade``, never silently here."""
+        with self.engine.connect() as conn:
+            if recorded_revision(conn) == head():
+                return
         with self.write() as conn:
-            added = add_missing_columns(conn, Base.metadata)
-        if added:
-            log.info("store: added columns %s", ", ".join(added))
-        for table in Base.metadata.sorted_tables:  # indexes added to tables that existed already
-            for index in table.indexes:
-                index.create(self.write_engine, checkfirst=True)
+            outcome = ensure_current(conn, self.shown_url)
+        if outcome != "current":
+            log.info("store %s: %s the schema at revision %s", self.shown_url, outcome, head())
 
     def close(self) -> None:
         self.engine.dispose()
