@@ -4,6 +4,7 @@ Heavy imports happen inside the handlers, so ``edgefleet --help`` stays fast."""
 
 from trainer.cli.build import register_train
 from trainer.cli.data import register_data
+from trainer.cli.db import register_db
 from trainer.cli.demo import register_demo
 from trainer.cli.eval import register_eval
 from trainer.cli.fleet import register_labels, register_rollout, register_trainer
@@ -15,6 +16,7 @@ from trainer.cli.release import register_release
 __all__ = [
     "register",
     "register_data",
+    "register_db",
     "register_demo",
     "register_eval",
     "register_labels",
