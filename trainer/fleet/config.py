@@ -15,6 +15,7 @@ from trainer.fleet.homeassistant import HomeAssistantSettings
 from trainer.fleet.retrain_policy import RetrainPolicyConfig
 from trainer.fleet.rollout_policy import RolloutConfig
 from trainer.fleet.webhooks import WebhookSettings
+from trainer.ingest.nats_source import NatsSettings
 
 
 class ReleaseServerSettings(StrictModel):
@@ -101,6 +102,10 @@ class TrainerServiceConfig(StrictModel):
     shared_subscription: bool = True
     """Ingest through an MQTT shared subscription (mosquitto, EMQX, HiveMQ); False for brokers without
     them (the demo's embedded amqtt), which allows one ingest worker only."""
+    nats: NatsSettings | None = None
+    """The broker tier is a NATS JetStream cluster (deploy/nats, docs/scale-out.md): ingest pulls from
+    its durable consumer ``ingest`` (created at startup) instead of the MQTT shared subscription; the
+    ``mqtt:`` section is then one node's MQTT listener, for the service's hints, commands and alerts."""
     release: ReleaseServerSettings
     training: TrainingSettings
     drift: DriftConfig = Field(default_factory=DriftConfig)

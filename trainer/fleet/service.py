@@ -42,6 +42,7 @@ from trainer.fleet.retrain_job import RetrainSpec, read_result, start_job
 from trainer.fleet.retrain_policy import DeviceHealth, decide_retrain
 from trainer.fleet.rollout import RolloutManager, RolloutOutcome
 from trainer.fleet.webhooks import WebhookDispatcher
+from trainer.ingest.nats_source import ensure_ingest_consumer
 from trainer.ingest.worker import IngestConfig, IngestWorker
 from trainer.release.repository import ReleaseRepository
 from trainer.release.server import ReleaseServer
@@ -172,7 +173,7 @@ class TrainerService:
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> TrainerService:
         c = self.cfg
-        if not c.shared_subscription and c.ingest_workers > 1:
+        if not c.shared_subscription and c.ingest_workers > 1 and c.nats is None:
             raise ValueError(
                 "ingest_workers > 1 needs shared_subscription: true (a broker with shared subscriptions)"
             )
@@ -180,6 +181,9 @@ class TrainerService:
             self.repo.path, host=c.release.host, port=c.release.port, repository=self.repo
         ).start()
         self.publisher = FleetPublisher(c.mqtt, c.fleet)
+        if c.nats is not None:  # before any worker: JetStream keeps messages only for a consumer
+            info = ensure_ingest_consumer(c.nats, c.mqtt, c.fleet)
+            self.timeline.add("service", f"NATS ingest consumer {info['consumer']} on {info['filter']}")
         for i in range(c.ingest_workers):
             ic = IngestConfig(
                 mqtt=c.mqtt,
@@ -188,6 +192,7 @@ class TrainerService:
                 index=i,
                 shared=c.shared_subscription,
                 kinds=("tele", "status", "sample", "update"),
+                nats=c.nats,
             )
             self.workers.append(IngestWorker(ic).start())
         self.rollout = RolloutManager(
