@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo demo-console demo-photos bench lint mosquitto nats-server chromium broker-plugin ha-venv clean
+.PHONY: install test demo demo-console demo-photos bench lint mosquitto nats-server systemd chromium broker-plugin ha-venv clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ mosquitto:
 nats-server:
 	@command -v nats-server >/dev/null 2>&1 || test -x /usr/sbin/nats-server || \
 		{ echo "installing nats-server with apt-get"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q nats-server; }
+
+# systemd-analyze for tests/test_systemd_units.py (verify and security of deploy/systemd/*.service).
+systemd:
+	@command -v systemd-analyze >/dev/null 2>&1 || test -x /usr/bin/systemd-analyze || \
+		{ echo "installing systemd (systemd-analyze) with apt-get"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q systemd; }
 
 # Debian's Chromium for the console's browser tests (Playwright drives it; no browser download).
 chromium:
@@ -65,7 +70,7 @@ $(HA_VENV)/bin/hass:
 	$(PY) -m venv $(HA_VENV)
 	$(HA_VENV)/bin/pip install -q --disable-pip-version-check homeassistant==2024.3.3 paho-mqtt==1.6.1 janus==1.0.0
 
-test: $(STAMP) mosquitto nats-server chromium $(GUARD) $(CPUID_MASK) $(HA_VENV)/bin/hass
+test: $(STAMP) mosquitto nats-server systemd chromium $(GUARD) $(CPUID_MASK) $(HA_VENV)/bin/hass
 	$(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP) mosquitto $(CPUID_MASK)

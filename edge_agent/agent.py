@@ -34,6 +34,7 @@ from edge_agent.backends.select import choose_artifact
 from edge_agent.config import AgentConfig, UpdateSettings, load_config, validate_config
 from edge_agent.errors import ConfigError
 from edge_agent.events import EventCounter
+from edge_agent.liveness import AgentLiveness
 from edge_agent.mqtt_link import MqttLink
 from edge_agent.package import ModelPackage, load_package
 from edge_agent.pipeline import Inferred, LoadedModel, Pipeline
@@ -58,6 +59,7 @@ from edge_agent.protocol import (
     update_topic,
 )
 from edge_agent.sampling import SampleSelector
+from edge_agent.sd_notify import Notifier
 from edge_agent.sources import EndOfStream, open_source
 from edge_agent.sources.base import FrameSource, SourceStats, redact_credentials
 from edge_agent.spool import Spool
@@ -110,8 +112,10 @@ class Agent:
         *,
         observer: AgentObserver | None = None,
         source_factory: Callable[[int], FrameSource] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
-        """``source_factory(session)`` replaces the config's source URI (simulators, embedding)."""
+        """``source_factory(session)`` replaces the config's source URI (simulators, embedding);
+        ``notifier`` tells systemd this agent's state (the process ``edgefleet agent run`` only)."""
         cfg = self.config = config
         self.observer = observer
         self.events = EventCounter()
@@ -150,6 +154,12 @@ class Agent:
             stats_every=cfg.telemetry.stats_every,
             on_first_inference=self._first_inference,
             keep_frames=cfg.sampling.enabled,
+        )
+        self.liveness = AgentLiveness(
+            notifier or Notifier({}),
+            self.source,
+            lambda: self.pipeline.active,
+            reconnect_max_s=cfg.source.reconnect_max_s,
         )
 
     def _open_source(self, source_factory: Callable[[int], FrameSource] | None) -> FrameSource:
@@ -243,6 +253,7 @@ class Agent:
     def _loop(self) -> None:
         agg = self.aggregator
         pred = self.config.telemetry.publish_predictions
+        self.liveness.ready(time.monotonic())
         while not self._stop.is_set():
             try:
                 results = self.pipeline.results(timeout=0.2)
@@ -253,6 +264,7 @@ class Agent:
                 self._consume(r)
                 if pred:
                     self._publish_prediction(r)
+            self.liveness.tick(len(results), time.monotonic())  # systemd's watchdog: from this loop only
             now = time.time()
             if agg.is_due(now) or self._flush_requested.is_set():
                 self._flush_requested.clear()
@@ -277,6 +289,7 @@ class Agent:
 
     def _shutdown(self) -> None:
         """Close the last window, stop threads, deliver the spool (bounded wait), mark offline."""
+        self.liveness.stopping()
         if self.updater:
             self.updater.stop()
         self.pipeline.stop()
@@ -529,7 +542,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 def run_agent_from_args(args: argparse.Namespace, observer: AgentObserver | None = None) -> int:
     cfg = config_from_args(args)
     logging.getLogger().setLevel(cfg.log_level if not args.verbose else "DEBUG")
-    agent = Agent(cfg, observer=observer)
+    agent = Agent(cfg, observer=observer, notifier=Notifier())
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
     return agent.run()

@@ -150,7 +150,7 @@ def _serve(args: argparse.Namespace) -> int:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    server.serve_until(done)  # tells systemd it is ready and, while it answers, alive
     server.stop()
     store.close()
     return 0

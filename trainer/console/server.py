@@ -4,12 +4,15 @@ with uvicorn, in the foreground (``edgefleet console``) or on a thread beside th
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
+import urllib.request
 from typing import Any
 
 import uvicorn
 
+from edge_agent.sd_notify import Notifier
 from trainer.console.app import create_app
 from trainer.console.auth import LoginLimiter
 from trainer.console.deps import ConsoleContext
@@ -76,6 +79,41 @@ class ConsoleServer:
             time.sleep(0.05)
         log.info("console at %s", self.url)
         return self
+
+    def serve_until(self, done: threading.Event, notifier: Notifier | None = None) -> None:
+        """Wait for ``done`` (``edgefleet console`` in the foreground), telling systemd the console is ready
+        and, each time its own ``/healthz`` answers, alive (deploy/systemd/edgefleet-console.service)."""
+        notifier = notifier or Notifier()
+        notifier.ready(f"console at {self.url}")
+        # check every quarter interval: a ping is due every half, and a check may take a while
+        step = notifier.watchdog_s / 4 if notifier.watchdog_s else None
+        while not done.wait(step):
+            if self.answers(timeout=min(5.0, step or 5.0)):
+                notifier.ping(f"console at {self.url}: /healthz answers")
+            else:
+                notifier.status(f"console at {self.url}: /healthz does not answer")
+        notifier.stopping(f"console at {self.url}: stopping")
+
+    def answers(self, timeout: float = 5.0) -> bool:
+        """The app answers ``GET /healthz`` over the listening socket (uvicorn's loop and the app run)."""
+        scheme, _, rest = self.url.partition("://")
+        host, _, port = rest.rpartition(":")
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        host = f"[{host}]" if ":" in host else host
+        context = None
+        if scheme == "https":  # its own certificate, over loopback: a liveness check, not a trust decision
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        # no proxy: an http_proxy in the service's environment must not stand in for this server
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
+        try:
+            with opener.open(f"{scheme}://{host}:{port}/healthz", timeout=timeout) as resp:
+                return bool(resp.status == 200)
+        except OSError as exc:
+            log.warning("console /healthz did not answer: %s", exc)
+            return False
 
     def stop(self) -> None:
         self.server.should_exit = True

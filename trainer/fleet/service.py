@@ -31,6 +31,7 @@ from typing import Any
 
 from edge_agent.package import ModelManifest, ModelPackage, load_package
 from edge_agent.protocol import Alert, ModelRef
+from edge_agent.sd_notify import Notifier
 from trainer.drift.accuracy import window_estimator
 from trainer.drift.detector import Transition
 from trainer.fleet.config import TrainerServiceConfig
@@ -294,12 +295,27 @@ class TrainerService:
 
     # -- the control loop ----------------------------------------------------------------------------
     def _run(self) -> None:
+        # systemd (deploy/systemd/edgefleet-trainer.service): ready once this loop runs, and WATCHDOG=1
+        # after each tick that returned, so a tick stuck on the database or the broker gets it restarted.
+        notifier = Notifier()
+        notifier.ready(f"fleet {self.cfg.fleet}: serving releases at {self.repo_url}")
         while not self._stop.wait(self.cfg.tick_s):
             try:
                 self.tick(time.time())
             except Exception:  # noqa: BLE001 - one failed tick must not stop the service
                 self.errors += 1
                 log.exception("trainer service tick failed")
+            if notifier.watchdog_due():
+                notifier.ping(self._status_line())
+        notifier.stopping(f"fleet {self.cfg.fleet}: stopping")
+        notifier.close()
+
+    def _status_line(self) -> str:
+        """What ``systemctl status`` shows: the champion, a retraining job, failed steps."""
+        m = self.champion.manifest if self.champion else None
+        champion = f"{m.name} {m.version}" if m else "no champion yet"
+        job = f", retraining {self._job.version}" if self._job else ""
+        return f"fleet {self.cfg.fleet}: {champion}{job}, {self.errors} failed step(s) since start"
 
     def tick(self, now: float) -> None:
         """One pass of every stage; a stage that fails is logged and counted, the others still run."""
