@@ -418,17 +418,30 @@ def test_a_fresh_store_records_head_and_reopens_without_writing(db_url: str) -> 
     assert not any(s.lstrip().upper().startswith(("CREATE", "ALTER", "INSERT", "UPDATE")) for s in statements)
 
 
+@pytest.mark.parametrize("by", ["store", "upgrade"])
 def test_a_database_created_before_migrations_at_todays_schema_is_recorded(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, by: str
 ) -> None:
-    """A database the previous development versions made with today's ``create_all`` is head already."""
+    """A database the development versions before migrations made with today's ``create_all`` is at head
+    already: opening it with a store, or ``db upgrade``, records head and changes nothing else."""
     _with_conn(db_url, Base.metadata.create_all)
     current = _edgefleet("db", "current", "--db", db_url, cwd=tmp_path)
     assert current.returncode == 0
-    assert "recognised from its tables" in current.stdout and f"revision {HEAD}" in current.stdout
+    assert current.stdout.strip() == (
+        f"{_shown(db_url)}: revision {HEAD}, recognised from its tables (a database from before "
+        "migrations); this release's"
+    )
+    if by == "upgrade":
+        up = _edgefleet("db", "upgrade", "--db", db_url, cwd=tmp_path)
+        assert up.returncode == 0, up.stderr
+        assert up.stdout.strip() == (
+            f"{_shown(db_url)}: recognised revision {HEAD} (a database from before migrations), recorded it"
+        )
+        assert "migrating" not in up.stderr
     with Store(db_url) as store:
         store.add_windows(WINDOWS[:1])
     assert _version(db_url) == [HEAD]
+    assert _with_conn(db_url, migrate.schema_diff) == []
 
 
 def test_tables_matching_no_revision_are_named_and_left_alone(db_url: str, tmp_path: Path) -> None:

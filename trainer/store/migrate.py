@@ -285,7 +285,7 @@ def upgrade(conn: Connection, url: str) -> Upgrade:
             _refuse_unknown(url, before.revision)
         else:
             _stamp(conn, before.revision)
-    if not (before.recorded and before.at_head):
+    if before.revision != before.head:
         log.info("%s: migrating from revision %s to %s", url, before.revision or "(empty)", before.head)
         with _quiet():
             command.upgrade(alembic_config(conn), "head")
