@@ -52,7 +52,10 @@ def _serve(args: argparse.Namespace) -> int:
         from trainer.sim.fleet import oracle_label
 
         labeller = oracle_label
-    service = TrainerService(cfg, labeller=labeller).start()
+    done = threading.Event()  # before anything starts: a SIGTERM while starting stops cleanly
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    service = TrainerService(cfg, labeller=labeller).start(announce_ready=False)
     if args.champion:
         from edge_agent.package import load_package
 
@@ -64,9 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
         ctx = context_for(cfg, service.store, cfg.console, metrics=service.metrics_registry)
         console = ConsoleServer(ctx, cfg.console).start()
         print(f"console at {console.url}", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+    service.announce_ready()  # systemd: READY=1 once the console listens too
     done.wait()
     if console is not None:
         console.stop()

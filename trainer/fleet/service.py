@@ -172,8 +172,12 @@ class TrainerService:
         return self.cfg.release.public_url or self.server.url
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> TrainerService:
+    def start(self, announce_ready: bool = True) -> TrainerService:
+        """Start ingest, the release server and the control loop; ``announce_ready=False`` leaves systemd's
+        READY=1 to the caller (:meth:`announce_ready`), which has more to start (the console)."""
         c = self.cfg
+        self._notifier = Notifier()
+        self._announce_ready = announce_ready
         if not c.shared_subscription and c.ingest_workers > 1 and c.nats is None:
             raise ValueError(
                 "ingest_workers > 1 needs shared_subscription: true (a broker with shared subscriptions)"
@@ -297,8 +301,9 @@ class TrainerService:
     def _run(self) -> None:
         # systemd (deploy/systemd/edgefleet-trainer.service): ready once this loop runs, and WATCHDOG=1
         # after each tick that returned, so a tick stuck on the database or the broker gets it restarted.
-        notifier = Notifier()
-        notifier.ready(f"fleet {self.cfg.fleet}: serving releases at {self.repo_url}")
+        notifier = self._notifier
+        if self._announce_ready:
+            self.announce_ready()
         while not self._stop.wait(self.cfg.tick_s):
             try:
                 self.tick(time.time())
@@ -309,6 +314,10 @@ class TrainerService:
                 notifier.ping(self._status_line())
         notifier.stopping(f"fleet {self.cfg.fleet}: stopping")
         notifier.close()
+
+    def announce_ready(self) -> None:
+        """Tell systemd the service is up (READY=1); a no-op outside systemd."""
+        self._notifier.ready(f"fleet {self.cfg.fleet}: serving releases at {self.repo_url}")
 
     def _status_line(self) -> str:
         """What ``systemctl status`` shows: the champion, a retraining job, failed steps."""
