@@ -349,7 +349,7 @@ def _trainer_yaml(tmp_path: Path, db_url: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("command", ["trainer serve", "console", "ingest run"])
+@pytest.mark.parametrize("command", ["trainer serve", "console", "ingest run", "labels import"])
 def test_commands_refuse_a_database_older_than_this_release(
     db_url: str, tmp_path: Path, command: str
 ) -> None:
@@ -359,6 +359,8 @@ def test_commands_refuse_a_database_older_than_this_release(
         "trainer serve": ["trainer", "serve", "--config", str(cfg)],
         "console": ["console", "--config", str(cfg)],
         "ingest run": ["ingest", "run", "--broker", "mqtt://127.0.0.1:1", "--db", db_url, "--fleet", "shop"],
+        # commands that open an existing store without creating one refuse it the same way
+        "labels import": ["labels", "import", "none.csv", "--db", db_url, "--package", "none"],
     }[command]
     run = _edgefleet(*args, cwd=tmp_path)
     url = _shown(db_url)

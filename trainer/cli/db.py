@@ -61,7 +61,7 @@ def _opened(args: argparse.Namespace, failed: str) -> Iterator[Any]:
     from trainer.errors import StoreError
     from trainer.store import Store
 
-    store = Store(_url(args), create=False)
+    store = Store(_url(args), create=False, check=False)
     try:
         yield store
     except DBAPIError as exc:

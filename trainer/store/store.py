@@ -26,7 +26,7 @@ from edge_agent.package import ModelManifest, ModelPackage
 from edge_agent.protocol import Status, TelemetryWindow, UpdateEvent
 from edge_agent.reference import ReferenceStats
 from edge_agent.telemetry.merge import WindowSummary, merge_windows
-from trainer.errors import StoreError
+from trainer.errors import SchemaOutdated, StoreError
 from trainer.store.engine import WriteLock, insert, make_engine, writer
 from trainer.store.ingest_writes import (
     ModelCheck,
@@ -37,7 +37,7 @@ from trainer.store.ingest_writes import (
     write_update_events,
     write_windows,
 )
-from trainer.store.migrate import ensure_current, head, recorded_revision
+from trainer.store.migrate import ensure_current, head, recorded_revision, state
 from trainer.store.records import insert_alert, insert_audit
 from trainer.store.schema import (
     Alert,
@@ -125,7 +125,9 @@ class Store:
         store.record_alert(kind="drift", message="cam1 drifted", device="cam1", fleet="shop")
     """
 
-    def __init__(self, url: str, *, create: bool = True, **engine_kwargs: Any) -> None:
+    def __init__(self, url: str, *, create: bool = True, check: bool = True, **engine_kwargs: Any) -> None:
+        """``create``: make an empty database's schema (else it must exist); ``check=False`` opens an
+        older schema without refusing it (``edgefleet db``, which migrates it)."""
         self.url = url
         self.engine: Engine = make_engine(url, **engine_kwargs)
         database = self.engine.url.database or ":memory:"
@@ -142,6 +144,8 @@ class Store:
         self._write_lock = WriteLock(url)
         if create:
             self.create_schema()
+        elif check:
+            self.check_schema()
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -166,6 +170,17 @@ class Store:
             outcome = ensure_current(conn, self.shown_url)
         if outcome != "current":
             log.info("store %s: %s the schema at revision %s", self.shown_url, outcome, head())
+
+    def check_schema(self) -> None:
+        """Read only: refuse a database older than this release (commands that open an existing store
+        would otherwise fail later on a missing column with an SQL error). An empty one is left alone."""
+        with self.engine.connect() as conn:
+            if recorded_revision(conn) == head():
+                return
+            st = state(conn, self.shown_url)
+        if st.revision is not None and not st.at_head:
+            unrecorded = "" if st.recorded else " (not recorded: the database predates migrations)"
+            raise SchemaOutdated(self.shown_url, f"{st.revision}{unrecorded}", st.head)
 
     def close(self) -> None:
         self.engine.dispose()
