@@ -84,7 +84,6 @@ def _forget_device(args: argparse.Namespace) -> int:
     if args.fleet != cfg.fleet:
         raise ConfigError(f"{args.config} is the trainer of fleet {cfg.fleet!r}, not {args.fleet!r}")
     with Store(cfg.db_url, create=False) as store:
-        store.create_schema()  # a database from before removed_devices existed gets the table
         row = forget_device(store, cfg.fleet, args.device, actor=getpass.getuser(), reason=args.reason)
     seen = time.strftime("%Y-%m-%d %H:%M", time.localtime(row.last_seen))
     ha = "; the running service clears its Home Assistant entities" if cfg.homeassistant else ""

@@ -41,7 +41,6 @@ def _webhooks(args: argparse.Namespace) -> int:
             f"note: {args.config} configures no webhook {args.webhook!r} (it has: {known})", file=sys.stderr
         )
     with Store(cfg.db_url, create=False) as store:
-        store.create_schema()  # a database from before the webhook tables existed
         page = delivery_page(
             store,
             states=None if args.state is None else [args.state],
