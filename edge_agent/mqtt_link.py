@@ -223,13 +223,13 @@ class MqttLink:
                 why = self._refused or (mqtt.error_string(rc) if rc else "no CONNACK in time")
                 log.warning("MQTT: connection to %s failed: %s", self._url, why)
                 return
-            if self._stop.is_set():
-                return
+            if self._stop.is_set() and time.monotonic() >= self._flush_deadline:
+                return  # stopping, with no time left to flush on this connection
         backoff.reset()
         connected_at = time.monotonic()
         while True:
             if self._stop.is_set():
-                self._shutdown(client)
+                self._shutdown(client, connected_at)
                 return
             if self._confirmed:
                 self._pump(client)
@@ -272,18 +272,25 @@ class MqttLink:
             client.disconnect()
             client.loop(LOOP_TIMEOUT_S)
 
-    def _shutdown(self, client: mqtt.Client) -> None:
-        """Flush the spool until the deadline, publish the retained offline status, disconnect cleanly."""
+    def _shutdown(self, client: mqtt.Client, connected_at: float) -> None:
+        """Flush the spool until the deadline, publish the retained offline status, disconnect cleanly.
+
+        A stop that comes before the broker echoed this device's status still waits for the echo (up to
+        ``identity_check_s``): breaking off at once left a short run's whole spool for the next start."""
         while True:
             self._apply_acks()
+            unconfirmed_too_long = (
+                not self._confirmed and time.monotonic() - connected_at > self.settings.identity_check_s
+            )
             if (
                 len(self._spool) == 0
                 or time.monotonic() >= self._flush_deadline
                 or not self._connected.is_set()
-                or not self._confirmed
+                or unconfirmed_too_long
             ):
                 break
-            self._pump(client)
+            if self._confirmed:
+                self._pump(client)
             client.loop(LOOP_TIMEOUT_S)
         if not self._connected.is_set():
             return

@@ -304,6 +304,26 @@ def test_spool_left_by_a_previous_run_is_delivered(broker: MosquittoBroker, harn
     sub.close()
 
 
+def test_a_stop_right_after_start_still_connects_and_flushes(
+    broker: MosquittoBroker, harness_factory
+) -> None:
+    """A short run (a directory of photos, a few frames) stops before its link is connected and before the
+    broker echoed its status: the flush waits for both instead of leaving the spool for the next start
+    (the likely cause of a make test failure on a loaded machine: a restarted agent, 60 frames at full
+    speed, exited 0 in about 2 s and its windows never arrived)."""
+    h = harness_factory(broker.url)
+    sub = Subscriber(broker.url, h.tele)
+    for i in range(25):
+        h.spool.put(h.tele, b"w-%d" % i)
+    link = h.link()
+    link.start()
+    assert link.stop(flush_timeout=10) is True
+    assert len(h.spool) == 0
+    assert wait_until(lambda: len(sub.payloads()) >= 25, 10)
+    assert sub.payloads() == [b"w-%d" % i for i in range(25)]
+    sub.close()
+
+
 def test_messages_held_in_memory_on_a_full_disk_are_delivered(
     broker: MosquittoBroker, tmp_path: Path, harness_factory
 ) -> None:
