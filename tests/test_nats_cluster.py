@@ -15,6 +15,8 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -394,12 +396,22 @@ def test_an_ingest_worker_killed_mid_stream_loses_nothing_acknowledged(
         for w in ws[-1:]:
             device.publish(tele_topic(FLEET, "cam-05"), w.to_bytes())  # in order: all before are acked too
         killed_at = store.count_windows()
-        second = _start_workers([ingest_config(cluster, fleet_pki, db, 1, ack_wait_s=3)], stats)
+        mqtt = trainer_mqtt(cluster, fleet_pki)
+        nats_urls = [a for url in cluster.nats_urls for a in ("--nats", url)]
+        second = subprocess.Popen(  # the replacement is the real command line a deployment runs
+            [sys.executable, "-m", "edge_agent.cli", "ingest", "run", "--broker", mqtt.url, "--db", db]
+            + ["--fleet", FLEET, "--index", "1", "--stats-file", str(stats), "--stats-interval", "0.5"]
+            + ["--ca", str(mqtt.ca), "--cert", str(mqtt.cert), "--key", str(mqtt.key), *nats_urls],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert wait_for(lambda: store.count_windows() == len(ws), 60), (killed_at, store.count_windows())
             assert store.window_keys() == [("cam-05", 1, i) for i in range(len(ws))]
         finally:
-            _stop_workers(second)
+            second.send_signal(signal.SIGTERM)
+            _, err = second.communicate(timeout=30)
+        assert second.returncode == 0, err[-2000:]
         assert killed_at < len(ws), "the worker was killed after it had stored everything: nothing tested"
     finally:
         device.close()

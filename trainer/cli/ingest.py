@@ -54,6 +54,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--ca", type=Path)
     r.add_argument("--cert", type=Path)
     r.add_argument("--key", type=Path)
+    r.add_argument(
+        "--nats",
+        action="append",
+        metavar="URL",
+        help="the NATS broker tier (deploy/nats): read the JetStream consumer on these nodes' client listeners "
+        "(repeat for each node, e.g. tls://nats-1:4222) instead of the MQTT shared subscription; TLS files as "
+        "--ca/--cert/--key. The consumer is created if missing",
+    )
+    r.add_argument(
+        "--nats-consumer", default="ingest", help="the durable JetStream consumer the workers share"
+    )
     r.add_argument("--stats-file", help="write counters as JSON here ({index} is replaced per worker)")
     r.add_argument("--stats-interval", type=float, default=10.0, help="seconds between stats reports")
     r.set_defaults(func=_run)
@@ -75,7 +86,13 @@ def _config(args: argparse.Namespace) -> Any:
         raise SystemExit(
             "--no-shared is one worker: without a shared subscription each would get every message"
         )
+    nats = None
+    if args.nats:
+        from trainer.ingest.nats_source import NatsSettings
+
+        nats = NatsSettings(servers=args.nats, consumer=args.nats_consumer)
     return IngestConfig(
+        nats=nats,
         mqtt=MqttSettings(
             url=args.broker,
             username=args.username,
@@ -103,6 +120,10 @@ def _run(args: argparse.Namespace) -> int:
     from trainer.store import Store
 
     Store(config.db_url).close()  # create the schema once, before workers race to do it
+    if config.nats is not None:  # before any worker: JetStream keeps messages only for an existing consumer
+        from trainer.ingest.nats_source import ensure_ingest_consumer
+
+        ensure_ingest_consumer(config.nats, config.mqtt, config.fleet)
     if args.workers == 1:
         return run_worker(config, args.stats_file, args.stats_interval)
     return supervise(
