@@ -22,6 +22,10 @@ class MqttSettings(StrictModel):
     """Broker connection. mqtts:// enables TLS; cert+key enable mutual TLS."""
 
     url: str = "mqtt://127.0.0.1:1883"
+    fallback_urls: list[str] = Field(default_factory=list)
+    """Other nodes of the same broker tier (a NATS cluster's MQTT listeners, deploy/nats), same scheme and
+    TLS files: the agent's link tries the next one when it cannot connect to the current one, so a device
+    whose node died reconnects to a survivor instead of spooling until that node is back."""
     client_id: str | None = None
     """Defaults to ``{fleet}-{device}``."""
     username: str | None = None
@@ -47,13 +51,37 @@ class MqttSettings(StrictModel):
             raise ValueError(f"must look like mqtt://host:port or mqtts://host:port (got {v!r})")
         return v
 
+    @field_validator("fallback_urls")
+    @classmethod
+    def _fallback_schemes(cls, v: list[str]) -> list[str]:
+        for i, url in enumerate(v):
+            try:
+                cls._scheme(url)
+            except ValueError as exc:
+                raise ValueError(f"fallback_urls[{i}]: {exc}") from None
+        return v
+
     @model_validator(mode="after")
     def _cert_pairs(self) -> MqttSettings:
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key must be given together")
         if (self.cert or self.ca) and not self.tls:
             raise ValueError("ca/cert/key need an mqtts:// url")
+        other = [u for u in self.fallback_urls if urlsplit(u).scheme != urlsplit(self.url).scheme]
+        if other:
+            raise ValueError(
+                f"fallback_urls must use the url's scheme ({urlsplit(self.url).scheme}): {other}"
+            )
         return self
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """(host, port) of ``url``, then of each fallback, in the order the link tries them."""
+        default = 8883 if self.tls else 1883
+        return [
+            (p.hostname or "127.0.0.1", p.port or default)
+            for p in map(urlsplit, [self.url, *self.fallback_urls])
+        ]
 
     @property
     def tls(self) -> bool:

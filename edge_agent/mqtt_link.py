@@ -87,7 +87,9 @@ class MqttLink:
         self._requested: list[tuple[str, int]] = []
         """What the current connection subscribed to, in SUBACK order."""
         self._on_message = on_message
-        self._url = f"{'mqtts' if settings.tls else 'mqtt'}://{settings.host}:{settings.port}"
+        self._endpoint = 0
+        """Index in ``settings.endpoints`` of the broker node this link connects to."""
+        self._url = self._endpoint_url()
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._flush_deadline = 0.0
@@ -204,14 +206,26 @@ class MqttLink:
         client.on_subscribe = self._on_subscribe
         return client
 
+    def _endpoint_url(self) -> str:
+        host, port = self.settings.endpoints[self._endpoint]
+        return f"{'mqtts' if self.settings.tls else 'mqtt'}://{host}:{port}"
+
+    def _next_endpoint(self) -> None:
+        """After a failed connection attempt, try the next node of the tier (``fallback_urls``)."""
+        if len(self.settings.endpoints) > 1:
+            self._endpoint = (self._endpoint + 1) % len(self.settings.endpoints)
+            self._url = self._endpoint_url()
+
     def _session(self, client: mqtt.Client, backoff: Backoff) -> None:
         """One connection: connect, wait for CONNACK, then loop and pump until it drops or we stop."""
         self._refused = None
+        host, port = self.settings.endpoints[self._endpoint]
         try:
-            client.connect(self.settings.host, self.settings.port, keepalive=self.settings.keepalive)
+            client.connect(host, port, keepalive=self.settings.keepalive)
         except Exception as exc:  # refused, unreachable, DNS, TLS handshake or certificate errors
             self._events.add("mqtt_connect_failures")
             log.warning("MQTT: cannot connect to %s: %s", self._url, exc)
+            self._next_endpoint()
             return
         deadline = time.monotonic() + CONNACK_TIMEOUT_S
         while not self._connected.is_set():
@@ -222,6 +236,7 @@ class MqttLink:
                 self._events.add("mqtt_connect_failures")
                 why = self._refused or (mqtt.error_string(rc) if rc else "no CONNACK in time")
                 log.warning("MQTT: connection to %s failed: %s", self._url, why)
+                self._next_endpoint()
                 return
             if self._stop.is_set() and time.monotonic() >= self._flush_deadline:
                 return  # stopping, with no time left to flush on this connection

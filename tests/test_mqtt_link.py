@@ -362,6 +362,36 @@ def test_stop_while_broker_is_down_keeps_the_spool(broker_factory, harness_facto
     assert [i.payload for i in h.spool.peek(10)] == [b"0", b"1", b"2", b"3", b"4"]
 
 
+def test_a_dead_broker_node_fails_over_to_the_next_url(broker_factory, harness_factory) -> None:
+    """Two nodes of one tier (stand-ins for a NATS cluster's MQTT listeners): the node the link is on dies
+    for good; with ``fallback_urls`` the link connects to the other and delivers what was spooled."""
+    a: MosquittoBroker = broker_factory()
+    b: MosquittoBroker = broker_factory()
+    h = harness_factory(a.url, fallback_urls=[b.url], identity_check_s=0)
+    sub = Subscriber(b.url, h.tele)
+    link = h.link()
+    link.start()
+    assert link.wait_connected(10)
+    a.stop(kill=True)
+    for i in range(10):
+        link.publish_spooled(h.tele, b"%d" % i)
+    assert wait_until(lambda: len(sub.payloads()) >= 10, 20), link.stats()
+    assert sub.payloads() == [b"%d" % i for i in range(10)]
+    assert link.stats()["events"]["mqtt_connects"] == 2
+    sub.close()
+
+
+def test_fallback_urls_must_be_broker_urls_of_the_same_scheme() -> None:
+    with pytest.raises(ValueError, match=r"fallback_urls\[1\]: .*mqtt://host:port"):
+        MqttSettings(url="mqtt://a:1883", fallback_urls=["mqtt://b:1883", "nats://c:4222"])
+    with pytest.raises(ValueError, match="the url's scheme"):
+        MqttSettings(url="mqtt://a:1883", fallback_urls=["mqtts://b:8883"])
+    assert MqttSettings(url="mqtts://a", fallback_urls=["mqtts://b:9883"]).endpoints == [
+        ("a", 8883),
+        ("b", 9883),
+    ]
+
+
 def test_publish_now_is_best_effort(broker: MosquittoBroker, harness_factory) -> None:
     h = harness_factory(broker.url)
     topic = f"ef/v1/{FLEET}/dev/{h.device}/pred"

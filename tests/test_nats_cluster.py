@@ -458,3 +458,42 @@ def test_the_trainer_service_on_the_nats_tier_creates_its_consumer_ingests_and_h
     finally:
         device.close()
         service.stop()
+
+
+def test_an_agent_with_fallback_urls_moves_to_a_surviving_node(
+    cluster: NatsCluster, fleet_pki: Path, tmp_path: Path
+) -> None:
+    """``mqtt.fallback_urls`` lists the other nodes: when the agent's node dies for good, its link connects
+    to a survivor and its windows keep being stored while the node stays down."""
+    announce(cluster, fleet_pki, 0, 1)  # the first MQTT client makes the server create $MQTT_msgs
+    ensure_ingest_consumer(NatsSettings(servers=cluster.nats_urls), trainer_mqtt(cluster, fleet_pki), FLEET)
+    db = f"sqlite:///{tmp_path / 'failover.db'}"
+    Store(db).close()
+    workers = _start_workers([ingest_config(cluster, fleet_pki, db, 0)], tmp_path / "w-{index}.json")
+    cfg = _agent_config(
+        "cam-03",
+        cluster.mqtt_url(0),
+        fleet_pki,
+        tmp_path / "state",
+        build_tiny_package(tmp_path / "pkg").root,
+    )
+    cfg = cfg.model_copy(
+        update={
+            "mqtt": cfg.mqtt.model_copy(update={"fallback_urls": [cluster.mqtt_url(1), cluster.mqtt_url(2)]})
+        }
+    )
+    agent = Agent(cfg)
+    thread = threading.Thread(target=agent.run, name="agent-failover", daemon=True)
+    store = Store(db, create=False)
+    thread.start()
+    try:
+        assert wait_for(lambda: store.count_windows() >= 3, 60), store.count_windows()
+        cluster.kill(0)  # and it stays down
+        at_kill = store.count_windows()
+        assert wait_for(lambda: store.count_windows() >= at_kill + 10, 90), (at_kill, store.count_windows())
+        assert agent.link.stats()["events"]["mqtt_connects"] >= 2
+    finally:
+        agent.stop()
+        thread.join(60)
+        store.close()
+        _stop_workers(workers)
