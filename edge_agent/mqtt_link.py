@@ -175,9 +175,16 @@ class MqttLink:
     # ----- the link thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        """Connect, serve, and reconnect with jittered exponential backoff until stopped."""
+        """Connect, serve, and reconnect with jittered exponential backoff until stopped.
+
+        A stop that finds the link between connections (not started yet, or waiting to reconnect) with
+        spooled messages makes one more attempt at once: a short run, or a stop during a broker's
+        hiccup, still flushes if the broker answers, and a broker that is down costs one refused connect."""
         backoff = Backoff(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
-        while not self._stop.is_set():
+        while True:
+            final = self._stop.is_set()
+            if final and (len(self._spool) == 0 or time.monotonic() >= self._flush_deadline):
+                break
             client = self._new_client()
             try:
                 self._session(client, backoff)
@@ -186,7 +193,9 @@ class MqttLink:
             finally:
                 self._end_session(client)
             if self._stop.is_set():
-                break
+                if final or len(self._spool) == 0 or time.monotonic() >= self._flush_deadline:
+                    break
+                continue
             delay = backoff.next()
             self._delays.append(delay)
             log.info("MQTT: reconnecting to %s in %.2f s", self._url, delay)
