@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ def test_an_evaluation_without_the_gate_or_the_device_report_is_refused(tmp_path
         assert not (tmp_path / "bad").exists()
 
 
-def test_export_writes_a_verified_package_with_hook_fields(tmp_path: Path) -> None:
+def test_export_writes_a_verified_package_with_hook_fields(tmp_path: Path, capsys) -> None:
     seen = {}
 
     def hook(draft):  # receives a loadable draft package
@@ -99,8 +100,11 @@ def test_export_writes_a_verified_package_with_hook_fields(tmp_path: Path) -> No
         return {"temperature": 1.5, "evaluation": _evaluation()}
 
     out = tmp_path / "colour"
-    report = export_package(ColourNet(), _spec(), _frames(16, 0), out, before_commit=hook, progress=False)
+    report = export_package(ColourNet(), _spec(), _frames(16, 0), out, before_commit=hook)
     pkg = load_package(out)
+    numbers = re.findall(r"\[export (\d+)/(\d+)\] .* done in", capsys.readouterr().err)
+    assert [int(n) for n, _ in numbers] == list(range(1, len(numbers) + 1)), numbers
+    assert {int(total) for _, total in numbers} == {len(numbers)}, "the progress total is the steps taken"
     assert seen["artifacts"] == ["onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"]
     assert pkg.manifest.temperature == 1.5 and pkg.manifest.evaluation is not None
     assert pkg.manifest.evaluation.device_report().accuracy == 1.0 and pkg.manifest.evaluation.gate.passed

@@ -230,7 +230,7 @@ def export_package(
     check_frames = list(check_frames if check_frames is not None else calibration_frames)
     golden_frames = list(golden_frames if golden_frames is not None else check_frames)
     model = model.eval()
-    steps = Steps("export", 3 + len(spec.formats), enabled=progress)
+    steps = Steps("export", 4 + _runtime_steps(spec), enabled=progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a package is read by agents, servers and other users
@@ -279,6 +279,13 @@ def _torch_reference(
     check = _float_nchw(check_frames, spec.preprocess)
     probs = to_probabilities(_torch_logits(model, check), spec.output_kind, spec.temperature)
     return TorchReference(_float_nchw(calibration_frames, spec.preprocess), check, probs)
+
+
+def _runtime_steps(spec: ExportSpec) -> int:
+    """Progress steps :func:`_export_artifacts` takes: each runtime's fp32 export (int8 is quantized from
+    it, so it runs when either is wanted) and its int8 quantization when wanted."""
+    wanted = [[p for p in ("fp32", "int8") if f"{ex.name}-{p}" in spec.formats] for ex in EXPORTERS]
+    return sum(bool(w) + ("int8" in w) for w in wanted)
 
 
 def _export_artifacts(
