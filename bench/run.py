@@ -32,6 +32,7 @@ EXTRA = {
     "fuzz": "bench.fuzz_bench",
     "soak": "bench.soak_bench",
     "console": "bench.console_bench",
+    "fleet_load": "bench.fleet_load_bench",
 }
 
 
