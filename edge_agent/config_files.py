@@ -1,7 +1,7 @@
 """One way to read a YAML config file, for the agent and the trainer service alike.
 
-``${ENV}`` and ``${ENV:-default}`` are substituted before parsing, relative paths are resolved against
-the file's directory, and every problem is one :class:`ConfigError` line naming the file, the field
+``${ENV}`` and ``${ENV:-default}`` are substituted in the parsed scalars (keys and values, never in
+comments, and a variable cannot add structure), relative paths are resolved against the file's directory, and every problem is one :class:`ConfigError` line naming the file, the field
 and what is wrong, e.g. ``agent.yaml: mqtt.url: must start with mqtt:// or mqtts:// (got 'tcp://x')``.
 """
 
@@ -55,13 +55,49 @@ def read_yaml(path: str | Path) -> Any:
         ) from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read ({exc.strerror})") from None
-    text = substitute_env(text, str(p))
     try:
-        return yaml.safe_load(text)
+        return _load_substituted(text, str(p))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{p}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def _load_substituted(text: str, origin: str) -> Any:
+    """Parse YAML, substitute ``${ENV}`` in its scalars, and build the document. A plain scalar's type is
+    resolved again from its substituted text (``port: ${PORT}`` is an int), a quoted one stays a string."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _substitute_nodes(node, loader, origin)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _substitute_nodes(root: yaml.Node, loader: yaml.SafeLoader, origin: str) -> None:
+    """``${ENV}`` in every scalar under ``root``, each node once (anchors and aliases share nodes)."""
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            todo.extend(n for pair in node.value for n in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend(node.value)
+        elif isinstance(node, yaml.ScalarNode) and "${" in node.value:
+            where = f"{origin}: line {node.start_mark.line + 1}"
+            implicit = node.style is None and node.tag == loader.resolve(
+                yaml.ScalarNode, node.value, (True, False)
+            )
+            node.value = substitute_env(node.value, where)
+            if implicit:
+                node.tag = loader.resolve(yaml.ScalarNode, node.value, (True, False))
 
 
 def validate_model(model: type[M], data: Any, origin: str) -> M:

@@ -78,3 +78,37 @@ def test_missing_file_and_env_variable(tmp_path: Path, monkeypatch: pytest.Monke
     assert load_config(p).device_id == "cam-77"
     p2 = _write(tmp_path, GOOD.replace("cam-01", "${EF_TEST_OTHER:-cam-default}"))
     assert load_config(p2).device_id == "cam-default"
+
+
+def test_env_substitution_is_in_values_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A comment naming an unset variable is only a comment; a plain ``${VAR}`` takes the type of its text,
+    a quoted one stays a string; a variable's text cannot add keys; an unset one names its line."""
+    from edge_agent.config_files import read_yaml
+
+    monkeypatch.delenv("EF_TEST_UNSET", raising=False)
+    monkeypatch.setenv("EF_TEST_PORT", "1884")
+    monkeypatch.setenv("EF_TEST_INJECT", "x\nfleet: other")
+    text = (
+        "# set ${EF_TEST_UNSET} to change the device\n"
+        "device_id: cam-01  # or ${EF_TEST_UNSET}\n"
+        "port: ${EF_TEST_PORT}\n"
+        "quoted: '${EF_TEST_PORT}'\n"
+        "name: ${EF_TEST_INJECT}\n"
+        "list: [a, '${EF_TEST_PORT:-0}']\n"
+    )
+    data = read_yaml(_write(tmp_path, text))
+    assert data == {
+        "device_id": "cam-01",
+        "port": 1884,
+        "quoted": "1884",
+        "name": "x\nfleet: other",
+        "list": ["a", "1884"],
+    }
+    p = _write(tmp_path, GOOD + "extra: ${EF_TEST_UNSET}\n")
+    with pytest.raises(
+        ConfigError, match=r"agent.yaml: line 7: environment variable \$\{EF_TEST_UNSET\} is not set"
+    ):
+        read_yaml(p)
+    monkeypatch.setenv("CAMERA_PORT", "1885")
+    cfg = load_config(_write(tmp_path, GOOD.replace("broker:1883", "broker:${CAMERA_PORT}")))
+    assert cfg.mqtt.port == 1885

@@ -483,7 +483,9 @@ def test_service_config_reads_like_the_agents(tmp_path: Path, monkeypatch: pytes
         "release: {repo: releases}\ntraining: {base_data: d, work_dir: /abs/work}\n"
     )
     monkeypatch.delenv("EF_MQTT_PASSWORD", raising=False)
-    with pytest.raises(ConfigError, match=r"trainer\.yaml: environment variable \$\{EF_MQTT_PASSWORD\}"):
+    with pytest.raises(
+        ConfigError, match=r"trainer\.yaml: line 3: environment variable \$\{EF_MQTT_PASSWORD\}"
+    ):
         load_service_config(p)
     monkeypatch.setenv("EF_MQTT_PASSWORD", "s3cret")
     cfg = load_service_config(p)
