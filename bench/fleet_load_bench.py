@@ -663,9 +663,12 @@ def _fleet_phase(
 
 def run_broker(name: str, args: argparse.Namespace, pki_dir: Path, devices: list[str]) -> dict[str, Any]:
     """One broker: fresh database, broker, ingest, fleet, drift and health steps, console; the figures."""
+    import shutil
+
     from trainer.sim.console_seed import seed_console
     from trainer.store import Store
 
+    shutil.rmtree(WORK / "seed", ignore_errors=True)
     db_url = fresh_db()
     store = Store(db_url)
     seed = seed_console(store, WORK / "seed", devices=4, hours=1.0, now=time.time())
