@@ -37,6 +37,7 @@ from edge_agent.protocol import (
     tele_topic,
 )
 from edge_agent.protocol import Sample as SampleMessage
+from trainer.ingest.batching import WriterLimits
 from trainer.ingest.routing import Accepted, classify, subscription
 from trainer.ingest.worker import IngestConfig, IngestWorker
 from trainer.ops.broker import MosquittoBroker
@@ -330,7 +331,11 @@ def test_a_message_the_database_refuses_is_dead_lettered_alone(
     batch message by message, stores the others and dead-letters that one (ingest never stalls)."""
     fleet = f"ref{abs(hash(db_url)) % 10**6}"
     worker = start_worker(
-        mqtt=MqttSettings(url=broker.url), db_url=db_url, fleet=fleet, group="ref", batch_linger_s=0.2
+        mqtt=MqttSettings(url=broker.url),
+        db_url=db_url,
+        fleet=fleet,
+        group="ref",
+        limits=WriterLimits(batch_linger_s=0.2),
     )
     ws = windows("cam1", 6, fleet=fleet)
     poison = ws[3].model_copy(update={"seq": 2**63})
@@ -594,8 +599,7 @@ def test_database_outage_buffers_and_resumes_nothing_lost(
             db_url=pg.url,
             fleet=fleet,
             group="out",
-            max_buffered=50,
-            retry_max_s=1.0,
+            limits=WriterLimits(max_buffered=50, retry_max_s=1.0),
         )
         ws = [tiny_window(f"cam{d}", i, fleet=fleet) for i in range(360) for d in range(5)]  # 18 s at 100/s
         sender = threading.Thread(

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from trainer.ingest.batching import WriterLimits
 from trainer.ingest.processes import run_worker, supervise
 
 
@@ -47,9 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--client-id", help="client id of a single worker (default {client-prefix}-{group}-{fleet}-{index})"
     )
     r.add_argument("--kinds", default="tele,status,sample,update", help="message kinds to ingest")
-    r.add_argument("--batch-max", type=int, default=200)
-    r.add_argument("--batch-linger", type=float, default=0.0, help="seconds a batch waits for more messages")
-    r.add_argument("--max-buffered", type=int, default=10_000)
+    _limit_options(r)
     r.add_argument("--username", help="broker user name (the password is read from EDGEFLEET_MQTT_PASSWORD)")
     r.add_argument("--ca", type=Path)
     r.add_argument("--cert", type=Path)
@@ -72,6 +71,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--db", required=True)
     d.add_argument("--reason")
     d.set_defaults(func=_dead_letters)
+
+
+def _limit_options(r: argparse.ArgumentParser) -> None:
+    """The writer's batching options, defaulting to :class:`WriterLimits` (their one source)."""
+    limits = WriterLimits()
+    r.add_argument("--batch-max", type=int, default=limits.batch_max, help="most messages per transaction")
+    r.add_argument(
+        "--batch-linger",
+        type=float,
+        default=limits.batch_linger_s,
+        help="seconds a batch waits for more messages",
+    )
+    r.add_argument(
+        "--max-buffered",
+        type=int,
+        default=limits.max_buffered,
+        help="messages buffered before reading pauses",
+    )
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -109,9 +126,12 @@ def _config(args: argparse.Namespace) -> Any:
         client_prefix=args.client_prefix,
         client_id=args.client_id,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
-        batch_max=args.batch_max,
-        batch_linger_s=args.batch_linger,
-        max_buffered=args.max_buffered,
+        limits=replace(
+            WriterLimits(),
+            batch_max=args.batch_max,
+            batch_linger_s=args.batch_linger,
+            max_buffered=args.max_buffered,
+        ),
     )
 
 

@@ -168,13 +168,22 @@ class IngestStats:
 
 @dataclass(frozen=True)
 class WriterLimits:
-    """How the writer batches and retries (the worker's :class:`~trainer.ingest.worker.IngestConfig`)."""
+    """How the writer batches, buffers and retries: ``IngestConfig.limits``, the one source of these
+    defaults (the CLI's options take theirs from here too)."""
 
     batch_max: int = 200
+    """Most messages per transaction."""
     batch_linger_s: float = 0.0
+    """How long a batch waits for more messages once none is waiting. 0 (group commit) commits what
+    is there as soon as the previous commit is done: under load batches grow by themselves, and no
+    time is spent waiting for messages the broker holds back until the current ones are acknowledged
+    (its in-flight window)."""
     max_buffered: int = 10_000
+    """Hard cap of the buffer: the source stops reading when it is full."""
     retry_min_s: float = 0.1
+    """First delay before retrying a batch while the database is unreachable (then doubling, jittered)."""
     retry_max_s: float = 5.0
+    """Longest delay between retries."""
 
 
 class BatchWriter:

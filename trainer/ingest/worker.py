@@ -25,7 +25,8 @@ Workflow of one :class:`IngestWorker`::
   that validates batches (:mod:`trainer.ingest.routing`), writes each in one transaction, then has the
   source acknowledge it; invalid messages are dead-lettered and acknowledged too; a database outage is
   retried with backoff while new messages wait unacknowledged (the broker's in-flight window per client,
-  mosquitto ``max_inflight_messages``, bounds how many arrive meanwhile; ``max_buffered`` is a hard cap).
+  mosquitto ``max_inflight_messages``, bounds how many arrive meanwhile; ``limits.max_buffered`` is a hard
+  cap).
 * An acknowledgement is only sent on the connection the message arrived on (MQTT message ids are per
   connection); after a reconnect the broker redelivers, and the copy is counted as a duplicate.
 """
@@ -37,7 +38,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -76,15 +77,8 @@ class IngestConfig:
     """Overrides ``{client_prefix}-{group}-{fleet}-{index}``. Must be stable across restarts (persistent
     session)."""
     kinds: tuple[str, ...] = ("tele", "status", "sample", "update")
-    batch_max: int = 200
-    batch_linger_s: float = 0.0
-    """How long a batch waits for more messages once none is waiting. 0 (group commit) commits what
-    is there as soon as the previous commit is done: under load batches grow by themselves, and no
-    time is spent waiting for messages the broker holds back until the current ones are acknowledged
-    (its in-flight window)."""
-    max_buffered: int = 10_000
-    retry_min_s: float = 0.1
-    retry_max_s: float = 5.0
+    limits: WriterLimits = field(default_factory=WriterLimits)
+    """Batching, buffering and database retries of the writer (one source of their defaults)."""
     keepalive_s: int = 30
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 5.0
@@ -232,15 +226,10 @@ class IngestWorker:
         self.store = store or Store(config.db_url)
         self._own_store = store is None
         self.client_id = config.effective_client_id
-        limits = WriterLimits(
-            config.batch_max,
-            config.batch_linger_s,
-            config.max_buffered,
-            config.retry_min_s,
-            config.retry_max_s,
-        )
         self.source: MqttSource | NatsSource
-        self.writer = BatchWriter(self.store, self.kinds, name=self.client_id, limits=limits, ack=self._ack)
+        self.writer = BatchWriter(
+            self.store, self.kinds, name=self.client_id, limits=config.limits, ack=self._ack
+        )
         if config.nats is not None:
             self.source = NatsSource(
                 config.nats, config.mqtt, config.fleet, self.client_id, config.kinds, self.writer
