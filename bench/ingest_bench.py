@@ -382,6 +382,40 @@ class Bench:
             "cpu": _per_msg(cpu, n),
         }
 
+    # breakdown --------------------------------------------------------------------------------
+    def _child(self, target: Callable[..., None], db: str, kind: str, n: int, *args: Any) -> dict[str, Any]:
+        url, drop = self.db_url(db)
+        try:
+            q = self.ctx.Queue()
+            p = self.ctx.Process(target=target, args=(url, self.payload_file(kind, n), *args, q))
+            p.start()
+            res = _result(p, q)
+            p.join(60)
+            return res
+        finally:
+            drop()
+
+    def breakdown(self, db: str, kind: str, n: int, batch: int) -> dict[str, Any]:
+        """Per-stage CPU of one worker's writer on ``n`` messages, with a worker's GC settings and with
+        CPython's defaults (bench/ingest_breakdown.py), each in a fresh process on a fresh database."""
+        from bench.ingest_breakdown import breakdown_child
+
+        out = {}
+        for label, tuned in (("gc_tuned", True), ("gc_default", False)):
+            watch = CpuWatch(self.broker)
+            out[label] = self._child(breakdown_child, db, kind, n, batch, tuned)
+            out[label]["machine_busy_cores"] = round(watch.stop()["machine_busy_cores"], 2)
+        return out
+
+    def insert_methods(self, db: str, kind: str, n: int, batch: int) -> dict[str, Any]:
+        """The windows insert: bulk_insert (COPY on PostgreSQL) against insertmanyvalues and executemany."""
+        from bench.ingest_breakdown import insert_methods_child
+
+        watch = CpuWatch(self.broker)
+        res = self._child(insert_methods_child, db, kind, n, batch)
+        res["machine_busy_cores"] = round(watch.stop()["machine_busy_cores"], 2)
+        return res
+
 
 class CpuWatch:
     """CPU used during a run: the whole machine (from /proc/stat), mosquitto, and every postgres process.
@@ -649,6 +683,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--payloads", default="tiny,window", help="subset of tiny,window")
     ap.add_argument("--modes", default="live,drain", help="subset of live,drain")
     ap.add_argument("--no-raw-reference", action="store_true", help="skip the opaque 300-byte raw run")
+    ap.add_argument(
+        "--breakdown-messages",
+        type=int,
+        default=10_000,
+        help="windows for the per-stage breakdown, the insert methods and the decode microbench (0: skip)",
+    )
     ap.add_argument("--out", default=str(RESULTS / "ingest.json"))
     args = ap.parse_args(argv)
     n, repeat = (5_000, 1) if args.quick else (args.messages, args.repeat)
@@ -680,28 +720,100 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     row["repeat"] = r
                     rows.append(row)
                     print(f"  {label:34s} {row['msg_per_s']:8.0f} msg/s", flush=True)
+            stages = _stages(bench, dbs, min(n, args.breakdown_messages)) if args.breakdown_messages else {}
         finally:
             bench.close()
     summary = summarize(rows)
+    if stages:
+        from bench.ingest_breakdown import explain_gap
+
+        stages["gap_to_target"] = explain_gap(summary["configs"], stages["breakdown_us_per_msg"])
     result = {
         "benchmark": "ingest",
         "messages_per_run": n,
         "repeat": repeat,
         "databases": dbs,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine_block(),
         "duration_s": round(time.time() - t_start, 1),
         "summary": summary,
+        **stages,
         "runs": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(format_table(summary))
+    if stages:
+        print(format_stages(stages))
     print(f"results in {args.out}")
     return result
+
+
+def _stages(bench: Bench, dbs: list[str], n: int) -> dict[str, Any]:
+    """The per-stage breakdown of one worker on realistic windows, the insert methods and the decode
+    microbench, measured in the same run as the throughput figures."""
+    from bench.decode_bench import measure
+    from trainer.ingest.batching import WriterLimits
+
+    batch = WriterLimits().batch_max
+    out: dict[str, Any] = {"breakdown_us_per_msg": {}, "insert_methods": {}}
+    for db in dbs:
+        out["breakdown_us_per_msg"][db] = bench.breakdown(db, "window", n, batch)
+        out["insert_methods"][db] = bench.insert_methods(db, "window", n, batch)
+        print(f"  breakdown and insert methods {db} done", flush=True)
+    watch = CpuWatch(bench.broker)
+    out["decode_microbench"] = measure([p for _, p in make_payloads("window", min(n, 2000))])
+    out["decode_microbench"]["machine_busy_cores"] = round(watch.stop()["machine_busy_cores"], 2)
+    return out
+
+
+def format_stages(stages: dict[str, Any]) -> str:
+    """The breakdown, the insert methods and the decode microbench as tables."""
+    from bench.decode_bench import format_table as decode_table
+    from bench.ingest_breakdown import STAGES
+
+    bd = stages["breakdown_us_per_msg"]
+    cols = [(db, gc) for db in bd for gc in ("gc_tuned", "gc_default")]
+    lines = ["", "writer stages, CPU us per 3.5 KB window (one worker's writer, in a fresh process)"]
+    lines.append(f"{'stage':22s}" + "".join(f"{db[:6] + ' ' + gc[3:]:>16s}" for db, gc in cols))
+    for stage in (*STAGES, "of_which_gc_cpu", "cpu_total"):
+        vals = [bd[db][gc]["cpu"].get(stage, bd[db][gc].get(stage, 0.0)) for db, gc in cols]
+        lines.append(f"{stage:22s}" + "".join(f"{v:16.1f}" for v in vals))
+    lines += ["", "windows insert, us per row (best of rounds): wall, client CPU, server CPU"]
+    for db, res in stages["insert_methods"].items():
+        for name, v in res["methods"].items():
+            lines.append(
+                f"  {db:10s} {name:42s} {v['wall_us_per_row']:7.1f} {v['client_cpu_us_per_row']:7.1f} "
+                f"{v['server_cpu_us_per_row']:7.1f}"
+            )
+    lines += ["", decode_table(stages["decode_microbench"]), "", "gap to 0.8x raw (drain, window, 1 worker):"]
+    for db, g in stages.get("gap_to_target", {}).items():
+        lines.append(f"  {db}: " + ", ".join(f"{k} {v}" for k, v in g.items()))
+    return "\n".join(lines)
+
+
+def machine_block() -> dict[str, Any]:
+    """The machine the figures come from: cores, CPU model and flags, Python, OS."""
+    from bench.accuracy_bench import cpu_flags
+
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "cpu_flags": cpu_flags(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def _pg_up(url: str) -> bool:
