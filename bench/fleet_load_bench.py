@@ -166,6 +166,8 @@ class Tier:
     nats_urls: list[str] | None
     pids: dict[str, int]
     version: str
+    http_ports: list[int] = field(default_factory=list)
+    """NATS nodes' monitoring ports (/varz, /jsz)."""
 
 
 def _version(cmd: list[str]) -> str:
@@ -232,6 +234,7 @@ def nats_tier(pki_dir: Path, devices: list[str]) -> Iterator[Tier]:
             cluster.nats_urls,
             {f"nats-{n.address.name}": n.proc.pid for n in cluster.nodes if n.proc is not None},
             _version([str(cluster.binary), "--version"]),
+            [n.address.http_port for n in cluster.nodes],
         )
     finally:
         cluster.stop()
@@ -318,9 +321,14 @@ class CommitWatcher(threading.Thread):
 
         q = text("SELECT id, device, seq, received_at FROM windows WHERE id > :low AND device LIKE 'dev-%'")
         top = 0
+        from sqlalchemy.exc import OperationalError
+
         while not self.stop_flag.wait(POLL_S):
-            with self.engine.connect() as conn:
-                rows = conn.execute(q, {"low": top - 5000}).all()
+            try:
+                with self.engine.connect() as conn:
+                    rows = conn.execute(q, {"low": top - 5000}).all()
+            except OperationalError:  # the run failed and its database is gone
+                return
             now = time.time()
             for row_id, device, seq, received in rows:
                 self.seen.setdefault((device, seq), (now, received))
@@ -361,6 +369,59 @@ class RssSampler(threading.Thread):
         self.sample()
 
 
+class NatsProbe(threading.Thread):
+    """Every 10 s, the NATS nodes' own view (/varz and /jsz): client connections, JetStream consumers,
+    API errors, memory and whether a meta leader is known; the last sample per node in full."""
+
+    def __init__(self, ports: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.ports = ports
+        self.timeline: list[dict[str, Any]] = []
+        self.last: list[dict[str, Any]] = []
+        self.stop_flag = threading.Event()
+        self.t0 = time.time()
+
+    def sample(self) -> None:
+        import urllib.request
+
+        nodes: list[dict[str, Any]] = []
+        for port in self.ports:
+            try:
+                got = {}
+                for page in ("varz", "jsz"):
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/{page}", timeout=5) as r:
+                        got[page] = json.loads(r.read())
+            except (OSError, ValueError) as exc:
+                nodes.append({"error": str(exc)})
+                continue
+            v, j = got["varz"], got["jsz"]
+            nodes.append(
+                {
+                    "connections": v.get("connections"),
+                    "subscriptions": v.get("subscriptions"),
+                    "mem_mb": round(v.get("mem", 0) / 2**20, 1),
+                    "consumers": j.get("consumers"),
+                    "api_total": j.get("api", {}).get("total"),
+                    "api_errors": j.get("api", {}).get("errors"),
+                    "meta_leader": j.get("meta_cluster", {}).get("leader"),
+                }
+            )
+        self.last = nodes
+        total = {k: sum(n.get(k) or 0 for n in nodes) for k in ("connections", "consumers", "api_errors")}
+        self.timeline.append({"t_s": round(time.time() - self.t0), **total})
+
+    def run(self) -> None:
+        while not self.stop_flag.wait(10.0):
+            self.sample()
+
+    def stop(self) -> dict[str, Any]:
+        self.stop_flag.set()
+        self.join(15)
+        self.sample()
+        peak = {k: max((t[k] for t in self.timeline), default=0) for k in ("connections", "consumers")}
+        return {"peak_totals": peak, "nodes_at_end": self.last, "timeline": self.timeline}
+
+
 def add_worker_pids(sampler: RssSampler, supervisor: subprocess.Popen[bytes]) -> None:
     """The ingest worker processes under the supervisor (spawned children, excluding the resource
     tracker), once they are up."""
@@ -390,9 +451,9 @@ class Sims:
             assert p.stdout is not None
             line = ""
             while not line.startswith(expect):
-                if p.poll() is not None or time.monotonic() > deadline:
+                line = p.stdout.readline()  # what it printed before exiting is still read
+                if (not line and p.poll() is not None) or time.monotonic() > deadline:
                     raise RuntimeError(f"simulator {p.pid} did not say {expect} (exit {p.poll()})")
-                line = p.stdout.readline()
             got.append(line)
         return got
 
@@ -636,9 +697,14 @@ def _fleet_phase(
     starts = [r["connect_started"] for r in res]
     dones = [r["connect_done"] for r in res if r["connect_done"]]
     per_device = [x for r in res for x in r["device_connect_s"]]
+    start = min(starts)
+    at = sorted(x - start for r in res for x in r.get("confirmed_at", []))
+    by_s = {str(s): sum(1 for x in at if x <= s) for s in (10, 30, 60, 120, 300)}
     return {
         "t0": t0,
         "connected": sum(r["connected"] for r in res),
+        "connected_by_s": by_s,
+        "finally_connected": sum(r.get("finally_connected", r["connected"]) for r in res),
         "connect_fleet_s": round(max(dones) - min(starts), 2) if dones else None,
         "connect_device_s": {
             "p50": pct(per_device, 0.5),
@@ -681,6 +747,9 @@ def run_broker(name: str, args: argparse.Namespace, pki_dir: Path, devices: list
         with tier_cm as tier:
             sampler.pids.update(tier.pids)
             sampler.start()
+            probe = NatsProbe(tier.http_ports)
+            if tier.http_ports:
+                probe.start()
             announce(tier, pki_dir)
             watcher = CommitWatcher(db_url)
             watcher.start()
@@ -692,6 +761,7 @@ def run_broker(name: str, args: argparse.Namespace, pki_dir: Path, devices: list
                 drain_s = _wait_stored(watcher, sent, 180)
             watcher.stop()
             sampler.stop()
+            nats_view = probe.stop() if tier.http_ports else None
             stats = worker_stats()
         stored = stored_keys(db_url)
         published = fleet.pop("published")
@@ -712,6 +782,8 @@ def run_broker(name: str, args: argparse.Namespace, pki_dir: Path, devices: list
             "lag": lag_summary(published, watcher.seen, fleet["t0"], span),
             "rss_mb": dict(sampler.max_mb),
         }
+        if nats_view is not None:
+            result["nats_view"] = nats_view
         log(f"{name}: drift and health steps")
         result["drift"] = drift_step(db_url, seed.champion.sha256, fleet["t0"], fleet["t0"] + span)
         log(f"{name}: console")

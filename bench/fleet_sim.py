@@ -30,6 +30,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.backoff import Backoff
+from edge_agent.config import MqttSettings
 from edge_agent.protocol import (
     Status,
     TelemetryWindow,
@@ -40,7 +42,6 @@ from edge_agent.protocol import (
 )
 
 MISC_EVERY_S = 1.0
-RETRY_S = 2.0
 
 
 @dataclass
@@ -59,6 +60,13 @@ class Device:
     confirmed: bool = False
     retry_at: float = 0.0
     payloads: list[bytes] = field(default_factory=list)
+    backoff: Backoff = field(
+        default_factory=lambda: Backoff(
+            MqttSettings.model_fields["reconnect_min_s"].default,
+            MqttSettings.model_fields["reconnect_max_s"].default,
+        )
+    )
+    """The agent's jittered exponential reconnect delays (its defaults), reset once connected."""
     missed: list[int] = field(default_factory=list)
     """Windows due while disconnected (the agent's spool): sent once the birth comes back."""
 
@@ -132,7 +140,7 @@ class Fleet:
             dev.client.connect(host, port, keepalive=self.spec["keepalive"])
         except (OSError, ssl.SSLError):
             self.counts["connect_failures"] += 1
-            dev.retry_at = time.monotonic() + RETRY_S
+            dev.retry_at = time.monotonic() + dev.backoff.next()
             self.todo.append(dev)
             return
         self.pending += 1
@@ -157,6 +165,7 @@ class Fleet:
             dev.confirmed = True
             self.pending -= 1
             dev.confirmed_at = dev.confirmed_at or time.time()
+            dev.backoff.reset()
             for seq in dev.missed:
                 self._publish(dev, seq, late=0.0)
             dev.missed.clear()
@@ -168,7 +177,7 @@ class Fleet:
         if not dev.confirmed:
             self.pending -= 1
         dev.up = dev.confirmed = False
-        dev.retry_at = time.monotonic() + RETRY_S
+        dev.retry_at = time.monotonic() + dev.backoff.next()
         self.todo.append(dev)
 
     # -- the selector --------------------------------------------------------------------------------
@@ -300,6 +309,7 @@ def _connect_phase(fleet: Fleet) -> dict[str, Any]:
         "connect_done": max((d.confirmed_at for d in fleet.devices if d.confirmed), default=None),
         "connected": len(confirmed),
         "device_connect_s": sorted(confirmed),
+        "confirmed_at": sorted(d.confirmed_at for d in fleet.devices if d.confirmed),
     }
 
 
@@ -334,6 +344,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     _loop_until(fleet, lambda _a: not fleet.inflight, time.monotonic() + spec["flush_timeout_s"])
     unacked = len(fleet.inflight)
     _stop(fleet)
+    connect["finally_connected"] = sum(1 for d in fleet.devices if d.confirmed)
     return {
         **connect,
         "render_s": render_s,
