@@ -342,7 +342,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     end = t0 + spec["seconds"] + 600
     _loop_until(fleet, lambda at: at >= len(schedule), end - time.time() + time.monotonic(), schedule)
     _loop_until(fleet, lambda _a: not fleet.inflight, time.monotonic() + spec["flush_timeout_s"])
-    unacked = len(fleet.inflight)
+    unacked = [[dev.name, seq] for dev, seq, _ in fleet.inflight.values()]
     _stop(fleet)
     connect["finally_connected"] = sum(1 for d in fleet.devices if d.confirmed)
     return {
@@ -350,7 +350,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "render_s": render_s,
         "scheduled": len(schedule),
         "published": fleet.published,
-        "unacked": unacked,
+        "unacked": len(unacked),
+        "unacked_keys": unacked,
         "puback_ms": sorted(fleet.puback_ms),
         "max_lateness_s": max(fleet.lateness, default=0.0),
         "cpu_s": time.process_time(),

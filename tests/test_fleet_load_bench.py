@@ -32,7 +32,7 @@ def test_quick_run_on_mosquitto_stores_every_window_once_and_records_the_figures
     assert r["connected"] == DEVICES and r["connect_failures"] == 0 and r["refused_subscriptions"] == 0
     # 10 s period for 20 s: two windows per device, every one acknowledged, stored, and stored once
     assert r["scheduled"] == r["sent"] == r["stored"] == 2 * DEVICES
-    assert r["missing"] == 0 and r["unacked"] == 0
+    assert r["missing"] == 0 and r["missing_acknowledged"] == 0 and r["unacked"] == 0
     assert r["lag"]["committed_s"]["n"] == r["sent"] and r["lag"]["committed_s"]["p50"] is not None
     assert r["drift"]["assessed"] >= DEVICES and r["drift"]["health_rows"] >= DEVICES
     assert all(v["server_p50_ms"] is not None for k, v in r["console"].items() if k != "rss_mb")
