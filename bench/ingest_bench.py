@@ -20,6 +20,13 @@ Payloads: ``tiny`` (the smallest valid window, ~450 B, the issue's "300-byte" cl
 bytes, the issue's reference of ~9,000 msg/s). Stores: SQLite file (WAL) and PostgreSQL (a fresh
 database on ``--pg``). Each configuration runs ``--repeat`` times; the best run counts (the machine is
 shared, so the slowest runs measure other people's jobs). Results: bench/results/ingest.json.
+
+The same run then explains the gap to the target (``--breakdown-messages``, 0 to skip): the CPU of each
+stage of one worker's writer per 3.5 KB window, with the worker's GC settings and CPython's defaults
+(``breakdown_us_per_msg``, bench/ingest_breakdown.py), the windows insert by each method
+(``insert_methods``), pydantic against msgspec on the same windows (``decode_microbench``,
+bench/decode_bench.py) and ``gap_to_target``: paho's receive cost (the raw subscriber) + the writer's
+stages against the CPU per message a worker could spend at 0.8x the raw drain rate.
 """
 
 from __future__ import annotations
