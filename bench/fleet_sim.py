@@ -4,8 +4,8 @@ No thread per client: every client's socket is registered in one ``selectors`` l
 external-loop callbacks (``on_socket_open``/``close``/``register_write``/``unregister_write``) and served
 with ``loop_read``/``loop_write``/``loop_misc``. Each device does what the agent's link does on the
 wire (edge_agent/agent.py, edge_agent/mqtt_link.py): its own client id and certificate, a retained
-``offline`` last will, a retained ``online`` birth, QoS 1 subscriptions to its own status (the identity
-echo), its commands and the ``stable`` and ``canary`` release hints; once its birth comes back it
+``offline`` last will, a retained ``online`` birth, subscriptions to its own status (the identity
+echo, QoS 0), its commands (QoS 1) and the ``stable`` and ``canary`` release hints (QoS 0); once its birth comes back it
 publishes pre-rendered windows (QoS 1) every ``period`` seconds at its own phase, and on a clean stop a
 retained ``offline``. A device that loses its connection reconnects and sends what it missed.
 
@@ -152,8 +152,8 @@ class Fleet:
         dev.up = True
         dev.birth = self._status(dev, "online")
         c.publish(status_topic(self.fleet, dev.name), dev.birth, qos=1, retain=True)
-        subs = [(status_topic(self.fleet, dev.name), 1), (cmd_topic(self.fleet, dev.name), 1)]
-        subs += [(release_topic(self.fleet, ch), 1) for ch in ("stable", "canary")]
+        subs = [(status_topic(self.fleet, dev.name), 0), (cmd_topic(self.fleet, dev.name), 1)]
+        subs += [(release_topic(self.fleet, ch), 0) for ch in ("stable", "canary")]  # as the agent does
         c.subscribe(subs)
 
     def _on_subscribe(self, c: mqtt.Client, dev: Device, mid: int, codes: Any, props: Any) -> None:

@@ -187,7 +187,9 @@ class Agent:
             will=lambda connection: self._status("offline", connection).to_bytes(),
             spool=self.spool,
             events=self.events,
-            subscriptions=[(cmd_topic(cfg.fleet, cfg.device_id), 1)] + [(t, 1) for t in self._hint_topics()],
+            # commands at QoS 1; release hints at QoS 0: they are retained, idempotent and backed by the
+            # updater's polling, and a QoS 1 subscription costs a JetStream consumer on the NATS tier
+            subscriptions=[(cmd_topic(cfg.fleet, cfg.device_id), 1)] + [(t, 0) for t in self._hint_topics()],
             on_message=self._on_message,
         )
 

@@ -408,8 +408,9 @@ class MqttLink:
             client.publish(self.status_topic, birth, qos=1, retain=True)
             self._echo = birth
             self._confirmed = self.settings.identity_check_s == 0
-        # the caller's subscriptions, and this device's own status topic while its echo is awaited
-        self._requested = ([] if self._confirmed else [(self.status_topic, 1)]) + self._subscriptions
+        # the caller's subscriptions, and this device's own status topic while its echo is awaited (QoS 0:
+        # the echo is the retained birth sent on SUBACK, and on the NATS tier QoS 1 costs a consumer)
+        self._requested = ([] if self._confirmed else [(self.status_topic, 0)]) + self._subscriptions
         if self._requested:
             rc, _mid = client.subscribe(self._requested)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
