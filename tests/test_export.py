@@ -155,3 +155,27 @@ def test_export_argument_errors(tmp_path: Path) -> None:
     (tmp_path / "exists").mkdir()
     with pytest.raises(ExportError, match="already exists"):
         export_package(ColourNet(), _spec(), _frames(8, 0), tmp_path / "exists", progress=False)
+
+
+def test_int8_calibration_and_the_choice_are_recorded(tmp_path: Path) -> None:
+    """ONNX ranges come from augmented views of the calibration frames, TFLite's from the frames; the
+    agreement is measured on the check frames passed; model.json says which variant was kept and why."""
+    out = tmp_path / "colour"
+    export_package(
+        ColourNet(),
+        _spec(calibration_views=40),
+        _frames(16, 0),
+        out,
+        check_frames=_frames(12, 1),
+        progress=False,
+    )
+    arts = load_package(out).manifest.artifacts
+    onnx_q, tflite_q = arts["onnx-int8"].quantization, arts["tflite-int8"].quantization
+    assert onnx_q is not None and tflite_q is not None
+    assert onnx_q["calibration_images"] == 40 and tflite_q["calibration_images"] == 16
+    for q in (onnx_q, tflite_q):
+        assert q["check_frames"] == 12
+        # the colour net is exact in int8: the first variant (all int8) reaches the target and is kept
+        assert q["float_prefix"] == "first 0% of the convolutions kept in float", q
+        assert q["chosen_because"].startswith("fewest float layers reaching 97%"), q
+        assert list(q["variants"]) == ["0% float"]

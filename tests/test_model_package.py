@@ -43,6 +43,22 @@ def test_pretrained_package_is_complete(pretrained_package: Path) -> None:
     assert set(m.telemetry_edges) >= {"confidence", "entropy", "margin", "brightness", "log_laplacian_var"}
 
 
+def test_pretrained_int8_is_checked_on_frames_apart_from_its_calibration(pretrained_package: Path) -> None:
+    """ONNX ranges from 512 augmented views, agreement on 256 other crops, and the kept variant is the
+    first to reach the target or else the best on its worse kernel path (figures depend on the CPU)."""
+    m = load_package(pretrained_package).manifest
+    assert m.artifacts["onnx-int8"].quantization["calibration_images"] == 512  # type: ignore[index]
+    for key in ("onnx-int8", "tflite-int8"):
+        q = m.artifacts[key].quantization
+        assert q is not None and q["check_frames"] == 256, key
+        worst = {name: min(by_path.values()) for name, by_path in q["variants"].items()}
+        assert all(set(by_path) == set(q["kernel_paths"]) for by_path in q["variants"].values())
+        kept = q["float_prefix"].split()[1] + " float"  # "first 30% of ..." -> "30% float"
+        reached = [name for name, a in worst.items() if a >= 0.97]
+        assert kept == (reached[0] if reached else max(worst, key=lambda n: worst[n])), (key, q)
+        assert q["chosen_because"].startswith("fewest" if reached else "no variant"), q
+
+
 def test_cat_photograph_is_a_cat_through_every_artifact(pretrained_package: Path) -> None:
     import skimage
 

@@ -81,6 +81,9 @@ class TrainConfig(BaseModel):
     device_artifact: str | None = None
     """Artifact devices run (reference statistics and gate); default: the first int8 artifact."""
     calibration_images: int = Field(default=128, ge=8)
+    calibration_views: int = Field(default=512, ge=8)
+    """ONNX int8 ranges come from this many augmented views (light, blur, noise, scale) of the calibration
+    images (:func:`trainer.data.quant_frames.augmented_views`); see docs/quantization.md."""
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     gate: GateRules = Field(default_factory=GateRules)
     threads: int | None = Field(default=None, ge=1)
@@ -405,12 +408,13 @@ def _export(
         temperature=calibrated.temperature,
         formats=config.formats,
         golden_count=min(len(inputs.labels), 8),
+        calibration_views=config.calibration_views,
         provenance={
             "trainer": "edgefleet train",
             "dataset": inputs.dataset.origin,
             "dataset_manifest_sha256": hashlib.sha256(manifest.model_dump_json().encode()).hexdigest(),
             "config": config.model_dump(mode="json", exclude={"progress"}),
-            "calibration": f"{len(calib)} training images",
+            "calibration": f"{len(calib)} training images (ONNX: {config.calibration_views} augmented views)",
             **({"champion": inputs.champion.sha256} if inputs.champion else {}),
         },
     )

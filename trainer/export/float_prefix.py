@@ -43,8 +43,15 @@ def search_float_prefix(
             break
     assert best is not None
     os.replace(best[2], out)
+    reached = best[0] >= AGREEMENT_TARGET
     return {
         "float_prefix": f"first {best[1]:.0%} of the convolutions kept in float",
+        "chosen_because": (
+            f"fewest float layers reaching {AGREEMENT_TARGET:.0%} on every kernel path"
+            if reached
+            else f"no variant reached {AGREEMENT_TARGET:.0%} on every kernel path; best worst-path agreement "
+            f"{best[0]:.1%}"
+        ),
         "variants": variants,
         "kernel_paths": sorted(next(iter(variants.values()))),
     }

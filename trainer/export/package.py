@@ -4,7 +4,8 @@
 trainer trains go through it. It
 
 1. exports ONNX fp32 (dynamic batch) and quantizes it with onnxruntime static quantization (QDQ,
-   uint8 activations, per-channel int8 weights, MinMax calibration on the calibration frames);
+   uint8 activations, per-channel int8 weights, MinMax calibration on augmented views of the
+   calibration frames);
 2. converts the model with litert-torch (channel-last input) to TFLite fp32 and quantizes it with
    ai-edge-quantizer (static int8 weights and activations, int8 input and output tensors);
 3. runs every artifact through the agent's own preprocessing and runtime backends on check frames
@@ -53,6 +54,7 @@ from edge_agent.package import (
 from edge_agent.postprocess import to_probabilities
 from edge_agent.preprocess import Preprocessor, fit_frame
 from edge_agent.telemetry.histogram import default_edges
+from trainer.data.quant_frames import augmented_views
 from trainer.errors import ExportError
 from trainer.export.onnx import export_onnx_fp32, quantize_onnx_int8
 from trainer.export.tflite import convert_tflite, quantize_tflite_int8, tflite_tensor_specs
@@ -75,6 +77,12 @@ class ExportSpec:
     golden_count: int = 4
     check_count: int = 40
     """Inputs of the agreement check devices run on every artifact (at least 32; half low-confidence)."""
+    calibration_views: int = 512
+    """ONNX Runtime's int8 ranges come from this many augmented views of the calibration frames (light,
+    blur, noise, scale; :func:`trainer.data.quant_frames.augmented_views`): on the AVX2 kernels they
+    agreed better than the plain frames. TFLite's come from the frames themselves: with absolute
+    min/max the views' wider ranges agreed 1-2 points worse (bench/int8_search.py, docs/quantization.md)."""
+    calibration_seed: int = 0
     agreement_allowance: float = 0.10
     """The package's agreement floor is the best int8 artifact's agreement on the check here minus this
     (about two binomial standard errors on 40 inputs): a device serves no artifact below it."""
@@ -135,7 +143,9 @@ class TorchReference:
     """Torch fp32 on the calibration and check frames: what every artifact is measured against."""
 
     calibration: np.ndarray
-    """Calibration frames as NCHW float, preprocessed like the device does."""
+    """Calibration frames as NCHW float, preprocessed like the device does (TFLite's ranges)."""
+    calibration_views: np.ndarray
+    """Augmented views of the calibration frames as NCHW float (ONNX Runtime's ranges)."""
     check: np.ndarray
     """Check frames as NCHW float."""
     probabilities: np.ndarray
@@ -168,7 +178,7 @@ def _onnx_specs(path: Path) -> tuple[TensorSpec, TensorSpec]:
 
 
 def _quantize_onnx(fp32: Path, out: Path, ref: TorchReference, preprocess: PreprocessSpec) -> dict[str, Any]:
-    return quantize_onnx_int8(fp32, out, ref.calibration, ref.check)
+    return quantize_onnx_int8(fp32, out, ref.calibration_views, ref.check)
 
 
 def _quantize_tflite(
@@ -219,9 +229,10 @@ def export_package(
 ) -> ExportReport:
     """Export ``model`` (NCHW float input, logits output) into a verified package at ``out_dir``.
 
-    ``calibration_frames`` are BGR camera frames for int8 calibration; ``check_frames`` (default: the
-    calibration frames) measure each artifact's top-1 agreement with torch fp32; golden inputs for
-    device self-tests are chosen from ``golden_frames`` (default: the check frames).
+    ``calibration_frames`` are BGR camera frames that calibrate int8 (ONNX on their augmented views,
+    ``spec.calibration_views``); ``check_frames`` (default: the calibration frames; pass frames of their
+    own so agreement is not measured on what set the ranges) measure each artifact's top-1 agreement
+    with torch fp32; golden inputs for device self-tests are chosen from ``golden_frames`` (default: the check frames).
     ``before_commit`` receives the finished draft package (artifacts loadable) and returns extra
     model.json fields (temperature, reference statistics, evaluation) to write with it.
     """
@@ -278,7 +289,9 @@ def _torch_reference(
 ) -> TorchReference:
     check = _float_nchw(check_frames, spec.preprocess)
     probs = to_probabilities(_torch_logits(model, check), spec.output_kind, spec.temperature)
-    return TorchReference(_float_nchw(calibration_frames, spec.preprocess), check, probs)
+    views = augmented_views(calibration_frames, spec.calibration_views, spec.calibration_seed)
+    calibration = _float_nchw(calibration_frames, spec.preprocess)
+    return TorchReference(calibration, _float_nchw(views, spec.preprocess), check, probs)
 
 
 def _runtime_steps(spec: ExportSpec) -> int:
