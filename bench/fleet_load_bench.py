@@ -538,7 +538,7 @@ def drift_step(db_url: str, sha: str, t0: float, end: float) -> dict[str, Any]:
     from trainer.fleet.drift_service import DriftService
     from trainer.fleet.service import HEALTH_RATE_WINDOW_S
     from trainer.store import Store
-    from trainer.store.console_queries import HealthRow, put_device_health
+    from trainer.store.console_queries import put_device_health
 
     store = Store(db_url)
     drift = DriftService(store, FLEET, DriftConfig(), slot_s=60.0, grace_s=15.0, start=t0)
@@ -549,24 +549,8 @@ def drift_step(db_url: str, sha: str, t0: float, end: float) -> dict[str, Any]:
         events += drift.poll((drift.next_slot or 0.0) + 60.0 + 15.0)
         slot_s.append(time.perf_counter() - t)
     t = time.perf_counter()
-    health = drift.health(sha)
     activity = store.recent_activity(FLEET, end - HEALTH_RATE_WINDOW_S)
-    rows = {}
-    for device, h in health.items():
-        act = activity.get(device)
-        rows[device] = HealthRow(
-            model_sha256=sha,
-            drift_state=drift.state(sha, device),
-            reference=drift.reference_of(sha, device),
-            estimated_accuracy=h.estimated_accuracy,
-            low=h.interval[0] if h.interval else None,
-            high=h.interval[1] if h.interval else None,
-            method=h.method,
-            labels=h.labels,
-            frames_per_second=act.frames_per_second if act else None,
-            confidence_mean=act.confidence_mean if act else None,
-            artifact=drift.artifact_of(sha, device),
-        )
+    _health, rows = drift.health_rows(sha, activity)
     put_device_health(store, FLEET, rows, time.time())
     health_s = time.perf_counter() - t
     store.close()

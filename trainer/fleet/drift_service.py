@@ -22,7 +22,7 @@ import json
 import logging
 import math
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from edge_agent.protocol import TelemetryWindow
@@ -33,6 +33,8 @@ from trainer.drift.labelfree import AccuracyRegressor
 from trainer.drift.rebase import DeviceReference, differences, reference_from_windows
 from trainer.fleet.retrain_policy import DeviceHealth
 from trainer.store import Store
+from trainer.store.console_queries import HealthRow
+from trainer.store.store import DeviceActivity
 
 log = logging.getLogger(__name__)
 FLEET_KEY = "fleet"
@@ -284,3 +286,27 @@ class DriftService:
             est = estimate_device_accuracy(ws, ref, mine, regressor)
             out[d] = DeviceHealth(tuple(t.states), est.estimate, est.interval, est.method, est.labels)
         return out
+
+    def health_rows(
+        self, sha: str, activity: Mapping[str, DeviceActivity]
+    ) -> tuple[dict[str, DeviceHealth], dict[str, HealthRow]]:
+        """:meth:`health` on model ``sha`` and the row the store keeps per device (the console, metrics
+        and Home Assistant read those), with the frame rate and confidence of ``activity``."""
+        health = self.health(sha)
+        rows = {}
+        for device, h in health.items():
+            act = activity.get(device)
+            rows[device] = HealthRow(
+                model_sha256=sha,
+                drift_state=self.state(sha, device),
+                reference=self.reference_of(sha, device),
+                estimated_accuracy=h.estimated_accuracy,
+                low=h.interval[0] if h.interval else None,
+                high=h.interval[1] if h.interval else None,
+                method=h.method,
+                labels=h.labels,
+                frames_per_second=act.frames_per_second if act else None,
+                confidence_mean=act.confidence_mean if act else None,
+                artifact=self.artifact_of(sha, device),
+            )
+        return health, rows

@@ -48,7 +48,7 @@ from trainer.ingest.worker import IngestConfig, IngestWorker
 from trainer.release.repository import ReleaseRepository
 from trainer.release.server import ReleaseServer
 from trainer.store import Store
-from trainer.store.console_queries import HealthRow, put_device_health
+from trainer.store.console_queries import put_device_health
 from trainer.store.fleet_state import removed_devices
 from trainer.store.rollups import purge_windows, roll_up
 
@@ -366,24 +366,8 @@ class TrainerService:
             return
         self._health_due = now + min(self.cfg.slot_s / 2, 30.0)  # drift states change once per slot
         sha = self.champion.sha256
-        health = self.drift.health(sha)
         activity = self.store.recent_activity(self.cfg.fleet, now - HEALTH_RATE_WINDOW_S)
-        rows = {}
-        for device, h in health.items():
-            act = activity.get(device)
-            rows[device] = HealthRow(
-                model_sha256=sha,
-                drift_state=self.drift.state(sha, device),
-                reference=self.drift.reference_of(sha, device),
-                estimated_accuracy=h.estimated_accuracy,
-                low=h.interval[0] if h.interval else None,
-                high=h.interval[1] if h.interval else None,
-                method=h.method,
-                labels=h.labels,
-                frames_per_second=act.frames_per_second if act else None,
-                confidence_mean=act.confidence_mean if act else None,
-                artifact=self.drift.artifact_of(sha, device),
-            )
+        health, rows = self.drift.health_rows(sha, activity)
         present = put_device_health(self.store, self.cfg.fleet, rows, now)
         # a device removed from the fleet (forget-device) no longer counts towards retraining
         self.last_health = {d: h for d, h in health.items() if d in present}
