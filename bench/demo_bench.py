@@ -2,6 +2,8 @@
 
     python -m bench.demo_bench            # one full demo run; bench/results/demo.json and a table
     python -m bench.demo_bench --runs 3   # repeated runs (each about 5-7 minutes on 2 cores)
+    LD_PRELOAD=build/cpuid_mask.so python -m bench.demo_bench --runs 3 --out bench/results/demo-avx2.json
+                                          # the same on the kernels an AVX2-only CPU runs (tools/cpuid_mask)
 
 Per run: whether the loop completed (drift, a candidate that passed the gate, canary, promotion), how
 many candidates the gate rejected and why, the share of the shifted devices' lost accuracy that
@@ -30,6 +32,7 @@ def _run_once() -> dict[str, Any]:
         t0 = time.time()
         summary = run_demo(DemoSettings(), Path(tmp))
         seconds = time.time() - t0
+        int8_rules = _int8_rules(Path(tmp))
     events = summary.get("timeline", [])
     rejected = [e["message"] for e in events if e.get("kind") == "gate_failed"]
     errors = []
@@ -56,6 +59,7 @@ def _run_once() -> dict[str, Any]:
         "completed": summary.get("promoted_at_s") is not None,
         "gate_rejections": len(rejected),
         "gate_rejection_reasons": rejected,
+        "int8_gate_rules": int8_rules,
         "recovered": summary.get("recovered"),
         "estimates": errors,
         "after_promotion": summary.get("after_promotion"),
@@ -63,13 +67,31 @@ def _run_once() -> dict[str, Any]:
     }
 
 
+def _int8_rules(workdir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every trained package's int8 gate rules (version -> rule, passed, detail): how far each int8
+    artifact was from its own fp32, for the candidates the gate passed as well as those it rejected."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for manifest in sorted(workdir.rglob("model.json")):
+        try:
+            m = json.loads(manifest.read_text())
+            rules = m["evaluation"]["gate"]["rules"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # the placeholder factory package and device copies carry no evaluation
+        key = f"{m.get('version')} ({manifest.parent.name})"
+        out[key] = [r for r in rules if "int8" in r.get("rule", "")]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="result file (default: %(default)s)")
     a = ap.parse_args(argv)
-    runs = [_run_once() for _ in range(a.runs)]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"runs": runs}, indent=2, default=str))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    for _ in range(a.runs):  # written after every run, so a long series keeps what it measured
+        runs.append(_run_once())
+        a.out.write_text(json.dumps({"runs": runs}, indent=2, default=str))
     print(
         f"{'run':>3s} {'done':>5s} {'s':>6s} {'rejected':>8s} {'recovered':>9s} {'PPI MAE':>8s} {'ATC MAE':>8s} {'covered':>8s}"
     )
