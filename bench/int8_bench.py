@@ -8,7 +8,8 @@ Packages measured, each exported by the project's one export path (:func:`traine
 * ``pretrained``: EfficientNet-Lite0 (ImageNet) as ``edgefleet model export-pretrained`` makes it. No
   labels: agreement with torch fp32 on its check crops only.
 * ``retrained-<seed>``: the demo's retrained candidate: built-in shapes plus a night-lit field set drawn
-  with ``seed``, 128-pixel input, gate off (so a loss is measured, not refused). Top-1 of each artifact on
+  with ``seed``, the demo's training settings (128-pixel input, last two blocks fine-tuned), every format,
+  int8 gate off (so a loss is measured, not refused). Top-1 of each artifact on
   the held-out split plus 300 unseen night frames (517 labelled frames).
 
 Per artifact: top-1 agreement with fp32 (check frames, as in model.json, and the package's agreement
@@ -80,35 +81,46 @@ def _artifacts(pkg: Any, frames: list[np.ndarray] | None, y: np.ndarray | None) 
     return out
 
 
+def retrained_data(seed: int) -> Any:
+    """The demo's retraining data: built-in shapes plus a night-lit field set drawn with ``seed``."""
+    from trainer.data.builtin import load_dataset
+
+    return load_dataset("builtin:shapes?n=40").combine(
+        load_dataset(f"builtin:shapes?n=50&lighting=night&seed={seed}")
+    )
+
+
+def labelled_frames(data: Any) -> tuple[list[np.ndarray], np.ndarray]:
+    """The held-out split of ``data`` plus 300 unseen night frames (no model trained on them), labelled."""
+    from trainer.data.builtin import load_dataset
+
+    unseen = load_dataset("builtin:shapes?n=60&lighting=night&seed=100").samples[:300]
+    held = data.split("val") + data.split("test")
+    labels = list(data.labels)
+    return [s.frame() for s in [*held, *unseen]], np.array([labels.index(s.label) for s in [*held, *unseen]])
+
+
 def _retrained(seed: int, work: Path) -> tuple[Any, list[np.ndarray], np.ndarray]:
     from edge_agent.package import load_package
     from trainer.build import TrainConfig, train_package
-    from trainer.data.builtin import load_dataset
     from trainer.errors import GateError
     from trainer.evaluation.gate import GateRules
+    from trainer.sim.demo import DemoSettings, _train_overrides
 
-    base = load_dataset("builtin:shapes?n=40")
-    data = base.combine(load_dataset(f"builtin:shapes?n=50&lighting=night&seed={seed}"))
+    data = retrained_data(seed)
+    settings = {  # the demo's retraining settings (fine-tuned blocks, 128 px), every format, int8 gate off
+        **_train_overrides(DemoSettings()),
+        "formats": ["onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"],
+        "device_artifact": None,
+        "gate": GateRules(max_int8_drop=None, max_ece=None).model_dump(),
+    }
     cfg = TrainConfig.model_validate(
-        {
-            "name": "bench",
-            "version": f"2.{seed}.0",
-            "input_size": 128,
-            "aug_views": 1,
-            "progress": False,
-            "fit": {"seed": seed},
-            "gate": GateRules(max_int8_drop=None, max_ece=None).model_dump(),
-        }
+        {"name": "bench", "version": f"2.{seed}.0", "fit": {"seed": seed}, **settings}
     )
     out = work / f"retrained-{seed}"
     with contextlib.suppress(GateError):  # the gate is off for int8; nothing else may refuse it
         train_package(data, out, cfg)
-    unseen = load_dataset("builtin:shapes?n=60&lighting=night&seed=100").samples[:300]
-    held = data.split("val") + data.split("test")
-    frames = [s.frame() for s in held] + [s.frame() for s in unseen]
-    labels = list(data.labels)
-    y = np.array([labels.index(s.label) for s in [*held, *unseen]])
-    return load_package(out), frames, y
+    return load_package(out), *labelled_frames(data)
 
 
 def _on_avx2_kernels(

@@ -95,25 +95,26 @@ def _trained(work: Path, seed: int = 1) -> dict[str, Any]:
     """A trained package as bench.int8_bench makes it, its training frames as calibration sources."""
     import contextlib
 
+    from bench.int8_bench import labelled_frames, retrained_data
     from edge_agent.package import load_package
     from trainer.build import TrainConfig, train_package
-    from trainer.data.builtin import load_dataset
     from trainer.data.quant_frames import augmented_views
     from trainer.errors import GateError
     from trainer.evaluation.gate import GateRules
 
-    base = load_dataset("builtin:shapes?n=40")
-    data = base.combine(load_dataset(f"builtin:shapes?n=50&lighting=night&seed={seed}"))
-    cfg = TrainConfig.model_validate(
-        {
-            "name": "search",
-            "version": f"2.{seed}.0",
-            "input_size": 128,
-            "aug_views": 1,
-            "progress": False,
-            "fit": {"seed": seed},
-            "gate": GateRules(max_int8_drop=None, max_ece=None).model_dump(),
-        }
+    data = retrained_data(seed)
+    cfg = (
+        TrainConfig.model_validate(  # the settings int8_search.json was measured with (no fine-tuned blocks)
+            {
+                "name": "search",
+                "version": f"2.{seed}.0",
+                "input_size": 128,
+                "aug_views": 1,
+                "progress": False,
+                "fit": {"seed": seed},
+                "gate": GateRules(max_int8_drop=None, max_ece=None).model_dump(),
+            }
+        )
     )
     out = work / f"trained-{seed}"
     t0 = time.time()
@@ -125,11 +126,7 @@ def _trained(work: Path, seed: int = 1) -> dict[str, Any]:
     spec = pkg.manifest.preprocess
     train = [s.frame() for s in data.split("train")]
     val = [s.frame() for s in data.split("val")]
-    unseen = load_dataset("builtin:shapes?n=60&lighting=night&seed=100").samples[:300]
-    held = data.split("val") + data.split("test")
-    labels = list(data.labels)
-    lab_frames = [s.frame() for s in held] + [s.frame() for s in unseen]
-    y = np.array([labels.index(s.label) for s in [*held, *unseen]])
+    lab_frames, y = labelled_frames(data)
     return {
         "onnx": out / "model_fp32.onnx",
         "tflite": out / "model_fp32.tflite",
@@ -457,35 +454,6 @@ def _onnx_variants(m: dict[str, Any], work: Path, quick: bool, extra: bool = Fal
 # ---------------------------------------------------------------- TFLite
 
 
-def _tflite_ranges(fp32: Path, calib_nhwc: np.ndarray, spec: Any) -> dict[str, Any]:
-    """ai-edge-quantizer ranges (absolute min/max, input fixed to the normalisation range), once per set."""
-    from ai_edge_litert.interpreter import Interpreter
-    from ai_edge_quantizer import calibrator
-    from ai_edge_quantizer.utils import tfl_interpreter_utils
-
-    from trainer.export.tflite import _absolute_min_max
-
-    sig = tfl_interpreter_utils.DEFAULT_SIGNATURE_KEY
-    interp = Interpreter(model_path=str(fp32))
-    input_name = interp.get_signature_list()[sig]["inputs"][0]
-    tensor_name = interp.get_input_details()[0]["name"]
-    cal = calibrator.Calibrator(
-        fp32.read_bytes(), num_threads=os.cpu_count() or 1, qsv_update_func=_absolute_min_max
-    )
-    cal.calibrate(
-        {sig: [{input_name: calib_nhwc[i : i + 1]} for i in range(len(calib_nhwc))]}, _tflite_recipe([])
-    )
-    qsv = cal.get_model_qsvs()
-    mean, std = np.asarray(spec.mean), np.asarray(spec.std)
-    lo, hi = float(((0 - mean) / std).min()), float(((255 - mean) / std).max())
-    q = qsv[tensor_name]
-    qsv[tensor_name] = {
-        "min": np.full_like(np.asarray(q["min"], dtype=np.float32), lo),
-        "max": np.full_like(np.asarray(q["max"], dtype=np.float32), hi),
-    }
-    return qsv
-
-
 def _tflite_recipe(float_ops: list[str]) -> Any:
     from ai_edge_quantizer import qtyping, recipe_manager
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
@@ -568,7 +536,7 @@ def _db(v: Any) -> float:
 def _tflite_variants(m: dict[str, Any], work: Path, quick: bool, extra: bool = False) -> dict[str, Any]:
     from ai_edge_litert.interpreter import Interpreter
 
-    from trainer.export.tflite import _leading_op_outputs
+    from trainer.export.tflite import _calibrate, _leading_op_outputs
 
     ref = _reference("tflite", m)
     res: dict[str, Any] = {"fp32_ms": ref["ms"], "variants": {}}
@@ -579,7 +547,7 @@ def _tflite_variants(m: dict[str, Any], work: Path, quick: bool, extra: bool = F
     def run(name: str, calib: str, float_ops: list[str]) -> None:
         t0 = time.time()
         if calib not in ranges:
-            ranges[calib] = _tflite_ranges(m["tflite"], _nhwc(m["calib"][calib]), m["spec"])
+            ranges[calib] = _calibrate(m["tflite"], _nhwc(m["calib"][calib]), m["spec"])
         calib_s = round(time.time() - t0, 1)
         out = work / f"{name}.tflite"
         t0 = time.time()
