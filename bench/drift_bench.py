@@ -189,9 +189,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = DriftConfig()
     corruptions = list(CORRUPTIONS)[: args.corruptions] if args.corruptions else list(CORRUPTIONS)
     severities = list(SEVERITIES)
+    from bench.accuracy_bench import cpu_flags
+
     results: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
+            "cpu_flags": cpu_flags(),
             "platform": platform.platform(),
             "python": sys.version.split()[0],
         },
