@@ -24,6 +24,7 @@ EXTRA = {
     "int8": "bench.int8_bench",
     "ort_int8": "bench.ort_int8",
     "litert_avx2": "bench.litert_avx2",
+    "retrain_recovery": "bench.retrain_recovery",
     "train": "bench.train_bench",
     "tuf_fanout": "bench.tuf_fanout",
     "ingest": "bench.ingest_bench",
