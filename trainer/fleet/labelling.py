@@ -134,14 +134,19 @@ def _sample_id(text: str) -> int | None:
 
 
 def label_with(
-    store: Store, labeller: Callable[[dict[str, Any]], str | None], name: str, limit: int | None = None
+    store: Store,
+    labeller: Callable[[dict[str, Any]], str | None],
+    names: Sequence[str],
+    limit: int | None = None,
 ) -> int:
-    """Label the queue with a function of each sample's provenance (the simulator's oracle)."""
+    """Label the queue with a function of each sample's provenance (the simulator's oracle), recorded
+    as ``names`` in turn by sample id: a simulated team, so the labeller share cap applies as it would
+    to several people."""
     n = 0
     for s in store.unlabelled_samples(limit):
         label = labeller({**_provenance(s), "device": s.device})
         if label is not None:
-            store.add_label(s.id, label, source="oracle", labeller=name)
+            store.add_label(s.id, label, source="oracle", labeller=names[s.id % len(names)])
             n += 1
     return n
 

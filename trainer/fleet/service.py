@@ -24,7 +24,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,10 +117,12 @@ class TrainerService:
         cfg: TrainerServiceConfig,
         *,
         labeller: Callable[[dict[str, Any]], str | None] | None = None,
+        labeller_names: Sequence[str] = ("oracle",),
         timeline: Timeline | None = None,
     ) -> None:
         self.cfg = cfg
         self.labeller = labeller
+        self.labeller_names = tuple(labeller_names)
         self.timeline = timeline or Timeline()
         self.store = Store(cfg.db_url)
         repo_dir = cfg.release.repo
@@ -411,7 +413,7 @@ class TrainerService:
 
     def _label_step(self, now: float) -> None:
         if self.labeller is not None:
-            n = label_with(self.store, self.labeller, "oracle")
+            n = label_with(self.store, self.labeller, self.labeller_names)
             if n:
                 log.info("oracle labelled %d samples", n)
 

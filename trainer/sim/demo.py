@@ -46,6 +46,12 @@ from trainer.sim.fleet import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
+LABELLING_TEAM = ("oracle-1", "oracle-2", "oracle-3")
+"""The simulator's ground truth labels as three people would: the poisoning defence keeps any one
+labeller below half the training set (``ScreenRules.max_labeller_share``), which held a single oracle
+to 320 field labels, as many as the demo's original images."""
+
+
 @dataclass
 class DemoSettings:
     devices: int = 10
@@ -312,7 +318,9 @@ def run_demo(s: DemoSettings, workdir: Path, fleet: str = "demo") -> dict[str, A
         timeline.add("broker", f"{type(broker).__name__} at {broker.url}")
         v1 = _train_v1(s, workdir, timeline)
         cfg = _service_config(s, workdir, fleet, broker)
-        service = TrainerService(cfg, labeller=oracle_label, timeline=timeline).start()
+        service = TrainerService(
+            cfg, labeller=oracle_label, labeller_names=LABELLING_TEAM, timeline=timeline
+        ).start()
         stack.callback(service.stop)
         console = _start_console(s, cfg, service, stack, timeline) if s.console_port is not None else None
         factory = build_tiny_package(workdir / "factory", version="0.1.0", name="placeholder")
