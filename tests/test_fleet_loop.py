@@ -21,7 +21,7 @@ from trainer.fleet.config import (
     TrainingSettings,
     load_service_config,
 )
-from trainer.fleet.labelling import LabelImportError, export_queue, field_dataset, import_labels
+from trainer.fleet.labelling import LabelImportError, export_queue, field_dataset, import_labels, label_with
 from trainer.fleet.rollout import RolloutManager
 from trainer.fleet.rollout_policy import RolloutConfig
 from trainer.fleet.service import Timeline, TrainerService
@@ -84,6 +84,33 @@ def test_labels_csv_round_trip_becomes_field_training_data(db_url: str, tmp_path
             s.meta["origin"] == "field" and s.meta["device"] == "cam-01" for s in field.dataset.samples
         )
         assert field.dataset.samples[0].image.shape == (48, 64, 3)
+
+
+def test_a_simulated_labelling_team_is_capped_per_labeller_not_as_one(db_url: str) -> None:
+    """The demo's oracle labels under several names: under one name its labels would be capped at the
+    original data's size (no labeller above half the training set); a team of three is not capped."""
+    with Store(db_url) as store:
+        ids = []
+        for i in range(120):  # four devices, so the device cap (25%) holds as well
+            sid = store.add_sample(
+                fleet="f",
+                device=f"cam-{i % 4}",
+                ts=100.0 + i,
+                consent_policy="blur-faces",
+                sha256=f"{i:064x}",
+                image=_jpeg(1000 + i),
+                provenance={"reason": "low_confidence", "top": [[0, 0.4]]},
+            )
+            assert sid is not None
+            ids.append(sid)
+        assert label_with(store, lambda provenance: LABELS[1], ("oracle-1", "oracle-2", "oracle-3")) == 120
+        assert {lab.labeller for lab in store.labels()} == {"oracle-1", "oracle-2", "oracle-3"}
+        team = field_dataset(store, LABELS, base_size=60)
+        assert sum(team.devices.values()) == 120, team.screen.summary()
+        for sid in ids:  # the same labels under one name (the newest label of a sample wins)
+            store.add_label(sid, LABELS[1], source="oracle", labeller="oracle")
+        alone = field_dataset(store, LABELS, base_size=60)
+        assert sum(alone.devices.values()) == 60, alone.screen.summary()
 
 
 def test_labels_import_rejects_a_bad_file_whole(tmp_path: Path) -> None:
